@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine (Python 3.11 + pip + gcc): builds ./.venv on first use, then runs
+#   bash bootstrap.sh demo [ARGS]   the main job: `stemlive demo` on the simulated instrument
+#   bash bootstrap.sh test [ARGS]   the test suite (what CI runs)
+#   bash bootstrap.sh stemlive ...  any stemlive subcommand; bash bootstrap.sh shell: a shell in the venv
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+venv="${STEMLIVE_VENV:-$here/.venv}"
+python="${PYTHON:-python3.11}"
+command -v "$python" >/dev/null 2>&1 || python=python3
+
+stamp="$venv/.stemlive-installed"
+if [ ! -x "$venv/bin/python" ]; then
+    echo "[bootstrap] creating virtual environment in $venv" >&2
+    "$python" -m venv "$venv"
+fi
+# Reinstall when the package metadata changed since the last install.
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "[bootstrap] installing stemlive and its dependencies (first run takes a few minutes)" >&2
+    "$venv/bin/python" -m pip install --quiet --upgrade pip
+    "$venv/bin/python" -m pip install --quiet -e ".[test]"
+    touch "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
+
+# Qt needs a few X libraries (and Xvfb for the GUI smoke test); install them where we can (root, apt).
+ensure_x11() {
+    local missing=()
+    command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
+    for lib in libxcb-cursor.so.0 libxkbcommon-x11.so.0 libEGL.so.1 libGL.so.1 libfontconfig.so.1 libdbus-1.so.3; do
+        ldconfig -p 2>/dev/null | grep -q "$lib" || missing+=("$lib")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "[bootstrap] installing X11 libraries for Qt: ${missing[*]}" >&2
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            xvfb xauth libxcb-cursor0 libxkbcommon-x11-0 libegl1 libgl1 libfontconfig1 libdbus-1-3 \
+            libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 \
+            libxcb-xinerama0 libxcb-xkb1 fonts-dejavu-core >/dev/null) \
+            || echo "[bootstrap] could not install X11 libraries; GUI tests will be skipped" >&2
+    else
+        echo "[bootstrap] missing for the GUI tests: ${missing[*]} (not root: GUI tests will be skipped)" >&2
+    fi
+}
+
+cmd="${1:-help}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    demo) exec stemlive demo "$@" ;;
+    test)
+        ensure_x11
+        exec python -m pytest -q -p no:cacheprovider "$@" ;;
+    stemlive) exec stemlive "$@" ;;
+    shell) exec bash ;;
+    *) echo "usage: bash bootstrap.sh demo|test|stemlive ARGS|shell" >&2; exit 2 ;;
+esac
