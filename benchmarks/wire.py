@@ -1,0 +1,249 @@
+"""Wire throughput: raw pyzmq vs the stemlive lossless path, two processes, tcp loopback and ipc.
+
+Run ``python benchmarks/wire.py [--quick]``. The sender runs in a separate (spawned) process; the receiver in
+this one measures from the first to the last data message received.
+
+Rows
+----
+frames
+    512x512 float32 (1 MiB) frames: raw PUSH/PULL ``copy=False`` vs FrameSender -> FrameReceiver (decode,
+    validation, acknowledgements), and -- when ``stemlive.live.session`` is importable -- the same into a
+    session file (``SessionWriter.append`` per message, commit at the end).
+spectra
+    2048-channel float32 spectra: raw PUSH/PULL one 8 KiB message each vs stemlive single-spectrum messages vs
+    batches of 64 spectra per message (and batches into the session file).
+
+The "into the session file" variant is the sink :func:`into_session_file`; other sinks can be added to
+``SINKS`` and used in :func:`cases`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zmq
+
+N_CHANNELS = 2048
+BATCH = 64
+FRAME_SHAPE = (512, 512)
+FRAME_FIELDS = {"tilt_index": 0, "alpha_deg": 0.0, "beta_deg": 0.0, "pixel_size_nm": 0.02, "dwell_us": 4.0}
+SPECTRUM_FIELDS = {"y_nm": 0.0, "energy_offset_meV": 0.0, "dispersion_meV": 0.5, "exposure_ms": 300.0}
+
+
+@dataclass
+class Case:
+    """One measurement: ``what`` is "frames" or "spectra"; ``path`` is raw, single, batch."""
+
+    what: str
+    path: str
+    transport: str
+    sink: str = "none"
+    messages: int = 0
+
+    @property
+    def items_per_message(self) -> int:
+        return BATCH if self.path == "batch" else 1
+
+
+# ------------------------------------------------------------------ sender process
+
+
+def _payloads(case: Case) -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    if case.what == "frames":
+        return [rng.random(FRAME_SHAPE, dtype=np.float32) for _ in range(4)]
+    shape = (BATCH, N_CHANNELS) if case.path == "batch" else (N_CHANNELS,)
+    return [rng.random(shape, dtype=np.float32) for _ in range(4)]
+
+
+def _send_raw(case: Case, endpoint: str) -> None:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.connect(endpoint)
+    payloads = _payloads(case)
+    for i in range(case.messages):
+        sock.send(payloads[i % 4], copy=False)
+    sock.close(linger=-1)
+    ctx.term()
+
+
+def _send_stemlive(case: Case, endpoint: str) -> None:
+    from stemlive.live.transport import FrameSender, SessionStream
+
+    payloads = _payloads(case)
+    with FrameSender(endpoint, timeout_s=60) as sender:
+        stream = SessionStream(sender, "tilt_series" if case.what == "frames" else "eels_line_scan", {"bench": 1})
+        stream.start()
+        for i in range(case.messages):
+            if case.what == "frames":
+                stream.frame(payloads[i % 4], frame_index=i, **FRAME_FIELDS)
+            elif case.path == "single":
+                stream.spectra(payloads[i % 4], point_index=i % 40, frame_index=i // 40, x_nm=1.6 * (i % 40),
+                               **SPECTRUM_FIELDS)
+            else:
+                j = np.arange(i * BATCH, (i + 1) * BATCH)
+                stream.spectra(payloads[i % 4], point_index=(j % 40).tolist(), frame_index=(j // 40).tolist(),
+                               x_nm=(1.6 * (j % 40)).tolist(), **SPECTRUM_FIELDS)
+        stream.end(timeout_s=60)
+
+
+def _sender_main(case: Case, endpoint: str) -> None:
+    time.sleep(0.3)  # let the receiver be polling before the clock matters
+    (_send_raw if case.path == "raw" else _send_stemlive)(case, endpoint)
+
+
+# ------------------------------------------------------------------ receiving side
+
+
+def into_session_file(directory: Path) -> Callable[[Any], None]:
+    """Sink recording every message into a session file (the end-to-end "into the file" variant)."""
+    from stemlive.live.session import SessionWriter
+
+    state: dict[str, Any] = {}
+
+    def sink(msg: Any) -> None:
+        if msg.type == "session_start":
+            state["writer"] = SessionWriter(directory / f"{msg.session}.h5", msg)
+        elif msg.type == "session_end":
+            state["writer"].close(msg.header["status"])
+        elif msg.type != "heartbeat":
+            state["writer"].append(msg)
+
+    return sink
+
+
+def _no_sink(directory: Path) -> Callable[[Any], None]:
+    return lambda msg: None
+
+
+SINKS: dict[str, Callable[[Path], Callable[[Any], None]]] = {"none": _no_sink, "file": into_session_file}
+
+
+def _bind(sock: zmq.Socket[Any], transport: str, tmp: Path) -> str:
+    if transport == "ipc":
+        endpoint = f"ipc://{tmp}/bench.ipc"
+        sock.bind(endpoint)
+        return endpoint
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    return f"tcp://127.0.0.1:{port}"
+
+
+def _receive_raw(case: Case, tmp: Path) -> tuple[float, mp.process.BaseProcess]:
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    endpoint = _bind(sock, case.transport, tmp)
+    proc = mp.get_context("spawn").Process(target=_sender_main, args=(case, endpoint))
+    proc.start()
+    sock.recv(copy=False)
+    t0 = time.perf_counter()
+    for _ in range(case.messages - 1):
+        sock.recv(copy=False)
+    elapsed = time.perf_counter() - t0
+    sock.close(linger=0)
+    ctx.term()
+    return elapsed, proc
+
+
+def _receive_stemlive(case: Case, tmp: Path) -> tuple[float, mp.process.BaseProcess]:
+    from stemlive.live.transport import FrameReceiver
+
+    endpoint = f"ipc://{tmp}/bench.ipc" if case.transport == "ipc" else "tcp://127.0.0.1:*"
+    receiver = FrameReceiver(endpoint)
+    sink = SINKS[case.sink](tmp)
+    proc = mp.get_context("spawn").Process(target=_sender_main, args=(case, receiver.endpoint))
+    proc.start()
+    n, t0, elapsed = 0, 0.0, 0.0
+    while True:
+        msg = receiver.recv(timeout_s=60)
+        if msg is None:
+            raise RuntimeError(f"{case}: receiver timed out after {n} data messages")
+        sink(msg)
+        if msg.type in ("frame", "spectrum"):
+            n += 1
+            if n == 1:
+                t0 = time.perf_counter()
+            elif n == case.messages:
+                elapsed = time.perf_counter() - t0
+        receiver.acknowledge(msg.session, msg.seq, final=msg.type == "session_end")
+        if msg.type == "session_end":
+            break
+    while proc.is_alive():  # keep serving acknowledgements until the sender has seen its end acknowledged
+        receiver.recv(timeout_s=0.05)
+    receiver.close()
+    return elapsed, proc
+
+
+def run_case(case: Case) -> float:
+    """Items (frames or spectra) per second for one case."""
+    with tempfile.TemporaryDirectory(prefix="stemlive-bench-") as tmp:
+        receive = _receive_raw if case.path == "raw" else _receive_stemlive
+        elapsed, proc = receive(case, Path(tmp))
+        proc.join(60)
+        if proc.exitcode != 0:
+            raise RuntimeError(f"{case}: sender exited with {proc.exitcode}")
+    return (case.messages - 1) * case.items_per_message / elapsed
+
+
+def cases(quick: bool, with_file: bool) -> list[Case]:
+    """The benchmark matrix."""
+    n_frames, n_spectra = (300, 20_000) if quick else (2_000, 100_000)
+    out: list[Case] = []
+    for transport in ("tcp", "ipc"):
+        out += [Case("frames", "raw", transport, messages=n_frames),
+                Case("frames", "stemlive", transport, messages=n_frames)]
+        if with_file:
+            out.append(Case("frames", "stemlive", transport, "file", n_frames))
+    for transport in ("tcp", "ipc"):
+        out += [Case("spectra", "raw", transport, messages=n_spectra),
+                Case("spectra", "single", transport, messages=n_spectra // 2),
+                Case("spectra", "batch", transport, messages=max(2, n_spectra // BATCH))]
+        if with_file:
+            out.append(Case("spectra", "batch", transport, "file", max(2, n_spectra // BATCH)))
+    return out
+
+
+def _has_session_writer() -> bool:
+    try:
+        from stemlive.live.session import SessionWriter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer messages (a few seconds in all)")
+    parser.add_argument("--repeat", type=int, default=1, help="best of N runs per case")
+    args = parser.parse_args(argv)
+    with_file = _has_session_writer()
+    rows = []
+    raw_rate: dict[tuple[str, str], float] = {}
+    for case in cases(args.quick, with_file):
+        rate = max(run_case(case) for _ in range(args.repeat))
+        if case.path == "raw":
+            raw_rate[(case.what, case.transport)] = rate
+        rows.append((case, rate, rate / raw_rate[(case.what, case.transport)]))
+    frame_bytes = int(np.prod(FRAME_SHAPE)) * 4
+    print(f"{'payload':8} {'path':24} {'transport':9} {'items/s':>10} {'GB/s':>7} {'vs raw':>7} {'messages':>9}")
+    for case, rate, ratio in rows:
+        nbytes = frame_bytes if case.what == "frames" else N_CHANNELS * 4
+        path = {"raw": "raw pyzmq PUSH/PULL", "stemlive": "stemlive", "single": "stemlive single",
+                "batch": f"stemlive batch {BATCH}"}[case.path] + (" -> file" if case.sink == "file" else "")
+        print(f"{case.what:8} {path:24} {case.transport:9} {rate:10.0f} {rate * nbytes / 1e9:7.2f} "
+              f"{ratio:7.2f} {case.messages:9d}")
+    if not with_file:
+        print("(stemlive.live.session not importable: no 'into the session file' rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

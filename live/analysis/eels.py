@@ -1,0 +1,828 @@
+"""Vibrational EELS analysis: energy-drift alignment, zero-loss-peak fit, detailed-balance thermometry.
+
+All functions are pure and vectorised over spectra: ``spectra`` is ``(..., n_channels)`` and the energy
+axis is uniform, ``energy_meV[j] = energy_offset_meV + j * dispersion_meV`` (one axis for all spectra or
+one per spectrum, ``(..., n_channels)``).  See ``docs/eels-analysis.md`` for the equations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import scipy.fft
+import scipy.signal
+from numpy.typing import ArrayLike, NDArray
+
+__all__ = [
+    "KB_MEV_PER_K",
+    "ZLPFit",
+    "TemperatureResult",
+    "zlp_centre",
+    "xcorr_shifts",
+    "shift_spectra",
+    "align_spectra",
+    "sum_aligned",
+    "pearson7_model",
+    "fit_zlp_pearson7",
+    "power_law_background",
+    "log_ratio_bins",
+    "temperature",
+    "counting_limit_sigma_T",
+    "lucy_richardson",
+]
+
+KB_MEV_PER_K = 8.617333262e-2
+"""Boltzmann constant in meV / K."""
+
+Array = NDArray[np.float64]
+
+
+# ---------------------------------------------------------------------------------------------- axes
+def _axis(energy_meV: ArrayLike, n: int, batch: tuple[int, ...]) -> tuple[Array, float]:
+    """Per-spectrum offset (batch) and the common dispersion of a uniform energy axis."""
+    e = np.asarray(energy_meV, float)
+    if e.shape[-1] != n:
+        raise ValueError(f"energy axis has {e.shape[-1]} channels, spectra have {n}")
+    disp = float(np.mean(e[..., 1] - e[..., 0]))
+    if not np.allclose(np.diff(e, axis=-1), disp, rtol=1e-6, atol=1e-9 * abs(disp)):
+        raise ValueError("energy axis must be uniform")
+    off = np.broadcast_to(e[..., 0], batch).astype(float)
+    return off, disp
+
+
+def _log_parabola(ym: Array, y0: Array, yp: Array) -> Array:
+    """Sub-sample peak offset in [-0.5, 0.5] from three samples (Gaussian / log-parabolic)."""
+    lm, l0, lp = (np.log(np.maximum(v, 1e-30)) for v in (ym, y0, yp))
+    den = lm - 2 * l0 + lp
+    safe = np.where(den < 0, den, -1.0)
+    return np.where(den < 0, np.clip(0.5 * (lm - lp) / safe, -0.5, 0.5), 0.0)
+
+
+def zlp_centre(energy_meV: ArrayLike, spectra: ArrayLike, *, half_width_meV: float = 25.0) -> Array:
+    """Position (meV) of the zero-loss peak of each spectrum, to a small fraction of a channel.
+
+    The spectrum is correlated with its own mirror image over ``+-half_width_meV`` around the maximum
+    (the correlation of a symmetric peak with its mirror image peaks at twice its centre); the peak of
+    the correlation is located with a log-parabola through three samples.
+
+    Returns
+    -------
+    centre_meV
+        Array of shape ``spectra.shape[:-1]``.
+    """
+    s = np.asarray(spectra, float)
+    batch, n = s.shape[:-1], s.shape[-1]
+    off, disp = _axis(energy_meV, n, batch)
+    flat = s.reshape(-1, n)
+    imax = np.argmax(flat, axis=1)
+    hw = max(3, int(round(half_width_meV / disp)))
+    idx = np.clip(imax[:, None] + np.arange(-hw, hw + 1)[None, :], 0, n - 1)
+    win = np.take_along_axis(flat, idx, axis=1)
+    m = 2 * win.shape[1]
+    nfft = scipy.fft.next_fast_len(2 * m)
+    fw = scipy.fft.rfft(win, nfft, axis=1)
+    xc = scipy.fft.irfft(fw * fw, nfft, axis=1)   # correlation with the mirror image = self-convolution
+    j = np.argmax(xc[:, : m], axis=1)
+    j = np.clip(j, 1, m - 2)
+    ym, y0, yp = (np.take_along_axis(xc, (j + d)[:, None], axis=1)[:, 0] for d in (-1, 0, 1))
+    twice = j + _log_parabola(ym, y0, yp)          # = 2 * centre within the window
+    centre_ch = imax - hw + 0.5 * twice
+    return (off.reshape(-1) + disp * centre_ch).reshape(batch)
+
+
+def xcorr_shifts(spectra: ArrayLike, reference: ArrayLike, *, dispersion_meV: float = 1.0,
+                 half_width_channels: int = 64, refine: int = 1) -> Array:
+    """Shift (meV) of each spectrum's zero-loss peak relative to ``reference`` by cross-correlation.
+
+    FFT cross-correlation of a window of ``+-half_width_channels`` around the reference maximum, a
+    log-parabola through the three samples at the correlation peak, and ``refine`` further passes on the
+    windows shifted (Fourier) by the current estimate, which removes the interpolator's bias.
+    A positive shift means the spectrum's peak sits at higher channel than the reference's.
+    """
+    s = np.asarray(spectra, float)
+    batch, n = s.shape[:-1], s.shape[-1]
+    flat = s.reshape(-1, n)
+    ref = np.asarray(reference, float)
+    i0 = int(np.argmax(ref))
+    hw = int(min(half_width_channels, i0, n - 1 - i0))
+    sl = slice(i0 - hw, i0 + hw + 1)
+    win = flat[:, sl]
+    rw = ref[sl]
+    m = win.shape[1]
+    nfft = scipy.fft.next_fast_len(2 * m)
+    taper = np.hanning(m + 2)[1:-1]
+    fr = np.conj(scipy.fft.rfft((rw - rw.min()) * taper, nfft))
+    freq = np.fft.rfftfreq(nfft)
+    total = np.zeros(flat.shape[0])
+    base = win - win.min(axis=1, keepdims=True)
+    cur = base
+    for _ in range(1 + max(0, int(refine))):
+        xc = scipy.fft.irfft(scipy.fft.rfft(cur * taper, nfft, axis=1) * fr, nfft, axis=1)
+        xc = np.roll(xc, m, axis=1)                   # lag l sits at index l + m
+        j = np.clip(np.argmax(xc, axis=1), 1, xc.shape[1] - 2)
+        ym, y0, yp = (np.take_along_axis(xc, (j + d)[:, None], axis=1)[:, 0] for d in (-1, 0, 1))
+        lag = j - m + _log_parabola(np.maximum(ym, 1e-30), np.maximum(y0, 1e-30), np.maximum(yp, 1e-30))
+        total = total + lag
+        spec = scipy.fft.rfft(base, nfft, axis=1) * np.exp(2j * np.pi * freq[None, :] * total[:, None])
+        cur = scipy.fft.irfft(spec, nfft, axis=1)[:, :m]
+    return (total * dispersion_meV).reshape(batch)
+
+
+def shift_spectra(spectra: ArrayLike, shift_channels: ArrayLike, *, method: str = "fourier") -> Array:
+    """Move each spectrum by ``-shift_channels`` (so a feature at j + shift goes to j).
+
+    ``method="fourier"``: exact band-limited shift of the spectrum minus the straight line joining its
+    end points (no wrap-around ringing), the line shifted analytically; ``"linear"``: linear interpolation
+    (edges held).
+    """
+    s = np.asarray(spectra, float)
+    batch, n = s.shape[:-1], s.shape[-1]
+    flat = s.reshape(-1, n)
+    sh = np.broadcast_to(np.asarray(shift_channels, float), batch).reshape(-1)
+    j = np.arange(n)
+    if method == "linear":
+        pos = np.clip(j[None, :] + sh[:, None], 0, n - 1)
+        i = np.minimum(np.floor(pos).astype(np.intp), n - 2)
+        f = pos - i
+        a = np.take_along_axis(flat, i, axis=1)
+        b = np.take_along_axis(flat, i + 1, axis=1)
+        return (a + f * (b - a)).reshape(s.shape)
+    if method != "fourier":
+        raise ValueError(f"unknown shift method {method!r}")
+    slope = (flat[:, -1] - flat[:, 0]) / (n - 1)
+    line = flat[:, :1] + slope[:, None] * j[None, :]
+    nfft = scipy.fft.next_fast_len(2 * n)
+    resid = np.zeros((flat.shape[0], nfft))
+    resid[:, :n] = flat - line
+    freq = np.fft.rfftfreq(nfft)
+    out = scipy.fft.irfft(scipy.fft.rfft(resid, axis=1) * np.exp(2j * np.pi * freq[None, :] * sh[:, None]),
+                          nfft, axis=1)[:, :n]
+    out += line + slope[:, None] * sh[:, None]
+    return out.reshape(s.shape)
+
+
+def align_spectra(spectra: ArrayLike, *, dispersion_meV: float, method: str = "xcorr",
+                  reference: ArrayLike | None = None, shift_method: str = "fourier",
+                  half_width_channels: int = 64) -> tuple[Array, Array]:
+    """Correct the energy drift: align every frame's zero-loss peak on a reference.
+
+    Parameters
+    ----------
+    spectra
+        ``(..., n_channels)`` frames.
+    dispersion_meV
+        meV per channel.
+    method
+        ``"xcorr"`` (cross-correlation with a reference, sub-channel) or ``"centre"`` (each frame's own
+        ZLP centre from :func:`zlp_centre`, aligned on the reference's centre).
+    reference
+        Reference spectrum; default the sum of the frames after a whole-channel alignment on their maxima.
+    shift_method
+        Resampling used to apply the shifts (see :func:`shift_spectra`).
+
+    Returns
+    -------
+    aligned
+        Frames moved onto the reference's energy axis.
+    shifts_meV
+        ZLP position of each frame relative to the reference (a frame's ZLP sits ``shift`` higher).
+    """
+    s = np.asarray(spectra, float)
+    batch, n = s.shape[:-1], s.shape[-1]
+    flat = s.reshape(-1, n)
+    if reference is None:
+        imax = np.argmax(flat, axis=1)
+        ref_i = int(np.median(imax))
+        rolled = np.stack([np.roll(f, ref_i - i) for f, i in zip(flat, imax)]) if len(flat) < 64 else None
+        if rolled is None:
+            idx = (np.arange(n)[None, :] - (ref_i - imax)[:, None]) % n
+            rolled = np.take_along_axis(flat, idx, axis=1)
+        reference = rolled.sum(axis=0)
+    ref = np.asarray(reference, float)
+    if method == "xcorr":
+        sh = xcorr_shifts(flat, ref, dispersion_meV=1.0, half_width_channels=half_width_channels)
+    elif method == "centre":
+        ax = np.arange(n, dtype=float)
+        sh = zlp_centre(ax, flat) - float(zlp_centre(ax, ref))
+    else:
+        raise ValueError(f"unknown alignment method {method!r}")
+    aligned = shift_spectra(flat, sh, method=shift_method)
+    return aligned.reshape(s.shape), (sh * dispersion_meV).reshape(batch)
+
+
+def sum_aligned(spectra: ArrayLike, *, dispersion_meV: float, energy_offset_meV: ArrayLike = 0.0,
+                method: str = "xcorr", shift_method: str = "fourier") -> tuple[Array, Array, Array]:
+    """Align frames (``(..., n_frames, n_channels)``) and sum them per point on a common axis, ZLP at 0.
+
+    Returns
+    -------
+    energy_meV
+        ``(n_channels,)`` common energy axis, ``dispersion_meV * (j - j0)``: every sum has its zero-loss
+        peak centre exactly at 0 meV (channel ``j0``, the median centre channel).
+    summed
+        ``(..., n_channels)`` summed counts.
+    shifts_meV
+        ``(..., n_frames)`` ZLP position of each frame on its nominal axis (``energy_offset_meV`` + j *
+        dispersion).
+
+    Notes
+    -----
+    Each point's frames are aligned on their own sum (:func:`align_spectra`), the sum's ZLP centre
+    (:func:`zlp_centre`) is found and the sum is moved (``shift_method``) so that it sits at channel j0.
+    ``energy_offset_meV`` may differ per frame (``(..., n_frames)``).
+    """
+    s = np.asarray(spectra, float)
+    n = s.shape[-1]
+    lead = s.shape[:-2]
+    flat = s.reshape((-1,) + s.shape[-2:])
+    off = np.broadcast_to(np.asarray(energy_offset_meV, float), s.shape[:-1]).reshape(flat.shape[:2])
+    sums = np.empty((flat.shape[0], n))
+    shifts = np.empty(flat.shape[:2])
+    centre_ch = np.empty(flat.shape[0])
+    ax = np.arange(n, dtype=float)
+    for p in range(flat.shape[0]):
+        frames = flat[p]
+        known = (off[p] - off[p, 0]) / dispersion_meV
+        if np.any(known != 0):
+            frames = shift_spectra(frames, -known, method=shift_method)
+        aligned, sh = align_spectra(frames, dispersion_meV=dispersion_meV, method=method,
+                                    shift_method=shift_method)
+        sums[p] = aligned.sum(axis=0)
+        centre_ch[p] = float(zlp_centre(ax, sums[p]))
+        shifts[p] = off[p, 0] + sh + dispersion_meV * centre_ch[p]
+    j0 = float(np.round(np.median(centre_ch)))
+    sums = shift_spectra(sums, centre_ch - j0, method=shift_method)
+    energy = dispersion_meV * (ax - j0)
+    return energy, sums.reshape(lead + (n,)), shifts.reshape(lead + s.shape[-2:-1])
+
+
+# ---------------------------------------------------------------------------------------------- ZLP fit
+PARAM_NAMES = ("amplitude", "centre_meV", "fwhm_meV", "m")
+
+
+def pearson7_model(energy_meV: ArrayLike, params: ArrayLike, *, jacobian: bool = False,
+                   ) -> Array | tuple[Array, Array]:
+    """Symmetric Pearson VII ``A (1 + 4 (2^(1/m) - 1) ((E - c) / w)^2)^(-m)`` (A = peak height, w = FWHM).
+
+    ``params`` is ``(..., 4)`` = (A, c, w, m) and broadcasts against ``energy_meV`` ``(..., n)``.  With
+    ``jacobian=True`` also returns the derivatives ``(..., n, 4)``.
+    """
+    p = np.asarray(params, float)
+    a, c, w, m = (p[..., i, None] for i in range(4))
+    d = np.asarray(energy_meV, float) - c
+    cc = np.exp2(1.0 / m) - 1.0
+    u = (d / w) ** 2
+    q = 1.0 + 4.0 * cc * u
+    lq = np.log(q)
+    qm = np.exp(-m * lq)
+    f = a * qm
+    if not jacobian:
+        return f
+    g = a * m * qm / q * 8.0 * cc                     # common factor of the c and w derivatives
+    dcc_dm = -(cc + 1.0) * np.log(2.0) / m ** 2
+    jac = np.stack([qm + 0 * d, g * d / w ** 2, g * u / w, f * (-lq - m * 4.0 * u * dcc_dm / q)], axis=-1)
+    return f, jac
+
+
+@dataclass
+class ZLPFit:
+    """Pearson VII fits of the zero-loss peak of many spectra.
+
+    Attributes
+    ----------
+    params
+        ``(..., 4)``: amplitude (counts per channel at the peak), centre_meV, fwhm_meV, m.
+    cov
+        ``(..., 4, 4)`` covariance (inverse of the weighted normal matrix, scaled by max(1, chi2_red) when
+        ``scale_covariance``).
+    chi2_red
+        Reduced chi-square of the fit in the windows.
+    n_iter
+        Levenberg-Marquardt iterations used.
+    windows_meV
+        The |E - centre| windows fitted.
+    """
+
+    params: Array
+    cov: Array
+    chi2_red: Array
+    n_iter: int
+    windows_meV: tuple[tuple[float, float], ...]
+
+    @property
+    def errors(self) -> Array:
+        """One-sigma parameter errors ``(..., 4)``."""
+        return np.sqrt(np.maximum(np.diagonal(self.cov, axis1=-2, axis2=-1), 0.0))
+
+    def model(self, energy_meV: ArrayLike) -> Array:
+        """The fitted ZLP on an energy axis (broadcast ``(..., n)``)."""
+        return pearson7_model(energy_meV, self.params)  # type: ignore[return-value]
+
+
+def _window_index(off: Array, disp: float, centre: Array, n: int,
+                  windows: tuple[tuple[float, float], ...]) -> NDArray[np.intp]:
+    """Channel indices (k, m) of the |E - centre| windows on both sides, same count for every spectrum."""
+    cols = []
+    for lo, hi in windows:
+        cnt = max(1, int(np.floor((hi - lo) / disp)))
+        start_loss = np.ceil((centre + lo - off) / disp).astype(np.intp)
+        start_gain = np.floor((centre - lo - off) / disp).astype(np.intp)
+        cols.append(start_loss[:, None] + np.arange(cnt)[None, :])
+        cols.append(start_gain[:, None] - np.arange(cnt)[None, :])
+    idx = np.concatenate(cols, axis=1)
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError("ZLP fit windows run off the energy axis")
+    return idx
+
+
+def _lm(x: Array, y: Array, wt: Array, p0: Array, *, max_iter: int, tol: float = 1e-6,
+        ) -> tuple[Array, Array, Array, int]:
+    """Batched Levenberg-Marquardt for the Pearson VII: returns params, normal matrix, chi2, iterations."""
+    p = p0.copy()
+    lam = np.full(len(p), 1e-3)
+    f, jac = pearson7_model(x, p, jacobian=True)
+    r = y - f
+    chi2 = np.einsum("kn,kn->k", wt * r, r)
+    it = 0
+    active = np.ones(len(p), bool)
+    for it in range(1, max_iter + 1):
+        jw = jac * wt[..., None]
+        jwt = jw.transpose(0, 2, 1)
+        h = jwt @ jac
+        g = (jwt @ r[..., None])[..., 0]
+        diag = np.einsum("kii->ki", h)
+        hd = h + (lam[:, None] * np.maximum(diag, 1e-300))[:, :, None] * np.eye(4)
+        dp = np.linalg.solve(hd, g[..., None])[..., 0]
+        pt = p + dp
+        pt[:, 0] = np.maximum(pt[:, 0], 1e-3 * p[:, 0])
+        pt[:, 2] = np.clip(pt[:, 2], 0.2 * p[:, 2], 5 * p[:, 2])
+        pt[:, 3] = np.clip(pt[:, 3], 0.55, 200.0)
+        ft, jt = pearson7_model(x, pt, jacobian=True)
+        rt = y - ft
+        chi2t = np.einsum("kn,kn->k", wt * rt, rt)
+        acc = (chi2t <= chi2) & active
+        p = np.where(acc[:, None], pt, p)
+        jac = np.where(acc[:, None, None], jt, jac)
+        r = np.where(acc[:, None], rt, r)
+        rel = np.abs(chi2 - chi2t) / np.maximum(chi2, 1e-300)
+        chi2 = np.where(acc, chi2t, chi2)
+        lam = np.where(acc, np.maximum(lam / 5.0, 1e-7), lam * 5.0)
+        active &= ~((acc & (rel < tol)) | (lam > 1e8))
+        if not active.any():
+            break
+    h = (jac * wt[..., None]).transpose(0, 2, 1) @ jac
+    return p, h, chi2, it
+
+
+def fit_zlp_pearson7(energy_meV: ArrayLike, spectra: ArrayLike, *,
+                     windows_meV: tuple[tuple[float, float], ...] = ((15.0, 30.0), (130.0, 200.0)),
+                     initial: ArrayLike | None = None, max_iter: int = 30, read_noise_counts: float = 0.0,
+                     scale_covariance: bool = True, signal_correction: int = 2,
+                     signal_range_meV: tuple[float, float] = (30.0, 130.0)) -> ZLPFit:
+    """Fit a symmetric Pearson VII to the zero-loss peak in ``|E - centre|`` windows on both sides.
+
+    A batched Levenberg-Marquardt over all spectra at once (normal equations ``(k, 4, 4)`` solved with
+    ``np.linalg.solve``).  Weights are Poisson, ``1 / (model + read_noise^2)``: a first fit weighted by
+    the data, then a refit weighted by that fit's model (no bias towards low counts).
+
+    Parameters
+    ----------
+    energy_meV
+        Uniform energy axis ``(n,)`` or ``(..., n)``, ZLP near 0 up to drift.
+    spectra
+        Counts ``(..., n)``.
+    windows_meV
+        ``|E - centre|`` intervals fitted, on the loss and the gain side alike.
+    initial
+        Optional ``(..., 4)`` or ``(4,)`` starting parameters; default: centre from :func:`zlp_centre`,
+        shape from a fit of the mean spectrum.
+    read_noise_counts
+        Gaussian read noise added to the Poisson variance.
+    scale_covariance
+        Multiply the covariance by ``max(1, chi2_red)``.
+    signal_correction
+        Number of refits after removing from the windows the phonon signal spilled into them by the
+        resolution function's tails: the signal ``S - Z`` in ``signal_range_meV`` (both sides) convolved
+        with the fitted, unit-area Pearson VII (0 = plain fit).
+
+    Returns
+    -------
+    ZLPFit
+    """
+    s = np.asarray(spectra, float)
+    batch, n = s.shape[:-1], s.shape[-1]
+    off, disp = _axis(energy_meV, n, batch)
+    flat = s.reshape(-1, n)
+    off = off.reshape(-1)
+    k = flat.shape[0]
+    rn2 = float(read_noise_counts) ** 2
+    if initial is None:
+        centre = zlp_centre(off[:, None] + disp * np.arange(n)[None, :], flat)
+        p0 = _initial_from_mean(flat, off, disp, centre, windows_meV, rn2)
+    else:
+        p0 = np.broadcast_to(np.asarray(initial, float), (k, 4)).copy()
+        centre = p0[:, 1]
+    idx = _window_index(off, disp, centre, n, windows_meV)
+    y = np.take_along_axis(flat, idx, axis=1)
+    x = off[:, None] + disp * idx
+    wt = 1.0 / (np.maximum(y, 1.0) + rn2)
+    p, _, _, it1 = _lm(x, y, wt, p0, max_iter=max_iter)
+    wt = 1.0 / (np.maximum(pearson7_model(x, p), 1e-3) + rn2)
+    p, h, chi2, it2 = _lm(x, y, wt, p, max_iter=max_iter)
+    for _ in range(int(signal_correction)):
+        leak = _signal_leak(flat, off, disp, p, signal_range_meV)
+        yc = y - np.take_along_axis(leak, idx, axis=1)
+        wt = 1.0 / (np.maximum(pearson7_model(x, p), 1e-3) + rn2)
+        p, h, chi2, it3 = _lm(x, yc, wt, p, max_iter=max_iter)
+        it2 += it3
+    dof = max(1, x.shape[1] - 4)
+    chi2_red = chi2 / dof
+    cov = np.linalg.inv(h + 1e-300 * np.eye(4))
+    if scale_covariance:
+        cov = cov * np.maximum(1.0, chi2_red)[:, None, None]
+    return ZLPFit(params=p.reshape(batch + (4,)), cov=cov.reshape(batch + (4, 4)),
+                  chi2_red=chi2_red.reshape(batch), n_iter=it1 + it2, windows_meV=tuple(windows_meV))
+
+
+def _signal_leak(flat: Array, off: Array, disp: float, p: Array,
+                 signal_range_meV: tuple[float, float]) -> Array:
+    """Estimated phonon signal at every channel spilled by the resolution tails from ``signal_range``."""
+    k, n = flat.shape
+    lo, hi = signal_range_meV
+    c_ch = (p[:, 1] - off) / disp
+    base = np.round(c_ch).astype(np.intp)
+    half = int(np.ceil((hi + 80.0) / disp))
+    rel = np.arange(-half, half + 1)
+    idx = np.clip(base[:, None] + rel[None, :], 0, n - 1)
+    blk = np.take_along_axis(flat, idx, axis=1)
+    e_rel = (idx - c_ch[:, None]) * disp
+    z = pearson7_model(off[:, None] + disp * idx, p)
+    ae = np.abs(e_rel)
+    sig = np.where((ae > lo) & (ae < hi), np.maximum(blk - z, 0.0), 0.0)
+    w, m = float(np.median(p[:, 2])), float(np.median(p[:, 3]))
+    kern = pearson7_model(disp * np.arange(-2 * half, 2 * half + 1), np.array([1.0, 0.0, w, m]))
+    kern = kern / kern.sum()
+    conv = scipy.signal.fftconvolve(sig, kern[None, :], mode="same", axes=1)
+    conv = np.where((ae > lo) & (ae < hi), 0.0, conv)
+    out = np.zeros_like(flat)
+    np.put_along_axis(out, idx, conv, axis=1)
+    return out
+
+
+def _initial_from_mean(flat: Array, off: Array, disp: float, centre: Array,
+                       windows: tuple[tuple[float, float], ...], rn2: float) -> Array:
+    """Starting parameters: a fit of the centre-aligned mean spectrum, amplitude scaled per spectrum."""
+    k, n = flat.shape
+    c_ch = (centre - off) / disp
+    ref_ch = float(np.round(np.median(c_ch)))
+    sel = np.abs(c_ch - ref_ch) < 0.5 * n
+    # integer-channel alignment is enough for a starting point
+    roll = np.round(c_ch - ref_ch).astype(np.intp)
+    idx = np.clip(np.arange(n)[None, :] + roll[:, None], 0, n - 1)
+    mean = np.take_along_axis(flat[sel][:256], idx[sel][:256], axis=1).mean(axis=0)
+    e = disp * (np.arange(n) - ref_ch)
+    peak = float(mean[int(ref_ch)])
+    half = np.nonzero(mean >= 0.5 * peak)[0]
+    fwhm = max(2 * disp, disp * (half[-1] - half[0] + 1))
+    pm = np.array([[peak, 0.0, fwhm, 1.5]])
+    cen = np.zeros(1)
+    ix = _window_index(np.array([e[0]]), disp, cen, n, windows)
+    y = mean[ix]
+    x = e[ix]
+    pm, _, _, _ = _lm(x, y, 1.0 / (np.maximum(y, 1.0) + rn2), pm, max_iter=100)
+    amp = np.take_along_axis(flat, np.clip(np.round(c_ch).astype(np.intp), 0, n - 1)[:, None], axis=1)[:, 0]
+    scale = amp / max(pearson7_model(np.zeros((1, 1)), pm)[0, 0], 1e-30)
+    p0 = np.empty((k, 4))
+    p0[:, 0] = pm[0, 0] * scale
+    p0[:, 1] = centre
+    p0[:, 2] = pm[0, 2]
+    p0[:, 3] = pm[0, 3]
+    return p0
+
+
+# ---------------------------------------------------------------------------------------------- background
+def power_law_background(energy_meV: ArrayLike, spectra: ArrayLike, *,
+                         windows_meV: tuple[tuple[float, float], ...] = ((16.0, 20.0), (60.0, 70.0)),
+                         ) -> tuple[Array, Array]:
+    """Power-law background ``A E^-r`` fitted (least squares in log-log) in the loss-side windows.
+
+    Returns
+    -------
+    background
+        ``(..., n)`` model on the whole axis (0 where E <= 0).
+    params
+        ``(..., 2)``: A, r.
+    """
+    s = np.asarray(spectra, float)
+    batch, n = s.shape[:-1], s.shape[-1]
+    e = np.broadcast_to(np.asarray(energy_meV, float), s.shape)
+    mask = np.zeros(s.shape, bool)
+    for lo, hi in windows_meV:
+        mask |= (e >= lo) & (e <= hi)
+    lx = np.log(np.where(mask, e, 1.0))
+    ly = np.log(np.where(mask, np.maximum(s, 1e-30), 1.0))
+    w = mask.astype(float)
+    sw = w.sum(-1)
+    mx = (w * lx).sum(-1) / sw
+    my = (w * ly).sum(-1) / sw
+    slope = (w * (lx - mx[..., None]) * (ly - my[..., None])).sum(-1) / (w * (lx - mx[..., None]) ** 2).sum(-1)
+    inter = my - slope * mx
+    params = np.stack([np.exp(inter), -slope], axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bg = np.where(e > 0, np.exp(inter[..., None]) * np.where(e > 0, e, 1.0) ** slope[..., None], 0.0)
+    return bg, params.reshape(batch + (2,))
+
+
+# ---------------------------------------------------------------------------------------------- thermometry
+@dataclass
+class TemperatureResult:
+    """Detailed-balance temperatures of many spectra (arrays of the batch shape).
+
+    Attributes
+    ----------
+    T_K
+        Temperature from the slope of the line through the origin, ``T = 1 / (k_B slope)``.
+    T_err_K
+        Total one-sigma error: counting (Poisson of every detected electron) and the ZLP fit's
+        covariance propagated through the slope, in quadrature.
+    T_err_counting_K, T_err_zlp_K
+        The two parts.
+    slope_per_meV, slope_err_per_meV
+        ``1 / (k_B T)`` and its error.
+    chi2_red
+        Reduced chi-square of the line fit.
+    n_bins
+        Bins used.
+    zlp
+        The ZLP fit.
+    energy_meV, log_ratio, weights
+        Bin centres ``(n_bins,)``, ``log(L/G)`` and weights ``(..., n_bins)`` (0 = excluded bin).
+    """
+
+    T_K: Array
+    T_err_K: Array
+    T_err_counting_K: Array
+    T_err_zlp_K: Array
+    slope_per_meV: Array
+    slope_err_per_meV: Array
+    chi2_red: Array
+    n_bins: NDArray[np.int64]
+    zlp: ZLPFit
+    energy_meV: Array = field(repr=False)
+    log_ratio: Array = field(repr=False)
+    weights: Array = field(repr=False)
+
+
+def _gather_side(flat: Array, pos0: Array, step: int, count: int) -> tuple[Array, Array, NDArray[np.intp]]:
+    """Channels ``floor(pos0) + step * i`` (i = 0..count) and the fractional part of ``pos0``."""
+    base = np.floor(pos0).astype(np.intp)
+    frac = pos0 - base
+    idx = base[:, None] + step * np.arange(count + 1)[None, :]
+    return np.take_along_axis(flat, np.clip(idx, 0, flat.shape[1] - 1), axis=1), frac, idx
+
+
+def _bin_interp(v: Array, frac: Array, step: int, nb: int, b: int) -> tuple[Array, Array]:
+    """Bin sums of the linear interpolation ``(1 - f) v_i + f v_(i+step)`` over ``b`` samples per bin.
+
+    ``v`` holds channels ``base + step * i`` for step=+1 (interpolate towards +1) or step=-1 (then the
+    interpolation partner of sample i is the previous channel, i.e. ``v_(i-1)``; handled by the caller
+    passing the reversed fraction).  Returns the bin sums and the sum-of-squared-coefficients weights
+    needed for the variance (as sums over channels with those coefficients).
+    """
+    k = v.shape[0]
+    core = v[:, : nb * b].reshape(k, nb, b).sum(-1)
+    first = v[:, 0: nb * b: b]
+    after = v[:, b: nb * b + 1: b]
+    f = frac[:, None]
+    sums = core + f * (after - first)
+    var = core - first + (1 - f) ** 2 * first + f ** 2 * after
+    return sums, var
+
+
+def log_ratio_bins(energy_meV: ArrayLike, spectra: ArrayLike, zlp: ZLPFit, *, window_min_meV: float = 55.0,
+                   window_max_meV: float | None = None, bin_meV: float = 2.2, read_noise_counts: float = 0.0,
+                   ) -> dict[str, Array]:
+    """Loss and gain signals in energy bins ``|E - centre|`` with ZLP subtracted, variances, derivatives.
+
+    The loss side is sampled at ``centre + e`` and the gain side at ``centre - e`` (linear interpolation
+    between channels, the same for data and model), summed in bins of ``bin_meV``.
+
+    Returns
+    -------
+    dict
+        ``e`` bin centres (n_bins,), ``L``, ``G`` (signals), ``SL``, ``SG`` (detected counts), ``vL``,
+        ``vG`` (their Poisson + read-noise variances), ``ZL``, ``ZG`` (ZLP model) and ``dL``, ``dG``
+        ``(k, n_bins, 4)`` (derivatives of L and G with respect to the ZLP parameters).
+    """
+    s = np.asarray(spectra, float)
+    batch, n = s.shape[:-1], s.shape[-1]
+    off, disp = _axis(energy_meV, n, batch)
+    flat = s.reshape(-1, n)
+    off = off.reshape(-1)
+    p = zlp.params.reshape(-1, 4)
+    c = p[:, 1]
+    b = max(1, int(round(bin_meV / disp)))
+    avail = min(float(np.min((off + disp * (n - 1)) - c)), float(np.min(c - off))) - 2 * disp
+    upper = window_max_meV
+    if upper is None:
+        upper = min(w[0] for w in zlp.windows_meV if w[0] > window_min_meV) if any(
+            w[0] > window_min_meV for w in zlp.windows_meV) else avail
+    upper = min(upper, avail)
+    nb = int(np.floor((upper - window_min_meV) / (b * disp)))
+    if nb < 1:
+        raise ValueError("no energy bins between window_min_meV and window_max_meV")
+    count = nb * b
+    e_pts = window_min_meV + disp * np.arange(count)
+    e_bins = e_pts.reshape(nb, b).mean(-1)
+    # loss: positions (c + e - off) / disp increasing by 1 per sample
+    posL = (c + window_min_meV - off) / disp
+    vL_raw, fL, iL = _gather_side(flat, posL, +1, count)
+    # gain: positions (c - e - off) / disp decreasing by 1 per sample; interpolate between floor and floor+1
+    posG = (c - window_min_meV - off) / disp
+    baseG = np.floor(posG).astype(np.intp)
+    fG = posG - baseG
+    # with u_i = channel baseG + 1 - i, the gain sample is (1 - g) u_i + g u_(i+1) with g = 1 - fG
+    vG_raw, _, iG = _gather_side(flat, baseG + 1.0, -1, count)
+    gG = 1.0 - fG
+    SL, varL = _bin_interp(vL_raw, fL, 1, nb, b)
+    SG, varG = _bin_interp(vG_raw, gG, 1, nb, b)
+    rn2 = float(read_noise_counts) ** 2
+    varL = varL + rn2 * _coef2(fL, nb, b)
+    varG = varG + rn2 * _coef2(gG, nb, b)
+    # model at the same channels, same interpolation
+    xL = off[:, None] + disp * iL
+    xG = off[:, None] + disp * iG
+    zL, jL = pearson7_model(xL, p, jacobian=True)
+    zG, jG = pearson7_model(xG, p, jacobian=True)
+    ZL, _ = _bin_interp(zL, fL, 1, nb, b)
+    ZG, _ = _bin_interp(zG, gG, 1, nb, b)
+    dZL = np.stack([_bin_interp(jL[..., i], fL, 1, nb, b)[0] for i in range(4)], axis=-1)
+    dZG = np.stack([_bin_interp(jG[..., i], gG, 1, nb, b)[0] for i in range(4)], axis=-1)
+    # moving the centre moves the data sampling points too: d(data)/dc = slope of the detected spectrum;
+    # the ZLP part of that slope is exact (the model's), so the data sampling cancels the model's
+    # centre derivative for the ZLP and only the signal's own slope (neglected) would remain.
+    dZL[..., 1] = 0.0
+    dZG[..., 1] = 0.0
+    shp = batch + (nb,)
+    return {"e": e_bins, "SL": SL.reshape(shp), "SG": SG.reshape(shp), "vL": varL.reshape(shp),
+            "vG": varG.reshape(shp), "ZL": ZL.reshape(shp), "ZG": ZG.reshape(shp),
+            "L": (SL - ZL).reshape(shp), "G": (SG - ZG).reshape(shp),
+            "dL": (-dZL).reshape(shp + (4,)), "dG": (-dZG).reshape(shp + (4,))}
+
+
+def _coef2(f: Array, nb: int, b: int) -> Array:
+    """Sum of squared interpolation coefficients per bin (for read noise)."""
+    return (b - 1 + (1 - f) ** 2 + f ** 2)[:, None] * np.ones(nb)
+
+
+def temperature(energy_meV: ArrayLike, spectra: ArrayLike, *, window_min_meV: float = 55.0,
+                window_max_meV: float | None = None, bin_meV: float = 2.2,
+                zlp_windows_meV: tuple[tuple[float, float], ...] = ((15.0, 30.0), (130.0, 200.0)),
+                zlp: ZLPFit | None = None, deconvolve: bool = False, lr_iterations: int = 5,
+                read_noise_counts: float = 0.0, min_snr: float = 2.0,
+                bias_correction: bool = True, scale_by_chi2: bool | None = None) -> TemperatureResult:
+    """Temperature from detailed balance, ``log(I_loss(E) / I_gain(E)) = E / (k_B T)``.
+
+    Steps: Pearson VII ZLP fit (:func:`fit_zlp_pearson7`, unless ``zlp`` is given), ZLP subtracted from
+    both sides, loss and gain signals binned at ``|E - centre|`` from ``window_min_meV`` to
+    ``window_max_meV`` (default: the start of the next ZLP-fit window, 130 meV, or the end of the data),
+    then a weighted least-squares line through the origin.
+
+    Weights ``w = 1 / (var(L)/L^2 + var(G)/G^2)`` with the variances of all detected counts in the bins and
+    L, G from a first pass split of L + G by the first slope (so the weights do not correlate with the
+    noise of y); ``y`` gets the second-order correction ``var(L)/(2L^2) - var(G)/(2G^2)`` of the log bias.
+    Bins where the expected gain signal is below ``min_snr`` standard deviations are dropped.
+
+    The slope's error adds the counting error ``1 / sqrt(sum w E^2)`` and the ZLP fit's covariance
+    propagated through the slope (``J C J^T`` with ``J = d slope / d params``) in quadrature.
+
+    Parameters
+    ----------
+    scale_by_chi2
+        Multiply the counting variance by ``max(1, chi2_red)`` of the line fit (Birge ratio); default on
+        with ``deconvolve`` (LR correlates and amplifies the noise, which the Poisson weights ignore).
+    deconvolve
+        Run :func:`lucy_richardson` (``lr_iterations``) on the ZLP-subtracted signal (clipped at 0) with
+        the fitted ZLP as PSF first.  The errors are then those of the raw data (an approximation).
+    """
+    s = np.asarray(spectra, float)
+    batch, n = s.shape[:-1], s.shape[-1]
+    if zlp is None:
+        zlp = fit_zlp_pearson7(energy_meV, s, windows_meV=zlp_windows_meV, read_noise_counts=read_noise_counts)
+    work = s
+    if deconvolve:
+        off, disp = _axis(energy_meV, n, batch)
+        e = off[..., None] + disp * np.arange(n)
+        psf = zlp.model(e)
+        sig = lucy_richardson(np.maximum(s - psf, 1e-3), psf, iterations=lr_iterations, centre_channels=(
+            (zlp.params[..., 1] - off) / disp))
+        work = psf + sig
+    d = log_ratio_bins(energy_meV, work, zlp, window_min_meV=window_min_meV, window_max_meV=window_max_meV,
+                       bin_meV=bin_meV, read_noise_counts=read_noise_counts)
+    e = d["e"]
+    L, G, vL, vG = d["L"], d["G"], d["vL"], d["vG"]
+    # pass 1: observed weights
+    ok = (L > 0) & (G > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where(ok, np.log(np.where(ok, L / np.where(ok, G, 1), 1)), 0.0)
+        w = np.where(ok, 1.0 / (vL / np.where(ok, L, 1) ** 2 + vG / np.where(ok, G, 1) ** 2), 0.0)
+    slope = (w * e * y).sum(-1) / np.maximum((w * e * e).sum(-1), 1e-300)
+    slope = np.clip(slope, 1.0 / (KB_MEV_PER_K * 1e5), 1.0 / (KB_MEV_PER_K * 1.0))
+    # pass 2: model-based signals from L + G and the first slope
+    tot = L + G
+    ex = np.exp(slope[..., None] * e)
+    Lh = tot * ex / (1.0 + ex)
+    Gh = tot / (1.0 + ex)
+    good = ok & (Lh > 0) & (Gh > min_snr * np.sqrt(np.maximum(vG, 1e-300)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.log(np.where(good, L, 1.0) / np.where(good, G, 1.0))
+        rl = vL / np.where(good, Lh, 1.0) ** 2
+        rg = vG / np.where(good, Gh, 1.0) ** 2
+    if bias_correction:
+        y = y + 0.5 * (rl - rg)
+    w = np.where(good, 1.0 / (rl + rg), 0.0)
+    y = np.where(good, y, 0.0)
+    swee = np.maximum((w * e * e).sum(-1), 1e-300)
+    slope = (w * e * y).sum(-1) / swee
+    nbin = good.sum(-1)
+    resid = y - slope[..., None] * e
+    chi2_red = (w * resid ** 2).sum(-1) / np.maximum(nbin - 1, 1)
+    var_count = 1.0 / swee
+    if scale_by_chi2 is None:
+        scale_by_chi2 = deconvolve
+    if scale_by_chi2:
+        var_count = var_count * np.maximum(1.0, chi2_red)
+    # ZLP covariance through the slope: dy/dp = dL/dp / L - dG/dp / G
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dy = d["dL"] / np.where(good, Lh, 1.0)[..., None] - d["dG"] / np.where(good, Gh, 1.0)[..., None]
+    jb = ((w * e)[..., None] * dy).sum(-2) / swee[..., None]
+    var_zlp = np.einsum("...i,...ij,...j->...", jb, zlp.cov, jb)
+    var = var_count + var_zlp
+    slope_safe = np.where(slope > 0, slope, np.nan)
+    T = 1.0 / (KB_MEV_PER_K * slope_safe)
+    conv = 1.0 / (KB_MEV_PER_K * slope_safe ** 2)
+    return TemperatureResult(T_K=T, T_err_K=np.sqrt(var) * conv, T_err_counting_K=np.sqrt(var_count) * conv,
+                             T_err_zlp_K=np.sqrt(np.maximum(var_zlp, 0)) * conv, slope_per_meV=slope,
+                             slope_err_per_meV=np.sqrt(var), chi2_red=chi2_red, n_bins=nbin, zlp=zlp,
+                             energy_meV=e, log_ratio=y, weights=w)
+
+
+def counting_limit_sigma_T(energy_meV: ArrayLike, loss: ArrayLike, gain: ArrayLike, var_loss: ArrayLike,
+                           var_gain: ArrayLike, temperature_K: ArrayLike) -> Array:
+    """Counting-statistics limit of the temperature error of a line-through-origin fit.
+
+    ``sigma_T = k_B T^2 / sqrt(sum_i E_i^2 w_i)``, ``w_i = 1 / (var(L_i)/L_i^2 + var(G_i)/G_i^2)``, with
+    ``L_i``, ``G_i`` the (expected) background-subtracted loss and gain signals and the variances counting
+    every detected electron in the channel or bin.  Sums over the last axis.
+    """
+    e = np.asarray(energy_meV, float)
+    L = np.asarray(loss, float)
+    G = np.asarray(gain, float)
+    w = 1.0 / (np.asarray(var_loss, float) / L ** 2 + np.asarray(var_gain, float) / G ** 2)
+    T = np.asarray(temperature_K, float)
+    return KB_MEV_PER_K * T ** 2 / np.sqrt((e ** 2 * w).sum(-1))
+
+
+def lucy_richardson(spectra: ArrayLike, psf: ArrayLike, *, iterations: int = 5,
+                    centre_channels: ArrayLike | None = None) -> Array:
+    """Lucy-Richardson deconvolution of spectra by a point-spread function (vectorised, FFT).
+
+    Parameters
+    ----------
+    spectra
+        ``(..., n)`` counts (negative values are clipped at a small positive floor).
+    psf
+        ``(..., n)`` PSF on the same axis (e.g. the fitted ZLP); normalised to unit sum here.
+    iterations
+        Number of LR iterations (5 by default, as in the reference).
+    centre_channels
+        Channel of the PSF's centre (default: its maximum); the PSF is rolled so the centre is at 0.
+
+    Returns
+    -------
+    deconvolved
+        ``(..., n)`` with the same total counts.
+    """
+    s = np.maximum(np.asarray(spectra, float), 1e-6)
+    h = np.broadcast_to(np.asarray(psf, float), s.shape)
+    n = s.shape[-1]
+    h = h / h.sum(-1, keepdims=True)
+    if centre_channels is None:
+        centre = np.argmax(h, axis=-1).astype(float)
+    else:
+        centre = np.broadcast_to(np.asarray(centre_channels, float), s.shape[:-1])
+    nfft = scipy.fft.next_fast_len(2 * n)
+    freq = np.fft.rfftfreq(nfft)
+    hf = scipy.fft.rfft(h, nfft, axis=-1) * np.exp(2j * np.pi * freq * centre[..., None])
+    hfc = np.conj(hf)
+
+    def conv(a: Array, kern: Any) -> Array:
+        return scipy.fft.irfft(scipy.fft.rfft(a, nfft, axis=-1) * kern, nfft, axis=-1)[..., :n]
+
+    u = s.copy()
+    for _ in range(int(iterations)):
+        est = np.maximum(conv(u, hf), 1e-12)
+        u = u * conv(s / est, hfc)
+    return u

@@ -1,0 +1,147 @@
+"""The ``stemlive`` command: ``serve``, ``replay``, ``info``, ``tomo``, ``demo``, ``swift``, ``view``.
+
+Each subcommand imports what it needs when it runs, so ``stemlive info`` starts quickly and needs no Qt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from . import __version__
+
+log = logging.getLogger("stemlive")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_params(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STAGE.PARAM=VALUE",
+        help="analysis parameter, e.g. --set eels.k=3 (repeatable; values parse as JSON where they can)",
+    )
+    p.add_argument("--config", type=Path, help="TOML file with one [stage] table of parameters per stage")
+
+
+def _add_remote(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow binding to a non-loopback interface (off by default: only this computer can connect)",
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .pipeline import PipelineService, make_params
+
+    params = make_params(args.config, args.overrides)
+    service = PipelineService(
+        args.out,
+        params,
+        frame_endpoint=args.frames,
+        result_endpoint=args.results,
+        allow_remote=args.allow_remote,
+    )
+    print(f"stemlive serve: frames on {service.frame_endpoint}, results on {service.result_endpoint}, "
+          f"sessions into {service.out_dir.resolve()} (Ctrl-C to stop)", flush=True)
+    service.serve_forever()
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .replay import parse_speed, replay_analyze, replay_to
+
+    if (args.to is None) == (args.analyze is None):
+        raise SystemExit("stemlive replay: give exactly one of --to ENDPOINT or --analyze OUT.h5")
+    if args.analyze is not None:
+        from .pipeline import make_params
+
+        params = make_params(args.config, args.overrides)
+        out = replay_analyze(args.file, args.analyze, params)
+        print(f"analysed {args.file} -> {out}")
+    else:
+        if args.overrides or args.config:
+            raise SystemExit("stemlive replay --to: analysis parameters belong to the receiving service")
+        n = replay_to(args.file, args.to, speed=parse_speed(args.speed), timeout_s=args.timeout)
+        print(f"replayed {n} messages of {args.file} to {args.to}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .session import describe
+
+    status = 0
+    for path in args.files:
+        try:
+            print(describe(path))
+        except (OSError, ValueError) as e:
+            print(f"{path}: {e}", file=sys.stderr)
+            status = 1
+        if len(args.files) > 1:
+            print()
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stemlive",
+        description="Live STEM tilt series and vibrational EELS: acquisition, streaming, recording and analysis.",
+    )
+    parser.add_argument("--version", action="version", version=f"stemlive {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run the pipeline service: record, analyse and publish sessions")
+    p.add_argument("--frames", help="lossless input endpoint to bind (default tcp://127.0.0.1:7710)")
+    p.add_argument("--results", help="result PUB endpoint to bind (default tcp://127.0.0.1:7711)")
+    p.add_argument("--out", type=Path, default=Path("sessions"), help="folder for session files (default ./sessions)")
+    _add_params(p)
+    _add_remote(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("replay", help="replay a recorded session over the wire or through the pipeline")
+    p.add_argument("file", type=Path, help="session file (.h5)")
+    p.add_argument("--to", metavar="ENDPOINT", help="send to a running service, e.g. tcp://127.0.0.1:7710")
+    p.add_argument("--speed", default="max", help="1 = original timing, N = N times faster, max = no pauses")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds a blocked send may wait (default 60)")
+    p.add_argument("--analyze", type=Path, metavar="OUT.h5", help="run the analysis in-process into OUT.h5")
+    _add_params(p)
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("info", help="summarise session files: kind, status, counts, calibrations, time span")
+    p.add_argument("files", type=Path, nargs="+")
+    p.set_defaults(func=cmd_info)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+# Later modules (tomo, demo, swift, view) add their subcommands here.
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []  # type: ignore[type-arg]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point of ``stemlive``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"stemlive {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,573 @@
+"""The analysis pipeline: stages, one session's recording + analysis, and the ``stemlive serve`` service.
+
+The same :class:`SessionRun` drives the live service and ``stemlive replay --analyze``, so live and offline
+results come from one code path. A :class:`Stage` sees a session's data messages in ``seq`` order and emits
+:class:`Result` objects that are written under ``/results/<stage>/<name>`` and published to viewers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .config import Params, resolve_params
+from .protocol import Message, ProtocolError, StreamChecker
+from .session import SessionWriter
+
+log = logging.getLogger(__name__)
+
+DATA_TYPES = frozenset({"frame", "spectrum", "survey"})
+
+
+@dataclass
+class Result:
+    """One analysis output, written to ``/results/<stage>/<name>`` and published on the result stream.
+
+    Attributes
+    ----------
+    stage, name
+        Where the result goes: ``/results/<stage>/<name>``.
+    value
+        A numeric array, or a numpy structured array for tables.
+    index
+        ``None`` replaces the whole dataset; an integer writes row ``index`` of a dataset growing along axis 0
+        (per-tilt sums, per-point spectra, per-frame drift).
+    attrs
+        Small metadata stored as dataset attributes and sent in the result header.
+    """
+
+    stage: str
+    name: str
+    value: np.ndarray
+    index: int | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+class Stage:
+    """Base class of an analysis stage. Subclasses set the class variables and override the hooks.
+
+    ``name`` is also the parameter section: ``--set <name>.<param>=<value>``.
+    """
+
+    name: ClassVar[str] = ""
+    kinds: ClassVar[frozenset[str]] = frozenset()
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params: dict[str, Any] = {**self.defaults, **params}
+
+    def start(self, start: Message) -> Iterable[Result]:
+        """Called with the ``session_start`` message (settings and calibrations)."""
+        return ()
+
+    def process(self, msg: Message) -> Iterable[Result]:
+        """Called with each data message (frame, spectrum, survey) in ``seq`` order."""
+        return ()
+
+    def finish(self, status: str) -> Iterable[Result]:
+        """Called once at the end of the session (``complete``, ``aborted`` or ``failed``)."""
+        return ()
+
+
+_STAGES: dict[str, type[Stage]] = {}
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    """Class decorator that makes a stage available to the service and to replay."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no stage name")
+    _STAGES[cls.name] = cls
+    return cls
+
+
+def registered_stages() -> dict[str, type[Stage]]:
+    """All registered stages by name (importing :mod:`stemlive.live.stages` registers the built-in ones)."""
+    from . import stages  # noqa: F401  (registers the built-in stages)
+
+    return dict(_STAGES)
+
+
+def default_params() -> Params:
+    """The defaults of every registered stage, ``{stage: {param: value}}``."""
+    return {name: dict(cls.defaults) for name, cls in registered_stages().items()}
+
+
+def make_params(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> Params:
+    """Stage defaults merged with a TOML file and ``--set`` overrides; unknown keys are errors."""
+    return resolve_params(default_params(), config_file=config_file, overrides=overrides)
+
+
+_SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def session_file_name(start: Message) -> str:
+    """File name for a session: ``YYYYmmdd-HHMMSS_<kind>_<id>.h5`` with the (untrusted) id sanitised."""
+    created = datetime.fromtimestamp(start.t, UTC).strftime("%Y%m%d-%H%M%S")
+    safe_id = _SAFE_ID.sub("_", str(start.session)).strip("._")[:64] or "session"
+    return f"{created}_{start.header.get('kind', 'session')}_{safe_id}.h5"
+
+
+def unique_path(directory: Path, name: str) -> Path:
+    """``directory / name``, with ``-1``, ``-2``... appended to the stem if it exists (never overwrite data)."""
+    path = directory / name
+    n = 0
+    while path.exists():
+        n += 1
+        path = directory / f"{Path(name).stem}-{n}{Path(name).suffix}"
+    return path
+
+
+Publish = Callable[[str, Result], None]
+
+
+class SessionRun:
+    """One session: its file writer and its analysis stages.
+
+    Recording (:meth:`record`) and analysis (:meth:`analyze`, :meth:`finish`) may run on different threads; a
+    lock serialises access to the file. A failing stage is logged, reported as a ``stage_error`` result and
+    switched off for the rest of the session: analysis errors never cost recorded data.
+    """
+
+    def __init__(
+        self,
+        start: Message,
+        path: Path,
+        params: Params,
+        *,
+        stage_classes: Mapping[str, type[Stage]] | None = None,
+        publish: Publish | None = None,
+        writer_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.start_message = start
+        self.session_id = str(start.session)
+        self.kind = str(start.header.get("kind"))
+        self.path = path
+        self._publish = publish
+        self._lock = threading.RLock()
+        self.writer = SessionWriter(path, start, **dict(writer_options or {}))
+        classes = stage_classes if stage_classes is not None else registered_stages()
+        self.stages: list[Stage] = [
+            cls(params.get(name, {})) for name, cls in classes.items() if self.kind in cls.kinds
+        ]
+        self.recorded = 0
+        self.closed = False
+        for stage in list(self.stages):
+            self._run_stage(stage, stage.start, start)
+
+    # --- recording (receiver thread) ---
+    def record(self, msg: Message) -> None:
+        """Append a data message to the session file."""
+        with self._lock:
+            self.writer.append(msg)
+            self.recorded += 1
+
+    def commit(self) -> None:
+        """Make everything recorded so far durable (survives a crash of this process)."""
+        with self._lock:
+            self.writer.commit()
+
+    # --- analysis (analysis thread) ---
+    def analyze(self, msg: Message) -> None:
+        """Run every stage on one data message and store/publish its results."""
+        for stage in list(self.stages):
+            self._run_stage(stage, stage.process, msg)
+
+    def finish(self, status: str, *, message: str = "", gaps: Sequence[tuple[int, int]] = ()) -> None:
+        """Finish the stages, write their final results and close the file with ``status``."""
+        if self.closed:
+            return
+        for stage in list(self.stages):
+            self._run_stage(stage, stage.finish, status)
+        with self._lock:
+            self.writer.close(status, message=message, gaps=list(gaps))
+        self.closed = True
+        log.info("session %s closed as %s: %s", self.session_id, status, self.path)
+
+    def _run_stage(self, stage: Stage, hook: Callable[[Any], Iterable[Result]], arg: Any) -> None:
+        try:
+            results = list(hook(arg))
+        except Exception as e:  # a stage bug must not stop recording
+            log.exception("analysis stage %s failed in session %s; stage disabled", stage.name, self.session_id)
+            self.stages.remove(stage)
+            error = Result(stage.name, "stage_error", np.zeros(0), attrs={"error": f"{type(e).__name__}: {e}"})
+            self._emit(error, store=False)
+            return
+        for result in results:
+            self._emit(result)
+
+    def _emit(self, result: Result, *, store: bool = True) -> None:
+        if store:
+            with self._lock:
+                self.writer.write_result(result)
+        if self._publish is not None:
+            try:
+                self._publish(self.session_id, result)
+            except Exception:  # viewers are best-effort
+                log.exception("could not publish result %s/%s", result.stage, result.name)
+
+
+def analyze_messages(
+    messages: Iterable[Message],
+    out_path: str | Path,
+    params: Params,
+    *,
+    publish: Publish | None = None,
+    stage_classes: Mapping[str, type[Stage]] | None = None,
+) -> Path:
+    """Record and analyse one session's messages in-process (no sockets): ``stemlive replay --analyze``.
+
+    Parameters
+    ----------
+    messages
+        The session's wire sequence, starting with ``session_start``.
+    out_path
+        The session file to create (must not exist).
+    params
+        Analysis parameters, see :func:`make_params`.
+
+    Returns
+    -------
+    Path
+        ``out_path``.
+    """
+    out_path = Path(out_path)
+    run: SessionRun | None = None
+    status = "aborted"
+    end_message = ""
+    try:
+        for msg in messages:
+            if msg.type == "session_start":
+                if run is not None:
+                    raise ValueError("a second session_start in one replayed session")
+                run = SessionRun(msg, out_path, params, stage_classes=stage_classes, publish=publish)
+            elif run is None:
+                raise ValueError(f"replayed session does not begin with session_start (got {msg.type})")
+            elif msg.type in DATA_TYPES:
+                run.record(msg)
+                run.analyze(msg)
+            elif msg.type == "session_end":
+                status = str(msg.header.get("status", "complete"))
+                end_message = str(msg.header.get("message", ""))
+                break
+        if run is None:
+            raise ValueError("no session_start in the replayed session")
+        # A recording that never got its session_end (writer crashed) is replayed as aborted.
+        run.finish(status, message=end_message or ("" if status != "aborted" else "source session was not closed"))
+    except BaseException:
+        if run is not None and not run.closed:
+            run.finish("failed", message="replay analysis failed")
+        raise
+    return out_path
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the service
+
+
+@dataclass
+class ServiceStats:
+    """Counters of a running service (for logs, tests and the heartbeat)."""
+
+    sessions: int = 0
+    messages: int = 0
+    rejected: int = 0
+    sessions_done: list[Path] = field(default_factory=list)
+
+
+_END = object()
+
+
+class PipelineService:
+    """``stemlive serve``: receive sessions one after another, record each, analyse, publish results.
+
+    Threads
+    -------
+    receiver thread
+        owns the lossless input socket; validates, records every data message, commits, acknowledges.
+    analysis thread
+        owns the result PUB socket; runs the stages on a bounded queue and writes their results.
+
+    The analysis queue holds at most ``analysis_buffer_bytes`` of payload. When analysis is slower than
+    acquisition the backlog grows up to that bound; past it, the receiver stops reading, the sender's
+    socket fills and its ``send`` blocks (flow control, never loss). Recording itself is never delayed by
+    analysis until the bound is reached.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        params: Params | None = None,
+        *,
+        frame_endpoint: str | None = None,
+        result_endpoint: str | None = None,
+        allow_remote: bool = False,
+        analysis_buffer_bytes: int = 512 * 2**20,
+        stage_classes: Mapping[str, type[Stage]] | None = None,
+        commit_interval_s: float = 0.2,
+        peer_timeout_s: float = 10.0,
+    ) -> None:
+        from . import transport
+
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.params = params if params is not None else make_params()
+        self.stage_classes = stage_classes
+        self.frame_endpoint = frame_endpoint or transport.DEFAULT_FRAME_ENDPOINT
+        self.result_endpoint = result_endpoint or transport.DEFAULT_RESULT_ENDPOINT
+        self.allow_remote = allow_remote
+        self.analysis_buffer_bytes = analysis_buffer_bytes
+        self.commit_interval_s = commit_interval_s
+        self.peer_timeout_s = peer_timeout_s
+        self.stats = ServiceStats()
+        self._stop = threading.Event()
+        self._queue: queue.Queue[tuple[SessionRun, Any]] = queue.Queue()
+        self._queued_bytes = 0
+        self._queue_cv = threading.Condition()
+        self._threads: list[threading.Thread] = []
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._last_seq = -1
+        self.session_closed = threading.Condition()
+
+    # --- lifecycle ---
+    def start(self) -> PipelineService:
+        """Start the receiver and analysis threads; returns when the sockets are bound."""
+        self._threads = [
+            threading.Thread(target=self._guard(self._receive_loop), name="stemlive-receiver", daemon=True),
+            threading.Thread(target=self._guard(self._analysis_loop), name="stemlive-analysis", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        if not self._ready.wait(10.0):
+            raise RuntimeError("pipeline service did not start within 10 s")
+        if self._error is not None:
+            raise RuntimeError(f"pipeline service failed to start: {self._error}") from self._error
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop after the queued analysis work is done; open sessions are closed as aborted."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout_s)
+
+    def __enter__(self) -> PipelineService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def serve_forever(self) -> None:
+        """Run until interrupted (Ctrl-C) or a thread fails."""
+        self.start()
+        try:
+            while all(t.is_alive() for t in self._threads):
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            log.info("interrupted; finishing queued analysis")
+        finally:
+            self.stop()
+        if self._error is not None:
+            raise self._error
+
+    def wait_for_sessions(self, n: int, timeout_s: float = 60.0) -> list[Path]:
+        """Block until ``n`` sessions have been closed (for tests and the demo); returns their files."""
+        deadline = time.monotonic() + timeout_s
+        with self.session_closed:
+            while len(self.stats.sessions_done) < n:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._error is not None:
+                    raise TimeoutError(
+                        f"{len(self.stats.sessions_done)} of {n} sessions closed after {timeout_s} s"
+                        + (f" (service error: {self._error})" if self._error else "")
+                    )
+                self.session_closed.wait(min(left, 0.5))
+            return list(self.stats.sessions_done[:n])
+
+    def _guard(self, fn: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                fn()
+            except BaseException as e:
+                log.exception("pipeline service thread %s failed", threading.current_thread().name)
+                self._error = e
+                self._ready.set()
+                self._stop.set()
+
+        return run
+
+    # --- receiver thread ---
+    def _receive_loop(self) -> None:
+        from . import transport
+
+        receiver = transport.FrameReceiver(self.frame_endpoint, allow_remote=self.allow_remote)
+        checker = StreamChecker()
+        run: SessionRun | None = None
+        last_commit = time.monotonic()
+        last_heard = time.monotonic()
+        self._receiver = receiver
+        self._ready.set()
+        log.info("recording sessions from %s into %s", self.frame_endpoint, self.out_dir)
+        try:
+            while not self._stop.is_set():
+                msg = receiver.recv(timeout_s=0.1)
+                now = time.monotonic()
+                if msg is None:
+                    if run is not None and now - last_commit > self.commit_interval_s:
+                        run.commit()
+                        receiver.acknowledge(run.session_id, self._last_seq)
+                        last_commit = now
+                    if run is not None and now - last_heard > self.peer_timeout_s:
+                        log.warning(
+                            "session %s: no message from the sender for %.0f s; closing it as aborted",
+                            run.session_id,
+                            now - last_heard,
+                        )
+                        checker.abandon(run.session_id)
+                        self._end_session(run, "aborted", "sender went silent", checker)
+                        run = None
+                    continue
+                last_heard = now
+                self.stats.messages += 1
+                try:
+                    checker.check(msg)
+                except ProtocolError as e:
+                    self.stats.rejected += 1
+                    log.warning("rejected %s message (session %r, seq %r): [%s] %s",
+                                msg.header.get("type"), msg.header.get("session"), msg.header.get("seq"),
+                                e.code, e.detail)
+                    continue
+                if msg.type == "heartbeat":
+                    continue
+                if msg.type == "session_start":
+                    run = self._start_session(msg)
+                    self._last_seq = msg.seq
+                    continue
+                if run is None or msg.session != run.session_id:  # checker guarantees this; be defensive
+                    continue
+                self._last_seq = msg.seq
+                if msg.type in DATA_TYPES:
+                    run.record(msg)
+                    self._enqueue(run, msg)
+                    if now - last_commit > self.commit_interval_s:
+                        run.commit()
+                        receiver.acknowledge(run.session_id, msg.seq)
+                        last_commit = now
+                elif msg.type == "session_end":
+                    run.commit()
+                    receiver.acknowledge(run.session_id, msg.seq, final=True)
+                    status = str(msg.header.get("status", "complete"))
+                    expected = msg.header.get("messages")
+                    note = str(msg.header.get("message", ""))
+                    gaps = checker.gaps(run.session_id)
+                    if gaps:
+                        note = (note + "; " if note else "") + f"{len(gaps)} seq gap(s) on the wire: {gaps}"
+                    if isinstance(expected, int) and expected != msg.seq + 1:
+                        note = (note + "; " if note else "") + f"sender sent {expected} messages, last seq {msg.seq}"
+                    self._end_session(run, status, note, checker)
+                    run = None
+        finally:
+            if run is not None:
+                self._end_session(run, "aborted", "service stopped during the session", checker)
+            self._queue.put((None, _END))  # type: ignore[arg-type]
+            receiver.close()
+
+    def _start_session(self, start: Message) -> SessionRun:
+        path = unique_path(self.out_dir, session_file_name(start))
+        run = SessionRun(
+            start,
+            path,
+            self.params,
+            stage_classes=self.stage_classes,
+            publish=self._publish_from_analysis_thread,
+            writer_options={"commit_interval_s": self.commit_interval_s},
+        )
+        self.stats.sessions += 1
+        log.info("session %s (%s) started: recording to %s", run.session_id, run.kind, path)
+        return run
+
+    def _end_session(self, run: SessionRun, status: str, note: str, checker: StreamChecker) -> None:
+        self._queue.put((run, ("end", status, note, checker.gaps(run.session_id))))
+
+    def _enqueue(self, run: SessionRun, msg: Message) -> None:
+        size = msg.payload.nbytes if msg.payload is not None else 0
+        with self._queue_cv:
+            # Back-pressure: wait while the analysis backlog exceeds its bound (the socket then fills up).
+            while self._queued_bytes + size > self.analysis_buffer_bytes and self._queued_bytes > 0:
+                self._queue_cv.wait(0.1)
+            self._queued_bytes += size
+        self._queue.put((run, msg))
+
+    # --- analysis thread ---
+    def _analysis_loop(self) -> None:
+        from . import transport
+
+        self._publisher = transport.ResultPublisher(self.result_endpoint, allow_remote=self.allow_remote)
+        try:
+            while True:
+                run, item = self._queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, tuple) and item[0] == "end":
+                    _, status, note, gaps = item
+                    run.finish(status, message=note, gaps=gaps)
+                    with self.session_closed:
+                        self.stats.sessions_done.append(run.path)
+                        self.session_closed.notify_all()
+                    continue
+                msg: Message = item
+                try:
+                    run.analyze(msg)
+                finally:
+                    size = msg.payload.nbytes if msg.payload is not None else 0
+                    with self._queue_cv:
+                        self._queued_bytes -= size
+                        self._queue_cv.notify_all()
+        finally:
+            self._publisher.close()
+
+    def _publish_from_analysis_thread(self, session_id: str, result: Result) -> None:
+        publish_result(self._publisher, session_id, result)
+
+
+def result_header(session_id: str, result: Result) -> dict[str, Any]:
+    """Header fields of a ``result`` message (the publisher adds proto, type, seq and t)."""
+    header: dict[str, Any] = {"session": session_id, "stage": result.stage, "name": result.name}
+    if result.index is not None:
+        header["index"] = int(result.index)
+    if result.attrs:
+        header["attrs"] = json.loads(json.dumps(result.attrs, default=_json_default))
+    return header
+
+
+def publish_result(publisher: Any, session_id: str, result: Result) -> None:
+    """Publish a result; tables (structured arrays) travel as JSON rows, other arrays as the payload."""
+    header = result_header(session_id, result)
+    value = np.asarray(result.value)
+    if value.dtype.names:
+        header["value"] = [
+            {name: _json_default(row[name]) for name in value.dtype.names} for row in value.reshape(-1)
+        ]
+        publisher.publish(header)
+    else:
+        publisher.publish(header, np.ascontiguousarray(value))
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

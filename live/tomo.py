@@ -1,0 +1,431 @@
+"""Tomography hand-off: tilt-series session -> Berkeley EMD + GENFIRE inputs, and a reference reconstruction.
+
+Geometry, alignment and the SIRT reconstruction are pure functions in :mod:`stemlive.live.analysis.reconstruct`;
+this module does the file I/O. Conventions and file layouts: ``docs/tomography.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from stemlive.live.analysis import reconstruct as rc
+
+__all__ = [
+    "TiltSeries",
+    "TomoInputError",
+    "export",
+    "load_angles",
+    "read_emd_tilt_series",
+    "read_tilt_series",
+    "reconstruct",
+    "save_slices_png",
+    "write_emd",
+    "write_genfire_inputs",
+]
+
+SUMS = "/results/tilt_series/sums"
+ALPHA = "/results/tilt_series/tilt_alpha_deg"
+BETA = "/results/tilt_series/tilt_beta_deg"
+ALPHA_CAL = "/results/tilt_series/tilt_alpha_calibrated_deg"
+BETA_CAL = "/results/tilt_series/tilt_beta_calibrated_deg"
+EMD_GROUP = "data/tilt_series"
+EMD_RECON_GROUP = "data/reconstruction"
+ALIGN_METHODS = ("cross_correlation", "com", "none")
+
+
+class TomoInputError(ValueError):
+    """The input cannot be exported or reconstructed (not a tilt series, no per-tilt sums, bad angles)."""
+
+
+@dataclass(frozen=True)
+class TiltSeries:
+    """Per-tilt summed images and their angles.
+
+    Attributes
+    ----------
+    sums : ndarray
+        ``(n, ny, nx)`` float32.
+    alpha_deg, beta_deg : ndarray
+        ``(n,)`` stage angles used for the geometry (nominal, calibrated or from ``--angles``).
+    pixel_size_nm : float
+    session_id : str
+    angle_source : str
+        ``"nominal"``, ``"calibrated"`` or the path of the angles file.
+    """
+
+    sums: np.ndarray
+    alpha_deg: np.ndarray
+    beta_deg: np.ndarray
+    pixel_size_nm: float
+    session_id: str
+    angle_source: str
+
+    @property
+    def rotations(self) -> np.ndarray:
+        """``(n, 3, 3)`` sample-to-lab matrices."""
+        return rc.stage_rotation(self.alpha_deg, self.beta_deg)
+
+    @property
+    def genfire_euler_deg(self) -> np.ndarray:
+        """``(n, 3)`` GENFIRE ``(phi, theta, psi)`` for a ``(ny, nx, n)`` projection stack."""
+        return np.atleast_2d(rc.stage_to_genfire_euler(self.alpha_deg, self.beta_deg))
+
+
+def _attr_str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def load_angles(path: str | Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read actual ``(alpha, beta)`` per tilt from a file.
+
+    Accepted: a simulator ground truth ``<session>.truth.json`` (``records.tilt[*].actual_alpha_deg`` /
+    ``actual_beta_deg``, ordered by ``index``); a JSON object with ``alpha_deg`` and ``beta_deg`` lists; or a
+    text file with two columns ``alpha beta`` (degrees, ``#`` comments).
+
+    Raises
+    ------
+    TomoInputError
+        Unknown layout or a number of tilts different from ``n``.
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".json":
+        data = json.loads(p.read_text(encoding="utf-8"))
+        if isinstance(data, Mapping) and "records" in data and data["records"].get("tilt"):
+            tilts = sorted(data["records"]["tilt"], key=lambda t: t.get("index", 0))
+            alpha = np.array([t["actual_alpha_deg"] for t in tilts], float)
+            beta = np.array([t["actual_beta_deg"] for t in tilts], float)
+        elif isinstance(data, Mapping) and "alpha_deg" in data and "beta_deg" in data:
+            alpha, beta = np.asarray(data["alpha_deg"], float), np.asarray(data["beta_deg"], float)
+        else:
+            raise TomoInputError(f"{p}: no tilt angles (expected records.tilt[] or alpha_deg/beta_deg)")
+    else:
+        arr = np.atleast_2d(np.loadtxt(p, dtype=float, comments="#"))
+        if arr.shape[1] != 2:
+            raise TomoInputError(f"{p}: expected two columns 'alpha beta', got {arr.shape[1]}")
+        alpha, beta = arr[:, 0], arr[:, 1]
+    if alpha.shape != (n,) or beta.shape != (n,):
+        raise TomoInputError(f"{p}: {alpha.size} tilt angles for {n} tilts")
+    return alpha, beta
+
+
+def read_tilt_series(session_path: str | Path, *, angles: str | Path | None = None) -> TiltSeries:
+    """Read per-tilt sums and angles from a session file (v1, plain h5py).
+
+    Angle priority: ``angles`` file > ``/results/tilt_series/tilt_*_calibrated_deg`` > nominal.
+
+    Raises
+    ------
+    TomoInputError
+        Not a tilt-series session, or no ``/results/tilt_series/sums``.
+    """
+    path = Path(session_path)
+    with h5py.File(path, "r") as f:
+        kind = _attr_str(f.attrs.get("kind", ""))
+        if kind != "tilt_series":
+            raise TomoInputError(f"{path}: session kind is {kind!r}, not 'tilt_series'")
+        if SUMS not in f:
+            raise TomoInputError(
+                f"{path}: no {SUMS} (status {_attr_str(f.attrs.get('status', '?'))!s}); "
+                "run the tilt-series analysis first (stemlive replay --analyze)"
+            )
+        sums = np.asarray(f[SUMS][()], dtype=np.float32)
+        if sums.ndim != 3 or sums.shape[0] == 0:
+            raise TomoInputError(f"{path}: {SUMS} must be (n_tilts, ny, nx), got {sums.shape}")
+        n = sums.shape[0]
+        if ALPHA_CAL in f and BETA_CAL in f:
+            alpha, beta, source = f[ALPHA_CAL][()], f[BETA_CAL][()], "calibrated"
+        elif ALPHA in f and BETA in f:
+            alpha, beta, source = f[ALPHA][()], f[BETA][()], "nominal"
+        else:
+            raise TomoInputError(f"{path}: no {ALPHA} / {BETA}")
+        frames = f.get("tilt_series/frames")
+        pixel = frames.attrs.get("pixel_size_nm") if frames is not None else None
+        pixel = float(pixel) if pixel is not None else float(f[SUMS].attrs.get("pixel_size_nm", 1.0))
+        session_id = _attr_str(f.attrs.get("session_id", path.stem))
+    if angles is not None:
+        alpha, beta = load_angles(angles, n)
+        source = str(angles)
+    alpha, beta = np.asarray(alpha, float).reshape(-1), np.asarray(beta, float).reshape(-1)
+    if alpha.shape != (n,) or beta.shape != (n,):
+        raise TomoInputError(f"{path}: {alpha.size} angles for {n} tilts")
+    return TiltSeries(sums, alpha, beta, pixel, session_id, source)
+
+
+def write_emd(
+    path: str | Path, series: TiltSeries, aligned: np.ndarray, shifts: np.ndarray, *, align: str = "none"
+) -> Path:
+    """Write a Berkeley EMD v0.2 file readable by ncempy and Tomviz.
+
+    Group ``/data/tilt_series`` (``emd_group_type = 1``): ``data`` ``(n, ny, nx)`` float32, ``dim1`` the
+    angle per projection as Tomviz writes it (name ``angles``, units ``[deg]``; the stage alpha, i.e. the holder
+    tilt), ``dim2``/``dim3`` y/x in nm (``[n_m]``, centred on the rotation centre); extra
+    datasets ``alpha_deg``, ``beta_deg``, ``euler_zyz_deg`` (GENFIRE angles, ``(n, 3)``), ``rotation_matrices``
+    ``(n, 3, 3)`` and ``shifts_px`` ``(n, 2)`` (alignment ``(dy, dx)`` applied).
+    """
+    path = Path(path)
+    n, ny, nx = aligned.shape
+    euler = series.genfire_euler_deg
+    with h5py.File(path, "w") as f:
+        f.attrs["version_major"] = 0
+        f.attrs["version_minor"] = 2
+        grp = f.create_group(EMD_GROUP)
+        grp.attrs["emd_group_type"] = 1
+        grp.attrs["session_id"] = series.session_id
+        grp.attrs["angle_source"] = series.angle_source
+        grp.attrs["alignment"] = align
+        grp.attrs["convention"] = (
+            "r_lab = R r_sample, R = R_[0,-1,0](alpha) R_[-1,0,0](beta); euler_zyz_deg: GENFIRE (phi, theta, psi), "
+            "Rz(phi) Ry(theta) Rz(psi) = S R^T S, S swaps x/y, for projections stacked (ny, nx, n)"
+        )
+        grp.create_dataset("data", data=aligned.astype(np.float32), chunks=(1, ny, nx))
+        dims = [
+            (series.alpha_deg.astype(np.float64), "angles", "[deg]"),
+            ((np.arange(ny) - ny // 2) * series.pixel_size_nm, "y", "[n_m]"),
+            ((np.arange(nx) - nx // 2) * series.pixel_size_nm, "x", "[n_m]"),
+        ]
+        for i, (vec, name, units) in enumerate(dims, start=1):
+            d = grp.create_dataset(f"dim{i}", data=vec)
+            d.attrs["name"] = name
+            d.attrs["units"] = units
+        grp.create_dataset("alpha_deg", data=series.alpha_deg)
+        grp.create_dataset("beta_deg", data=series.beta_deg)
+        grp.create_dataset("euler_zyz_deg", data=euler)
+        grp.create_dataset("rotation_matrices", data=series.rotations)
+        grp.create_dataset("shifts_px", data=np.asarray(shifts, float))
+        f.create_group("microscope").attrs["pixel_size_nm"] = series.pixel_size_nm
+        f.create_group("comments").attrs["stemlive"] = f"exported from session {series.session_id}"
+    return path
+
+
+def write_genfire_inputs(out_dir: str | Path, stem: str, aligned: np.ndarray, euler_deg: np.ndarray) -> dict[str, Path]:
+    """Write GENFIRE inputs: ``<stem>_projections.npy`` ``(N, N, n)`` float32 and ``<stem>_euler.txt`` ``(n, 3)``.
+
+    GENFIRE-Python's Fourier gridding assumes square projections (``N x N``, volume ``N^3``), so images are
+    cropped centrally to ``N = min(ny, nx)`` (the rotation centre ``n // 2`` stays at ``N // 2``). Axis 0 of the
+    stack is image y, axis 1 image x; the angles are :func:`~stemlive.live.analysis.reconstruct.stage_to_genfire_euler`.
+    """
+    out = Path(out_dir)
+    n, ny, nx = aligned.shape
+    size = min(ny, nx)
+    y0, x0 = ny // 2 - size // 2, nx // 2 - size // 2
+    stack = np.ascontiguousarray(np.moveaxis(aligned[:, y0 : y0 + size, x0 : x0 + size], 0, -1), dtype=np.float32)
+    proj_path = out / f"{stem}_projections.npy"
+    ang_path = out / f"{stem}_euler.txt"
+    np.save(proj_path, stack)
+    np.savetxt(
+        ang_path,
+        np.asarray(euler_deg, float).reshape(n, 3),
+        fmt="%.6f",
+        header="GENFIRE Euler angles phi theta psi (deg), ZYZ: Rz(phi) Ry(theta) Rz(psi); one row per projection",
+    )
+    return {"genfire_projections": proj_path, "genfire_angles": ang_path}
+
+
+def export(
+    session_path: str | Path,
+    out_dir: str | Path,
+    *,
+    align: str = "cross_correlation",
+    angles: str | Path | None = None,
+) -> dict[str, Path]:
+    """Export a tilt-series session for tomography.
+
+    Parameters
+    ----------
+    session_path : path
+        Session file v1 with ``/results/tilt_series/sums`` and per-tilt angles.
+    out_dir : path
+        Created if missing.
+    align : {"cross_correlation", "com", "none"}
+        Cross-tilt alignment: ``cross_correlation`` (each tilt to its angularly nearest already-aligned tilt,
+        common offset centred by centre of mass), ``com`` (centre of mass to the image centre) or none.
+    angles : path, optional
+        Actual angles (ground-truth JSON or two-column text) overriding the file's angles.
+
+    Returns
+    -------
+    dict
+        ``{"emd": ..., "genfire_projections": ..., "genfire_angles": ...}`` paths.
+    """
+    if align not in ALIGN_METHODS:
+        raise ValueError(f"align must be one of {ALIGN_METHODS}, got {align!r}")
+    series = read_tilt_series(session_path, angles=angles)
+    directions = rc.projection_direction(series.alpha_deg, series.beta_deg)
+    aligned, shifts = rc.align_tilt_series(series.sums, align, directions)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(session_path).stem
+    paths = {"emd": write_emd(out / f"{stem}_tilt_series.emd", series, aligned, shifts, align=align)}
+    paths.update(write_genfire_inputs(out, stem, aligned, series.genfire_euler_deg))
+    return paths
+
+
+def read_emd_tilt_series(path: str | Path) -> tuple[np.ndarray, np.ndarray, float]:
+    """Read an exported EMD: ``(projections (n, ny, nx), rotations (n, 3, 3), pixel_size_nm)``."""
+    with h5py.File(path, "r") as f:
+        if EMD_GROUP not in f:
+            raise TomoInputError(f"{path}: no /{EMD_GROUP} group (not written by stemlive tomo export)")
+        g = f[EMD_GROUP]
+        data = np.asarray(g["data"][()], np.float32)
+        if "rotation_matrices" in g:
+            rots = g["rotation_matrices"][()]
+        else:
+            rots = rc.stage_rotation(g["alpha_deg"][()], g["beta_deg"][()])
+        y = g["dim2"][()]
+        pixel = float(y[1] - y[0]) if y.size > 1 else 1.0
+    return data, np.asarray(rots, float), pixel
+
+
+def _is_session(path: Path) -> bool:
+    with h5py.File(path, "r") as f:
+        return _attr_str(f.attrs.get("format", "")) == "stemlive-session" or "kind" in f.attrs
+
+
+def reconstruct(
+    source: str | Path,
+    out_dir: str | Path,
+    *,
+    n_iter: int = 50,
+    thickness_px: int | None = None,
+    align: str = "cross_correlation",
+    angles: str | Path | None = None,
+    window: int | None = None,
+    step: int | None = None,
+    client: Any = None,
+    png: bool = True,
+    progress: Callable[[int, int, float], Any] | None = None,
+) -> dict[str, Path]:
+    """Reference SIRT reconstruction of an exported EMD or directly of a session file.
+
+    Parameters
+    ----------
+    source : path
+        ``*_tilt_series.emd`` from :func:`export` (already aligned), or a session file (aligned here with
+        ``align``, angles overridden by ``angles``).
+    out_dir : path
+        Output folder; writes ``<stem>_reconstruction.emd`` (group ``/data/reconstruction``, ``(z, y, x)`` in nm)
+        and, with ``png``, ``<stem>_slices.png``.
+    n_iter : int
+        SIRT iterations.
+    thickness_px : int, optional
+        Volume depth along z in pixels; default ``min(ny, nx)``.
+    window, step : int, optional
+        Scanning-window reconstruction (e.g. 60 and 30 as in the reference); whole field of view if ``window``
+        is None.
+    client : dask.distributed.Client, optional
+        Runs the windows on a cluster.
+    progress : callable, optional
+        ``progress(i, n, residual)``.
+
+    Returns
+    -------
+    dict
+        ``{"volume": ..., "png": ...}`` paths.
+    """
+    src = Path(source)
+    if _is_session(src):
+        series = read_tilt_series(src, angles=angles)
+        dirs = rc.projection_direction(series.alpha_deg, series.beta_deg)
+        projections, _ = rc.align_tilt_series(series.sums, align, dirs)
+        rots, pixel = series.rotations, series.pixel_size_nm
+    else:
+        projections, rots, pixel = read_emd_tilt_series(src)
+    n, ny, nx = projections.shape
+    nz = int(thickness_px or min(ny, nx))
+    if window:
+        volume = rc.reconstruct_windowed(
+            projections,
+            rots,
+            window=window,
+            step=step or window // 2,
+            nz=nz,
+            client=client,
+            n_iter=n_iter,
+            progress=progress,
+        )
+    else:
+        volume = rc.reconstruct_sirt(projections, rots, n_iter=n_iter, shape_zyx=(nz, ny, nx), progress=progress)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = src.stem.removesuffix("_tilt_series")
+    vol_path = out / f"{stem}_reconstruction.emd"
+    with h5py.File(vol_path, "w") as f:
+        f.attrs["version_major"] = 0
+        f.attrs["version_minor"] = 2
+        g = f.create_group(EMD_RECON_GROUP)
+        g.attrs["emd_group_type"] = 1
+        g.attrs["algorithm"] = f"SIRT, {n_iter} iterations" + (f", windows {window}/{step}" if window else "")
+        g.create_dataset("data", data=volume)
+        for i, (size, name) in enumerate(zip(volume.shape, "zyx", strict=True), start=1):
+            d = g.create_dataset(f"dim{i}", data=(np.arange(size) - size // 2) * pixel)
+            d.attrs["name"] = name
+            d.attrs["units"] = "[n_m]"
+    paths = {"volume": vol_path}
+    if png:
+        paths["png"] = save_slices_png(volume, out / f"{stem}_slices.png", voxel_size_nm=pixel)
+    return paths
+
+
+def save_slices_png(
+    volume: np.ndarray,
+    path: str | Path,
+    *,
+    z_index: int | None = None,
+    voxel_size_nm: float | None = None,
+    title: str | None = None,
+    marks_yx: np.ndarray | None = None,
+) -> Path:
+    """Save an x-y slice (default: the z slice of highest total intensity, e.g. the metal plane) and the x-z
+    and y-z central sections to a PNG (matplotlib, Agg).
+
+    Parameters
+    ----------
+    volume : ndarray
+        ``(nz, ny, nx)``.
+    z_index : int, optional
+        x-y slice to show.
+    voxel_size_nm : float, optional
+        Axis labels in nm instead of voxels.
+    marks_yx : ndarray, optional
+        ``(m, 2)`` voxel positions to outline on the x-y slice (e.g. true atom sites).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    vol = np.asarray(volume, float)
+    nz, ny, nx = vol.shape
+    if z_index is None:
+        z_index = int(np.argmax(vol.sum(axis=(1, 2))))
+    s = voxel_size_nm or 1.0
+    unit = "nm" if voxel_size_nm else "voxel"
+    fig = Figure(figsize=(11, 4), dpi=120)
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1, 1]})
+    panels = [
+        (vol[z_index], f"x-y slice z={z_index}", (-nx // 2 * s, (nx - nx // 2) * s, (ny - ny // 2) * s, -ny // 2 * s)),
+        (vol[:, ny // 2, :], "x-z section", (-nx // 2 * s, (nx - nx // 2) * s, (nz - nz // 2) * s, -nz // 2 * s)),
+        (vol[:, :, nx // 2], "y-z section", (-ny // 2 * s, (ny - ny // 2) * s, (nz - nz // 2) * s, -nz // 2 * s)),
+    ]
+    for ax, (img, label, extent) in zip(axes, panels, strict=True):
+        ax.imshow(img, cmap="inferno", extent=extent, interpolation="nearest")
+        ax.set_title(label)
+        ax.set_xlabel(unit)
+    if marks_yx is not None and len(marks_yx):
+        m = np.asarray(marks_yx, float)
+        axes[0].scatter(
+            (m[:, 1] - nx // 2) * s, (m[:, 0] - ny // 2) * s, s=30, facecolors="none", edgecolors="cyan", linewidths=0.6
+        )
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path

@@ -1,0 +1,171 @@
+"""What both acquisition procedures share: run control (pause/resume/abort), progress, plan checks, results.
+
+Kept free of Qt and of Swift's document model so the same procedures run in the Swift panels, in the
+headless test harness and in ``stemlive demo``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+ELEMENTARY_CHARGE_C = 1.602176634e-19
+
+
+class PlanError(ValueError):
+    """An acquisition plan that cannot run; the message says what to change."""
+
+
+class AcquisitionAborted(Exception):
+    """Raised inside a procedure when the user aborts."""
+
+
+@dataclass
+class PlanCheck:
+    """What a plan will cost, and why it cannot run (if it cannot)."""
+
+    duration_s: float
+    dose_e_per_A2: float
+    bytes_on_disk: int
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def raise_if_refused(self) -> None:
+        """Raise :class:`PlanError` listing every problem."""
+        if self.problems:
+            raise PlanError("acquisition plan refused:\n  - " + "\n  - ".join(self.problems))
+
+    def summary(self) -> str:
+        text = (f"about {format_duration(self.duration_s)}, dose {self.dose_e_per_A2:.3g} e/A^2, "
+                f"{self.bytes_on_disk / 2**20:.0f} MiB on disk")
+        return "; ".join([text, *self.notes])
+
+
+def format_duration(seconds: float) -> str:
+    """``"1 h 02 min"``, ``"3 min 20 s"`` or ``"12 s"``."""
+    seconds = max(0.0, float(seconds))
+    if seconds >= 3600:
+        return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+    if seconds >= 60:
+        return f"{int(seconds // 60)} min {int(seconds % 60):02d} s"
+    return f"{seconds:.0f} s"
+
+
+def check_disk_space(directory: str | Path | None, needed_bytes: int, check: PlanCheck, margin: float = 1.2) -> None:
+    """Add a problem to ``check`` if ``directory`` has less than ``margin`` x ``needed_bytes`` free."""
+    if directory is None:
+        check.notes.append("disk space not checked (the service records on another computer)")
+        return
+    path = Path(directory)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes * margin:
+        check.problems.append(
+            f"not enough disk space in {directory}: the session needs about {needed_bytes / 2**30:.2f} GiB "
+            f"(+{(margin - 1) * 100:.0f}% margin), {free / 2**30:.2f} GiB free"
+        )
+
+
+def dose_per_scan_e_per_A2(beam_current_pA: float, dwell_us: float, pixel_size_nm: float) -> float:
+    """Electron dose of one scan: electrons per pixel over the pixel area."""
+    electrons_per_pixel = beam_current_pA * 1e-12 / ELEMENTARY_CHARGE_C * dwell_us * 1e-6
+    return electrons_per_pixel / (pixel_size_nm * 10.0) ** 2
+
+
+@dataclass
+class Progress:
+    """Where an acquisition stands; sent to the panel and the console."""
+
+    phase: str
+    step: int = 0            # tilt or probe position, 1-based
+    steps: int = 0
+    frame: int = 0           # frame within the step, 1-based
+    frames: int = 0
+    elapsed_s: float = 0.0
+    remaining_s: float = 0.0
+    dose_e_per_A2: float = 0.0
+    message: str = ""
+
+    @property
+    def fraction(self) -> float:
+        if not self.steps or not self.frames:
+            return 0.0
+        return ((self.step - 1) * self.frames + self.frame) / (self.steps * self.frames)
+
+    def describe(self, step_name: str = "tilt") -> str:
+        return (f"{self.phase}: {step_name} {self.step}/{self.steps}, frame {self.frame}/{self.frames}, "
+                f"{format_duration(self.remaining_s)} left, dose {self.dose_e_per_A2:.3g} e/A^2"
+                + (f" ({self.message})" if self.message else ""))
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+class RunControl:
+    """Pause, resume and abort requests from the UI thread to an acquisition thread."""
+
+    def __init__(self) -> None:
+        self._running = threading.Event()
+        self._running.set()
+        self._aborted = threading.Event()
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    def abort(self) -> None:
+        self._aborted.set()
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted.is_set()
+
+    def checkpoint(self) -> float:
+        """Block while paused; raise :class:`AcquisitionAborted` on abort. Returns the seconds spent paused."""
+        t0 = time.monotonic()
+        while not self._running.wait(0.05):
+            pass
+        if self._aborted.is_set():
+            raise AcquisitionAborted()
+        return time.monotonic() - t0
+
+
+class ProgressClock:
+    """Elapsed and remaining time from the fraction done, excluding time spent paused."""
+
+    def __init__(self, planned_s: float) -> None:
+        self.planned_s = planned_s
+        self.t0 = time.monotonic()
+        self.paused_s = 0.0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0 - self.paused_s
+
+    def remaining(self, fraction_done: float) -> float:
+        elapsed = self.elapsed()
+        if fraction_done <= 0.02:
+            return self.planned_s - elapsed
+        return elapsed * (1.0 - fraction_done) / fraction_done
+
+
+ResultCallback = Callable[[dict[str, Any], Any], None]

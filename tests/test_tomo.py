@@ -1,0 +1,357 @@
+"""Tomography hand-off: geometry conventions, EMD/GENFIRE export, alignment and the reference reconstruction."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from stemlive.live import tomo
+from stemlive.live.analysis import reconstruct as rc
+
+REFERENCE = Path("/work/shared/reference/tilt_series_mos2_wse2.json")
+_REF_ROWS = [  # (alpha, beta, Z, Y, X) from reference/tilt_series_mos2_wse2.json, table S1
+    (0.0, 0.0, 0.3, 1.1, -2.0), (-14.3, -22.9, 0.2, -14.5, 15.9), (-14.3, 17.1, 0.4, -8.3, 8.4),
+    (20.1, 17.1, 0.3, -0.7, 0.1), (20.1, -20.1, -0.3, 12.5, -12.2), (12.6, -12.6, -0.6, 19.5, -18.4),
+    (12.6, 12.6, -1.0, 24.2, -24.8), (-12.6, 12.6, 0.0, 26.5, 7.8), (-12.6, -12.6, 0.2, 24.5, 20.7),
+    (-6.3, -6.3, 0.3, 19.8, 0.7), (-6.3, 6.3, 0.1, 19.9, 11.8), (6.3, 6.3, 0.4, 13.8, 3.6),
+]  # fmt: skip
+
+
+def reference_table() -> np.ndarray:
+    """(12, 5) nominal alpha, beta and calibrated Z, Y, X; from the shared file when present."""
+    if REFERENCE.exists():
+        rows = json.loads(REFERENCE.read_text())["tilts"]["rows"]
+        return np.array(rows, float)[:, 1:]
+    return np.array(_REF_ROWS, float)
+
+
+def genfire_matrix(phi: float, theta: float, psi: float) -> np.ndarray:
+    """The matrix GENFIRE-Python builds from (phi, theta, psi) (degrees) before transposing it (copied formula)."""
+    p, t, s = np.radians([phi, theta, psi])
+    c, n = np.cos, np.sin
+    return np.array([
+        [c(s) * c(t) * c(p) - n(s) * n(p), c(s) * c(t) * n(p) + n(s) * c(p), -c(s) * n(t)],
+        [-n(s) * c(t) * c(p) - c(s) * n(p), -n(s) * c(t) * n(p) + c(s) * c(p), n(s) * n(t)],
+        [n(t) * c(p), n(t) * n(p), c(t)],
+    ])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------ geometry
+def test_stage_axes_follow_reference():
+    # alpha about [0 -1 0]: +90 deg takes the sample x axis to +z; beta about [-1 0 0]: +90 takes y to -z
+    np.testing.assert_allclose(rc.stage_rotation(90.0, 0.0) @ [1, 0, 0], [0, 0, 1], atol=1e-12)
+    np.testing.assert_allclose(rc.stage_rotation(0.0, 90.0) @ [0, 1, 0], [0, 0, -1], atol=1e-12)
+    # beta is the inner axis: it is carried by alpha
+    np.testing.assert_allclose(
+        rc.stage_rotation(30.0, 20.0), rc.axis_angle_matrix([0, -1, 0], 30) @ rc.axis_angle_matrix([-1, 0, 0], 20)
+    )
+    np.testing.assert_allclose(rc.stage_rotation(0.0, 0.0), np.eye(3), atol=1e-15)
+
+
+def test_euler_zyz_reproduces_stage_rotation():
+    rng = np.random.default_rng(1)
+    alpha, beta = rng.uniform(-70, 70, 200), rng.uniform(-70, 70, 200)
+    r = rc.stage_rotation(alpha, beta)
+    e = rc.stage_to_euler_zyz(alpha, beta)
+    np.testing.assert_allclose(rc.euler_zyz_to_matrix(e), r, atol=1e-12)
+    assert np.all((e[:, 1] >= 0) & (e[:, 1] <= 180))
+    # theta is the total tilt = angle between the beam and the sample normal
+    d = rc.projection_direction(alpha, beta)
+    np.testing.assert_allclose(np.degrees(np.arccos(d[:, 2])), e[:, 1], atol=1e-9)
+    np.testing.assert_allclose(np.einsum("nij,nj->ni", r, d), np.tile([0, 0, 1.0], (200, 1)), atol=1e-12)
+    # degenerate theta = 0 and 180
+    for m in (rc.rot_z(33.0), rc.rot_z(20.0) @ rc.rot_y(180.0)):
+        np.testing.assert_allclose(rc.euler_zyz_to_matrix(rc.matrix_to_euler_zyz(m)), m, atol=1e-12)
+
+
+def test_genfire_euler_maps_atoms_like_the_stage():
+    """Projected atom positions with GENFIRE's own matrix equal the stage projection in (ny, nx, n) stacks."""
+    t = reference_table()
+    euler = rc.stage_to_genfire_euler(t[:, 0], t[:, 1])
+    atoms = np.random.default_rng(2).uniform(-10, 10, (50, 3))  # (x, y, z) sample frame
+    for (a, b), e in zip(t[:, :2], euler, strict=True):
+        lab = atoms @ rc.stage_rotation(a, b).T  # (x, y, z) lab
+        r_g = genfire_matrix(*e).T  # GENFIRE: object = R_G @ detector, R_G = M.T
+        det = atoms[:, [1, 0, 2]] @ r_g  # rows: R_G.T @ (y, x, z) = detector (axis0, axis1, depth)
+        np.testing.assert_allclose(det[:, 0], lab[:, 1], atol=1e-9)  # stack axis 0 = image y
+        np.testing.assert_allclose(det[:, 1], lab[:, 0], atol=1e-9)  # stack axis 1 = image x
+    np.testing.assert_allclose(rc.genfire_euler_to_rotation(euler), rc.stage_rotation(t[:, 0], t[:, 1]), atol=1e-12)
+
+
+def test_matches_simulator_stage_convention():
+    stage = pytest.importorskip("stemlive.simulators.stage")
+    for a, b in reference_table()[:, :2]:
+        np.testing.assert_allclose(rc.stage_rotation(a, b), stage.rotation_matrix(a, b), atol=1e-12)
+        # the simulator's reference-style ZYX angles describe the same rotation: Z = 0, Y = -alpha, X = -beta
+        z, y, x = stage.to_euler_zyx_deg(rc.stage_rotation(a, b))
+        assert (z, y, x) == pytest.approx((0.0, -a, -b), abs=1e-9)
+
+
+def test_reference_table_angular_coverage():
+    """Nominal angles (our convention) and the calibrated Z, Y, X angles span the same set of directions.
+
+    Row by row they do not agree (stage hysteresis, refined frame: pairwise-angle correlation only ~0.24), but the
+    mean angle between beam directions of all pairs of tilts matches within 1.5 deg (25.2 vs 24.3 deg).
+    """
+    t = reference_table()
+    d_nom = rc.projection_direction(t[:, 0], t[:, 1])
+    z, y, x = np.radians(t[:, 2:]).T
+    r_cal = rc.rot_z(np.degrees(z)) @ rc.rot_y(np.degrees(y)) @ rc.axis_angle_matrix([1, 0, 0], np.degrees(x))
+    d_cal = np.swapaxes(r_cal, 1, 2)[:, :, 2]
+    iu = np.triu_indices(len(t), 1)
+    pair = lambda d: np.degrees(np.arccos(np.clip(d @ d.T, -1, 1)))[iu]  # noqa: E731
+    assert pair(d_nom).mean() == pytest.approx(pair(d_cal).mean(), abs=1.5)
+    # total tilt: cos(theta) = cos(alpha) cos(beta); the largest is row 5 (20.1, -20.1): 28.1 deg
+    theta = rc.stage_to_euler_zyz(t[:, 0], t[:, 1])[:, 1]
+    np.testing.assert_allclose(np.cos(np.radians(theta)), np.cos(np.radians(t[:, 0])) * np.cos(np.radians(t[:, 1])))
+    assert theta.max() == pytest.approx(28.13, abs=0.01)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def blob_projection(pos_vox: np.ndarray, amp: np.ndarray, rot: np.ndarray, shape_yx: tuple[int, int], sigma: float):
+    """Analytic projection of 3-D Gaussians (independent of the SIRT projector): centres at (R p)_xy."""
+    ny, nx = shape_yx
+    lab = pos_vox @ rot.T
+    yy, xx = np.arange(ny) - ny // 2, np.arange(nx) - nx // 2
+    gy = np.exp(-((yy[None, :] - lab[:, 1:2]) ** 2) / (2 * sigma**2))  # (m, ny)
+    gx = np.exp(-((xx[None, :] - lab[:, 0:1]) ** 2) / (2 * sigma**2))  # (m, nx)
+    return np.einsum("m,my,mx->yx", amp * np.sqrt(2 * np.pi) * sigma, gy, gx).astype(np.float32)
+
+
+def render_volume(pos_vox: np.ndarray, amp: np.ndarray, shape: tuple[int, int, int], sigma: float) -> np.ndarray:
+    """Gaussian blobs sampled at voxel centres, ``(z, y, x)``, origin at ``n // 2``."""
+    axes = [np.arange(n) - n // 2 for n in shape]
+    g = [np.exp(-((ax[None, :] - pos_vox[:, k : k + 1]) ** 2) / (2 * sigma**2)) for ax, k in zip(axes, (2, 1, 0))]
+    return np.einsum("m,mz,my,mx->zyx", amp, *g).astype(np.float32)
+
+
+def write_session(path: Path, sums: np.ndarray | None, alpha, beta, *, kind: str = "tilt_series") -> Path:
+    """Minimal session file v1 with the names the tomography export reads."""
+    with h5py.File(path, "w") as f:
+        f.attrs.update(format="stemlive-session", format_version=1, session_id="tomo-test", kind=kind,
+                       status="complete", created="2024-01-01T00:00:00Z")  # fmt: skip
+        frames = f.create_dataset("tilt_series/frames", data=np.zeros((1, 4, 4), np.float32))
+        frames.attrs["pixel_size_nm"] = 0.032
+        frames.attrs["dwell_us"] = 4.0
+        if sums is not None:
+            f["results/tilt_series/sums"] = sums
+        f["results/tilt_series/tilt_alpha_deg"] = np.asarray(alpha, float)
+        f["results/tilt_series/tilt_beta_deg"] = np.asarray(beta, float)
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A compact cluster of blobs projected at the 12 reference tilts: (projections, rotations, alpha, beta)."""
+    t = reference_table()
+    rng = np.random.default_rng(3)
+    pos = rng.normal(0, 5.0, (40, 3)) * [1, 1, 0.4]
+    rots = rc.stage_rotation(t[:, 0], t[:, 1])
+    proj = np.stack([blob_projection(pos, np.ones(40), r, (64, 64), 1.2) for r in rots])
+    return proj, rots, t[:, 0], t[:, 1]
+
+
+@pytest.fixture(scope="module")
+def heterojunction():
+    """Simulated MoS2|WSe2 flake: atoms (voxel units), true volume and noisy analytic projections at 12 tilts."""
+    vox_A, sigma_A, shape = 0.5, 0.5, (32, 64, 64)
+    try:
+        from stemlive.simulators.sample import Heterojunction
+
+        atoms = Heterojunction(extent_x_nm=2.2, extent_y_nm=2.2, seed=0).atoms()
+        pos_A, species = np.asarray(atoms.positions_A), np.asarray(atoms.species)
+        z_num = np.asarray(atoms.Z, float)
+    except ImportError:  # fallback lattice: flat 1H MoS2 | WSe2, interface at x = 0
+        rows = []
+        for a, metal, chal, h, zm, zc, side in ((3.165, "Mo", "S", 1.56, 42, 16, -1), (3.34, "W", "Se", 1.67, 74, 34, 1)):
+            ij = np.mgrid[-5:6, -5:6].reshape(2, -1).T @ np.array([[a, 0], [a / 2, a * np.sqrt(3) / 2]])
+            for off, sp, zz, zn in (((0, 0), metal, (0.0,), zm), ((a / 2, a / (2 * np.sqrt(3))), chal, (-h, h), zc)):
+                p = ij + off
+                keep = (np.abs(p) < 11).all(1) & (np.sign(p[:, 0] + 1e-9) == side)
+                rows += [(x, y, z, sp, zn) for x, y in p[keep] for z in zz]
+        pos_A = np.array([r[:3] for r in rows])
+        species, z_num = np.array([r[3] for r in rows]), np.array([r[4] for r in rows], float)
+    amp = z_num**1.7 / 74**1.7
+    pos = pos_A / vox_A
+    sigma = sigma_A / vox_A
+    truth = render_volume(pos, amp, shape, sigma)
+    t = reference_table()
+    rots = rc.stage_rotation(t[:, 0], t[:, 1])  # nominal angles of the reference table
+    clean = np.stack([blob_projection(pos, amp, r, shape[1:], sigma) for r in rots])
+    noisy = clean + np.random.default_rng(0).normal(0, 0.02 * clean.max(), clean.shape).astype(np.float32)
+    return {"pos": pos, "species": species, "truth": truth, "proj": noisy, "rots": rots, "shape": shape}
+
+
+# ------------------------------------------------------------------------------------------------ export
+def test_export_emd_and_genfire(tmp_path, cluster):
+    ncempy_emd = pytest.importorskip("ncempy.io.emd")
+    import ncempy.io
+
+    proj, rots, alpha, beta = cluster
+    session = write_session(tmp_path / "s1.h5", proj, alpha, beta)
+    paths = tomo.export(session, tmp_path / "out", align="com")
+    assert set(paths) == {"emd", "genfire_projections", "genfire_angles"}
+
+    with ncempy_emd.fileEMD(paths["emd"]) as emd:
+        assert emd.version == (0, 2)
+        data, dims = emd.get_emdgroup(emd.list_emds[0])
+        assert data.shape == (12, 64, 64)
+        assert [d[1] for d in dims] == ["angles", "y", "x"]
+        assert [d[2] for d in dims] == ["[deg]", "[n_m]", "[n_m]"]
+        np.testing.assert_allclose(dims[0][0], alpha)
+        assert dims[1][0][1] - dims[1][0][0] == pytest.approx(0.032)
+    d = ncempy.io.read(paths["emd"])
+    assert d["data"].shape == (12, 64, 64)
+    with h5py.File(paths["emd"], "r") as f:
+        g = f["data/tilt_series"]
+        assert f.attrs["version_major"] == 0 and f.attrs["version_minor"] == 2 and g.attrs["emd_group_type"] == 1
+        np.testing.assert_allclose(g["beta_deg"][()], beta)
+        assert g["euler_zyz_deg"].shape == (12, 3)
+        np.testing.assert_allclose(g["euler_zyz_deg"][()], rc.stage_to_genfire_euler(alpha, beta))
+
+    stack = np.load(paths["genfire_projections"])
+    euler = np.loadtxt(paths["genfire_angles"])
+    assert stack.shape == (64, 64, 12) and stack.dtype == np.float32
+    assert euler.shape == (12, 3)
+    np.testing.assert_allclose(stack[:, :, 4], d["data"][4])
+    np.testing.assert_allclose(euler, rc.stage_to_genfire_euler(alpha, beta), atol=1e-5)
+
+
+def test_export_crops_genfire_stack_to_square(tmp_path, cluster):
+    proj, _, alpha, beta = cluster
+    session = write_session(tmp_path / "rect.h5", proj[:, 8:56, :], alpha, beta)
+    paths = tomo.export(session, tmp_path, align="none")
+    assert np.load(paths["genfire_projections"]).shape == (48, 48, 12)
+
+
+def test_angles_override_from_truth_json(tmp_path, cluster):
+    proj, _, alpha, beta = cluster
+    session = write_session(tmp_path / "s2.h5", proj, alpha, beta)
+    actual = alpha + 0.7
+    truth = {"format": "stemlive-truth", "format_version": 1, "meta": {},
+             "records": {"tilt": [{"index": i, "nominal_alpha_deg": a, "nominal_beta_deg": b, "actual_alpha_deg": aa,
+                                   "actual_beta_deg": b - 0.4} for i, (a, b, aa) in enumerate(zip(alpha, beta, actual))][::-1]}}  # fmt: skip
+    (tmp_path / "s2.truth.json").write_text(json.dumps(truth))
+    series = tomo.read_tilt_series(session, angles=tmp_path / "s2.truth.json")
+    np.testing.assert_allclose(series.alpha_deg, actual)
+    np.testing.assert_allclose(series.beta_deg, beta - 0.4)
+    np.savetxt(tmp_path / "angles.txt", np.c_[alpha, beta + 1])
+    assert tomo.read_tilt_series(session, angles=tmp_path / "angles.txt").beta_deg == pytest.approx(beta + 1)
+    with pytest.raises(tomo.TomoInputError, match="11 tilt angles for 12"):
+        np.savetxt(tmp_path / "short.txt", np.c_[alpha, beta][:11])
+        tomo.read_tilt_series(session, angles=tmp_path / "short.txt")
+
+
+def test_clear_errors(tmp_path, cluster):
+    proj, _, alpha, beta = cluster
+    with pytest.raises(tomo.TomoInputError, match="no /results/tilt_series/sums"):
+        tomo.export(write_session(tmp_path / "nosums.h5", None, alpha, beta), tmp_path)
+    with pytest.raises(tomo.TomoInputError, match="'eels_line_scan', not 'tilt_series'"):
+        tomo.export(write_session(tmp_path / "eels.h5", proj, alpha, beta, kind="eels_line_scan"), tmp_path)
+    with pytest.raises(ValueError, match="align must be one of"):
+        tomo.export(write_session(tmp_path / "ok.h5", proj, alpha, beta), tmp_path, align="bogus")
+
+
+# ------------------------------------------------------------------------------------------------ alignment
+@pytest.mark.parametrize("method", ["com", "cross_correlation"])
+def test_alignment_recovers_known_shifts(cluster, method):
+    proj, rots, _, _ = cluster
+    rng = np.random.default_rng(4)
+    true = rng.uniform(-4, 4, (len(proj), 2))
+    shifted = np.stack([ndimage.shift(p, s, order=3, mode="constant") for p, s in zip(proj, true, strict=True)])
+    directions = np.swapaxes(rots, 1, 2)[:, :, 2]
+    aligned, shifts = rc.align_tilt_series(shifted, method, directions)
+    # shifts applied must undo the known ones (com: absolutely; cross-correlation: up to a common offset < 0.5 px)
+    err = shifts + true
+    if method == "cross_correlation":
+        assert np.abs(err - err.mean(axis=0)).max() < 0.3
+        assert np.abs(err.mean(axis=0)).max() < 0.5
+    else:
+        assert np.abs(err).max() < 0.2
+    assert rc.pearson(aligned, proj) > 0.99
+
+
+def test_cross_correlation_shift_subpixel():
+    img = ndimage.gaussian_filter(np.random.default_rng(5).random((64, 64)), 2)
+    moved = ndimage.shift(img, (2.3, -5.6), order=3, mode="wrap")
+    assert rc.cross_correlation_shift(img, moved) == pytest.approx([-2.3, 5.6], abs=0.15)
+
+
+# ------------------------------------------------------------------------------------------------ reconstruction
+def test_projector_matches_analytic_projection(heterojunction):
+    h = heterojunction
+    p = rc.project(h["truth"], h["rots"][4])
+    assert rc.pearson(p, h["proj"][4]) > 0.98
+
+
+def test_must_show_heterojunction_reconstruction(tmp_path, heterojunction):
+    """12 double-tilt projections at the reference's nominal angles -> SIRT volume vs the true volume.
+
+    Measured (2-core machine): Pearson r = 0.77 at 40 iterations (0.73 at 20), ~12 s; metal sites ~6x background.
+    """
+    h = heterojunction
+    t0 = time.perf_counter()
+    log = []
+    vol = rc.reconstruct_sirt(
+        h["proj"], h["rots"], n_iter=40, shape_zyx=h["shape"], progress=lambda i, n, e: log.append(e)
+    )
+    elapsed = time.perf_counter() - t0
+    r = rc.pearson(vol, h["truth"])
+    print(f"SIRT 12 x 64^2 -> {h['shape']}: {elapsed:.1f} s, Pearson r = {r:.3f}, residual {log[-1]:.3f}")
+    assert len(log) == 40 and log[-1] < log[0]
+    assert r > 0.7
+
+    # slice through the metal plane: atomic columns at the true metal sites
+    nz, ny, nx = h["shape"]
+    pos = h["pos"]
+    metal = np.isin(h["species"], ["Mo", "W"])
+    z_metal = int(round(np.median(pos[metal, 2]))) + nz // 2
+    sl = vol[z_metal]
+    site_y, site_x = pos[:, 1] + ny // 2, pos[:, 0] + nx // 2
+    at_metal = ndimage.map_coordinates(sl, [site_y[metal], site_x[metal]], order=1)
+    yy, xx = np.mgrid[:ny, :nx]
+    dist = np.min(np.hypot(yy[..., None] - site_y, xx[..., None] - site_x), axis=-1)
+    inside = (yy > site_y.min()) & (yy < site_y.max()) & (xx > site_x.min()) & (xx < site_x.max())
+    background = sl[inside & (dist > 2.4)].mean()  # > 1.2 A from every atom column
+    ratio = at_metal.mean() / background
+    print(f"metal-site / background in slice z={z_metal}: {ratio:.1f}")
+    assert ratio > 3.0
+    assert np.mean(at_metal > 2 * background) > 0.9
+
+    png = tomo.save_slices_png(
+        vol, tmp_path / "heterojunction_slices.png", z_index=z_metal, voxel_size_nm=0.05,
+        title=f"SIRT, 12 tilts, r = {r:.2f}", marks_yx=np.c_[site_y[metal], site_x[metal]],
+    )  # fmt: skip
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_windowed_matches_full_reconstruction(cluster):
+    proj, rots, _, _ = cluster
+    full = rc.reconstruct_sirt(proj[:, 8:56, 8:56], rots, n_iter=10, shape_zyx=(24, 48, 48))
+    win = rc.reconstruct_windowed(proj[:, 8:56, 8:56], rots, window=32, step=16, nz=24, n_iter=10)
+    assert win.shape == full.shape
+    assert rc.pearson(win, full) > 0.9
+    assert rc.window_origins(100, 60, 30) == [0, 30, 40]
+
+
+def test_reconstruct_from_export_writes_volume(tmp_path, cluster):
+    proj, _, alpha, beta = cluster
+    session = write_session(tmp_path / "s3.h5", proj[:, 16:48, 16:48], alpha, beta)
+    emd = tomo.export(session, tmp_path, align="none")["emd"]
+    paths = tomo.reconstruct(emd, tmp_path / "rec", n_iter=3, thickness_px=16)
+    assert paths["volume"].name == "s3_reconstruction.emd" and paths["png"].exists()
+    import ncempy.io
+
+    vol = ncempy.io.read(paths["volume"])
+    assert vol["data"].shape == (16, 32, 32)
+    assert vol["pixelUnit"] == ["[n_m]"] * 3
+    # directly from the session gives the same volume (no alignment)
+    again = tomo.reconstruct(session, tmp_path / "rec2", n_iter=3, thickness_px=16, align="none", png=False)
+    with h5py.File(again["volume"], "r") as f:
+        np.testing.assert_allclose(f["data/reconstruction/data"][()], vol["data"], rtol=1e-5, atol=1e-6)
