@@ -71,7 +71,7 @@ def _send_raw(case: Case, endpoint: str) -> None:
     sock.connect(endpoint)
     payloads = _payloads(case)
     for i in range(case.messages):
-        sock.send(payloads[i % 4], copy=False)
+        sock.send(payloads[i % 4].data, copy=False)
     sock.close(linger=-1)
     ctx.term()
 

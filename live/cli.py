@@ -6,6 +6,7 @@ Each subcommand imports what it needs when it runs, so ``stemlive info`` starts 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -119,13 +120,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", type=Path, nargs="+")
     p.set_defaults(func=cmd_info)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    for name in SUBCOMMAND_MODULES:
+        module = importlib.import_module(f"{__package__}.{name}")
+        module.add_subcommand(sub)
     return parser
 
 
-# Later modules (tomo, demo, swift, view) add their subcommands here.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []  # type: ignore[type-arg]
+# Modules that add their own subcommand with ``add_subcommand(subparsers)``; each is cheap to import (heavy
+# imports such as Qt happen inside the handler).
+SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo",)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

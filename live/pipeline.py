@@ -52,6 +52,7 @@ class Result:
     value: np.ndarray
     index: int | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+    store: bool = True  # False: publish only (live previews that the file does not need)
 
 
 class Stage:
@@ -207,7 +208,7 @@ class SessionRun:
             self._emit(result)
 
     def _emit(self, result: Result, *, store: bool = True) -> None:
-        if store:
+        if store and result.store:
             with self._lock:
                 self.writer.write_result(result)
         if self._publish is not None:

@@ -175,8 +175,9 @@ def _h5_value(value: np.ndarray) -> np.ndarray:
 
 
 def _check_name(text: str, what: str) -> str:
-    if not text or "/" in text or text in {".", ".."}:
-        raise ValueError(f"invalid result {what} {text!r}: must be a non-empty name without '/'")
+    """A result stage or name: ``/``-separated non-empty segments, none of them ``.`` or ``..``."""
+    if not isinstance(text, str) or any(part in {"", ".", ".."} for part in text.split("/")):
+        raise ValueError(f"invalid result {what} {text!r}: needs non-empty '/'-separated names, no '.' or '..'")
     return text
 
 
@@ -191,7 +192,8 @@ class _Columns:
         self.group = group
         self.columns = dict(columns)
         self.fills = {name: _fill(dtype) for name, dtype in columns.items()}
-        self.pending: dict[str, list[Any]] = {name: [] for name in columns}
+        self._fill_items = tuple(self.fills.items())
+        self.pending: list[tuple[Any, ...]] = []  # one tuple per row, in column order
         self.datasets = {
             name: group.create_dataset(
                 name, shape=(0,), dtype=dtype, maxshape=(None,), chunks=(chunk_rows,), fillvalue=self.fills[name]
@@ -204,17 +206,16 @@ class _Columns:
 
     @property
     def n_pending(self) -> int:
-        return len(self.pending["t"])
+        return len(self.pending)
 
     def add(self, values: Mapping[str, Any]) -> None:
         """Buffer one row (missing fields get the fill value)."""
-        for name, fill in self.fills.items():
-            self.pending[name].append(values.get(name, fill))
+        get = values.get
+        self.pending.append(tuple([get(name, fill) for name, fill in self._fill_items]))
 
     def add_many(self, values: Mapping[str, Sequence[Any]]) -> None:
         """Buffer several rows given as equally long sequences."""
-        for name in self.columns:
-            self.pending[name].extend(values[name])
+        self.pending.extend(zip(*(values[name] for name in self.columns), strict=True))
 
     def write(self) -> None:
         """Append the buffered rows to the datasets (``t`` last)."""
@@ -222,11 +223,11 @@ class _Columns:
         if not k:
             return
         start, stop = self.n_written, self.n_written + k
-        for name, dtype in self.columns.items():
+        for (name, dtype), values in zip(self.columns.items(), zip(*self.pending, strict=True), strict=True):
             ds = self.datasets[name]
             ds.resize((stop,))
-            ds[start:stop] = np.asarray(self.pending[name], dtype=dtype)
-            self.pending[name].clear()
+            ds[start:stop] = np.asarray(values, dtype=dtype)
+        self.pending.clear()
         self.n_written = stop
 
     def mark_committed(self) -> None:
@@ -752,8 +753,16 @@ class SessionReader:
     """Read a session file, trimmed to its complete rows. Use as a context manager (or call :meth:`close`).
 
     Opens the file with plain ``h5py.File(path, "r")``. A file whose ``status`` is still ``"recording"``
-    (its writer was killed, or is still running in another process that opened it with ``locking=False``)
-    is read up to its last committed row.
+    (its writer was killed, or is still running) is read up to its last committed row. To look at a file
+    that a live writer in another process holds open, pass ``locking=False`` (HDF5 file locking otherwise
+    refuses the second open); such a view is a snapshot of the last commit before opening.
+
+    Parameters
+    ----------
+    path
+        The session file.
+    locking
+        Passed to :class:`h5py.File` when given.
 
     Raises
     ------
@@ -761,9 +770,9 @@ class SessionReader:
         If the file is not a stemlive session file or is of a newer format version.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, locking: bool | None = None) -> None:
         self.path = Path(path)
-        self._f = h5py.File(self.path, "r")
+        self._f = h5py.File(self.path, "r") if locking is None else h5py.File(self.path, "r", locking=locking)
         try:
             self.format_version = check_format(self._f)
         except BaseException:
@@ -888,18 +897,26 @@ class SessionReader:
         group = self._f.get("results")
         if group is None:
             return {}
-        return {
-            stage: {name: ds.shape for name, ds in sub.items() if isinstance(ds, h5py.Dataset)}
-            for stage, sub in group.items()
-            if isinstance(sub, h5py.Group)
-        }
+        names: dict[str, dict[str, tuple[int, ...]]] = {}
+
+        def visit(path: str, obj: Any) -> None:
+            if isinstance(obj, h5py.Dataset) and "/" in path:
+                stage, name = path.split("/", 1)
+                names.setdefault(stage, {})[name] = obj.shape
+
+        group.visititems(visit)
+        return names
 
     def results(self, stage: str) -> dict[str, np.ndarray]:
         """All result datasets of ``stage`` (``/results/<stage>/*``) read into arrays; ``{}`` if none."""
         group = self._f.get(f"results/{stage}")
         if group is None:
             return {}
-        return {name: _read_dataset(ds) for name, ds in group.items() if isinstance(ds, h5py.Dataset)}
+        out: dict[str, np.ndarray] = {}
+        group.visititems(
+            lambda name, obj: out.update({name: _read_dataset(obj)}) if isinstance(obj, h5py.Dataset) else None
+        )
+        return out
 
     def result_attrs(self, stage: str, name: str) -> dict[str, Any]:
         """Attributes of ``/results/<stage>/<name>`` (non-scalar values are JSON strings as stored)."""

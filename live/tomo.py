@@ -429,3 +429,68 @@ def save_slices_png(
     path = Path(path)
     fig.savefig(path)
     return path
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def add_subcommand(subparsers: Any) -> None:
+    """Register ``stemlive tomo export|reconstruct``."""
+    p = subparsers.add_parser("tomo", help="tomography hand-off: export a tilt series, reference reconstruction")
+    sub = p.add_subparsers(dest="tomo_command", metavar="ACTION", required=True)
+    e = sub.add_parser("export", help="write the aligned per-tilt sums as Berkeley EMD and GENFIRE inputs")
+    e.add_argument("session", type=Path, help="tilt-series session file (.h5) with /results/tilt_series/sums")
+    e.add_argument("-o", "--out", type=Path, help="output folder (default: next to the session)")
+    e.add_argument("--align", choices=("cross_correlation", "com", "none"), default="cross_correlation")
+    e.add_argument("--angles", type=Path, help="calibrated angles: simulator truth JSON or two-column text")
+    e.set_defaults(func=_cmd_export)
+    r = sub.add_parser("reconstruct", help="reference SIRT reconstruction for double-tilt geometry (CPU)")
+    r.add_argument("source", type=Path, help="exported .emd file or a tilt-series session file")
+    r.add_argument("-o", "--out", type=Path, help="output folder (default: next to the source)")
+    r.add_argument("--iterations", type=int, default=50)
+    r.add_argument("--thickness", type=int, help="support along the beam in voxels (default: auto)")
+    r.add_argument("--align", choices=("cross_correlation", "com", "none"), default="cross_correlation")
+    r.add_argument("--angles", type=Path)
+    r.add_argument("--window", type=int, help="scanning-window size in voxels (default: whole field)")
+    r.add_argument("--step", type=int, help="scanning-window step in voxels")
+    r.add_argument("--scheduler", help="Dask scheduler address for windowed reconstruction (default: local)")
+    r.add_argument("--no-png", action="store_true", help="do not save slice images")
+    r.set_defaults(func=_cmd_reconstruct)
+
+
+def _default_out(path: Path, out: Path | None) -> Path:
+    return out if out is not None else path.parent / f"{path.stem}_tomo"
+
+
+def _cmd_export(args: Any) -> int:
+    try:
+        paths = export(args.session, _default_out(args.session, args.out), align=args.align, angles=args.angles)
+    except TomoInputError as e:
+        raise SystemExit(f"stemlive tomo export: {e}") from None
+    for what, path in paths.items():
+        print(f"{what}: {path}")
+    return 0
+
+
+def _cmd_reconstruct(args: Any) -> int:
+    client = None
+    if args.scheduler:
+        from dask.distributed import Client
+
+        client = Client(args.scheduler)
+
+    def progress(i: int, n: int, err: float) -> None:
+        print(f"\r  iteration {i}/{n}, residual {err:.3g}", end="" if i < n else "\n", flush=True)
+
+    try:
+        paths = reconstruct(
+            args.source, _default_out(args.source, args.out), n_iter=args.iterations, thickness_px=args.thickness,
+            align=args.align, angles=args.angles, window=args.window, step=args.step, client=client,
+            png=not args.no_png, progress=progress,
+        )
+    except TomoInputError as e:
+        raise SystemExit(f"stemlive tomo reconstruct: {e}") from None
+    finally:
+        if client is not None:
+            client.close()
+    for what, path in paths.items():
+        print(f"{what}: {path}")
+    return 0

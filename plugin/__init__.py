@@ -36,6 +36,17 @@ def register_simulated_instrument() -> typing.Any:
     return configuration
 
 
+def register_panels() -> None:
+    """Register the "Tilt Series" and "Vibrational EELS" panels (failures are logged, Swift keeps running)."""
+    try:
+        from . import panels
+
+        panels.register_panels()
+    except Exception:
+        _LOG.exception("stemlive: could not register the panels")
+
+
 def run() -> None:
     """Entry point called by Nion Swift's plug-in manager."""
     register_simulated_instrument()
+    register_panels()

@@ -168,8 +168,8 @@ class TiltSeriesProcedure:
         ``nion.instrumentation.stem_controller.STEMController`` (real or simulated).
     scan_source
         The scan hardware source (``scan_base.ScanHardwareSource``).
-    stream
-        A :class:`stemlive.live.transport.SessionStream` of kind ``tilt_series`` (not yet started).
+    sender
+        A :class:`stemlive.live.transport.FrameSender` connected to the pipeline service.
     control
         Pause/resume/abort from the UI.
     on_progress
@@ -184,20 +184,33 @@ class TiltSeriesProcedure:
         *,
         stem_controller: Any,
         scan_source: Any,
-        stream: Any,
+        sender: Any,
         control: RunControl | None = None,
         on_progress: ProgressCallback | None = None,
         channel: int = 0,
+        session_id: str | None = None,
     ) -> None:
+        from stemlive.live.transport import SessionStream
+
         self.plan = plan
         self.stem_controller = stem_controller
         self.scan_source = scan_source
-        self.stream = stream
+        self.stream = SessionStream(sender, "tilt_series", self._settings(), session_id)
         self.control = control or RunControl()
         self.on_progress = on_progress
         self.channel = channel
         self.status = "not started"
         self.tracking_shifts_px: list[tuple[float, float]] = []
+
+    def _settings(self) -> dict[str, Any]:
+        settings = self.plan.settings()
+        settings["instrument"] = str(getattr(self.stem_controller, "instrument_id", type(self.stem_controller).__name__))
+        settings["scan_device"] = str(getattr(self.scan_source, "hardware_source_id", ""))
+        return settings
+
+    @property
+    def session_id(self) -> str:
+        return str(self.stream.session_id)
 
     # --- stage ---
     def _read_tilt_deg(self) -> tuple[float, float]:

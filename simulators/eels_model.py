@@ -64,8 +64,13 @@ DEFAULT_EELS: dict[str, dict[str, Any]] = {
         "system": "mos2_wse2",
         "interface_x_nm": 32.8,
         "interface_width_nm": 13.0,
-        "temperatures": {"T_left_K": 300.0, "T_right_K": 300.0, "gradient_left_K_per_nm": 0.0,
-                         "gradient_right_K_per_nm": 0.0, "drop_width_nm": 2.0},
+        "temperatures": {
+            "T_left_K": 300.0,
+            "T_right_K": 300.0,
+            "gradient_left_K_per_nm": 0.0,
+            "gradient_right_K_per_nm": 0.0,
+            "drop_width_nm": 2.0,
+        },
         "beam_current_pA": 100.0,
         "phonon_fraction": 2e-3,
         "zlp": {"fwhm_meV": [[3.0, 5.7], [300.0, 8.3]], "m": 1.5},
@@ -83,8 +88,13 @@ DEFAULT_EELS: dict[str, dict[str, Any]] = {
         "system": "aln_sic",
         "interface_x_nm": 0.0,
         "interface_width_nm": 2.5,
-        "temperatures": {"T_left_K": 650.0, "T_right_K": 635.0, "gradient_left_K_per_nm": -0.18,
-                         "gradient_right_K_per_nm": -0.18, "drop_width_nm": 2.0},
+        "temperatures": {
+            "T_left_K": 650.0,
+            "T_right_K": 635.0,
+            "gradient_left_K_per_nm": -0.18,
+            "gradient_right_K_per_nm": -0.18,
+            "drop_width_nm": 2.0,
+        },
         "beam_current_pA": 30.0,
         "phonon_fraction": 5e-3,
         "zlp": {"fwhm_meV": [[100.0, 10.0], [1600.0, 12.0]], "m": 1.5},
@@ -274,8 +284,7 @@ class VibrationalEELSSimulator:
 
     oversample = 4
 
-    def __init__(self, scenario: Any = "aln_sic", *, seed: int | None = 0,
-                 poisson_exact_below: float = 30.0) -> None:
+    def __init__(self, scenario: Any = "aln_sic", *, seed: int | None = 0, poisson_exact_below: float = 30.0) -> None:
         self.config = eels_config(scenario)
         self.model = InterfaceModel.from_config(self.config)
         self.peaks = PHONON_PEAKS[self.model.system]
@@ -293,7 +302,8 @@ class VibrationalEELSSimulator:
         d = self.config["energy_drift"]
         t = np.asarray(t_s, float)
         slow = d.get("rate_meV_per_s", 0.0) * t + d.get("amplitude_meV", 0.0) * np.sin(
-            2 * np.pi * t / max(d.get("period_s", 60.0), 1e-9))
+            2 * np.pi * t / max(d.get("period_s", 60.0), 1e-9)
+        )
         jitter = d.get("jitter_meV", 0.0)
         if jitter and rng is not None:
             slow = slow + jitter * rng.standard_normal(t.shape)
@@ -303,8 +313,9 @@ class VibrationalEELSSimulator:
         """Electrons per exposure at the scenario's beam current."""
         return self.config["beam_current_pA"] * 1e-12 * exposure_ms * 1e-3 / ELECTRON_CHARGE_C
 
-    def _grid(self, n_channels: int, dispersion_meV: float, energy_offset_meV: NDArray[np.float64],
-              shift: NDArray[np.float64]) -> tuple[float, float, int]:
+    def _grid(
+        self, n_channels: int, dispersion_meV: float, energy_offset_meV: NDArray[np.float64], shift: NDArray[np.float64]
+    ) -> tuple[float, float, int]:
         h = dispersion_meV / self.oversample
         lo = float(np.min(energy_offset_meV - shift)) - 20 * dispersion_meV
         hi = float(np.max(energy_offset_meV - shift)) + (n_channels + 20) * dispersion_meV
@@ -313,8 +324,14 @@ class VibrationalEELSSimulator:
         i1 = math.ceil(hi / h / 1024) * 1024
         return h, i0 * h, i1 - i0
 
-    def _templates(self, keys: NDArray[np.float64], fwhm: float, h: float, e0: float, n: int,
-                   ) -> NDArray[np.float64]:
+    def _templates(
+        self,
+        keys: NDArray[np.float64],
+        fwhm: float,
+        h: float,
+        e0: float,
+        n: int,
+    ) -> NDArray[np.float64]:
         """Noise-free spectral densities (per meV, unit electron) on the fine grid for (x, T) rows."""
         e = e0 + h * np.arange(n)
         cfg = self.config
@@ -330,7 +347,7 @@ class VibrationalEELSSimulator:
             box = np.zeros(nfft)
             q = self.oversample
             box[: q // 2 + 1] = 1.0
-            box[-(q // 2):] = 1.0
+            box[-(q // 2) :] = 1.0
             box[q // 2] = box[-(q // 2)] = 0.5
             box /= box.sum()
             self._cache[ck] = np.fft.rfft(r) * np.fft.rfft(box)
@@ -338,9 +355,9 @@ class VibrationalEELSSimulator:
         rf = self._cache[ck]
         nfft = int(self._cache[("Rn",) + ck][0])
         x_u, t_u = keys[:, 0], keys[:, 1]
-        wts = self.model.region_weights(x_u)                                   # (U, 3)
+        wts = self.model.region_weights(x_u)  # (U, 3)
         dens = np.stack([_phonon_density(np.abs(e), pk) for pk in self.peaks])  # (3, n)
-        mix = wts @ dens                                                         # (U, n)
+        mix = wts @ dens  # (U, n)
         ea = np.abs(e)
         nb = bose(np.where(ea > 0, ea, 1.0)[None, :], t_u[:, None])
         occ = np.where(e[None, :] > 0, nb + 1.0, np.where(e[None, :] < 0, nb, 0.0))
@@ -349,49 +366,84 @@ class VibrationalEELSSimulator:
         i_zero = int(round(-e0 / h))
         src[:, i_zero] += (1.0 - f_ph) / h
         spec = np.fft.irfft(np.fft.rfft(src, nfft, axis=-1) * rf, nfft, axis=-1)[:, :n]
-        return spec
+        return np.maximum(spec, 0.0)  # FFT round-off can leave tiny negative values far out
 
     # ----------------------------------------------------------------------------------------- public
-    def expected_spectrum(self, *, x_nm: ArrayLike, y_nm: ArrayLike = 0.0, exposure_ms: float | None = None,
-                          n_channels: int | None = None, dispersion_meV: float | None = None,
-                          energy_offset_meV: ArrayLike | None = None, energy_shift_meV: ArrayLike = 0.0,
-                          temperature_K: ArrayLike | None = None) -> NDArray[np.float64]:
+    def expected_spectrum(
+        self,
+        *,
+        x_nm: ArrayLike,
+        y_nm: ArrayLike = 0.0,
+        exposure_ms: float | None = None,
+        n_channels: int | None = None,
+        dispersion_meV: float | None = None,
+        energy_offset_meV: ArrayLike | None = None,
+        energy_shift_meV: ArrayLike = 0.0,
+        temperature_K: ArrayLike | None = None,
+    ) -> NDArray[np.float64]:
         """Noise-free expected counts (k, n_channels) for ZLP positions ``energy_shift_meV``."""
         exp_ms, nc, disp, off, x, t_true, shift = self._prepare(
-            x_nm, y_nm, exposure_ms, n_channels, dispersion_meV, energy_offset_meV, 0.0, temperature_K)
+            x_nm, y_nm, exposure_ms, n_channels, dispersion_meV, energy_offset_meV, 0.0, temperature_K
+        )
         shift = np.broadcast_to(np.asarray(energy_shift_meV, float), x.shape)
         return self._expected(exp_ms, nc, disp, off, x, t_true, shift)
 
-    def _prepare(self, x_nm: ArrayLike, y_nm: ArrayLike, exposure_ms: float | None, n_channels: int | None,
-                 dispersion_meV: float | None, energy_offset_meV: ArrayLike | None, t_s: ArrayLike,
-                 temperature_K: ArrayLike | None) -> tuple[Any, ...]:
+    def _prepare(
+        self,
+        x_nm: ArrayLike,
+        y_nm: ArrayLike,
+        exposure_ms: float | None,
+        n_channels: int | None,
+        dispersion_meV: float | None,
+        energy_offset_meV: ArrayLike | None,
+        t_s: ArrayLike,
+        temperature_K: ArrayLike | None,
+    ) -> tuple[Any, ...]:
         cfg = self.config
         exp_ms = float(cfg["exposure_ms"] if exposure_ms is None else exposure_ms)
         nc = int(cfg["n_channels"] if n_channels is None else n_channels)
         disp = float(cfg["dispersion_meV"] if dispersion_meV is None else dispersion_meV)
         off0 = cfg["energy_offset_meV"] if energy_offset_meV is None else energy_offset_meV
-        x, _, t, off = np.broadcast_arrays(np.atleast_1d(np.asarray(x_nm, float)), np.asarray(y_nm, float),
-                                           np.asarray(t_s, float), np.asarray(off0, float))
-        temp = self.model.temperature(x) if temperature_K is None else np.broadcast_to(
-            np.asarray(temperature_K, float), x.shape)
+        x, _, t, off = np.broadcast_arrays(
+            np.atleast_1d(np.asarray(x_nm, float)),
+            np.asarray(y_nm, float),
+            np.asarray(t_s, float),
+            np.asarray(off0, float),
+        )
+        temp = (
+            self.model.temperature(x)
+            if temperature_K is None
+            else np.broadcast_to(np.asarray(temperature_K, float), x.shape)
+        )
         return exp_ms, nc, disp, off.astype(float), x.astype(float), np.asarray(temp, float), t
 
-    def _expected(self, exp_ms: float, nc: int, disp: float, off: NDArray[np.float64], x: NDArray[np.float64],
-                  temp: NDArray[np.float64], shift: NDArray[np.float64]) -> NDArray[np.float64]:
+    def _expected(
+        self,
+        exp_ms: float,
+        nc: int,
+        disp: float,
+        off: NDArray[np.float64],
+        x: NDArray[np.float64],
+        temp: NDArray[np.float64],
+        shift: NDArray[np.float64],
+    ) -> NDArray[np.float64]:
         fwhm = self.zlp_fwhm(exp_ms)
         h, e0, n = self._grid(nc, disp, off, shift)
         keys = np.stack([np.round(x, 4), np.round(temp, 4)], axis=-1)
         uniq, inv = np.unique(keys, axis=0, return_inverse=True)
         tmpl = (self._templates(uniq, fwhm, h, e0, n) * (self.electrons(exp_ms) * disp)).astype(np.float32)
         q = self.oversample
-        pos = (off - shift - e0) / h                                             # fine index of channel 0
+        pos = (off - shift - e0) / h  # fine index of channel 0
         base = np.floor(pos).astype(np.intp)
         frac = (pos - base).astype(np.float32)[:, None]
         # strided view (U, start, channel) -> one row gather per frame instead of an element gather
         n_start = n - q * (nc - 1) - 1
         view = np.lib.stride_tricks.as_strided(
-            tmpl, shape=(tmpl.shape[0], n_start, nc),
-            strides=(tmpl.strides[0], tmpl.strides[1], q * tmpl.strides[1]), writeable=False)
+            tmpl,
+            shape=(tmpl.shape[0], n_start, nc),
+            strides=(tmpl.strides[0], tmpl.strides[1], q * tmpl.strides[1]),
+            writeable=False,
+        )
         rows = inv.reshape(-1)
         a = view[rows, base]
         b = view[rows, base + 1]
@@ -400,11 +452,20 @@ class VibrationalEELSSimulator:
         a += b
         return a
 
-    def spectra(self, *, x_nm: ArrayLike, y_nm: ArrayLike = 0.0, exposure_ms: float | None = None,
-                n_channels: int | None = None, dispersion_meV: float | None = None,
-                energy_offset_meV: ArrayLike | None = None, t_s: ArrayLike = 0.0,
-                temperature_K: ArrayLike | None = None, rng: np.random.Generator | None = None,
-                return_expected: bool = False) -> tuple[NDArray[np.float32], dict[str, NDArray[Any]]]:
+    def spectra(
+        self,
+        *,
+        x_nm: ArrayLike,
+        y_nm: ArrayLike = 0.0,
+        exposure_ms: float | None = None,
+        n_channels: int | None = None,
+        dispersion_meV: float | None = None,
+        energy_offset_meV: ArrayLike | None = None,
+        t_s: ArrayLike = 0.0,
+        temperature_K: ArrayLike | None = None,
+        rng: np.random.Generator | None = None,
+        return_expected: bool = False,
+    ) -> tuple[NDArray[np.float32], dict[str, NDArray[Any]]]:
         """Noisy spectra for k probe positions / frames (inputs broadcast to shape (k,)).
 
         Parameters
@@ -430,7 +491,8 @@ class VibrationalEELSSimulator:
         """
         rng = self.rng if rng is None else rng
         exp_ms, nc, disp, off, x, temp, t = self._prepare(
-            x_nm, y_nm, exposure_ms, n_channels, dispersion_meV, energy_offset_meV, t_s, temperature_K)
+            x_nm, y_nm, exposure_ms, n_channels, dispersion_meV, energy_offset_meV, t_s, temperature_K
+        )
         shp = x.shape
         x, temp, off, t = x.reshape(-1), temp.reshape(-1), off.reshape(-1), t.reshape(-1)
         shift = self.energy_shift(t, rng)

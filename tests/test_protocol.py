@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ SPECTRUM = {"point_index": 5, "frame_index": 7, "x_nm": 8.0, "y_nm": 0.0, "energ
             "dispersion_meV": 0.5, "exposure_ms": 300}
 
 
-def hdr(mtype: str, seq: int = 1, session: str = "s1", **fields: Any) -> dict[str, Any]:
+def hdr(mtype: str, seq: Any = 1, session: str = "s1", **fields: Any) -> dict[str, Any]:
     """A valid header of ``mtype`` (payload metadata excluded), overridable field by field."""
     base: dict[str, Any] = {"type": mtype, "session": session, "seq": seq, "t": T0}
     defaults: dict[str, dict[str, Any]] = {
@@ -135,8 +136,9 @@ def test_encode_non_contiguous_and_numpy_scalars() -> None:
 def test_batch_spectra() -> None:
     k = 4
     batch = np.arange(k * 16, dtype=np.float32).reshape(k, 16)
-    fields = {"point_index": [0, 1, 2, 3], "frame_index": [0] * k, "x_nm": [0.0, 1.6, 3.2, 4.8], "y_nm": [0.0] * k,
-              "energy_offset_meV": [0.1, 0.2, 0.3, 0.4], "t": [T0 + i for i in range(k)]}
+    fields: dict[str, Any] = {"point_index": [0, 1, 2, 3], "frame_index": [0] * k, "x_nm": [0.0, 1.6, 3.2, 4.8],
+                              "y_nm": [0.0] * k, "energy_offset_meV": [0.1, 0.2, 0.3, 0.4],
+                              "t": [T0 + i for i in range(k)]}
     msg = decode(encode(hdr("spectrum", **fields), batch))
     assert msg.is_batch and msg.batch_size == k and msg.t == T0
     assert msg.header["x_nm"] == fields["x_nm"]
@@ -241,7 +243,7 @@ def test_decode_rejects_with_specific_code(code: str, make: Any) -> None:
 
 def test_batch_fields_must_be_lists_and_valid() -> None:
     batch = np.zeros((2, 8), np.float32)
-    ok = {"point_index": [0, 1], "frame_index": [0, 0], "x_nm": [0, 1], "y_nm": [0, 0],
+    ok: dict[str, Any] = {"point_index": [0, 1], "frame_index": [0, 0], "x_nm": [0, 1], "y_nm": [0, 0],
           "energy_offset_meV": [0, 0], "t": [T0, T0]}
     decode(raw_array(hdr("spectrum", **ok), batch))
     assert code_of(raw_array(hdr("spectrum", **{**ok, "x_nm": 0.0}), batch)) == "bad_field_type"
@@ -255,7 +257,7 @@ def test_error_carries_session_and_seq_when_readable() -> None:
         decode(_frame(tilt_index=-3))
     e = info.value
     assert (e.code, e.session, e.seq) == ("bad_value", "s1", 1)
-    assert isinstance(e, ValueError) and "tilt_index" in e.detail
+    assert isinstance(e, ValueError) and "tilt_index" in e.detail  # type: ignore[attr-defined]
 
 
 def test_encode_validates_too() -> None:
@@ -306,7 +308,11 @@ def _decode_or_protocol_error(parts: list[Any]) -> None:
     encode(msg.header, msg.payload)
 
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("STEMLIVE_FUZZ_EXAMPLES", "200")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @FUZZ
@@ -339,8 +345,9 @@ def test_fuzz_mutated_valid_messages(mtype: str, data: st.DataObject) -> None:
     if action == "bytes":
         i = data.draw(st.integers(0, len(head) - 1))
         head = head[:i] + bytes([data.draw(st.integers(0, 255))]) + head[i + 1 :]
-    tail = parts[1:]
-    if tail and data.draw(st.booleans()):
+    tail: list[bytes] = parts[1:]
+    truncate: bool = data.draw(st.booleans())
+    if tail and truncate:
         tail = [tail[0][: data.draw(st.integers(0, len(tail[0])))]]
     _decode_or_protocol_error([head, *tail])
 

@@ -392,8 +392,14 @@ def test_rejects_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="session"):
         writer.append(Message({**s.messages[3].header, "session": "other"}, s.messages[3].payload))
     with pytest.raises(ValueError, match="result name"):
-        writer.write_result(FakeResult("eels", "a/b", np.zeros(2)))
+        writer.write_result(FakeResult("eels", "a/../b", np.zeros(2)))
+    with pytest.raises(ValueError, match="result stage"):
+        writer.write_result(FakeResult("", "x", np.zeros(2)))
+    writer.write_result(FakeResult("eels", "fits/zlp", np.arange(3.0)))  # nested names are allowed
     writer.close()
+    with SessionReader(writer.path) as r:
+        np.testing.assert_array_equal(r.results("eels")["fits/zlp"], np.arange(3.0))
+        assert r.result_names() == {"eels": {"fits/zlp": (3,)}}
 
 
 # ---------------------------------------------------------------------------------------------- format checks
@@ -431,7 +437,11 @@ def test_reader_trims_uncommitted_and_unfinished_rows(tmp_path: Path) -> None:
     writer.commit()
     for m in frames[4:]:
         writer.append(m)  # frame data on disk, rows not committed
+    writer._frames.write()  # even the metadata rows written and flushed: killed just before committed_rows moved
+    writer._f.flush()
     writer._f.close()  # simulate the writer vanishing: no commit, no close, status stays "recording"
+    with h5py.File(path, "r") as f:
+        assert f["tilt_series/frames"].shape[0] == 6 and f["tilt_series/t"].shape[0] == 6
 
     with SessionReader(path) as r:
         assert r.status == "recording" and not r.closed and r.n_frames == 4

@@ -127,7 +127,10 @@ def blob_projection(pos_vox: np.ndarray, amp: np.ndarray, rot: np.ndarray, shape
 def render_volume(pos_vox: np.ndarray, amp: np.ndarray, shape: tuple[int, int, int], sigma: float) -> np.ndarray:
     """Gaussian blobs sampled at voxel centres, ``(z, y, x)``, origin at ``n // 2``."""
     axes = [np.arange(n) - n // 2 for n in shape]
-    g = [np.exp(-((ax[None, :] - pos_vox[:, k : k + 1]) ** 2) / (2 * sigma**2)) for ax, k in zip(axes, (2, 1, 0))]
+    g = [
+        np.exp(-((ax[None, :] - pos_vox[:, k : k + 1]) ** 2) / (2 * sigma**2))
+        for ax, k in zip(axes, (2, 1, 0), strict=True)
+    ]
     return np.einsum("m,mz,my,mx->zyx", amp, *g).astype(np.float32)
 
 
@@ -152,6 +155,7 @@ def cluster():
     t = reference_table()
     rng = np.random.default_rng(3)
     pos = rng.normal(0, 5.0, (40, 3)) * [1, 1, 0.4]
+    pos -= pos.mean(axis=0)  # centre of mass at the rotation centre
     rots = rc.stage_rotation(t[:, 0], t[:, 1])
     proj = np.stack([blob_projection(pos, np.ones(40), r, (64, 64), 1.2) for r in rots])
     return proj, rots, t[:, 0], t[:, 1]
@@ -169,7 +173,10 @@ def heterojunction():
         z_num = np.asarray(atoms.Z, float)
     except ImportError:  # fallback lattice: flat 1H MoS2 | WSe2, interface at x = 0
         rows = []
-        for a, metal, chal, h, zm, zc, side in ((3.165, "Mo", "S", 1.56, 42, 16, -1), (3.34, "W", "Se", 1.67, 74, 34, 1)):
+        for a, metal, chal, h, zm, zc, side in (
+            (3.165, "Mo", "S", 1.56, 42, 16, -1),
+            (3.34, "W", "Se", 1.67, 74, 34, 1),
+        ):
             ij = np.mgrid[-5:6, -5:6].reshape(2, -1).T @ np.array([[a, 0], [a / 2, a * np.sqrt(3) / 2]])
             for off, sp, zz, zn in (((0, 0), metal, (0.0,), zm), ((a / 2, a / (2 * np.sqrt(3))), chal, (-h, h), zc)):
                 p = ij + off
@@ -234,9 +241,11 @@ def test_angles_override_from_truth_json(tmp_path, cluster):
     proj, _, alpha, beta = cluster
     session = write_session(tmp_path / "s2.h5", proj, alpha, beta)
     actual = alpha + 0.7
-    truth = {"format": "stemlive-truth", "format_version": 1, "meta": {},
-             "records": {"tilt": [{"index": i, "nominal_alpha_deg": a, "nominal_beta_deg": b, "actual_alpha_deg": aa,
-                                   "actual_beta_deg": b - 0.4} for i, (a, b, aa) in enumerate(zip(alpha, beta, actual))][::-1]}}  # fmt: skip
+    records = [
+        {"index": i, "nominal_alpha_deg": a, "nominal_beta_deg": b, "actual_alpha_deg": aa, "actual_beta_deg": b - 0.4}
+        for i, (a, b, aa) in enumerate(zip(alpha, beta, actual, strict=True))
+    ]
+    truth = {"format": "stemlive-truth", "format_version": 1, "meta": {}, "records": {"tilt": records[::-1]}}
     (tmp_path / "s2.truth.json").write_text(json.dumps(truth))
     series = tomo.read_tilt_series(session, angles=tmp_path / "s2.truth.json")
     np.testing.assert_allclose(series.alpha_deg, actual)
@@ -280,7 +289,7 @@ def test_alignment_recovers_known_shifts(cluster, method):
 def test_cross_correlation_shift_subpixel():
     img = ndimage.gaussian_filter(np.random.default_rng(5).random((64, 64)), 2)
     moved = ndimage.shift(img, (2.3, -5.6), order=3, mode="wrap")
-    assert rc.cross_correlation_shift(img, moved) == pytest.approx([-2.3, 5.6], abs=0.15)
+    assert rc.cross_correlation_shift(img, moved) == pytest.approx([-2.3, 5.6], abs=0.05)
 
 
 # ------------------------------------------------------------------------------------------------ reconstruction
@@ -299,12 +308,12 @@ def test_must_show_heterojunction_reconstruction(tmp_path, heterojunction):
     t0 = time.perf_counter()
     log = []
     vol = rc.reconstruct_sirt(
-        h["proj"], h["rots"], n_iter=40, shape_zyx=h["shape"], progress=lambda i, n, e: log.append(e)
+        h["proj"], h["rots"], n_iter=30, shape_zyx=h["shape"], progress=lambda i, n, e: log.append(e)
     )
     elapsed = time.perf_counter() - t0
     r = rc.pearson(vol, h["truth"])
     print(f"SIRT 12 x 64^2 -> {h['shape']}: {elapsed:.1f} s, Pearson r = {r:.3f}, residual {log[-1]:.3f}")
-    assert len(log) == 40 and log[-1] < log[0]
+    assert len(log) == 30 and log[-1] < log[0]
     assert r > 0.7
 
     # slice through the metal plane: atomic columns at the true metal sites
@@ -318,11 +327,10 @@ def test_must_show_heterojunction_reconstruction(tmp_path, heterojunction):
     yy, xx = np.mgrid[:ny, :nx]
     dist = np.min(np.hypot(yy[..., None] - site_y, xx[..., None] - site_x), axis=-1)
     inside = (yy > site_y.min()) & (yy < site_y.max()) & (xx > site_x.min()) & (xx < site_x.max())
-    background = sl[inside & (dist > 2.4)].mean()  # > 1.2 A from every atom column
-    ratio = at_metal.mean() / background
-    print(f"metal-site / background in slice z={z_metal}: {ratio:.1f}")
-    assert ratio > 3.0
-    assert np.mean(at_metal > 2 * background) > 0.9
+    bg = sl[inside & (dist > 2.4)]  # > 1.2 A from every atom column
+    print(f"slice z={z_metal}: metal sites {at_metal.mean():.3f}, background {bg.mean():.4f} +- {bg.std():.4f}")
+    assert at_metal.mean() > 10 * bg.mean() + 5 * bg.std()
+    assert np.mean(at_metal > bg.mean() + 3 * bg.std()) > 0.9
 
     png = tomo.save_slices_png(
         vol, tmp_path / "heterojunction_slices.png", z_index=z_metal, voxel_size_nm=0.05,
@@ -333,8 +341,8 @@ def test_must_show_heterojunction_reconstruction(tmp_path, heterojunction):
 
 def test_windowed_matches_full_reconstruction(cluster):
     proj, rots, _, _ = cluster
-    full = rc.reconstruct_sirt(proj[:, 8:56, 8:56], rots, n_iter=10, shape_zyx=(24, 48, 48))
-    win = rc.reconstruct_windowed(proj[:, 8:56, 8:56], rots, window=32, step=16, nz=24, n_iter=10)
+    full = rc.reconstruct_sirt(proj[:, 8:56, 8:56], rots, n_iter=5, shape_zyx=(24, 48, 48))
+    win = rc.reconstruct_windowed(proj[:, 8:56, 8:56], rots, window=32, step=16, nz=24, n_iter=5)
     assert win.shape == full.shape
     assert rc.pearson(win, full) > 0.9
     assert rc.window_origins(100, 60, 30) == [0, 30, 40]

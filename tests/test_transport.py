@@ -203,7 +203,7 @@ def test_end_times_out_without_acknowledgement(service: Service) -> None:
 
 def test_malformed_input_is_counted_nacked_and_skipped(caplog: pytest.LogCaptureFixture) -> None:
     receiver = FrameReceiver("tcp://127.0.0.1:*", heartbeat_interval_s=10)
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     dealer.connect(receiver.endpoint)
     try:
         dealer.send_multipart([b"not json"])

@@ -83,17 +83,23 @@ def zlp_centre(energy_meV: ArrayLike, spectra: ArrayLike, *, half_width_meV: flo
     m = 2 * win.shape[1]
     nfft = scipy.fft.next_fast_len(2 * m)
     fw = scipy.fft.rfft(win, nfft, axis=1)
-    xc = scipy.fft.irfft(fw * fw, nfft, axis=1)   # correlation with the mirror image = self-convolution
-    j = np.argmax(xc[:, : m], axis=1)
+    xc = scipy.fft.irfft(fw * fw, nfft, axis=1)  # correlation with the mirror image = self-convolution
+    j = np.argmax(xc[:, :m], axis=1)
     j = np.clip(j, 1, m - 2)
     ym, y0, yp = (np.take_along_axis(xc, (j + d)[:, None], axis=1)[:, 0] for d in (-1, 0, 1))
-    twice = j + _log_parabola(ym, y0, yp)          # = 2 * centre within the window
+    twice = j + _log_parabola(ym, y0, yp)  # = 2 * centre within the window
     centre_ch = imax - hw + 0.5 * twice
     return (off.reshape(-1) + disp * centre_ch).reshape(batch)
 
 
-def xcorr_shifts(spectra: ArrayLike, reference: ArrayLike, *, dispersion_meV: float = 1.0,
-                 half_width_channels: int = 64, refine: int = 1) -> Array:
+def xcorr_shifts(
+    spectra: ArrayLike,
+    reference: ArrayLike,
+    *,
+    dispersion_meV: float = 1.0,
+    half_width_channels: int = 64,
+    refine: int = 4,
+) -> Array:
     """Shift (meV) of each spectrum's zero-loss peak relative to ``reference`` by cross-correlation.
 
     FFT cross-correlation of a window of ``+-half_width_channels`` around the reference maximum, a
@@ -120,7 +126,7 @@ def xcorr_shifts(spectra: ArrayLike, reference: ArrayLike, *, dispersion_meV: fl
     cur = base
     for _ in range(1 + max(0, int(refine))):
         xc = scipy.fft.irfft(scipy.fft.rfft(cur * taper, nfft, axis=1) * fr, nfft, axis=1)
-        xc = np.roll(xc, m, axis=1)                   # lag l sits at index l + m
+        xc = np.roll(xc, m, axis=1)  # lag l sits at index l + m
         j = np.clip(np.argmax(xc, axis=1), 1, xc.shape[1] - 2)
         ym, y0, yp = (np.take_along_axis(xc, (j + d)[:, None], axis=1)[:, 0] for d in (-1, 0, 1))
         lag = j - m + _log_parabola(np.maximum(ym, 1e-30), np.maximum(y0, 1e-30), np.maximum(yp, 1e-30))
@@ -157,15 +163,22 @@ def shift_spectra(spectra: ArrayLike, shift_channels: ArrayLike, *, method: str 
     resid = np.zeros((flat.shape[0], nfft))
     resid[:, :n] = flat - line
     freq = np.fft.rfftfreq(nfft)
-    out = scipy.fft.irfft(scipy.fft.rfft(resid, axis=1) * np.exp(2j * np.pi * freq[None, :] * sh[:, None]),
-                          nfft, axis=1)[:, :n]
+    out = scipy.fft.irfft(
+        scipy.fft.rfft(resid, axis=1) * np.exp(2j * np.pi * freq[None, :] * sh[:, None]), nfft, axis=1
+    )[:, :n]
     out += line + slope[:, None] * sh[:, None]
     return out.reshape(s.shape)
 
 
-def align_spectra(spectra: ArrayLike, *, dispersion_meV: float, method: str = "xcorr",
-                  reference: ArrayLike | None = None, shift_method: str = "fourier",
-                  half_width_channels: int = 64) -> tuple[Array, Array]:
+def align_spectra(
+    spectra: ArrayLike,
+    *,
+    dispersion_meV: float,
+    method: str = "xcorr",
+    reference: ArrayLike | None = None,
+    shift_method: str = "fourier",
+    half_width_channels: int = 64,
+) -> tuple[Array, Array]:
     """Correct the energy drift: align every frame's zero-loss peak on a reference.
 
     Parameters
@@ -195,7 +208,7 @@ def align_spectra(spectra: ArrayLike, *, dispersion_meV: float, method: str = "x
     if reference is None:
         imax = np.argmax(flat, axis=1)
         ref_i = int(np.median(imax))
-        rolled = np.stack([np.roll(f, ref_i - i) for f, i in zip(flat, imax)]) if len(flat) < 64 else None
+        rolled = np.stack([np.roll(f, ref_i - i) for f, i in zip(flat, imax, strict=False)]) if len(flat) < 64 else None
         if rolled is None:
             idx = (np.arange(n)[None, :] - (ref_i - imax)[:, None]) % n
             rolled = np.take_along_axis(flat, idx, axis=1)
@@ -212,8 +225,14 @@ def align_spectra(spectra: ArrayLike, *, dispersion_meV: float, method: str = "x
     return aligned.reshape(s.shape), (sh * dispersion_meV).reshape(batch)
 
 
-def sum_aligned(spectra: ArrayLike, *, dispersion_meV: float, energy_offset_meV: ArrayLike = 0.0,
-                method: str = "xcorr", shift_method: str = "fourier") -> tuple[Array, Array, Array]:
+def sum_aligned(
+    spectra: ArrayLike,
+    *,
+    dispersion_meV: float,
+    energy_offset_meV: ArrayLike = 0.0,
+    method: str = "xcorr",
+    shift_method: str = "fourier",
+) -> tuple[Array, Array, Array]:
     """Align frames (``(..., n_frames, n_channels)``) and sum them per point on a common axis, ZLP at 0.
 
     Returns
@@ -247,8 +266,7 @@ def sum_aligned(spectra: ArrayLike, *, dispersion_meV: float, energy_offset_meV:
         known = (off[p] - off[p, 0]) / dispersion_meV
         if np.any(known != 0):
             frames = shift_spectra(frames, -known, method=shift_method)
-        aligned, sh = align_spectra(frames, dispersion_meV=dispersion_meV, method=method,
-                                    shift_method=shift_method)
+        aligned, sh = align_spectra(frames, dispersion_meV=dispersion_meV, method=method, shift_method=shift_method)
         sums[p] = aligned.sum(axis=0)
         centre_ch[p] = float(zlp_centre(ax, sums[p]))
         shifts[p] = off[p, 0] + sh + dispersion_meV * centre_ch[p]
@@ -262,8 +280,12 @@ def sum_aligned(spectra: ArrayLike, *, dispersion_meV: float, energy_offset_meV:
 PARAM_NAMES = ("amplitude", "centre_meV", "fwhm_meV", "m")
 
 
-def pearson7_model(energy_meV: ArrayLike, params: ArrayLike, *, jacobian: bool = False,
-                   ) -> Array | tuple[Array, Array]:
+def pearson7_model(
+    energy_meV: ArrayLike,
+    params: ArrayLike,
+    *,
+    jacobian: bool = False,
+) -> Array | tuple[Array, Array]:
     """Symmetric Pearson VII ``A (1 + 4 (2^(1/m) - 1) ((E - c) / w)^2)^(-m)`` (A = peak height, w = FWHM).
 
     ``params`` is ``(..., 4)`` = (A, c, w, m) and broadcasts against ``energy_meV`` ``(..., n)``.  With
@@ -280,9 +302,9 @@ def pearson7_model(energy_meV: ArrayLike, params: ArrayLike, *, jacobian: bool =
     f = a * qm
     if not jacobian:
         return f
-    g = a * m * qm / q * 8.0 * cc                     # common factor of the c and w derivatives
-    dcc_dm = -(cc + 1.0) * np.log(2.0) / m ** 2
-    jac = np.stack([qm + 0 * d, g * d / w ** 2, g * u / w, f * (-lq - m * 4.0 * u * dcc_dm / q)], axis=-1)
+    g = a * m * qm / q * 8.0 * cc  # common factor of the c and w derivatives
+    dcc_dm = -(cc + 1.0) * np.log(2.0) / m**2
+    jac = np.stack([qm + 0 * d, g * d / w**2, g * u / w, f * (-lq - m * 4.0 * u * dcc_dm / q)], axis=-1)
     return f, jac
 
 
@@ -321,8 +343,9 @@ class ZLPFit:
         return pearson7_model(energy_meV, self.params)  # type: ignore[return-value]
 
 
-def _window_index(off: Array, disp: float, centre: Array, n: int,
-                  windows: tuple[tuple[float, float], ...]) -> NDArray[np.intp]:
+def _window_index(
+    off: Array, disp: float, centre: Array, n: int, windows: tuple[tuple[float, float], ...]
+) -> NDArray[np.intp]:
     """Channel indices (k, m) of the |E - centre| windows on both sides, same count for every spectrum."""
     cols = []
     for lo, hi in windows:
@@ -337,8 +360,15 @@ def _window_index(off: Array, disp: float, centre: Array, n: int,
     return idx
 
 
-def _lm(x: Array, y: Array, wt: Array, p0: Array, *, max_iter: int, tol: float = 1e-6,
-        ) -> tuple[Array, Array, Array, int]:
+def _lm(
+    x: Array,
+    y: Array,
+    wt: Array,
+    p0: Array,
+    *,
+    max_iter: int,
+    tol: float = 1e-6,
+) -> tuple[Array, Array, Array, int]:
     """Batched Levenberg-Marquardt for the Pearson VII: returns params, normal matrix, chi2, iterations."""
     p = p0.copy()
     lam = np.full(len(p), 1e-3)
@@ -347,7 +377,8 @@ def _lm(x: Array, y: Array, wt: Array, p0: Array, *, max_iter: int, tol: float =
     chi2 = np.einsum("kn,kn->k", wt * r, r)
     it = 0
     active = np.ones(len(p), bool)
-    for it in range(1, max_iter + 1):
+    for n_it in range(1, max_iter + 1):
+        it = n_it
         jw = jac * wt[..., None]
         jwt = jw.transpose(0, 2, 1)
         h = jwt @ jac
@@ -376,11 +407,18 @@ def _lm(x: Array, y: Array, wt: Array, p0: Array, *, max_iter: int, tol: float =
     return p, h, chi2, it
 
 
-def fit_zlp_pearson7(energy_meV: ArrayLike, spectra: ArrayLike, *,
-                     windows_meV: tuple[tuple[float, float], ...] = ((15.0, 30.0), (130.0, 200.0)),
-                     initial: ArrayLike | None = None, max_iter: int = 30, read_noise_counts: float = 0.0,
-                     scale_covariance: bool = True, signal_correction: int = 2,
-                     signal_range_meV: tuple[float, float] = (30.0, 130.0)) -> ZLPFit:
+def fit_zlp_pearson7(
+    energy_meV: ArrayLike,
+    spectra: ArrayLike,
+    *,
+    windows_meV: tuple[tuple[float, float], ...] = ((15.0, 30.0), (130.0, 200.0)),
+    initial: ArrayLike | None = None,
+    max_iter: int = 30,
+    read_noise_counts: float = 0.0,
+    scale_covariance: bool = True,
+    signal_correction: int = 2,
+    signal_range_meV: tuple[float, float] = (30.0, 130.0),
+) -> ZLPFit:
     """Fit a symmetric Pearson VII to the zero-loss peak in ``|E - centre|`` windows on both sides.
 
     A batched Levenberg-Marquardt over all spectra at once (normal equations ``(k, 4, 4)`` solved with
@@ -442,12 +480,16 @@ def fit_zlp_pearson7(energy_meV: ArrayLike, spectra: ArrayLike, *,
     cov = np.linalg.inv(h + 1e-300 * np.eye(4))
     if scale_covariance:
         cov = cov * np.maximum(1.0, chi2_red)[:, None, None]
-    return ZLPFit(params=p.reshape(batch + (4,)), cov=cov.reshape(batch + (4, 4)),
-                  chi2_red=chi2_red.reshape(batch), n_iter=it1 + it2, windows_meV=tuple(windows_meV))
+    return ZLPFit(
+        params=p.reshape(batch + (4,)),
+        cov=cov.reshape(batch + (4, 4)),
+        chi2_red=chi2_red.reshape(batch),
+        n_iter=it1 + it2,
+        windows_meV=tuple(windows_meV),
+    )
 
 
-def _signal_leak(flat: Array, off: Array, disp: float, p: Array,
-                 signal_range_meV: tuple[float, float]) -> Array:
+def _signal_leak(flat: Array, off: Array, disp: float, p: Array, signal_range_meV: tuple[float, float]) -> Array:
     """Estimated phonon signal at every channel spilled by the resolution tails from ``signal_range``."""
     k, n = flat.shape
     lo, hi = signal_range_meV
@@ -471,8 +513,9 @@ def _signal_leak(flat: Array, off: Array, disp: float, p: Array,
     return out
 
 
-def _initial_from_mean(flat: Array, off: Array, disp: float, centre: Array,
-                       windows: tuple[tuple[float, float], ...], rn2: float) -> Array:
+def _initial_from_mean(
+    flat: Array, off: Array, disp: float, centre: Array, windows: tuple[tuple[float, float], ...], rn2: float
+) -> Array:
     """Starting parameters: a fit of the centre-aligned mean spectrum, amplitude scaled per spectrum."""
     k, n = flat.shape
     c_ch = (centre - off) / disp
@@ -503,9 +546,12 @@ def _initial_from_mean(flat: Array, off: Array, disp: float, centre: Array,
 
 
 # ---------------------------------------------------------------------------------------------- background
-def power_law_background(energy_meV: ArrayLike, spectra: ArrayLike, *,
-                         windows_meV: tuple[tuple[float, float], ...] = ((16.0, 20.0), (60.0, 70.0)),
-                         ) -> tuple[Array, Array]:
+def power_law_background(
+    energy_meV: ArrayLike,
+    spectra: ArrayLike,
+    *,
+    windows_meV: tuple[tuple[float, float], ...] = ((16.0, 20.0), (60.0, 70.0)),
+) -> tuple[Array, Array]:
     """Power-law background ``A E^-r`` fitted (least squares in log-log) in the loss-side windows.
 
     Returns
@@ -516,7 +562,7 @@ def power_law_background(energy_meV: ArrayLike, spectra: ArrayLike, *,
         ``(..., 2)``: A, r.
     """
     s = np.asarray(spectra, float)
-    batch, n = s.shape[:-1], s.shape[-1]
+    batch, _n = s.shape[:-1], s.shape[-1]
     e = np.broadcast_to(np.asarray(energy_meV, float), s.shape)
     mask = np.zeros(s.shape, bool)
     for lo, hi in windows_meV:
@@ -593,17 +639,24 @@ def _bin_interp(v: Array, frac: Array, step: int, nb: int, b: int) -> tuple[Arra
     """
     k = v.shape[0]
     core = v[:, : nb * b].reshape(k, nb, b).sum(-1)
-    first = v[:, 0: nb * b: b]
-    after = v[:, b: nb * b + 1: b]
+    first = v[:, 0 : nb * b : b]
+    after = v[:, b : nb * b + 1 : b]
     f = frac[:, None]
     sums = core + f * (after - first)
-    var = core - first + (1 - f) ** 2 * first + f ** 2 * after
+    var = core - first + (1 - f) ** 2 * first + f**2 * after
     return sums, var
 
 
-def log_ratio_bins(energy_meV: ArrayLike, spectra: ArrayLike, zlp: ZLPFit, *, window_min_meV: float = 55.0,
-                   window_max_meV: float | None = None, bin_meV: float = 2.2, read_noise_counts: float = 0.0,
-                   ) -> dict[str, Array]:
+def log_ratio_bins(
+    energy_meV: ArrayLike,
+    spectra: ArrayLike,
+    zlp: ZLPFit,
+    *,
+    window_min_meV: float = 55.0,
+    window_max_meV: float | None = None,
+    bin_meV: float = 2.2,
+    read_noise_counts: float = 0.0,
+) -> dict[str, Array]:
     """Loss and gain signals in energy bins ``|E - centre|`` with ZLP subtracted, variances, derivatives.
 
     The loss side is sampled at ``centre + e`` and the gain side at ``centre - e`` (linear interpolation
@@ -627,8 +680,11 @@ def log_ratio_bins(energy_meV: ArrayLike, spectra: ArrayLike, zlp: ZLPFit, *, wi
     avail = min(float(np.min((off + disp * (n - 1)) - c)), float(np.min(c - off))) - 2 * disp
     upper = window_max_meV
     if upper is None:
-        upper = min(w[0] for w in zlp.windows_meV if w[0] > window_min_meV) if any(
-            w[0] > window_min_meV for w in zlp.windows_meV) else avail
+        upper = (
+            min(w[0] for w in zlp.windows_meV if w[0] > window_min_meV)
+            if any(w[0] > window_min_meV for w in zlp.windows_meV)
+            else avail
+        )
     upper = min(upper, avail)
     nb = int(np.floor((upper - window_min_meV) / (b * disp)))
     if nb < 1:
@@ -666,23 +722,42 @@ def log_ratio_bins(energy_meV: ArrayLike, spectra: ArrayLike, zlp: ZLPFit, *, wi
     dZL[..., 1] = 0.0
     dZG[..., 1] = 0.0
     shp = batch + (nb,)
-    return {"e": e_bins, "SL": SL.reshape(shp), "SG": SG.reshape(shp), "vL": varL.reshape(shp),
-            "vG": varG.reshape(shp), "ZL": ZL.reshape(shp), "ZG": ZG.reshape(shp),
-            "L": (SL - ZL).reshape(shp), "G": (SG - ZG).reshape(shp),
-            "dL": (-dZL).reshape(shp + (4,)), "dG": (-dZG).reshape(shp + (4,))}
+    return {
+        "e": e_bins,
+        "SL": SL.reshape(shp),
+        "SG": SG.reshape(shp),
+        "vL": varL.reshape(shp),
+        "vG": varG.reshape(shp),
+        "ZL": ZL.reshape(shp),
+        "ZG": ZG.reshape(shp),
+        "L": (SL - ZL).reshape(shp),
+        "G": (SG - ZG).reshape(shp),
+        "dL": (-dZL).reshape(shp + (4,)),
+        "dG": (-dZG).reshape(shp + (4,)),
+    }
 
 
 def _coef2(f: Array, nb: int, b: int) -> Array:
     """Sum of squared interpolation coefficients per bin (for read noise)."""
-    return (b - 1 + (1 - f) ** 2 + f ** 2)[:, None] * np.ones(nb)
+    return (b - 1 + (1 - f) ** 2 + f**2)[:, None] * np.ones(nb)
 
 
-def temperature(energy_meV: ArrayLike, spectra: ArrayLike, *, window_min_meV: float = 55.0,
-                window_max_meV: float | None = None, bin_meV: float = 2.2,
-                zlp_windows_meV: tuple[tuple[float, float], ...] = ((15.0, 30.0), (130.0, 200.0)),
-                zlp: ZLPFit | None = None, deconvolve: bool = False, lr_iterations: int = 5,
-                read_noise_counts: float = 0.0, min_snr: float = 2.0,
-                bias_correction: bool = True, scale_by_chi2: bool | None = None) -> TemperatureResult:
+def temperature(
+    energy_meV: ArrayLike,
+    spectra: ArrayLike,
+    *,
+    window_min_meV: float = 55.0,
+    window_max_meV: float | None = None,
+    bin_meV: float = 2.2,
+    zlp_windows_meV: tuple[tuple[float, float], ...] = ((15.0, 30.0), (130.0, 200.0)),
+    zlp: ZLPFit | None = None,
+    deconvolve: bool = False,
+    lr_iterations: int = 5,
+    read_noise_counts: float = 0.0,
+    min_snr: float = 2.0,
+    bias_correction: bool = True,
+    scale_by_chi2: bool | None = None,
+) -> TemperatureResult:
     """Temperature from detailed balance, ``log(I_loss(E) / I_gain(E)) = E / (k_B T)``.
 
     Steps: Pearson VII ZLP fit (:func:`fit_zlp_pearson7`, unless ``zlp`` is given), ZLP subtracted from
@@ -716,11 +791,22 @@ def temperature(energy_meV: ArrayLike, spectra: ArrayLike, *, window_min_meV: fl
         off, disp = _axis(energy_meV, n, batch)
         e = off[..., None] + disp * np.arange(n)
         psf = zlp.model(e)
-        sig = lucy_richardson(np.maximum(s - psf, 1e-3), psf, iterations=lr_iterations, centre_channels=(
-            (zlp.params[..., 1] - off) / disp))
+        sig = lucy_richardson(
+            np.maximum(s - psf, 1e-3),
+            psf,
+            iterations=lr_iterations,
+            centre_channels=((zlp.params[..., 1] - off) / disp),
+        )
         work = psf + sig
-    d = log_ratio_bins(energy_meV, work, zlp, window_min_meV=window_min_meV, window_max_meV=window_max_meV,
-                       bin_meV=bin_meV, read_noise_counts=read_noise_counts)
+    d = log_ratio_bins(
+        energy_meV,
+        work,
+        zlp,
+        window_min_meV=window_min_meV,
+        window_max_meV=window_max_meV,
+        bin_meV=bin_meV,
+        read_noise_counts=read_noise_counts,
+    )
     e = d["e"]
     L, G, vL, vG = d["L"], d["G"], d["vL"], d["vG"]
     # pass 1: observed weights
@@ -748,7 +834,7 @@ def temperature(energy_meV: ArrayLike, spectra: ArrayLike, *, window_min_meV: fl
     slope = (w * e * y).sum(-1) / swee
     nbin = good.sum(-1)
     resid = y - slope[..., None] * e
-    chi2_red = (w * resid ** 2).sum(-1) / np.maximum(nbin - 1, 1)
+    chi2_red = (w * resid**2).sum(-1) / np.maximum(nbin - 1, 1)
     var_count = 1.0 / swee
     if scale_by_chi2 is None:
         scale_by_chi2 = deconvolve
@@ -762,15 +848,31 @@ def temperature(energy_meV: ArrayLike, spectra: ArrayLike, *, window_min_meV: fl
     var = var_count + var_zlp
     slope_safe = np.where(slope > 0, slope, np.nan)
     T = 1.0 / (KB_MEV_PER_K * slope_safe)
-    conv = 1.0 / (KB_MEV_PER_K * slope_safe ** 2)
-    return TemperatureResult(T_K=T, T_err_K=np.sqrt(var) * conv, T_err_counting_K=np.sqrt(var_count) * conv,
-                             T_err_zlp_K=np.sqrt(np.maximum(var_zlp, 0)) * conv, slope_per_meV=slope,
-                             slope_err_per_meV=np.sqrt(var), chi2_red=chi2_red, n_bins=nbin, zlp=zlp,
-                             energy_meV=e, log_ratio=y, weights=w)
+    conv = 1.0 / (KB_MEV_PER_K * slope_safe**2)
+    return TemperatureResult(
+        T_K=T,
+        T_err_K=np.sqrt(var) * conv,
+        T_err_counting_K=np.sqrt(var_count) * conv,
+        T_err_zlp_K=np.sqrt(np.maximum(var_zlp, 0)) * conv,
+        slope_per_meV=slope,
+        slope_err_per_meV=np.sqrt(var),
+        chi2_red=chi2_red,
+        n_bins=nbin,
+        zlp=zlp,
+        energy_meV=e,
+        log_ratio=y,
+        weights=w,
+    )
 
 
-def counting_limit_sigma_T(energy_meV: ArrayLike, loss: ArrayLike, gain: ArrayLike, var_loss: ArrayLike,
-                           var_gain: ArrayLike, temperature_K: ArrayLike) -> Array:
+def counting_limit_sigma_T(
+    energy_meV: ArrayLike,
+    loss: ArrayLike,
+    gain: ArrayLike,
+    var_loss: ArrayLike,
+    var_gain: ArrayLike,
+    temperature_K: ArrayLike,
+) -> Array:
     """Counting-statistics limit of the temperature error of a line-through-origin fit.
 
     ``sigma_T = k_B T^2 / sqrt(sum_i E_i^2 w_i)``, ``w_i = 1 / (var(L_i)/L_i^2 + var(G_i)/G_i^2)``, with
@@ -780,13 +882,14 @@ def counting_limit_sigma_T(energy_meV: ArrayLike, loss: ArrayLike, gain: ArrayLi
     e = np.asarray(energy_meV, float)
     L = np.asarray(loss, float)
     G = np.asarray(gain, float)
-    w = 1.0 / (np.asarray(var_loss, float) / L ** 2 + np.asarray(var_gain, float) / G ** 2)
+    w = 1.0 / (np.asarray(var_loss, float) / L**2 + np.asarray(var_gain, float) / G**2)
     T = np.asarray(temperature_K, float)
-    return KB_MEV_PER_K * T ** 2 / np.sqrt((e ** 2 * w).sum(-1))
+    return KB_MEV_PER_K * T**2 / np.sqrt((e**2 * w).sum(-1))
 
 
-def lucy_richardson(spectra: ArrayLike, psf: ArrayLike, *, iterations: int = 5,
-                    centre_channels: ArrayLike | None = None) -> Array:
+def lucy_richardson(
+    spectra: ArrayLike, psf: ArrayLike, *, iterations: int = 5, centre_channels: ArrayLike | None = None
+) -> Array:
     """Lucy-Richardson deconvolution of spectra by a point-spread function (vectorised, FFT).
 
     Parameters

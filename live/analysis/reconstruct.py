@@ -37,7 +37,7 @@ ProgressFn = Callable[[int, int, float], Any]
 
 
 # --------------------------------------------------------------------------------------------------- geometry
-def axis_angle_matrix(axis: Sequence[float], angle_deg: float | np.ndarray) -> np.ndarray:
+def axis_angle_matrix(axis: Sequence[float] | np.ndarray, angle_deg: float | np.ndarray) -> np.ndarray:
     """Right-handed rotation matrix about ``axis`` (Rodrigues).
 
     Parameters
@@ -170,29 +170,41 @@ def _hann2d(shape: tuple[int, int]) -> np.ndarray:
     return np.outer(np.hanning(shape[0]), np.hanning(shape[1]))
 
 
-def cross_correlation_shift(reference: np.ndarray, image: np.ndarray) -> np.ndarray:
-    """Shift ``(dy, dx)`` to apply to ``image`` so that it matches ``reference`` (sub-pixel, parabolic peak fit).
-
-    Uses Hann-windowed, mean-subtracted cross-correlation via FFT.
-    """
-    win = _hann2d(reference.shape)
-    a = (reference - reference.mean()) * win
-    b = (image - image.mean()) * win
+def _cc_peak(reference: np.ndarray, image: np.ndarray, window: np.ndarray) -> np.ndarray:
+    """Integer peak plus a parabolic sub-pixel fit of the windowed cross-correlation."""
+    a = (reference - reference.mean()) * window
+    b = (image - image.mean()) * window
     cc = np.fft.ifft2(np.fft.fft2(a) * np.conj(np.fft.fft2(b))).real
     peak = np.array(np.unravel_index(np.argmax(cc), cc.shape))
     shift = peak.astype(float)
     for ax in range(2):
         n = cc.shape[ax]
-        idx = [peak[0], peak[1]]
-        idx_m, idx_p = list(idx), list(idx)
+        idx_m, idx_p = [peak[0], peak[1]], [peak[0], peak[1]]
         idx_m[ax] = (peak[ax] - 1) % n
         idx_p[ax] = (peak[ax] + 1) % n
-        cm, c0, cp = cc[tuple(idx_m)], cc[tuple(idx)], cc[tuple(idx_p)]
+        cm, c0, cp = cc[tuple(idx_m)], cc[tuple(peak)], cc[tuple(idx_p)]
         denom = cm - 2 * c0 + cp
         if denom != 0:
             shift[ax] += 0.5 * (cm - cp) / denom
         if shift[ax] > n / 2:
             shift[ax] -= n
+    return shift
+
+
+def cross_correlation_shift(reference: np.ndarray, image: np.ndarray, *, refine: int = 2) -> np.ndarray:
+    """Shift ``(dy, dx)`` to apply to ``image`` so that it matches ``reference`` (sub-pixel).
+
+    Hann-windowed, mean-subtracted cross-correlation via FFT with a parabolic peak fit. The window biases the
+    peak towards zero shift; ``refine`` further passes re-correlate the image shifted by the current estimate,
+    so the bias acts only on the (small) residual.
+    """
+    reference = np.asarray(reference, dtype=float)
+    image = np.asarray(image, dtype=float)
+    win = _hann2d(reference.shape)
+    shift = _cc_peak(reference, image, win)
+    for _ in range(refine):
+        moved = ndimage.shift(image, shift, order=3, mode="nearest")
+        shift = shift + _cc_peak(reference, moved, win)
     return shift
 
 
@@ -377,7 +389,8 @@ def reconstruct_sirt(
     if rots.shape[0] != b.shape[0]:
         raise ValueError(f"{b.shape[0]} projections but {rots.shape[0]} rotations")
     n, ny, nx = b.shape
-    shape = tuple(int(s) for s in (shape_zyx or (min(ny, nx), ny, nx)))
+    nz_, ny_, nx_ = shape_zyx or (min(ny, nx), ny, nx)
+    shape = (int(nz_), int(ny_), int(nx_))
     if shape[1:] != (ny, nx):
         raise ValueError(f"volume shape {shape} must match projection size {(ny, nx)} in y, x")
     support = np.ones(shape, bool)
@@ -388,7 +401,7 @@ def reconstruct_sirt(
 
     row = _map(lambda i: project(support.astype(np.float32), rots[i]), n, workers)
     row_inv = [np.where(r > 1e-3, 1.0 / np.maximum(r, 1e-3), 0.0).astype(np.float32) for r in row]
-    col = sum(_map(lambda i: backproject(np.ones((ny, nx), np.float32), rots[i], shape), n, workers))
+    col = np.sum(_map(lambda i: backproject(np.ones((ny, nx), np.float32), rots[i], shape), n, workers), axis=0)
     col_inv = np.where(support & (col > 1e-3), 1.0 / np.maximum(col, 1e-3), 0.0).astype(np.float32)
 
     x = np.zeros(shape, np.float32)
@@ -403,7 +416,7 @@ def reconstruct_sirt(
     for it in range(n_iter):
         resid = _map(partial(residual, vol=x), n, workers)
         err = float(np.sqrt(sum(float((r * r).sum()) for r in resid))) / norm_b
-        upd = sum(_map(partial(update, res=resid), n, workers))
+        upd = np.sum(_map(partial(update, res=resid), n, workers), axis=0)
         x += relaxation * col_inv * upd
         if positivity:
             np.clip(x, 0.0, None, out=x)

@@ -10,8 +10,17 @@ __all__ = ["znormalise", "kmeans_correlation", "cluster_means", "fit_gaussians",
 
 Array = NDArray[np.float64]
 
-PEAK_DTYPE = np.dtype([("cluster", "i4"), ("centre_meV", "f8"), ("centre_err_meV", "f8"), ("fwhm_meV", "f8"),
-                       ("fwhm_err_meV", "f8"), ("area", "f8"), ("area_err", "f8")])
+PEAK_DTYPE = np.dtype(
+    [
+        ("cluster", "i4"),
+        ("centre_meV", "f8"),
+        ("centre_err_meV", "f8"),
+        ("fwhm_meV", "f8"),
+        ("fwhm_err_meV", "f8"),
+        ("area", "f8"),
+        ("area_err", "f8"),
+    ]
+)
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
 
@@ -44,7 +53,7 @@ def _one_run(z: Array, k: int, rng: np.random.Generator, max_iter: int) -> tuple
         labels = new
         for j in range(k):
             members = z[labels == j]
-            if len(members) == 0:                  # re-seed an empty cluster with the worst-fitted point
+            if len(members) == 0:  # re-seed an empty cluster with the worst-fitted point
                 far = int(np.argmax(dist[np.arange(n), labels]))
                 centres[j] = z[far]
                 labels[far] = j
@@ -55,8 +64,9 @@ def _one_run(z: Array, k: int, rng: np.random.Generator, max_iter: int) -> tuple
     return labels, centres, inertia
 
 
-def kmeans_correlation(spectra: ArrayLike, k: int = 3, *, n_restarts: int = 10, seed: int = 0,
-                       max_iter: int = 100) -> tuple[NDArray[np.intp], Array, float]:
+def kmeans_correlation(
+    spectra: ArrayLike, k: int = 3, *, n_restarts: int = 10, seed: int = 0, max_iter: int = 100
+) -> tuple[NDArray[np.intp], Array, float]:
     """k-means with the distance ``1 - Pearson correlation`` between a spectrum and a centroid.
 
     Spectra are z-normalised (zero mean, unit standard deviation); a centroid is the component-wise mean
@@ -82,8 +92,7 @@ def kmeans_correlation(spectra: ArrayLike, k: int = 3, *, n_restarts: int = 10, 
             best = run
     assert best is not None
     labels, centres, inertia = best
-    order = np.argsort([np.mean(np.nonzero(labels == j)[0]) if np.any(labels == j) else np.inf
-                        for j in range(k)])
+    order = np.argsort([np.mean(np.nonzero(labels == j)[0]) if np.any(labels == j) else np.inf for j in range(k)])
     remap = np.empty(k, np.intp)
     remap[order] = np.arange(k)
     return remap[labels], centres[order], inertia
@@ -106,9 +115,16 @@ def _gauss_sum(e: Array, p: Array) -> Array:
     return (a[:, None] * np.exp(-0.5 * ((e[None, :] - c[:, None]) / s[:, None]) ** 2)).sum(0)
 
 
-def fit_gaussians(energy_meV: ArrayLike, spectrum: ArrayLike, n_peaks: int = 5, *,
-                  initial: ArrayLike | None = None, window_meV: tuple[float, float] = (18.0, 60.0),
-                  sigma: ArrayLike | None = None, cluster: int = 0) -> NDArray[np.void]:
+def fit_gaussians(
+    energy_meV: ArrayLike,
+    spectrum: ArrayLike,
+    n_peaks: int = 5,
+    *,
+    initial: ArrayLike | None = None,
+    window_meV: tuple[float, float] = (18.0, 60.0),
+    sigma: ArrayLike | None = None,
+    cluster: int = 0,
+) -> NDArray[np.void]:
     """Fit a sum of ``n_peaks`` Gaussians by Levenberg-Marquardt (no bounds) in ``window_meV``.
 
     Parameters
@@ -159,11 +175,18 @@ def fit_gaussians(energy_meV: ArrayLike, spectrum: ArrayLike, n_peaks: int = 5, 
         cov = np.full((len(p), len(p)), np.nan)
     out = np.zeros(n_peaks, PEAK_DTYPE)
     for i in range(n_peaks):
-        a, c, s = p[3 * i: 3 * i + 3]
-        ca = cov[3 * i: 3 * i + 3, 3 * i: 3 * i + 3]
+        a, c, s = p[3 * i : 3 * i + 3]
+        ca = cov[3 * i : 3 * i + 3, 3 * i : 3 * i + 3]
         s = abs(s)
         area = a * s * np.sqrt(2 * np.pi)
         ga = np.array([s, 0.0, a]) * np.sqrt(2 * np.pi)
-        out[i] = (cluster, c, np.sqrt(ca[1, 1]), FWHM_PER_SIGMA * s, FWHM_PER_SIGMA * np.sqrt(ca[2, 2]),
-                  area, np.sqrt(max(ga @ ca @ ga, 0.0)))
+        out[i] = (
+            cluster,
+            c,
+            np.sqrt(ca[1, 1]),
+            FWHM_PER_SIGMA * s,
+            FWHM_PER_SIGMA * np.sqrt(ca[2, 2]),
+            area,
+            np.sqrt(max(ga @ ca @ ga, 0.0)),
+        )
     return np.sort(out, order="centre_meV")

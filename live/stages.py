@@ -1,0 +1,325 @@
+"""The built-in analysis stages: tilt-series drift correction and vibrational-EELS thermometry/segmentation.
+
+Stages adapt the pure functions of :mod:`stemlive.live.analysis` to the message stream: they keep per-session
+state, decide when a tilt or a probe position is complete, and emit :class:`~stemlive.live.pipeline.Result`
+objects (see the results table in ``docs/architecture.md``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from .analysis import drift, eels, interface, segment
+from .pipeline import Result, Stage, register_stage
+from .protocol import Message
+
+log = logging.getLogger(__name__)
+
+
+def _scalar(value: float) -> np.ndarray:
+    return np.asarray(value, dtype=np.float64)
+
+
+def bin_preview(image: np.ndarray, max_size: int) -> np.ndarray:
+    """Bin an image by an integer factor so that neither side exceeds ``max_size`` (for live previews)."""
+    factor = int(np.ceil(max(image.shape) / max_size)) if max_size > 0 else 1
+    if factor <= 1:
+        return np.asarray(image, dtype=np.float32)
+    ny, nx = (image.shape[0] // factor) * factor, (image.shape[1] // factor) * factor
+    return image[:ny, :nx].reshape(ny // factor, factor, nx // factor, factor).mean(axis=(1, 3)).astype(np.float32)
+
+
+@register_stage
+class TiltSeriesStage(Stage):
+    """Register every frame of a tilt to its first frame, fit the drift, undo scan distortion and sum.
+
+    Frames of one tilt arrive consecutively; a frame with a new ``tilt_index`` closes the previous tilt.
+    """
+
+    name = "tilt_series"
+    kinds = frozenset({"tilt_series"})
+    defaults: dict[str, Any] = {
+        "correct_distortion": True,  # interpolate onto drift-corrected positions along the slow axis
+        "model": "linear",  # drift trajectory within a tilt
+        "search_radius_px": 2.0,  # once the trajectory is known, search this close to it (no unit-cell jumps)
+        "flyback_us": 0.0,  # per-line flyback of the scan, for row timing
+        "preview_px": 256,  # size of the published frame preview
+    }
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        super().__init__(params)
+        self._acc: drift.TiltAccumulator | None = None
+        self._tilt_key: int | None = None
+        self._tilt_row = -1
+        self._frame_row = 0
+        self._tilt_first_frame_row = 0
+        self._drift: list[np.ndarray] = []
+        self._sums: list[np.ndarray] = []
+        self._alpha: list[float] = []
+        self._beta: list[float] = []
+
+    def process(self, msg: Message) -> Iterator[Result]:
+        if msg.type != "frame" or msg.payload is None:
+            return
+        h = msg.header
+        tilt_key = int(h["tilt_index"])
+        if tilt_key != self._tilt_key or self._acc is None:
+            yield from self._close_tilt()
+            self._tilt_key = tilt_key
+            self._tilt_row += 1
+            self._tilt_first_frame_row = self._frame_row
+            self._alpha.append(float(h["alpha_deg"]))
+            self._beta.append(float(h["beta_deg"]))
+            radius = self.params["search_radius_px"]
+            self._acc = drift.TiltAccumulator(
+                msg.payload,
+                t_start_s=float(msg.t),
+                dwell_us=float(h["dwell_us"]),
+                flyback_us=float(self.params["flyback_us"]),
+                model=str(self.params["model"]),
+                correct_distortion=bool(self.params["correct_distortion"]),
+                search_radius=None if radius is None else float(radius),
+                preview=False,
+            )
+            shift = np.zeros(2)
+        else:
+            shift = np.asarray(self._acc.add(msg.payload, t_start_s=float(msg.t)).shift, dtype=np.float64)
+        self._drift.append(shift)
+        yield Result(self.name, "drift_px", shift, index=self._frame_row,
+                     attrs={"tilt_index": tilt_key, "frame_index": int(h["frame_index"])})
+        yield Result(self.name, "frame_preview", bin_preview(msg.payload, int(self.params["preview_px"])),
+                     index=self._frame_row, store=False,
+                     attrs={"tilt_index": tilt_key, "frame_index": int(h["frame_index"]),
+                            "alpha_deg": float(h["alpha_deg"]), "beta_deg": float(h["beta_deg"])})
+        self._frame_row += 1
+
+    def _close_tilt(self) -> Iterator[Result]:
+        if self._acc is None:
+            return
+        result = self._acc.result()
+        self._acc = None
+        # The final fit may revise the live shifts of this tilt: keep the measured shifts of the final pass.
+        first = self._tilt_first_frame_row
+        for i, shift in enumerate(result.shifts):
+            self._drift[first + i] = np.asarray(shift, dtype=np.float64)
+        total = result.sum.astype(np.float32)
+        self._sums.append(total)
+        row = self._tilt_row
+        attrs = {"tilt_index": self._tilt_key, "n_frames": int(len(result.shifts)),
+                 "residual_rms_px": float(result.residual_rms)}
+        yield Result(self.name, "sums", total, index=row, attrs=attrs)
+        yield Result(self.name, "tilt_alpha_deg", _scalar(self._alpha[row]), index=row)
+        yield Result(self.name, "tilt_beta_deg", _scalar(self._beta[row]), index=row)
+
+    def finish(self, status: str) -> Iterator[Result]:
+        yield from self._close_tilt()
+        if not self._sums:
+            return
+        yield Result(self.name, "drift_px", np.array(self._drift, dtype=np.float64).reshape(-1, 2),
+                     attrs={"convention": "feature at (y, x) in the tilt's first frame is at (y+dy, x+dx)"})
+        yield Result(self.name, "sums", np.stack(self._sums).astype(np.float32))
+        yield Result(self.name, "tilt_alpha_deg", np.array(self._alpha))
+        yield Result(self.name, "tilt_beta_deg", np.array(self._beta))
+
+
+def segment_spectra(
+    energy_meV: np.ndarray,
+    sums: np.ndarray,
+    *,
+    k: int,
+    window_meV: tuple[float, float],
+    background_windows_meV: tuple[tuple[float, float], ...],
+    n_restarts: int,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Background-subtract summed spectra and cluster them with correlation k-means in ``window_meV``.
+
+    Returns ``(labels, background-subtracted spectra)``.
+    """
+    background, _ = eels.power_law_background(energy_meV, sums, windows_meV=background_windows_meV)
+    corrected = sums - background
+    lo, hi = window_meV
+    mask = (energy_meV >= lo) & (energy_meV <= hi)
+    labels, _centroids, _inertia = segment.kmeans_correlation(corrected[:, mask], k, n_restarts=n_restarts, seed=seed)
+    return np.asarray(labels), corrected
+
+
+@register_stage
+class EELSStage(Stage):
+    """Per probe position: align the frames for energy drift and sum; temperature; then k-means and peak fits.
+
+    Frames of one probe position arrive consecutively; a spectrum with a new ``point_index`` closes the
+    previous position.
+    """
+
+    name = "eels"
+    kinds = frozenset({"eels_line_scan", "eels_map"})
+    defaults: dict[str, Any] = {
+        "align_method": "xcorr",
+        "zlp_windows_meV": [[15.0, 30.0], [130.0, 200.0]],
+        "background_windows_meV": [[16.0, 20.0], [60.0, 70.0]],
+        "window_min_meV": 55.0,
+        "window_max_meV": None,
+        "deconvolve": False,
+        "lr_iterations": 5,
+        "k": 3,
+        "n_restarts": 10,
+        "seed": 0,
+        "segment_window_meV": [18.0, 60.0],
+        "n_peaks": 5,
+        "peak_window_meV": [18.0, 60.0],
+        "labels_every": 5,  # refresh the live segmentation every N points
+    }
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        super().__init__(params)
+        self._dispersion = 0.0
+        self._scan_shape: list[int] | None = None
+        self._open: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
+        self._positions: dict[int, tuple[float, float]] = {}
+        self._energy: np.ndarray | None = None
+        self._j0 = 0
+        self._sums: dict[int, np.ndarray] = {}
+        self._temps: dict[int, tuple[float, float]] = {}
+
+    def start(self, start: Message) -> Iterable[Result]:
+        settings = start.header.get("settings") or {}
+        shape = settings.get("scan_shape")
+        self._scan_shape = [int(v) for v in shape] if shape else None
+        return ()
+
+    def process(self, msg: Message) -> Iterator[Result]:
+        if msg.type != "spectrum" or msg.payload is None:
+            return
+        h = msg.header
+        self._dispersion = float(h["dispersion_meV"])
+        spectra = np.atleast_2d(np.asarray(msg.payload, dtype=np.float64))
+        points = np.atleast_1d(np.asarray(h["point_index"], dtype=np.int64))
+        offsets = np.broadcast_to(np.asarray(h["energy_offset_meV"], dtype=np.float64), points.shape)
+        xs = np.broadcast_to(np.asarray(h["x_nm"], dtype=np.float64), points.shape)
+        ys = np.broadcast_to(np.asarray(h["y_nm"], dtype=np.float64), points.shape)
+        for point in np.unique(points):
+            rows = points == point
+            # A new position closes every other open one (positions are acquired one after another).
+            for done in [p for p in self._open if p != point]:
+                yield from self._close_point(done)
+            self._open.setdefault(int(point), []).append((spectra[rows], offsets[rows]))
+            self._positions[int(point)] = (float(xs[rows][0]), float(ys[rows][0]))
+
+    def _close_point(self, point: int) -> Iterator[Result]:
+        chunks = self._open.pop(point)
+        frames = np.concatenate([c[0] for c in chunks])
+        offsets = np.concatenate([c[1] for c in chunks])
+        energy, summed, _shifts = eels.sum_aligned(
+            frames, dispersion_meV=self._dispersion, energy_offset_meV=offsets, method=str(self.params["align_method"])
+        )
+        summed = self._on_common_axis(energy, summed)
+        self._sums[point] = summed
+        assert self._energy is not None
+        t = eels.temperature(
+            self._energy, summed,
+            window_min_meV=float(self.params["window_min_meV"]),
+            window_max_meV=self.params["window_max_meV"],
+            zlp_windows_meV=tuple(tuple(w) for w in self.params["zlp_windows_meV"]),
+            deconvolve=bool(self.params["deconvolve"]),
+            lr_iterations=int(self.params["lr_iterations"]),
+        )
+        temp, err = float(t.T_K), float(t.T_err_K)
+        self._temps[point] = (temp, err)
+        attrs = {"n_frames": int(len(frames)), "x_nm": self._positions[point][0], "y_nm": self._positions[point][1]}
+        yield Result(self.name, "sum", summed.astype(np.float32), index=point, attrs=attrs)
+        yield Result(self.name, "temperature_K", _scalar(temp), index=point)
+        yield Result(self.name, "temperature_err_K", _scalar(err), index=point)
+        every = int(self.params["labels_every"])
+        if every > 0 and len(self._sums) >= max(2 * int(self.params["k"]), 2) and len(self._sums) % every == 0:
+            yield from self._segmentation(final=False)
+
+    def _on_common_axis(self, energy: np.ndarray, summed: np.ndarray) -> np.ndarray:
+        """The first position fixes the axis; later sums (ZLP at 0 by construction) are moved onto it."""
+        if self._energy is None:
+            self._energy = energy
+            return summed
+        # Both axes are dispersion x (j - j0) with integer j0: an exact shift, zero where no data.
+        return np.interp(self._energy, energy, summed, left=0.0, right=0.0)
+
+    def _stacked(self) -> tuple[np.ndarray, np.ndarray]:
+        points = np.array(sorted(self._sums))
+        return points, np.stack([self._sums[p] for p in points])
+
+    def _segmentation(self, *, final: bool, shape: tuple[int, ...] | None = None) -> Iterator[Result]:
+        assert self._energy is not None
+        points, sums = self._stacked()
+        k = int(self.params["k"])
+        if len(points) < k:
+            return
+        labels, corrected = segment_spectra(
+            self._energy, sums, k=k,
+            window_meV=tuple(self.params["segment_window_meV"]),
+            background_windows_meV=tuple(tuple(w) for w in self.params["background_windows_meV"]),
+            n_restarts=int(self.params["n_restarts"]), seed=int(self.params["seed"]),
+        )
+        out = labels.astype(np.int32).reshape(shape if shape is not None else (-1,))
+        yield Result(self.name, "labels", out, attrs={"points": points.tolist(), "final": final})
+        if not final:
+            return
+        means = segment.cluster_means(corrected, labels, k)
+        yield Result(self.name, "cluster_mean", np.asarray(means, dtype=np.float64))
+        tables = []
+        for cluster in range(k):
+            try:
+                tables.append(segment.fit_gaussians(self._energy, means[cluster], int(self.params["n_peaks"]),
+                                                    window_meV=tuple(self.params["peak_window_meV"]),
+                                                    cluster=cluster))
+            except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:
+                log.warning("peak fit of cluster %d failed: %s", cluster, e)
+        if tables:
+            yield Result(self.name, "peaks", np.concatenate(tables))
+
+    def _interface(self) -> Iterator[Result]:
+        points = np.array(sorted(self._temps))
+        if len(points) < 8:
+            return
+        xy = np.array([self._positions[p] for p in points])
+        distance = np.hypot(*(xy - xy[0]).T)  # along the line from its first point
+        temps = np.array([self._temps[p] for p in points])
+        try:
+            fit = interface.fit_interface_profile(distance, temps[:, 0], temps[:, 1])
+        except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:
+            log.warning("interface fit failed: %s", e)
+            return
+        table = np.array(
+            [(fit.interface_x_nm, fit.drop_K, fit.drop_err_K, fit.width_nm, fit.width_err_nm,
+              fit.left[1], fit.right[1], fit.length_left_nm, fit.length_right_nm)],
+            dtype=INTERFACE_DTYPE,
+        )
+        yield Result(self.name, "interface", table, attrs={"x_axis": "distance along the line from its first point"})
+
+    def finish(self, status: str) -> Iterator[Result]:
+        for point in list(self._open):
+            yield from self._close_point(point)
+        if not self._sums or self._energy is None:
+            return
+        points, sums = self._stacked()
+        temps = np.array([self._temps[p] for p in points])
+        yield Result(self.name, "energy_meV", self._energy.astype(np.float64))
+        shape: tuple[int, ...] = (len(points),)
+        if self._scan_shape and int(np.prod(self._scan_shape)) == len(points):
+            shape = tuple(self._scan_shape)
+        yield Result(self.name, "sum", sums.reshape(*shape, -1).astype(np.float32))
+        yield Result(self.name, "temperature_K", temps[:, 0].reshape(shape))
+        yield Result(self.name, "temperature_err_K", temps[:, 1].reshape(shape))
+        yield Result(self.name, "point_index", points.reshape(shape).astype(np.int32))
+        yield from self._segmentation(final=True, shape=shape)
+        if len(shape) == 1:
+            yield from self._interface()
+
+
+INTERFACE_DTYPE = np.dtype([
+    ("interface_x_nm", "f8"), ("drop_K", "f8"), ("drop_err_K", "f8"), ("width_nm", "f8"), ("width_err_nm", "f8"),
+    ("gradient_left_K_per_nm", "f8"), ("gradient_right_K_per_nm", "f8"),
+    ("length_left_nm", "f8"), ("length_right_nm", "f8"),
+])

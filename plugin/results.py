@@ -1,0 +1,409 @@
+"""Results from the pipeline service as Swift data items, updated in place while the experiment runs.
+
+:class:`ResultsToSwift` owns a :class:`stemlive.live.transport.ResultSubscriber` on its own thread. Each result
+is copied, kept as the latest value of its (session, stage, name, index) and handed to the UI thread in batches
+through ``document_controller.queue_task``; there the data items are created or updated in place.
+
+Data items (one set per session, found again by the ``stemlive`` entry of their metadata):
+
+=================================  ==============================================================================
+result                             data item
+=================================  ==============================================================================
+``tilt_series/sums`` (row i)       image "Tilt i+1 (alpha, beta) drift-corrected sum", one per tilt
+``eels/sum`` (point i)             2-D waterfall, points x channels ("EELS aligned sums"), rows filled in as they come
+``eels/temperature_K`` (+ err)     line plot of the profile (T, T - err, T + err) or, for a map, an image
+``eels/labels``                    line plot (line scan) or image (map) of the cluster labels
+=================================  ==============================================================================
+
+The result stream is lossy and a window may join late: every message carries a whole row (or the whole dataset),
+so a missed row is simply empty until the service sends it again (the final results at the end of a session
+replace whole datasets), and the data items are keyed by session and name, never by arrival order.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RESULT_ENDPOINT = "tcp://127.0.0.1:7711"
+METADATA_KEY = "stemlive"
+
+Key = tuple[str, str, str, int | None]
+
+
+def default_result_endpoint() -> str | None:
+    """``STEMLIVE_RESULT_ENDPOINT`` (``none`` disables), else ``tcp://127.0.0.1:7711``."""
+    value = os.environ.get("STEMLIVE_RESULT_ENDPOINT", "").strip()
+    if value.lower() == "none":
+        return None
+    return value or DEFAULT_RESULT_ENDPOINT
+
+
+def _document_controller(target: Any) -> Any:
+    """A DocumentController from a DocumentController, a Facade DocumentWindow or the Facade API object."""
+    if hasattr(target, "document_model") and hasattr(target, "queue_task"):
+        return target
+    inner = getattr(target, "_document_controller", None)
+    if inner is not None:
+        return inner
+    application = getattr(target, "application", None)
+    windows = list(getattr(application, "document_windows", []) or [])
+    if windows:
+        return windows[0]._document_controller
+    raise TypeError(f"cannot find a Swift document controller in {type(target).__name__}")
+
+
+class ResultsToSwift:
+    """Turn the service's result stream into Swift data items.
+
+    Parameters
+    ----------
+    target
+        A ``DocumentController``, a Facade ``DocumentWindow`` or the Facade ``API`` object.
+    result_endpoint
+        The service's result PUB endpoint.
+    start
+        Start the subscriber thread at once.
+
+    Attributes
+    ----------
+    received, dropped : int
+        Results received, and results lost on the stream (from the subscriber's gap count).
+    """
+
+    def __init__(self, target: Any, result_endpoint: str = DEFAULT_RESULT_ENDPOINT, *, start: bool = True) -> None:
+        self.document_controller = _document_controller(target)
+        self.result_endpoint = result_endpoint
+        self.received = 0
+        self.dropped = 0
+        self.data_items: dict[tuple[str, str], Any] = {}
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pending: dict[Key, tuple[np.ndarray | None, dict[str, Any], Any]] = {}
+        self._flush_queued = False
+        self._sessions: dict[str, _SessionResults] = {}
+        self._thread: threading.Thread | None = None
+        if start:
+            self.start()
+
+    # --- lifecycle ---
+    def start(self) -> None:
+        """Start the subscriber thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="stemlive-results-to-swift", daemon=True)
+            self._thread.start()
+            self.ready.wait(5.0)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the subscriber thread (data items stay in the library)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    # --- subscriber thread ---
+    def _loop(self) -> None:
+        from stemlive.live.transport import ResultSubscriber
+
+        try:
+            subscriber = ResultSubscriber(self.result_endpoint)
+        except Exception:
+            log.exception("stemlive: cannot subscribe to results at %s", self.result_endpoint)
+            self.ready.set()
+            return
+        self.ready.set()
+        try:
+            while not self._stop.is_set():
+                msg = subscriber.recv(timeout_s=0.1)
+                if msg is None:
+                    continue
+                self.received += 1
+                self.dropped = subscriber.dropped
+                header = msg.header
+                index = header.get("index")
+                key: Key = (msg.session, str(header.get("stage")), str(header.get("name")),
+                            int(index) if index is not None else None)
+                payload = None if msg.payload is None else np.array(msg.payload)  # own copy: the buffer is reused
+                self.submit(key, payload, dict(header.get("attrs") or {}), header.get("value"))
+        finally:
+            subscriber.close()
+
+    def submit(self, key: Key, payload: np.ndarray | None, attrs: dict[str, Any], value: Any = None) -> None:
+        """Queue one result for the UI thread (keeps only the latest per key); thread-safe."""
+        with self._lock:
+            self._pending[key] = (payload, attrs, value)
+            if self._flush_queued:
+                return
+            self._flush_queued = True
+        self.document_controller.queue_task(self._flush)
+
+    # --- UI thread ---
+    def _flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+            self._flush_queued = False
+        # angles, energy axis and scan shape first, so the items made from this batch already use them
+        ordered = sorted(pending.items(), key=lambda kv: kv[0][2] not in _CONTEXT_NAMES)
+        touched: set[tuple[str, str]] = set()
+        for (session, stage, name, index), (payload, attrs, value) in ordered:
+            try:
+                results = self._sessions.setdefault(session, _SessionResults(session))
+                touched.update(results.add(stage, name, index, payload, attrs, value))
+            except Exception:
+                log.exception("stemlive: could not apply result %s/%s[%s] of %s", stage, name, index, session)
+        for session, item in sorted(touched):
+            try:
+                self._show(self._sessions[session], item)
+            except Exception:
+                log.exception("stemlive: could not show %s of session %s", item, session)
+
+    def _show(self, results: _SessionResults, item: str) -> None:
+        made = results.render(item)
+        if made is None:
+            return
+        xdata, title = made
+        key = (results.session, item)
+        self.data_items[key] = self._update_data_item(key, xdata, title)
+
+    def _update_data_item(self, key: tuple[str, str], xdata: Any, title: str) -> Any:
+        from nion.swift.model import DataItem
+
+        document_model = self.document_controller.document_model
+        data_item = self.data_items.get(key)
+        if data_item is not None and data_item not in document_model.data_items:
+            data_item = None  # the user deleted it: make a new one
+        if data_item is None:
+            data_item = find_data_item(document_model, *key)
+        if data_item is None:
+            data_item = DataItem.new_data_item(xdata)
+            data_item.title = title
+            document_model.append_data_item(data_item)
+            if key[1] == "eels/temperature_K" and xdata.is_collection:
+                display_item = document_model.get_display_item_for_data_item(data_item)
+                if display_item is not None:
+                    display_item.display_type = "line_plot"  # T, T - err, T + err as three layers
+        else:
+            data_item.set_xdata(xdata)
+            if data_item.title != title:
+                data_item.title = title
+        return data_item
+
+
+def find_data_item(document_model: Any, session: str, item: str) -> Any:
+    """The data item made earlier for ``item`` of ``session`` (after a restart of the receiver), or None."""
+    for data_item in document_model.data_items:
+        entry = (data_item.metadata or {}).get(METADATA_KEY)
+        if isinstance(entry, dict) and entry.get("session") == session and entry.get("item") == item:
+            return data_item
+    return None
+
+
+_CONTEXT_NAMES = frozenset({"tilt_alpha_deg", "tilt_beta_deg", "energy_meV"})
+
+
+class _SessionResults:
+    """The latest results of one session, and how each becomes an ``xdata`` for Swift."""
+
+    def __init__(self, session: str) -> None:
+        self.session = session
+        self.sums: dict[int, np.ndarray] = {}
+        self.sum_attrs: dict[int, dict[str, Any]] = {}
+        self.alpha: dict[int, float] = {}
+        self.beta: dict[int, float] = {}
+        self.energy_meV: np.ndarray | None = None
+        self.spectra: np.ndarray | None = None  # (points, channels)
+        self.temperature: np.ndarray | None = None
+        self.temperature_err: np.ndarray | None = None
+        self.labels: np.ndarray | None = None
+        self.scan_shape: tuple[int, int] | None = None
+        self.n_points: int | None = None
+
+    # --- bookkeeping; returns the data items (names) to refresh ---
+    def add(self, stage: str, name: str, index: int | None, payload: np.ndarray | None, attrs: dict[str, Any],
+            value: Any) -> list[tuple[str, str]]:
+        self._context(attrs)
+        s = self.session
+        if stage == "tilt_series":
+            if name == "sums" and payload is not None and payload.ndim == 2 and index is not None:
+                self.sums[index] = payload.astype(np.float32, copy=False)
+                self.sum_attrs[index] = attrs
+                for field, table in (("alpha_deg", self.alpha), ("beta_deg", self.beta)):
+                    if field in attrs:
+                        table[index] = float(attrs[field])
+                return [(s, f"tilt_series/sums/{index}")]
+            if name in ("tilt_alpha_deg", "tilt_beta_deg") and payload is not None:
+                table = self.alpha if name == "tilt_alpha_deg" else self.beta
+                if index is not None:
+                    table[index] = float(np.asarray(payload).reshape(-1)[0])
+                else:
+                    table.update({i: float(v) for i, v in enumerate(np.asarray(payload).reshape(-1))})
+                return [(s, f"tilt_series/sums/{i}") for i in sorted(self.sums)]
+            return []
+        if stage != "eels" or payload is None:
+            return []
+        if name == "energy_meV":
+            self.energy_meV = np.asarray(payload, dtype=np.float64).reshape(-1)
+            return [(s, "eels/sum")] if self.spectra is not None else []
+        if name == "sum":
+            if index is None:
+                data = np.asarray(payload, dtype=np.float32)
+                if data.ndim == 3:
+                    self.scan_shape = (data.shape[0], data.shape[1])
+                self.spectra = data.reshape(-1, data.shape[-1]).copy()
+            else:
+                self.spectra = _set_row(self.spectra, index, np.asarray(payload, np.float32).reshape(-1),
+                                        self.n_points, 0.0)
+            return [(s, "eels/sum")]
+        if name in ("temperature_K", "temperature_err_K"):
+            current = self.temperature if name == "temperature_K" else self.temperature_err
+            if index is None:
+                data = np.asarray(payload, dtype=np.float64)
+                if data.ndim == 2:
+                    self.scan_shape = (data.shape[0], data.shape[1])
+                current = data.reshape(-1).copy()
+            else:
+                current = _set_row(current, index, np.asarray(payload, np.float64).reshape(1), self.n_points, np.nan)
+            if name == "temperature_K":
+                self.temperature = current
+            else:
+                self.temperature_err = current
+            return [(s, "eels/temperature_K")] if self.temperature is not None else []
+        if name == "labels":
+            data = np.asarray(payload)
+            if data.ndim == 2:
+                self.scan_shape = (data.shape[0], data.shape[1])
+            self.labels = data.reshape(-1).copy()
+            return [(s, "eels/labels")]
+        return []
+
+    def _context(self, attrs: dict[str, Any]) -> None:
+        shape = attrs.get("scan_shape")
+        if isinstance(shape, list | tuple) and len(shape) == 2:
+            self.scan_shape = (int(shape[0]), int(shape[1]))
+        for field in ("n_points", "points"):
+            if isinstance(attrs.get(field), int):
+                self.n_points = int(attrs[field])
+
+    # --- rendering ---
+    def render(self, item: str) -> tuple[Any, str] | None:
+        from nion.data import Calibration, DataAndMetadata
+
+        meta = {METADATA_KEY: {"session": self.session, "item": item}}
+        short = self.session[-8:]
+        if item.startswith("tilt_series/sums/"):
+            index = int(item.rsplit("/", 1)[1])
+            data = self.sums[index]
+            attrs = self.sum_attrs.get(index, {})
+            px = attrs.get("pixel_size_nm")
+            calibrations = [Calibration.Calibration(scale=float(px), units="nm")] * 2 if px else None
+            meta[METADATA_KEY].update({"tilt_row": index, "alpha_deg": self.alpha.get(index),
+                                       "beta_deg": self.beta.get(index)})
+            title = f"Tilt {index + 1} ({_angle(self.alpha.get(index))}, {_angle(self.beta.get(index))}) " \
+                    "drift-corrected sum"
+            return DataAndMetadata.new_data_and_metadata(data, dimensional_calibrations=calibrations,
+                                                         metadata=meta), title
+        if item == "eels/sum" and self.spectra is not None:
+            energy = Calibration.Calibration(units="meV")
+            e = self.energy_meV
+            if e is not None and e.size == self.spectra.shape[1] and e.size > 1:
+                energy = Calibration.Calibration(offset=float(e[0]), scale=float(e[1] - e[0]), units="meV")
+            return DataAndMetadata.new_data_and_metadata(
+                self.spectra, dimensional_calibrations=[Calibration.Calibration(), energy], metadata=meta,
+                data_descriptor=DataAndMetadata.DataDescriptor(False, 1, 1),
+            ), f"EELS aligned sums (points x energy) {short}"
+        if item == "eels/temperature_K" and self.temperature is not None:
+            t = self.temperature
+            shape = self._map_shape(t.size)
+            if shape is not None:
+                return DataAndMetadata.new_data_and_metadata(
+                    t.reshape(shape).astype(np.float32), intensity_calibration=Calibration.Calibration(units="K"),
+                    metadata=meta), f"EELS temperature map (K) {short}"
+            err = self.temperature_err
+            if err is None or err.size != t.size:
+                err = np.full_like(t, np.nan)
+            rows = np.stack([t, t - err, t + err]).astype(np.float32)
+            return DataAndMetadata.new_data_and_metadata(
+                rows, intensity_calibration=Calibration.Calibration(units="K"), metadata=meta,
+                data_descriptor=DataAndMetadata.DataDescriptor(False, 1, 1),
+            ), f"EELS temperature profile (K, +/- err) {short}"
+        if item == "eels/labels" and self.labels is not None:
+            labels = self.labels.astype(np.float32)
+            shape = self._map_shape(labels.size)
+            data = labels.reshape(shape) if shape is not None else labels
+            return DataAndMetadata.new_data_and_metadata(data, metadata=meta), f"EELS cluster labels {short}"
+        return None
+
+    def _map_shape(self, n: int) -> tuple[int, int] | None:
+        if self.scan_shape is not None and self.scan_shape[0] > 1 and self.scan_shape[0] * self.scan_shape[1] == n:
+            return self.scan_shape
+        return None
+
+
+def _set_row(array: np.ndarray | None, index: int, row: np.ndarray, n: int | None, fill: float) -> np.ndarray:
+    """``array`` with row ``index`` set to ``row`` (a scalar for 1-D arrays), grown with ``fill`` as needed."""
+    row = np.atleast_1d(row)
+    scalar = row.size == 1 and (array is None or array.ndim == 1)
+    tail: tuple[int, ...] = () if scalar else (row.shape[0],)
+    rows = max(index + 1, n or 0)
+    if array is None or array.shape[1:] != tail:
+        array = np.full((rows, *tail), fill, dtype=row.dtype)  # first row, or the width changed: start again
+    elif array.shape[0] < rows:
+        grown = np.full((rows, *tail), fill, dtype=array.dtype)
+        grown[: array.shape[0]] = array
+        array = grown
+    array[index] = row[0] if scalar else row
+    return array
+
+
+def _angle(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
+
+
+# ----------------------------------------------------------------------------------------------- one per window
+
+_attached: dict[int, list[Any]] = {}
+_attach_lock = threading.Lock()
+
+
+def attach(document_controller: Any, endpoint: str | None = None,
+           factory: Callable[[Any, str], ResultsToSwift] | None = None) -> ResultsToSwift | None:
+    """One :class:`ResultsToSwift` per document window, shared by the panels (reference counted).
+
+    ``endpoint`` defaults to :func:`default_result_endpoint`; None there (``STEMLIVE_RESULT_ENDPOINT=none``)
+    disables the results.
+    """
+    endpoint = endpoint or default_result_endpoint()
+    if endpoint is None:
+        return None
+    with _attach_lock:
+        entry = _attached.get(id(document_controller))
+        if entry is None:
+            receiver = (factory or ResultsToSwift)(document_controller, endpoint)
+            entry = _attached[id(document_controller)] = [receiver, 0]
+        entry[1] += 1
+        return typing.cast(ResultsToSwift, entry[0])
+
+
+def detach(receiver: ResultsToSwift | None) -> None:
+    """Release a receiver from :func:`attach`; the last release stops it."""
+    if receiver is None:
+        return
+    with _attach_lock:
+        key = id(receiver.document_controller)
+        entry = _attached.get(key)
+        if entry is None or entry[0] is not receiver:
+            return
+        entry[1] -= 1
+        if entry[1] > 0:
+            return
+        del _attached[key]
+    receiver.stop()

@@ -1,0 +1,326 @@
+"""The Swift panels and the results-to-Swift bridge, in Nion Swift's headless test harness.
+
+Runs against the stemlive simulated instrument (``time_scale=0``) registered with Swift's instrumentation layer,
+a headless document controller (``TestContext``) and, end to end, a :class:`PipelineService` on loopback ports.
+The service runs a small stand-in tilt-series stage defined here (running sum per tilt, published after every
+frame), so these tests check the Swift side independently of the analysis stages.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.swift
+
+TestContext = pytest.importorskip("nion.swift.test.TestContext")
+
+from nion.swift import Panel  # noqa: E402
+from nion.swift.model import DataItem, Graphics  # noqa: E402
+
+from nionswift_plugin.stemlive import panels, results  # noqa: E402
+from stemlive.live.pipeline import PipelineService, Result, Stage  # noqa: E402
+from stemlive.live.protocol import Message  # noqa: E402
+from stemlive.simulators.devices import SimulatedInstrumentConfiguration, run_headless  # noqa: E402
+
+
+def free_tcp_endpoint() -> str:
+    """A loopback endpoint on a port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+class RunningSumStage(Stage):
+    """Stand-in tilt-series stage: the running sum of each tilt, published after every frame (row = tilt row)."""
+
+    name = "tilt_series"
+    kinds = frozenset({"tilt_series"})
+
+    def __init__(self, params: Any) -> None:
+        super().__init__(params)
+        self.rows: dict[int, int] = {}
+        self.sums: dict[int, np.ndarray] = {}
+
+    def process(self, msg: Message) -> Iterable[Result]:
+        if msg.type != "frame" or msg.payload is None:
+            return []
+        h = msg.header
+        row = self.rows.setdefault(int(h["tilt_index"]), len(self.rows))
+        frame = np.asarray(msg.payload, dtype=np.float32)
+        self.sums[row] = self.sums.get(row, np.zeros_like(frame)) + frame
+        attrs = {"tilt_index": h["tilt_index"], "alpha_deg": h["alpha_deg"], "beta_deg": h["beta_deg"],
+                 "pixel_size_nm": h["pixel_size_nm"]}
+        return [Result("tilt_series", "sums", self.sums[row].copy(), index=row, attrs=attrs)]
+
+
+def pump(document_controller: Any, until: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    """Run the UI thread's periodic work until ``until()`` holds."""
+    deadline = time.monotonic() + timeout_s
+    while not until():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        document_controller.periodic()
+        time.sleep(0.01)
+    document_controller.periodic()
+
+
+@pytest.fixture(scope="module")
+def swift() -> Iterator[Any]:
+    """Swift's test application, the panels registered, the simulated instrument running headless."""
+    setup = TestContext.TestSetup()
+    panels.register_panels()
+    config = SimulatedInstrumentConfiguration("default", time_scale=0)
+    try:
+        with run_headless(config) as hardware:
+            yield hardware
+    finally:
+        panels.unregister_panels()
+        del setup
+
+
+@pytest.fixture
+def document_controller(swift: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setenv("STEMLIVE_RESULT_ENDPOINT", "none")  # tests attach their own receiver
+    monkeypatch.delenv("STEMLIVE_SESSION_DIR", raising=False)
+    with TestContext.create_memory_context() as context:
+        yield context.create_document_controller()
+
+
+def create_panel(document_controller: Any, panel_id: str) -> Any:
+    panel = Panel.PanelManager().create_panel_content(document_controller, panel_id, panel_id, ["left", "right"],
+                                                      "left", {})
+    assert panel is not None, f"panel {panel_id} was not created"
+    return panel
+
+
+# ------------------------------------------------------------------------------------------------------------ plans
+
+
+def test_tilt_panel_builds_plan_from_fields(document_controller: Any) -> None:
+    panel = create_panel(document_controller, panels.TILT_SERIES_PANEL_ID)
+    try:
+        model = panel.model
+        assert len(model.build_plan().tilts_deg) == 12  # the reference tilts by default
+        model.tilts_text = "alpha_deg,beta_deg\n0,0\n-10.5,3\n"
+        model.frames_text, model.size_text, model.dwell_text, model.fov_text = "3", "128", "2.5", "8"
+        model.settle_text, model.tolerance_text, model.order_index, model.tracking = "0.5", "2", 1, False
+        plan = model.build_plan()
+        assert plan.tilts_deg == [(0.0, 0.0), (-10.5, 3.0)]
+        assert (plan.frames_per_tilt, plan.size_px, plan.dwell_us, plan.fov_nm) == (3, 128, 2.5, 8.0)
+        assert (plan.settle_s, plan.confirm_tolerance, plan.order, plan.tracking) == (0.5, 2.0, "increasing_tilt",
+                                                                                       False)
+        model.check_clicked(None)
+        assert model.status_text.startswith("Plan OK"), model.status_text
+        model.frames_text = "three"
+        model.check_clicked(None)
+        assert "frames per tilt" in model.status_text and "not a number" in model.status_text
+    finally:
+        panel.close()
+
+
+def test_tilt_csv_round_trip(document_controller: Any, tmp_path: Path) -> None:
+    model = panels.TiltSeriesModel()
+    model.set_tilts([(1.5, -2.0), (3.0, 4.25)])
+    assert model.export_csv(tmp_path / "t.csv")
+    other = panels.TiltSeriesModel()
+    assert other.import_csv(tmp_path / "t.csv")
+    assert other.build_plan().tilts_deg == [(1.5, -2.0), (3.0, 4.25)]
+    (tmp_path / "bad.csv").write_text("0,0\nfoo,bar,baz\n")
+    assert not other.import_csv(tmp_path / "bad.csv")
+    assert "Could not import" in other.status_text
+    assert other.build_plan().tilts_deg == [(1.5, -2.0), (3.0, 4.25)]  # unchanged
+
+
+def test_refused_tilt_plan_does_not_move_the_stage(document_controller: Any, swift: Any) -> None:
+    instrument = swift.instrument
+    before = (instrument.stage_target("StageOutA"), instrument.stage_target("StageOutB"))
+    panel = create_panel(document_controller, panels.TILT_SERIES_PANEL_ID)
+    try:
+        model = panel.model
+        model.tilts_text = "0,0\n50,0\n"
+        model.frames_text, model.size_text = "1", "64"
+        model.endpoint = free_tcp_endpoint()  # nothing listens: a started run would fail, a refused one never sends
+        assert model.start() is False
+        assert model.thread is None and not model.running
+        assert "Plan refused" in model.status_text
+        assert "alpha 50 deg is outside the stage limits" in model.status_text
+        assert (instrument.stage_target("StageOutA"), instrument.stage_target("StageOutB")) == before
+    finally:
+        panel.close()
+
+
+def test_eels_panel_plan_and_refusal(document_controller: Any, swift: Any) -> None:
+    instrument = swift.instrument
+    panel = create_panel(document_controller, panels.EELS_PANEL_ID)
+    try:
+        model = panel.model
+        model.mode_index = 1
+        model.start_text, model.end_text = "0.2, 0.3", "0.6, 0.7"
+        model.points_text, model.rows_text, model.frames_text, model.exposure_text = "4", "3", "5", "10"
+        model.survey_before, model.survey_after, model.tracking_every_text = False, True, "2"
+        plan = model.build_plan()
+        assert (plan.mode, plan.start, plan.end, plan.points, plan.rows) == ("map", (0.2, 0.3), (0.6, 0.7), 4, 3)
+        assert (plan.frames_per_point, plan.exposure_ms, plan.step_nm) == (5, 10.0, None)
+        assert (plan.survey_before, plan.survey_after, plan.drift_tracking_every) == (False, True, 2)
+        model.check()
+        assert model.status_text.startswith("Plan OK"), model.status_text
+
+        probe_before = instrument.probe_position
+        model.mode_index = 0
+        model.start_text = "1.5, 0.1"
+        assert model.start() is False
+        assert "Plan refused" in model.status_text and "outside the survey image" in model.status_text
+        assert instrument.probe_position == probe_before
+    finally:
+        panel.close()
+
+
+def test_eels_points_from_graphics(document_controller: Any) -> None:
+    document_model = document_controller.document_model
+    from nion.data import Calibration, DataAndMetadata
+
+    survey = DataAndMetadata.new_data_and_metadata(
+        np.zeros((100, 100), np.float32), dimensional_calibrations=[Calibration.Calibration(scale=0.5, units="nm")] * 2)
+    data_item = DataItem.new_data_item(survey)
+    document_model.append_data_item(data_item)
+    display_item = document_model.get_display_item_for_data_item(data_item)
+    line = Graphics.LineGraphic()
+    line.start, line.end = (0.25, 0.1), (0.75, 0.8)
+    display_item.add_graphic(line)
+    model = panels.EELSModel()
+    assert model.take_from_graphic(display_item)
+    plan = model.build_plan()
+    assert plan.mode == "line" and plan.start == pytest.approx((0.25, 0.1)) and plan.end == pytest.approx((0.75, 0.8))
+    assert plan.survey_fov_nm == pytest.approx(50.0)
+
+    rect = Graphics.RectangleGraphic()
+    rect.bounds = ((0.1, 0.2), (0.3, 0.4))
+    display_item.add_graphic(rect)
+    display_item.graphic_selection.set(1)
+    assert model.take_from_graphic(display_item)
+    plan = model.build_plan()
+    assert plan.mode == "map" and plan.start == pytest.approx((0.1, 0.2)) and plan.end == pytest.approx((0.4, 0.6))
+    assert not panels.EELSModel().take_from_graphic(None)
+
+
+# ------------------------------------------------------------------------------------------------------------ results
+
+
+def test_eels_results_become_data_items(document_controller: Any) -> None:
+    receiver = results.ResultsToSwift(document_controller, free_tcp_endpoint(), start=False)
+    document_model = document_controller.document_model
+    n_ch = 32
+    receiver.submit(("s1", "eels", "energy_meV", None), np.arange(n_ch) * 0.5 - 4.0, {})
+    for i in (0, 2):  # point 1 "dropped"
+        receiver.submit(("s1", "eels", "sum", i), np.full(n_ch, i + 1.0, np.float32), {})
+        receiver.submit(("s1", "eels", "temperature_K", i), np.array(300.0 + i), {})
+        receiver.submit(("s1", "eels", "temperature_err_K", i), np.array(5.0), {})
+    receiver.submit(("s1", "eels", "labels", None), np.array([0, 1, 1]), {})
+    pump(document_controller, lambda: len(document_model.data_items) >= 3, 5)
+
+    by_item = {k[1]: v for k, v in receiver.data_items.items()}
+    waterfall = by_item["eels/sum"].xdata
+    assert waterfall.data_shape == (3, n_ch)
+    assert waterfall.data[0, 0] == 1 and waterfall.data[1, 0] == 0 and waterfall.data[2, 0] == 3
+    assert waterfall.dimensional_calibrations[1].units == "meV"
+    assert waterfall.dimensional_calibrations[1].offset == pytest.approx(-4.0)
+    profile = by_item["eels/temperature_K"].xdata.data
+    assert profile.shape == (3, 3) and profile[0, 0] == 300 and math.isnan(profile[0, 1]) and profile[2, 2] == 307
+    assert list(by_item["eels/labels"].xdata.data) == [0, 1, 1]
+
+    # the missing point arrives later; the map's final temperature replaces the profile in place
+    receiver.submit(("s1", "eels", "sum", 1), np.full(n_ch, 2.0, np.float32), {})
+    pump(document_controller, lambda: by_item["eels/sum"].xdata.data[1, 0] == 2, 5)
+    assert len(document_model.data_items) == 3
+
+    # a new receiver (e.g. the window reopened) finds the existing items instead of making new ones
+    again = results.ResultsToSwift(document_controller, free_tcp_endpoint(), start=False)
+    again.submit(("s1", "eels", "labels", None), np.array([[2, 2], [1, 0]]), {})
+    pump(document_controller, lambda: bool(again.data_items), 5)
+    assert len(document_model.data_items) == 3
+    assert again.data_items[("s1", "eels/labels")] is by_item["eels/labels"]
+    assert by_item["eels/labels"].xdata.data_shape == (2, 2)
+
+
+# ------------------------------------------------------------------------------------------------------------ end to end
+
+
+def test_tilt_series_through_the_panel_end_to_end(document_controller: Any, swift: Any, tmp_path: Path) -> None:
+    frames, result_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
+    service = PipelineService(tmp_path, {}, frame_endpoint=frames, result_endpoint=result_endpoint,
+                              stage_classes={"tilt_series": RunningSumStage}).start()
+    receiver = results.attach(document_controller, result_endpoint)
+    panel = create_panel(document_controller, panels.TILT_SERIES_PANEL_ID)
+    try:
+        assert receiver is not None and receiver.ready.is_set()
+        time.sleep(0.3)  # let the subscription reach the publisher (PUB/SUB slow joiner)
+        model = panel.model
+        model.tilts_text = "0,0\n-12.5,6\n"
+        model.frames_text, model.size_text, model.dwell_text, model.fov_text = "2", "64", "1", "8"
+        model.settle_text, model.tracking = "0", False
+        model.endpoint = frames
+        assert model.start(), model.status_text
+        assert model.can_abort and not model.can_start
+        pump(document_controller, lambda: not model.running, 90)
+        assert model.last_status == "complete", model.status_text
+        assert "tilt 2/2, frame 2/2" in model.progress_text
+        assert math.degrees(swift.instrument.stage_target("StageOutA")) == pytest.approx(-12.5)
+
+        document_model = document_controller.document_model
+
+        def sums_done() -> bool:
+            items = [d for d in document_model.data_items if "drift-corrected sum" in (d.title or "")]
+            return len(items) == 2 and all(
+                (d.metadata.get("stemlive") or {}).get("alpha_deg") is not None for d in items)
+
+        pump(document_controller, sums_done, 30)
+        (path,) = service.wait_for_sessions(1, timeout_s=30)
+        with h5py.File(path, "r") as f:
+            recorded = f["tilt_series/frames"][()]
+            tilt_index = f["tilt_series/tilt_index"][()]
+        sums = [d for d in document_model.data_items if "stemlive" in (d.metadata or {})]
+        titles = sorted(d.title for d in sums)
+        assert titles == ["Tilt 1 (0, 0) drift-corrected sum", "Tilt 2 (-12.5, 6) drift-corrected sum"]
+        for data_item in sums:
+            row = data_item.metadata["stemlive"]["tilt_row"]
+            np.testing.assert_allclose(data_item.xdata.data, recorded[tilt_index == row].sum(axis=0), rtol=1e-5)
+            assert data_item.xdata.data_shape == (64, 64)
+            assert data_item.xdata.dimensional_calibrations[0].units == "nm"
+    finally:
+        panel.close()  # releases the receiver taken above only after our own detach
+        results.detach(receiver)
+        service.stop()
+    assert results._attached == {}
+
+
+def test_eels_line_scan_through_the_panel(document_controller: Any, swift: Any, tmp_path: Path) -> None:
+    frames = free_tcp_endpoint()
+    service = PipelineService(tmp_path, {}, frame_endpoint=frames, result_endpoint=free_tcp_endpoint(),
+                              stage_classes={}).start()
+    panel = create_panel(document_controller, panels.EELS_PANEL_ID)
+    try:
+        model = panel.model
+        model.start_text, model.end_text, model.step_text, model.points_text = "0.5, 0.2", "0.5, 0.8", "", "3"
+        model.frames_text, model.exposure_text = "2", "1"
+        model.survey_size_text, model.survey_fov_text, model.survey_after = "64", "20", False
+        model.endpoint = frames
+        assert model.start(), model.status_text
+        pump(document_controller, lambda: not model.running, 90)
+        assert model.last_status == "complete", model.status_text
+        assert "point 3/3, frame 2/2" in model.progress_text
+        (path,) = service.wait_for_sessions(1, timeout_s=30)
+        with h5py.File(path, "r") as f:
+            assert f.attrs["kind"] == "eels_line_scan"
+            assert list(f["eels/point_index"][()]) == [0, 0, 1, 1, 2, 2]
+    finally:
+        panel.close()
+        service.stop()
