@@ -1,0 +1,131 @@
+"""``stemlive swift``: start Nion Swift with the stemlive plug-in, the simulated instrument and a pipeline service.
+
+Cheap to import: Qt, Swift and the pipeline are imported by the handler only.
+
+The plug-in (``nionswift_plugin.stemlive``, discovered by Swift) reads its settings from the environment, which
+this command sets before Swift starts:
+
+``STEMLIVE_INSTRUMENT``
+    ``simulated`` (register the simulated instrument) or ``none`` (a real instrument's plug-in provides the
+    STEM controller, scan and EELS camera).
+``STEMLIVE_SCENARIO``
+    Simulator scenario name or path.
+``STEMLIVE_FRAME_ENDPOINT`` / ``STEMLIVE_RESULT_ENDPOINT``
+    Where the panels send frames and where Swift subscribes to results (``none``: no results).
+``STEMLIVE_SESSION_DIR``
+    Where an in-process service records (the panels check its free disk space).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:7710"
+DEFAULT_RESULT_ENDPOINT = "tcp://127.0.0.1:7711"
+SERVICE_MODES = ("start", "attach", "none")
+
+
+def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``stemlive swift`` on the ``stemlive`` command's subparsers."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "swift",
+        help="start Nion Swift with the stemlive panels (simulated instrument and service by default)",
+        description="Start Nion Swift with the Tilt Series and Vibrational EELS panels. By default the simulated "
+        "instrument is registered and a pipeline service runs in this process; results appear in Swift as data "
+        "items.",
+    )
+    p.add_argument("--scenario", default="realtime",
+                   help="simulator scenario, a built-in name or a JSON path (default realtime)")
+    p.add_argument("--no-simulator", action="store_true",
+                   help="do not register the simulated instrument (use the real instrument's plug-in)")
+    p.add_argument("--service", choices=SERVICE_MODES, default="start",
+                   help="start: run a pipeline service in this process (default); attach: use a running "
+                   "`stemlive serve`; none: no service (acquisitions fail to connect)")
+    p.add_argument("--frames", default=None,
+                   help=f"frame endpoint: bound by the in-process service, used by the panels "
+                   f"(default {DEFAULT_FRAME_ENDPOINT})")
+    p.add_argument("--results", default=None,
+                   help=f"result endpoint Swift subscribes to (default {DEFAULT_RESULT_ENDPOINT}; 'none' for no results)")
+    p.add_argument("--out", type=Path, default=Path("sessions"),
+                   help="folder for session files of the in-process service (default ./sessions)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.PARAM=VALUE",
+                   help="analysis parameter for the in-process service (repeatable)")
+    p.add_argument("--config", type=Path, help="TOML file of analysis parameters for the in-process service")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="let the in-process service bind a non-loopback interface")
+    p.set_defaults(func=cmd_swift)
+    return p
+
+
+def plugin_environment(args: argparse.Namespace) -> dict[str, str]:
+    """The environment variables that configure the plug-in for these options."""
+    frames = args.frames or DEFAULT_FRAME_ENDPOINT
+    results = args.results or DEFAULT_RESULT_ENDPOINT
+    if args.service == "none" and args.results is None:
+        results = "none"
+    env = {
+        "STEMLIVE_INSTRUMENT": "none" if args.no_simulator else "simulated",
+        "STEMLIVE_SCENARIO": str(args.scenario),
+        "STEMLIVE_FRAME_ENDPOINT": frames,
+        "STEMLIVE_RESULT_ENDPOINT": results,
+    }
+    if args.service == "start":
+        env["STEMLIVE_SESSION_DIR"] = str(Path(args.out).resolve())
+    return env
+
+
+def apply_environment(env: dict[str, str], target: MutableMapping[str, str] | None = None) -> None:
+    """Set the plug-in's variables (in ``os.environ`` by default); a stale ``STEMLIVE_SESSION_DIR`` is removed."""
+    target = os.environ if target is None else target
+    target.pop("STEMLIVE_SESSION_DIR", None)
+    target.update(env)
+
+
+def start_service(args: argparse.Namespace, env: dict[str, str]) -> Any:
+    """The in-process :class:`~stemlive.live.pipeline.PipelineService`, started (its threads run beside Swift)."""
+    from .pipeline import PipelineService, make_params
+
+    params = make_params(args.config, args.overrides)
+    result_endpoint = env["STEMLIVE_RESULT_ENDPOINT"]
+    service = PipelineService(
+        args.out, params, frame_endpoint=env["STEMLIVE_FRAME_ENDPOINT"],
+        result_endpoint=None if result_endpoint == "none" else result_endpoint,
+        allow_remote=args.allow_remote,
+    )
+    return service.start()
+
+
+def run_swift() -> int:
+    """Run the Nion Swift application (PySide6) until its last window closes."""
+    from nionui_app.nionswift import main as swift_main
+
+    result = swift_main.main(["nionui_app.nionswift"], {"qt": None})
+    return int(result) if isinstance(result, int) else 0
+
+
+def cmd_swift(args: argparse.Namespace) -> int:
+    """Handler of ``stemlive swift``."""
+    env = plugin_environment(args)
+    apply_environment(env)
+    service = None
+    if args.service == "start":
+        service = start_service(args, env)
+        print(f"stemlive swift: service on {service.frame_endpoint} (frames) and {service.result_endpoint} "
+              f"(results), sessions into {service.out_dir.resolve()}", flush=True)
+    elif args.service == "attach":
+        print(f"stemlive swift: sending to the service at {env['STEMLIVE_FRAME_ENDPOINT']}, results from "
+              f"{env['STEMLIVE_RESULT_ENDPOINT']}", flush=True)
+    instrument = "real instrument" if args.no_simulator else f"simulated instrument, scenario {args.scenario}"
+    print(f"stemlive swift: starting Nion Swift ({instrument})", flush=True)
+    try:
+        return run_swift()
+    finally:
+        if service is not None:
+            service.stop()
