@@ -161,24 +161,27 @@ def bench_size(n_px, n_frames, rng):
             cpu[k].append(time.process_time() - c)
     rows = {}
     print(
-        f"{'method':44s} {'ms/frame':>9s} {'cpu ms':>7s} {'frames/s':>9s} {'RMS px':>8s} {'jumps':>6s} "
-        f"{'RMS no-jump':>11s}"
+        f"{'method':44s} {'ms/frame':>9s} {'min ms':>7s} {'cpu ms':>7s} {'frames/s':>9s} {'RMS px':>8s} "
+        f"{'jumps':>6s} {'RMS no-jump':>11s}"
     )
     for k in methods:
         e = np.array(est[k]) - truth
         jump = np.hypot(*e.T) > 1.0
-        ms, cms = 1e3 * float(np.median(times[k])), 1e3 * float(np.median(cpu[k]))
-        rows[k] = (ms, rms(e), int(jump.sum()), rms(e[~jump]) if (~jump).any() else float("nan"), cms)
-        print(f"{k:44s} {ms:9.1f} {cms:7.1f} {1e3 / ms:9.1f} {rows[k][1]:8.4f} {rows[k][2]:6d} {rows[k][3]:11.4f}")
+        ms, cms, mn = (1e3 * float(np.median(times[k])), 1e3 * float(np.median(cpu[k])), 1e3 * min(times[k]))
+        rows[k] = (ms, rms(e), int(jump.sum()), rms(e[~jump]) if (~jump).any() else float("nan"), cms, mn)
+        print(
+            f"{k:44s} {ms:9.1f} {mn:7.1f} {cms:7.1f} {1e3 / ms:9.1f} {rows[k][1]:8.4f} {rows[k][2]:6d} "
+            f"{rows[k][3]:11.4f}"
+        )
     ours = rows["stemlive Registrator.shift (newton, 1 thr)"]
     sk = rows["skimage pcc(up=100, normalization=None)"]
-    ratio, cpu_ratio = sk[0] / ours[0], sk[4] / ours[4]
+    ratio, cpu_ratio, min_ratio = sk[0] / ours[0], sk[4] / ours[4], sk[5] / ours[5]
     better = ours[1] <= sk[1] + 1e-3 and ours[3] <= sk[3] + 1e-3
     ok = ratio >= 2.0 and better
     print(
-        f"speed ratio vs skimage(normalization=None): {ratio:.1f}x wall, {cpu_ratio:.1f}x CPU time; accuracy RMS "
-        f"{ours[1]:.4f} vs {sk[1]:.4f} px (excluding unit-cell jumps {ours[3]:.4f} vs {sk[3]:.4f}) -> "
-        f"{'PASS' if ok else 'FAIL'} (target >= 2x wall, equal or better accuracy)"
+        f"speed ratio vs skimage(normalization=None): {ratio:.1f}x median wall, {min_ratio:.1f}x min wall, "
+        f"{cpu_ratio:.1f}x CPU time; accuracy RMS {ours[1]:.4f} vs {sk[1]:.4f} px (excluding unit-cell jumps "
+        f"{ours[3]:.4f} vs {sk[3]:.4f}) -> {'PASS' if ok else 'FAIL'} (target >= 2x wall, equal or better accuracy)"
     )
     return ok
 

@@ -187,7 +187,7 @@ class FrameSender:
         self._sent: dict[str, int] = {}
         self._lock = threading.Lock()
         self._link_seq = 0
-        self._last_heard = self._last_sent = self._last_drain = time.monotonic()
+        self._last_heard = self._last_sent = self._last_drain = self._pending_since = time.monotonic()
         self._closed = False
         self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         self._sock.setsockopt(zmq.SNDHWM, high_water_mark)
@@ -220,6 +220,8 @@ class FrameSender:
         session, seq = header.get("session"), header.get("seq")
         with self._lock:
             self._check_open()
+            if not self._sent:  # nothing unacknowledged yet: liveness counts from now, not from the last reply
+                self._pending_since = time.monotonic()
             self._check_service_alive()
             self._send_blocking(parts)
             if isinstance(session, str) and session != LINK_SESSION and isinstance(seq, int):
@@ -355,7 +357,7 @@ class FrameSender:
     def _check_service_alive(self) -> None:
         if self.heartbeat_interval_s <= 0:
             return
-        silent = time.monotonic() - self._last_heard
+        silent = time.monotonic() - max(self._last_heard, self._pending_since)
         if silent <= self.liveness * self.heartbeat_interval_s:
             return
         pending = self.unacknowledged()

@@ -648,7 +648,8 @@ def _window_class() -> type:
             self.drift_plot = pg.PlotWidget(title="drift vs first frame of its tilt")
             self.drift_plot.addLegend(offset=(5, 5))
             self.drift_plot.setLabel("bottom", "frame")
-            self.drift_plot.setLabel("left", "shift", units="px")
+            self.drift_plot.setLabel("left", "shift (px)")
+            self.drift_plot.getAxis("left").enableAutoSIPrefix(False)
             self.drift_plot.showGrid(x=True, y=True, alpha=0.3)
             self.dy_curve = self.drift_plot.plot([], [], pen=pg.mkPen((80, 160, 255), width=2), symbol="o",
                                                  symbolSize=4, name="dy", connect="finite")
@@ -701,7 +702,7 @@ def _window_class() -> type:
             d_frame = add("frame", "Frame", self.frame_plot, "left")
             d_drift = add("drift", "Drift", self.drift_plot, "right", d_frame)
             add("sums", "Tilt sums", sums_widget, "right", d_drift)
-            d_wf = add("waterfall", "EELS waterfall", self.waterfall_plot, "bottom", d_frame)
+            d_wf = add("waterfall", "EELS waterfall", self.waterfall_plot, "bottom")  # second row
             d_temp = add("temperature", "Temperature", self.temp_plot, "right", d_wf)
             d_lab = add("labels", "Labels", self.labels_plot, "right", d_temp, size=(400, 150))
             add("peaks", "Peaks", self.peaks_table, "bottom", d_lab, size=(400, 150))
@@ -890,6 +891,19 @@ def _window_class() -> type:
                     self.peaks_table.setItem(i, j, QtWidgets.QTableWidgetItem(text))
             self.peaks_table.resizeColumnsToContents()
 
+        def dispose(self) -> None:
+            """Stop polling, close and delete the window now.
+
+            Call it before the interpreter exits: a window left to the garbage collector at shutdown can abort
+            the process (PySide6 6.12 + pyqtgraph 0.14, seen under pytest).
+            """
+            self.timer.stop()
+            self.close()
+            self.deleteLater()
+            app = QtWidgets.QApplication.instance()
+            if app is not None:
+                app.sendPostedEvents(None, 0)
+
         # ---------------------------------------------------------------- screenshots
         def grab_png(self, path: str | Path) -> bool:
             """Render the window into a PNG file; returns whether it was written."""
@@ -1009,7 +1023,7 @@ def run_viewer(
     try:
         app.exec()
     finally:
-        window.timer.stop()
+        window.dispose()
         subscriber.close()
     return status["code"]
 

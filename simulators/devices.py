@@ -268,11 +268,14 @@ class StemliveInstrument(UsimInstrumentDevice.Instrument):
         Registry id of the instrument.
     eels_sensor_height
         Rows of the EELS sensor (non-dispersive direction); its width is the scenario's ``n_channels``.
+    eels_n_channels
+        Overrides the scenario's ``n_channels`` (sensor width).
     """
 
     def __init__(self, scenario: Any = "default", *, time_scale: float | None = None,
                  physics: PhysicsLike | None = None, clock: SimulationClock | None = None,
-                 instrument_id: str = INSTRUMENT_ID, eels_sensor_height: int = 16) -> None:
+                 instrument_id: str = INSTRUMENT_ID, eels_sensor_height: int = 16,
+                 eels_n_channels: int | None = None) -> None:
         self.scenario = resolve_scenario(scenario)
         self.physics: PhysicsLike = physics if physics is not None else PhysicsBackend(self.scenario)
         scale = float(getattr(self.scenario, "time_scale", 0.0) if time_scale is None else time_scale)
@@ -283,7 +286,7 @@ class StemliveInstrument(UsimInstrumentDevice.Instrument):
         self._stage_lock = threading.RLock()
         self._stage = _StageState()
         eels = self.physics.eels_settings()
-        self.eels_n_channels = int(eels["n_channels"])
+        self.eels_n_channels = int(eels["n_channels"] if eels_n_channels is None else eels_n_channels)
         self.eels_dispersion_meV = float(eels["dispersion_meV"])
         self.eels_default_exposure_ms = float(eels["exposure_ms"])
         self.eels_sensor_shape = Geometry.IntSize(int(eels_sensor_height), self.eels_n_channels)
@@ -565,7 +568,11 @@ class StemliveScanDevice(ScanDevice.Device):
 class StemliveScanModule(scan_base.ScanModule):
     """Scan module (device + settings) registered as ``scan_module``."""
 
-    def __init__(self, instrument: StemliveInstrument, device_id: str = SCAN_DEVICE_ID) -> None:
+    #: usim's scan profiles (size, dwell us, fov nm), which Nion's test suites hard-code.
+    USIM_MODES = (((256, 256), 1.0, 100.0), ((512, 512), 1.0, 400.0), ((1024, 1024), 1.0, 1000.0))
+
+    def __init__(self, instrument: StemliveInstrument, device_id: str = SCAN_DEVICE_ID, *,
+                 usim_profiles: bool = False) -> None:
         self.stem_controller_id = instrument.instrument_id
         self.scan_box = HAADFScanBox(instrument.haadf_generator)
         self.device = StemliveScanDevice(instrument, self.scan_box, device_id)
@@ -574,14 +581,12 @@ class StemliveScanModule(scan_base.ScanModule):
         fov = float(getattr(haadf, "fov_nm", 16.384))
         dwell = float(getattr(haadf, "dwell_us", 4.0))
         shape = tuple(getattr(haadf, "shape_px", (512, 512)))
-        scan_modes = (
-            scan_base.ScanSettingsMode(_("Fast"), "fast", ScanDevice.ScanFrameParameters(
-                pixel_size=(256, 256), pixel_time_us=1, fov_nm=fov)),
-            scan_base.ScanSettingsMode(_("Slow"), "slow", ScanDevice.ScanFrameParameters(
-                pixel_size=shape, pixel_time_us=dwell, fov_nm=fov)),
-            scan_base.ScanSettingsMode(_("Record"), "record", ScanDevice.ScanFrameParameters(
-                pixel_size=shape, pixel_time_us=dwell, fov_nm=fov)),
-        )
+        modes = self.USIM_MODES if usim_profiles else (((256, 256), 1.0, fov), (shape, dwell, fov), (shape, dwell, fov))
+        scan_modes = tuple(
+            scan_base.ScanSettingsMode(title, mode_id, ScanDevice.ScanFrameParameters(
+                pixel_size=size, pixel_time_us=pixel_us, fov_nm=fov_nm))
+            for (title, mode_id), (size, pixel_us, fov_nm) in zip(
+                ((_("Fast"), "fast"), (_("Slow"), "slow"), (_("Record"), "record")), modes, strict=True))
         self.settings = scan_base.ScanSettings(self.device.scan_device_id, scan_modes,
                                                lambda d: ScanDevice.ScanFrameParameters(d), 0, 2)
 
@@ -772,12 +777,15 @@ class SimulatedInstrumentConfiguration:
         Also create a Ronchigram camera (usim's simulator, needed by Nion's camera test suite).
     eels_sensor_height
         Rows of the EELS sensor (16 by default; fewer rows make long spectrum sequences cheaper).
+    nion_suite_geometry
+        Use usim's geometry and profiles (EELS sensor 256 x 1024, scan profiles 256/512/1024 px at 100/400/1000 nm,
+        device_kit's default camera profiles), which Nion's scan and camera test suites hard-code. Tests only.
     """
 
     def __init__(self, scenario: Any = "default", *, time_scale: float | None = None,
                  physics: PhysicsLike | None = None, set_configuration_location: bool = False,
                  configuration_location: str | None = None, ronchigram: bool = True,
-                 eels_sensor_height: int = 16) -> None:
+                 eels_sensor_height: int = 16, nion_suite_geometry: bool = False) -> None:
         if configuration_location is not None:
             self.configuration_location = str(configuration_location)
         elif set_configuration_location:
@@ -788,9 +796,10 @@ class SimulatedInstrumentConfiguration:
             self.configuration_location = ""
         self.instrument_id = INSTRUMENT_ID
         self._instrument = StemliveInstrument(scenario, time_scale=time_scale, physics=physics,
-                                              eels_sensor_height=eels_sensor_height)
+                                              eels_sensor_height=256 if nion_suite_geometry else eels_sensor_height,
+                                              eels_n_channels=1024 if nion_suite_geometry else None)
         self.instrument: stem_controller.STEMController = self._instrument
-        self._scan_module = StemliveScanModule(self._instrument)
+        self._scan_module = StemliveScanModule(self._instrument, usim_profiles=nion_suite_geometry)
         self.scan_module: scan_base.ScanModule = self._scan_module
 
         self.eels_camera_device_id = EELS_CAMERA_ID
@@ -801,8 +810,9 @@ class SimulatedInstrumentConfiguration:
         exposure_ms = self._instrument.eels_default_exposure_ms
         profiles = [camera_base.CameraFrameParameters({"exposure_ms": e, "binning": 1}).as_dict()
                     for e in (exposure_ms / 10, exposure_ms, exposure_ms)]
-        self._eels_camera_settings.apply_settings({"settings": profiles, "current_settings_index": 0,
-                                                   "current_settings": profiles[0]})
+        if not nion_suite_geometry:
+            self._eels_camera_settings.apply_settings({"settings": profiles, "current_settings_index": 0,
+                                                       "current_settings": profiles[0]})
         self.eels_camera_device: camera_base.CameraDevice3 = self._eels_camera_device
         self.eels_camera_settings: camera_base.CameraSettings = self._eels_camera_settings
 

@@ -53,7 +53,8 @@ def metal_vacancies(rng, n=12, shape=SHAPE):
     i, j = rng.integers(-40, 40, (2, 4000))
     p = np.array([0.3, 0.7]) + i[:, None] * a1 + j[:, None] * a2
     p = p[(p[:, 0] > 10) & (p[:, 0] < shape[0] - 10) & (p[:, 1] > 10) & (p[:, 1] < shape[1] - 10)]
-    return np.unique(np.round(p, 6), axis=0)[rng.permutation(len(np.unique(np.round(p, 6), axis=0)))[:n]]
+    p = np.unique(np.round(p, 6), axis=0)
+    return p[rng.permutation(len(p))[:n]]
 
 
 def drifting_series(rng, n_frames, velocity, *, walk=0.05, vacancies=None, continuous=True, shape=SHAPE):

@@ -397,7 +397,7 @@ def test_window_offscreen_tilt_and_eels(qapp: Any, tmp_path: Path) -> None:
         assert window.temp_img.isVisible() and window.peaks_table.rowCount() == 2
         assert window.labels_img.image is not None and window.labels_img.image.shape[:2] == (4, 5)
     finally:
-        window.close()
+        window.dispose()
 
 
 def test_window_polls_subscriber(qapp: Any, publisher: ResultPublisher, tmp_path: Path) -> None:
@@ -420,6 +420,5 @@ def test_window_polls_subscriber(qapp: Any, publisher: ResultPublisher, tmp_path
         assert not viewer.is_blank(tmp_path / "live.png")
         assert "session P" in window.status_label.text()
     finally:
-        window.timer.stop()
-        window.close()
+        window.dispose()
         sub.close()

@@ -325,6 +325,9 @@ class ZLPFit:
         Levenberg-Marquardt iterations used.
     windows_meV
         The |E - centre| windows fitted.
+    signal
+        The resolution-deconvolved phonon signal used to correct the fit windows for signal spilled into
+        them (:class:`SignalModel`), or None (``signal_correction=0``).
     """
 
     params: Array
@@ -332,6 +335,7 @@ class ZLPFit:
     chi2_red: Array
     n_iter: int
     windows_meV: tuple[tuple[float, float], ...]
+    signal: SignalModel | None = field(default=None, repr=False)
 
     @property
     def errors(self) -> Array:
@@ -341,6 +345,127 @@ class ZLPFit:
     def model(self, energy_meV: ArrayLike) -> Array:
         """The fitted ZLP on an energy axis (broadcast ``(..., n)``)."""
         return pearson7_model(energy_meV, self.params)  # type: ignore[return-value]
+
+
+@dataclass
+class SignalModel:
+    """Resolution-deconvolved phonon signal of many spectra on a coarse axis relative to the ZLP centre.
+
+    Attributes
+    ----------
+    axis_meV
+        ``(n,)`` symmetric coarse axis ``h * (j - J)`` (``h`` = ``coarse`` channels), 0 = ZLP centre.
+    intrinsic
+        ``(k, n)`` Lucy-Richardson estimate of the signal before the resolution blur (counts per coarse
+        sample), non-zero only in ``signal_range_meV`` (both sides).
+    kernel_fft
+        ``(k, nfft // 2 + 1)`` FFT of each spectrum's unit-sum resolution function (the fitted ZLP shape).
+    nfft
+        FFT length of the (linear, not circular) convolutions.
+    """
+
+    axis_meV: Array
+    intrinsic: Array
+    kernel_fft: NDArray[np.complex128]
+    nfft: int
+
+    def blur(self, source: Array) -> Array:
+        """``source`` ``(k, n)`` on ``axis_meV`` convolved with each spectrum's resolution function."""
+        n = self.axis_meV.size
+        return scipy.fft.irfft(
+            scipy.fft.rfft(source, self.nfft, axis=-1, workers=-1) * self.kernel_fft, self.nfft, axis=-1, workers=-1
+        )[:, :n]
+
+    def sample(self, source_blurred: Array, e_meV: ArrayLike) -> Array:
+        """Linear interpolation of ``(k, n)`` on ``axis_meV`` at relative energies ``e_meV`` ``(m,)`` or ``(k, m)``."""
+        ax = self.axis_meV
+        h = ax[1] - ax[0]
+        pos = (np.asarray(e_meV, float) - ax[0]) / h
+        i = np.clip(np.floor(pos).astype(np.intp), 0, ax.size - 2)
+        f = np.clip(pos - i, 0.0, 1.0)
+        if pos.ndim == 1:
+            return source_blurred[:, i] * (1 - f) + source_blurred[:, i + 1] * f
+        a = np.take_along_axis(source_blurred, i, axis=1)
+        b = np.take_along_axis(source_blurred, i + 1, axis=1)
+        return a + f * (b - a)
+
+
+def _interp_channels(flat: Array, pos: Array) -> Array:
+    """Linear interpolation of ``flat`` ``(k, n)`` at fractional channel positions ``pos`` ``(k, m)``."""
+    n = flat.shape[1]
+    i = np.clip(np.floor(pos).astype(np.intp), 0, n - 2)
+    f = np.clip(pos - i, 0.0, 1.0)
+    a = np.take_along_axis(flat, i, axis=1)
+    b = np.take_along_axis(flat, i + 1, axis=1)
+    return a + f * (b - a)
+
+
+def signal_model(
+    energy_meV: ArrayLike,
+    spectra: ArrayLike,
+    params: ArrayLike,
+    *,
+    signal_range_meV: tuple[float, float] = (30.0, 130.0),
+    extent_meV: float = 230.0,
+    coarse: int = 2,
+    iterations: int = 30,
+) -> SignalModel:
+    """Lucy-Richardson estimate of the unblurred phonon signal, with the fitted ZLP as resolution function.
+
+    The ZLP model is subtracted, the remainder is averaged over ``coarse`` channels and sampled on an
+    axis centred on the fitted ZLP (``+-extent_meV``); the signal source is restricted to
+    ``signal_range_meV`` in ``|E|`` (both sides) and fitted to the data in the same range only (masked LR,
+    normalised by the blurred mask), so that its blur *outside* the range predicts what the resolution
+    tails spill into the ZLP-fit windows.  Used only for smooth, deterministic corrections (spill into
+    the ZLP windows; the resolution offset of the detailed-balance log-ratio), never as the measured signal.
+
+    Parameters
+    ----------
+    energy_meV, spectra
+        As for :func:`fit_zlp_pearson7`.
+    params
+        ``(..., 4)`` fitted Pearson VII parameters (amplitude, centre, FWHM, m).
+    iterations
+        LR iterations (30: the peaks are close to fully deconvolved; noise is irrelevant for the blurred
+        predictions that use it).
+    """
+    s = np.asarray(spectra, float)
+    batch, n = s.shape[:-1], s.shape[-1]
+    off, disp = _axis(energy_meV, n, batch)
+    flat = s.reshape(-1, n)
+    off = off.reshape(-1)
+    p = np.asarray(params, float).reshape(-1, 4)
+    h = coarse * disp
+    jn = int(np.ceil(extent_meV / h))
+    ax = h * np.arange(-jn, jn + 1)
+    c = p[:, 1]
+    # coarse samples: mean of the data interpolated at c + e -+ (coarse - 1) disp / 2, minus the ZLP model
+    pos = (c[:, None] + ax[None, :] - off[:, None]) / disp
+    half = 0.5 * (coarse - 1)
+    data = 0.5 * (_interp_channels(flat, pos - half) + _interp_channels(flat, pos + half)) if coarse > 1 else (
+        _interp_channels(flat, pos)
+    )
+    pz = p.copy()
+    pz[:, 1] = 0.0
+    obs = data - pearson7_model(ax[None, :], pz)  # type: ignore[operator]
+    lo, hi = signal_range_meV
+    mask = ((np.abs(ax) >= lo) & (np.abs(ax) <= hi)).astype(float)
+    nfft = scipy.fft.next_fast_len(2 * ax.size)
+    lag = np.arange(nfft)
+    lag = np.where(lag < nfft // 2, lag, lag - nfft) * h
+    kern = pearson7_model(lag[None, :], np.column_stack([np.ones(len(p)), np.zeros(len(p)), p[:, 2:]]))
+    kern = kern / kern.sum(-1, keepdims=True)  # type: ignore[union-attr]
+    kf = scipy.fft.rfft(kern, axis=-1, workers=-1)
+    model = SignalModel(ax, np.zeros_like(obs), kf, nfft)
+    o = np.maximum(obs, 0.0) * mask
+    norm = np.maximum(model.blur(np.broadcast_to(mask, obs.shape)), 1e-12)
+    u = np.maximum(o, 1e-9 * np.maximum(o.max(-1, keepdims=True), 1e-30)) * mask
+    for _ in range(int(iterations)):
+        est = np.maximum(model.blur(u), 1e-30)
+        u = u * model.blur(o / est * mask) / norm * mask
+    model.intrinsic = u
+    return model
+
 
 
 def _window_index(
@@ -360,6 +485,35 @@ def _window_index(
     return idx
 
 
+def _p7_parts(x: Array, p: Array) -> tuple[Array, list[Array]]:
+    """Pearson VII ``(k, n)`` and its four derivatives (list of ``(k, n)``) for ``p`` ``(k, 4)``."""
+    a, c, w, m = (p[:, i, None] for i in range(4))
+    d = x - c
+    cc = np.exp2(1.0 / m) - 1.0
+    u = d / w
+    u *= u
+    q = 1.0 + 4.0 * cc * u
+    lq = np.log(q)
+    qm = np.exp(-m * lq)
+    f = a * qm
+    g = (8.0 * a * m * cc) * qm / q
+    dcc_dm = -(cc + 1.0) * np.log(2.0) / m**2
+    return f, [qm, g * d / w**2, g * u / w, -f * (lq + (4.0 * m * dcc_dm) * u / q)]
+
+
+def _normal(jac: list[Array], wt: Array, r: Array) -> tuple[Array, Array]:
+    """Weighted normal matrix ``(k, 4, 4)`` and gradient ``(k, 4)`` from a list of derivative arrays."""
+    k = wt.shape[0]
+    h = np.empty((k, 4, 4))
+    g = np.empty((k, 4))
+    for i in range(4):
+        wj = wt * jac[i]
+        g[:, i] = np.einsum("kn,kn->k", wj, r)
+        for j in range(i, 4):
+            h[:, i, j] = h[:, j, i] = np.einsum("kn,kn->k", wj, jac[j])
+    return h, g
+
+
 def _lm(
     x: Array,
     y: Array,
@@ -369,41 +523,46 @@ def _lm(
     max_iter: int,
     tol: float = 1e-6,
 ) -> tuple[Array, Array, Array, int]:
-    """Batched Levenberg-Marquardt for the Pearson VII: returns params, normal matrix, chi2, iterations."""
+    """Batched Levenberg-Marquardt for the Pearson VII: returns params, normal matrix, chi2, iterations.
+
+    Only the spectra that have not converged (relative chi-square change below ``tol`` on an accepted
+    step) are carried to the next iteration.
+    """
     p = p0.copy()
-    lam = np.full(len(p), 1e-3)
-    f, jac = pearson7_model(x, p, jacobian=True)
+    k = len(p)
+    lam = np.full(k, 1e-3)
+    f, _ = _p7_parts(x, p)
     r = y - f
     chi2 = np.einsum("kn,kn->k", wt * r, r)
+    act = np.arange(k)
     it = 0
-    active = np.ones(len(p), bool)
+    eye = np.eye(4)
     for n_it in range(1, max_iter + 1):
         it = n_it
-        jw = jac * wt[..., None]
-        jwt = jw.transpose(0, 2, 1)
-        h = jwt @ jac
-        g = (jwt @ r[..., None])[..., 0]
+        xa, ya, wa, pa = x[act], y[act], wt[act], p[act]
+        fa, ja = _p7_parts(xa, pa)
+        h, g = _normal(ja, wa, ya - fa)
         diag = np.einsum("kii->ki", h)
-        hd = h + (lam[:, None] * np.maximum(diag, 1e-300))[:, :, None] * np.eye(4)
+        hd = h + (lam[act, None] * np.maximum(diag, 1e-300))[:, :, None] * eye
         dp = np.linalg.solve(hd, g[..., None])[..., 0]
-        pt = p + dp
-        pt[:, 0] = np.maximum(pt[:, 0], 1e-3 * p[:, 0])
-        pt[:, 2] = np.clip(pt[:, 2], 0.2 * p[:, 2], 5 * p[:, 2])
+        pt = pa + dp
+        pt[:, 0] = np.maximum(pt[:, 0], 1e-3 * pa[:, 0])
+        pt[:, 2] = np.clip(pt[:, 2], 0.2 * pa[:, 2], 5 * pa[:, 2])
         pt[:, 3] = np.clip(pt[:, 3], 0.55, 200.0)
-        ft, jt = pearson7_model(x, pt, jacobian=True)
-        rt = y - ft
-        chi2t = np.einsum("kn,kn->k", wt * rt, rt)
-        acc = (chi2t <= chi2) & active
-        p = np.where(acc[:, None], pt, p)
-        jac = np.where(acc[:, None, None], jt, jac)
-        r = np.where(acc[:, None], rt, r)
-        rel = np.abs(chi2 - chi2t) / np.maximum(chi2, 1e-300)
-        chi2 = np.where(acc, chi2t, chi2)
-        lam = np.where(acc, np.maximum(lam / 5.0, 1e-7), lam * 5.0)
-        active &= ~((acc & (rel < tol)) | (lam > 1e8))
-        if not active.any():
+        ft, _ = _p7_parts(xa, pt)
+        rt = ya - ft
+        chi2t = np.einsum("kn,kn->k", wa * rt, rt)
+        acc = chi2t <= chi2[act]
+        rel = np.abs(chi2[act] - chi2t) / np.maximum(chi2[act], 1e-300)
+        p[act] = np.where(acc[:, None], pt, pa)
+        chi2[act] = np.where(acc, chi2t, chi2[act])
+        lam[act] = np.where(acc, np.maximum(lam[act] / 5.0, 1e-7), lam[act] * 5.0)
+        done = (acc & (rel < tol)) | (lam[act] > 1e8)
+        act = act[~done]
+        if act.size == 0:
             break
-    h = (jac * wt[..., None]).transpose(0, 2, 1) @ jac
+    f, jac = _p7_parts(x, p)
+    h, _ = _normal(jac, wt, y - f)
     return p, h, chi2, it
 
 
@@ -418,6 +577,8 @@ def fit_zlp_pearson7(
     scale_covariance: bool = True,
     signal_correction: int = 2,
     signal_range_meV: tuple[float, float] = (30.0, 130.0),
+    lr_iterations: int = 30,
+    tol: float = 1e-5,
 ) -> ZLPFit:
     """Fit a symmetric Pearson VII to the zero-loss peak in ``|E - centre|`` windows on both sides.
 
@@ -442,8 +603,9 @@ def fit_zlp_pearson7(
         Multiply the covariance by ``max(1, chi2_red)``.
     signal_correction
         Number of refits after removing from the windows the phonon signal spilled into them by the
-        resolution function's tails: the signal ``S - Z`` in ``signal_range_meV`` (both sides) convolved
-        with the fitted, unit-area Pearson VII (0 = plain fit).
+        resolution function: the signal in ``signal_range_meV`` (both sides) is deconvolved
+        (:func:`signal_model`, ``lr_iterations`` masked Lucy-Richardson iterations with the fitted ZLP) and
+        blurred again; its part outside the range is subtracted from the windows (0 = plain fit).
 
     Returns
     -------
@@ -465,15 +627,23 @@ def fit_zlp_pearson7(
     idx = _window_index(off, disp, centre, n, windows_meV)
     y = np.take_along_axis(flat, idx, axis=1)
     x = off[:, None] + disp * idx
-    wt = 1.0 / (np.maximum(y, 1.0) + rn2)
-    p, _, _, it1 = _lm(x, y, wt, p0, max_iter=max_iter)
+    # Poisson weights from the model (no bias towards low counts): the starting model, then the first fit
+    wt = 1.0 / (np.maximum(pearson7_model(x, p0), 1e-3) + rn2)
+    p, _, _, it1 = _lm(x, y, wt, p0, max_iter=max_iter, tol=tol)
     wt = 1.0 / (np.maximum(pearson7_model(x, p), 1e-3) + rn2)
-    p, h, chi2, it2 = _lm(x, y, wt, p, max_iter=max_iter)
+    p, h, chi2, it2 = _lm(x, y, wt, p, max_iter=max_iter, tol=tol)
+    sig: SignalModel | None = None
     for _ in range(int(signal_correction)):
-        leak = _signal_leak(flat, off, disp, p, signal_range_meV)
-        yc = y - np.take_along_axis(leak, idx, axis=1)
+        sig = signal_model(
+            off[:, None] + disp * np.arange(n)[None, :] if off.size > 1 else off[0] + disp * np.arange(n),
+            flat,
+            p,
+            signal_range_meV=signal_range_meV,
+            iterations=lr_iterations,
+        )
+        spill = sig.sample(sig.blur(sig.intrinsic), x - p[:, 1:2])
         wt = 1.0 / (np.maximum(pearson7_model(x, p), 1e-3) + rn2)
-        p, h, chi2, it3 = _lm(x, yc, wt, p, max_iter=max_iter)
+        p, h, chi2, it3 = _lm(x, y - spill, wt, p, max_iter=max_iter, tol=tol)
         it2 += it3
     dof = max(1, x.shape[1] - 4)
     chi2_red = chi2 / dof
@@ -486,6 +656,7 @@ def fit_zlp_pearson7(
         chi2_red=chi2_red.reshape(batch),
         n_iter=it1 + it2,
         windows_meV=tuple(windows_meV),
+        signal=sig,
     )
 
 
@@ -724,6 +895,7 @@ def log_ratio_bins(
     shp = batch + (nb,)
     return {
         "e": e_bins,
+        "e_points": e_pts.reshape(nb, b),
         "SL": SL.reshape(shp),
         "SG": SG.reshape(shp),
         "vL": varL.reshape(shp),
@@ -742,6 +914,36 @@ def _coef2(f: Array, nb: int, b: int) -> Array:
     return (b - 1 + (1 - f) ** 2 + f**2)[:, None] * np.ones(nb)
 
 
+def _resolution_offset(
+    sig: SignalModel, e_points: Array, slope: Array, *, iterations: int, y: Array, w: Array, e: Array
+) -> Array:
+    """Offset ``c_i = log(L_c,i / G_c,i) - slope e_i`` of the binned log-ratio caused by the resolution blur.
+
+    The detailed-balance source is built from the deconvolved loss signal ``u(E)`` (E > 0) and its mirror
+    ``u(E) exp(-slope E)`` on the gain side, blurred with each spectrum's resolution function and summed
+    over the same points as the data bins.  The slope is refitted through the origin on ``y - c`` and the
+    offset recomputed ``iterations`` times.  Returns ``c`` ``(k, n_bins)``.
+    """
+    ax = sig.axis_meV
+    u = sig.intrinsic
+    loss = np.where(ax > 0, u, 0.0)
+    mirror = np.where(ax < 0, u[:, ::-1], 0.0)
+    pts = e_points.reshape(-1)
+    nb, b = e_points.shape
+    swee = np.maximum((w * e * e).sum(-1), 1e-300)
+    off = np.zeros_like(y)
+    for _ in range(int(iterations)):
+        src = loss + mirror * np.exp(np.minimum(slope[:, None] * ax[None, :], 0.0))
+        blurred = sig.blur(src)
+        lc = sig.sample(blurred, pts).reshape(-1, nb, b).sum(-1)
+        gc = sig.sample(blurred, -pts).reshape(-1, nb, b).sum(-1)
+        ok = (lc > 0) & (gc > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            off = np.where(ok, np.log(np.where(ok, lc, 1.0) / np.where(ok, gc, 1.0)) - slope[:, None] * e, 0.0)
+        slope = (w * e * (y - off)).sum(-1) / swee
+    return off
+
+
 def temperature(
     energy_meV: ArrayLike,
     spectra: ArrayLike,
@@ -757,6 +959,8 @@ def temperature(
     min_snr: float = 2.0,
     bias_correction: bool = True,
     scale_by_chi2: bool | None = None,
+    resolution_correction: bool = True,
+    lr_correction_iterations: int = 30,
 ) -> TemperatureResult:
     """Temperature from detailed balance, ``log(I_loss(E) / I_gain(E)) = E / (k_B T)``.
 
@@ -832,6 +1036,16 @@ def temperature(
     y = np.where(good, y, 0.0)
     swee = np.maximum((w * e * e).sum(-1), 1e-300)
     slope = (w * e * y).sum(-1) / swee
+    offset = np.zeros_like(y)
+    if resolution_correction:
+        sig = zlp.signal
+        if sig is None:
+            sig = signal_model(energy_meV, s, zlp.params, iterations=lr_correction_iterations)
+        offset = _resolution_offset(sig, d["e_points"], slope.reshape(-1), iterations=3, y=y.reshape(-1, e.size),
+                                    w=w.reshape(-1, e.size), e=e)
+        offset = offset.reshape(y.shape)
+        slope = (w * e * (y - offset)).sum(-1) / swee
+    y = np.where(good, y - offset, 0.0)
     nbin = good.sum(-1)
     resid = y - slope[..., None] * e
     chi2_red = (w * resid**2).sum(-1) / np.maximum(nbin - 1, 1)
