@@ -52,7 +52,8 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help=f"frame endpoint: bound by the in-process service, used by the panels "
                    f"(default {DEFAULT_FRAME_ENDPOINT})")
     p.add_argument("--results", default=None,
-                   help=f"result endpoint Swift subscribes to (default {DEFAULT_RESULT_ENDPOINT}; 'none' for no results)")
+                   help=f"result endpoint Swift subscribes to (default {DEFAULT_RESULT_ENDPOINT}; "
+                   "'none': no results in Swift)")
     p.add_argument("--out", type=Path, default=Path("sessions"),
                    help="folder for session files of the in-process service (default ./sessions)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE.PARAM=VALUE",

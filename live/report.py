@@ -337,7 +337,7 @@ def _interface_numbers(res: Mapping[str, Any], model: Mapping[str, Any] | None, 
             out[f"interface_{name}" if not name.startswith("interface") else name] = float(row[name])
     if model is not None and len(xy):
         out["interface_drop_true_K"] = float(model["drop_K"])
-        out["interface_x_true_nm"] = float(model["interface_x_nm"] - xy[0, 1])  # along the line (+x) from point 0
+        out["interface_x_true_nm"] = float(model["interface_x_nm"] - xy[0, 0])  # along the line (+x) from point 0
         if "interface_drop_K" in out:
             out["interface_drop_error_K"] = out["interface_drop_K"] - out["interface_drop_true_K"]
     return out

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7711"
 """Default result endpoint (the service's ``--results``)."""
 
-PANELS = ("frame", "drift", "sums", "waterfall", "temperature", "labels", "peaks", "status")
+TILT_PANELS = ("frame", "drift", "sums")
+EELS_PANELS = ("waterfall", "temperature", "labels", "peaks")
+PANELS = (*TILT_PANELS, *EELS_PANELS, "status")
 """Names of the parts of a :class:`SessionView` that can change (see :attr:`SessionView.changed`)."""
 
 
@@ -295,10 +297,11 @@ class SessionView:
             self.interface = _rows(value)
             self.changed.add("peaks")
 
-    def take_changes(self) -> set[str]:
-        """The names of the parts changed since the last call (and forget them)."""
-        changed, self.changed = self.changed, set()
-        return changed
+    def take_changes(self, names: Iterable[str] | None = None) -> set[str]:
+        """The parts changed since they were last taken (and forget them); only ``names`` if given."""
+        wanted = self.changed if names is None else self.changed & set(names)
+        self.changed -= wanted
+        return set(wanted)
 
     # ------------------------------------------------------------------ derived arrays for plotting
     @property
@@ -431,8 +434,12 @@ class ViewerModel:
     sessions : OrderedDict[str, SessionView]
         Sessions by id, in the order they were first seen.
     current : str or None
-        The session shown: the newest one seen. A late result of an older session updates that session but
-        does not switch back to it.
+        The newest session seen (shown in the status line). A late result of an older session updates that
+        session but does not switch back to it.
+    latest : dict[str, str]
+        The newest session of each kind (``"tilt_series"``, ``"eels"``): the window draws the tilt-series
+        panels from one and the EELS panels from the other, so a line scan does not blank the tilt series
+        acquired just before it.
     results : int
         Results applied in total.
     dropped : int
@@ -443,6 +450,8 @@ class ViewerModel:
         self.max_sessions = max(1, int(max_sessions))
         self.sessions: OrderedDict[str, SessionView] = OrderedDict()
         self.current: str | None = None
+        self.latest: dict[str, str] = {}
+        self._order: dict[str, int] = {}
         self.results = 0
         self.dropped = 0
         self.session_switches = 0
@@ -453,6 +462,11 @@ class ViewerModel:
     def view(self) -> SessionView | None:
         """The current session's state, or None before the first result."""
         return self.sessions.get(self.current) if self.current is not None else None
+
+    def latest_view(self, kind: str) -> SessionView | None:
+        """The newest session with results of ``kind`` (``"tilt_series"`` or ``"eels"``), or None."""
+        sid = self.latest.get(kind)
+        return self.sessions.get(sid) if sid is not None else None
 
     def apply(self, msg: Message) -> SessionView | None:
         """Apply one message; non-result messages and results without a session are ignored.
@@ -471,6 +485,7 @@ class ViewerModel:
         if state is None:
             state = SessionView(sid)
             self.sessions[sid] = state
+            self._order[sid] = len(self._order)
             if self.current is not None:
                 self.session_switches += 1
                 log.info("new session %s: switching from %s", sid, self.current)
@@ -481,6 +496,12 @@ class ViewerModel:
                     break
                 del self.sessions[oldest]
         state.apply(msg)
+        if state.kind != "unknown":
+            shown = self.latest.get(state.kind)
+            if shown is None or shown not in self.sessions or self._order[shown] < self._order[sid]:
+                if shown != sid:
+                    state.changed.update(PANELS)
+                self.latest[state.kind] = sid
         self.results += 1
         self.last_result_monotonic = time.monotonic()
         return state
@@ -637,6 +658,7 @@ def _window_class() -> type:
             self.subscriber = subscriber
             self.endpoint = endpoint
             self._shown_session: str | None = None
+            self._shown_eels_session: str | None = None
             self.setWindowTitle(f"stemlive viewer{' - ' + endpoint if endpoint else ''}")
             self.resize(1500, 900)
             area = DockArea()
@@ -731,30 +753,35 @@ def _window_class() -> type:
 
         # ---------------------------------------------------------------- drawing
         def refresh(self, force: bool = False) -> None:
-            """Redraw the parts of the current session that changed (all of them after a session switch)."""
-            view = self.model.view
-            if view is None:
-                self.status_label.setText(self.model.status_text(self.endpoint))
-                return
-            changed = view.take_changes()
-            if force or view.session != self._shown_session:
-                changed = set(PANELS)
-                self._shown_session = view.session
-                self._follow_latest_sum = True
-            if "frame" in changed:
-                self._draw_frame(view)
-            if "drift" in changed:
-                self._draw_drift(view)
-            if "sums" in changed:
-                self._draw_sums(view)
-            if "waterfall" in changed:
-                self._draw_waterfall(view)
-            if "temperature" in changed:
-                self._draw_temperature(view)
-            if "labels" in changed:
-                self._draw_labels(view)
-            if "peaks" in changed:
-                self._draw_peaks(view)
+            """Redraw what changed: tilt panels from the newest tilt series, EELS panels from the newest EELS
+            session (everything after a session switch)."""
+            tilt = self.model.latest_view("tilt_series")
+            if tilt is not None:
+                changed = tilt.take_changes(TILT_PANELS)
+                if force or tilt.session != self._shown_session:
+                    changed = set(TILT_PANELS)
+                    self._shown_session = tilt.session
+                    self._follow_latest_sum = True
+                if "frame" in changed:
+                    self._draw_frame(tilt)
+                if "drift" in changed:
+                    self._draw_drift(tilt)
+                if "sums" in changed:
+                    self._draw_sums(tilt)
+            eels = self.model.latest_view("eels")
+            if eels is not None:
+                changed = eels.take_changes(EELS_PANELS)
+                if force or eels.session != self._shown_eels_session:
+                    changed = set(EELS_PANELS)
+                    self._shown_eels_session = eels.session
+                if "waterfall" in changed:
+                    self._draw_waterfall(eels)
+                if "temperature" in changed:
+                    self._draw_temperature(eels)
+                if "labels" in changed:
+                    self._draw_labels(eels)
+                if "peaks" in changed:
+                    self._draw_peaks(eels)
             self.status_label.setText(self.model.status_text(self.endpoint))
 
         def _draw_frame(self, view: SessionView) -> None:
@@ -762,6 +789,7 @@ def _window_class() -> type:
                 self.frame_img.clear()
                 self.frame_plot.setTitle("latest frame")
                 return
+            self.docks["frame"].setTitle(f"Frame - {view.session}")
             frame = np.asarray(view.frame, dtype=np.float32)
             levels = _finite_levels(frame)
             self.frame_img.setImage(frame, levels=levels, autoLevels=levels is None)
@@ -787,7 +815,7 @@ def _window_class() -> type:
             self._show_sum(self.sums_slider.value(), user=False)
 
         def _show_sum(self, position: int, user: bool = True) -> None:
-            view = self.model.view
+            view = self.model.latest_view("tilt_series")
             rows = view.tilt_rows() if view is not None else []
             if user:
                 self._follow_latest_sum = position >= len(rows) - 1
@@ -806,6 +834,7 @@ def _window_class() -> type:
             if wf is None:
                 self.waterfall_img.clear()
                 return
+            self.docks["waterfall"].setTitle(f"EELS waterfall - {view.session}")
             with np.errstate(invalid="ignore", divide="ignore"):
                 img = np.log10(np.where(wf > 0, wf, np.nan)).astype(np.float32)
             levels = _finite_levels(img)

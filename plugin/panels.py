@@ -215,6 +215,7 @@ class AcquisitionModel(Declarative.Handler):
     """
 
     step_name = "step"
+    ui_view: Any = None  # the declarative description, set by the Swift panel
     endpoint = _Field(DEFAULT_FRAME_ENDPOINT)
     status_text = _Field("")
     progress_text = _Field("")
@@ -717,6 +718,7 @@ class _StemlivePanel(Panel.Panel):
     def __init__(self, document_controller: Any, panel_id: str, title: str, model: AcquisitionModel,
                  ui_description: Any) -> None:
         super().__init__(document_controller, panel_id, title)
+        model.ui_view = ui_description
         self.model = model
         self.widget = Declarative.DeclarativeWidget(document_controller.ui, document_controller.event_loop, model)
         from . import results
@@ -737,8 +739,7 @@ class TiltSeriesPanel(_StemlivePanel):
 
     def __init__(self, document_controller: Any, panel_id: str, properties: dict[str, Any]) -> None:
         model = TiltSeriesModel(document_controller=document_controller, dispatch=document_controller.queue_task)
-        model.ui_view = tilt_series_ui()
-        super().__init__(document_controller, panel_id, _("Tilt Series"), model, model.ui_view)
+        super().__init__(document_controller, panel_id, _("Tilt Series"), model, tilt_series_ui())
 
 
 class EELSPanel(_StemlivePanel):
@@ -746,8 +747,7 @@ class EELSPanel(_StemlivePanel):
 
     def __init__(self, document_controller: Any, panel_id: str, properties: dict[str, Any]) -> None:
         model = EELSModel(document_controller=document_controller, dispatch=document_controller.queue_task)
-        model.ui_view = eels_ui()
-        super().__init__(document_controller, panel_id, _("Vibrational EELS"), model, model.ui_view)
+        super().__init__(document_controller, panel_id, _("Vibrational EELS"), model, eels_ui())
 
 
 def register_panels() -> None:

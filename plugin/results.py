@@ -233,6 +233,10 @@ class _SessionResults:
         self._context(attrs)
         s = self.session
         if stage == "tilt_series":
+            if name == "sums" and payload is not None and payload.ndim == 3 and index is None:
+                for row, image in enumerate(payload):  # the final stack of every tilt
+                    self.sums[row] = image.astype(np.float32, copy=False)
+                return [(s, f"tilt_series/sums/{row}") for row in range(payload.shape[0])]
             if name == "sums" and payload is not None and payload.ndim == 2 and index is not None:
                 self.sums[index] = payload.astype(np.float32, copy=False)
                 self.sum_attrs[index] = attrs
@@ -281,7 +285,15 @@ class _SessionResults:
             data = np.asarray(payload)
             if data.ndim == 2:
                 self.scan_shape = (data.shape[0], data.shape[1])
-            self.labels = data.reshape(-1).copy()
+            flat = data.reshape(-1).astype(np.float32)
+            points = attrs.get("points")
+            if isinstance(points, list) and len(points) == flat.size and points:
+                # live labels cover only the points analysed so far: place them, the rest stay -1
+                n = max(max(int(p) for p in points) + 1, self.n_points or 0)
+                placed = np.full(n, -1.0, np.float32)
+                placed[np.asarray(points, dtype=np.intp)] = flat
+                flat = placed
+            self.labels = flat
             return [(s, "eels/labels")]
         return []
 
@@ -297,7 +309,7 @@ class _SessionResults:
     def render(self, item: str) -> tuple[Any, str] | None:
         from nion.data import Calibration, DataAndMetadata
 
-        meta = {METADATA_KEY: {"session": self.session, "item": item}}
+        meta: dict[str, dict[str, Any]] = {METADATA_KEY: {"session": self.session, "item": item}}
         short = self.session[-8:]
         if item.startswith("tilt_series/sums/"):
             index = int(item.rsplit("/", 1)[1])

@@ -265,7 +265,9 @@ def send_sessions(frame_endpoint: str, work: Path, args: argparse.Namespace) -> 
                                 points=args.points, spectra_per_point=args.spectra)
     from stemlive.live.replay import replay_to
 
-    paths = [Path(p) for p in make(work / "demo", small=True)]
+    log("making the demo sessions (stemlive.live.demo.make_demo_sessions(small=True))")
+    made = make(work / "demo", small=True)
+    paths = [Path(p) for p in (made.values() if isinstance(made, dict) else made)]
     for path in paths:
         n = replay_to(path, frame_endpoint, speed=args.speed)
         log(f"replayed {path.name}: {n} messages")

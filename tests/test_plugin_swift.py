@@ -102,7 +102,7 @@ def create_panel(document_controller: Any, panel_id: str) -> Any:
     return panel
 
 
-# ------------------------------------------------------------------------------------------------------------ plans
+# ----------------------------------------------------------------------------------------------------- plans
 
 
 def test_tilt_panel_builds_plan_from_fields(document_controller: Any) -> None:
@@ -212,7 +212,7 @@ def test_eels_points_from_graphics(document_controller: Any) -> None:
     assert not panels.EELSModel().take_from_graphic(None)
 
 
-# ------------------------------------------------------------------------------------------------------------ results
+# ----------------------------------------------------------------------------------------------------- results
 
 
 def test_eels_results_become_data_items(document_controller: Any) -> None:
@@ -250,8 +250,29 @@ def test_eels_results_become_data_items(document_controller: Any) -> None:
     assert again.data_items[("s1", "eels/labels")] is by_item["eels/labels"]
     assert by_item["eels/labels"].xdata.data_shape == (2, 2)
 
+    # live labels of a subset of points (attrs.points) are placed at those points
+    again.submit(("s2", "eels", "labels", None), np.array([1, 0]), {"points": [0, 3]})
+    pump(document_controller, lambda: ("s2", "eels/labels") in again.data_items, 5)
+    assert list(again.data_items[("s2", "eels/labels")].xdata.data) == [1, -1, -1, 0]
 
-# ------------------------------------------------------------------------------------------------------------ end to end
+
+def test_final_tilt_stack_refreshes_every_tilt(document_controller: Any) -> None:
+    receiver = results.ResultsToSwift(document_controller, free_tcp_endpoint(), start=False)
+    receiver.submit(("t", "tilt_series", "sums", 0), np.zeros((8, 8), np.float32), {})
+    receiver.submit(("t", "tilt_series", "tilt_alpha_deg", 0), np.array(10.0), {})
+    receiver.submit(("t", "tilt_series", "tilt_beta_deg", 0), np.array(-5.0), {})
+    pump(document_controller, lambda: ("t", "tilt_series/sums/0") in receiver.data_items, 5)
+    assert receiver.data_items[("t", "tilt_series/sums/0")].title == "Tilt 1 (10, -5) drift-corrected sum"
+    receiver.submit(("t", "tilt_series", "sums", None), np.stack([np.ones((8, 8)), 2 * np.ones((8, 8))]), {})
+    receiver.submit(("t", "tilt_series", "tilt_alpha_deg", None), np.array([10.0, 20.0]), {})
+    receiver.submit(("t", "tilt_series", "tilt_beta_deg", None), np.array([-5.0, 0.0]), {})
+    pump(document_controller, lambda: ("t", "tilt_series/sums/1") in receiver.data_items, 5)
+    first, second = receiver.data_items[("t", "tilt_series/sums/0")], receiver.data_items[("t", "tilt_series/sums/1")]
+    assert first.xdata.data[0, 0] == 1 and second.xdata.data[0, 0] == 2
+    assert second.title == "Tilt 2 (20, 0) drift-corrected sum"
+
+
+# ----------------------------------------------------------------------------------------------------- end to end
 
 
 def test_tilt_series_through_the_panel_end_to_end(document_controller: Any, swift: Any, tmp_path: Path) -> None:
@@ -324,3 +345,28 @@ def test_eels_line_scan_through_the_panel(document_controller: Any, swift: Any, 
     finally:
         panel.close()
         service.stop()
+
+
+# ----------------------------------------------------------------------------------------------------- launcher
+
+
+def test_launcher_options_set_the_plugin_environment(tmp_path: Path) -> None:
+    import argparse
+
+    from stemlive.live import launcher
+
+    parser = argparse.ArgumentParser()
+    launcher.add_subcommand(parser.add_subparsers())
+    args = parser.parse_args(["swift", "--out", str(tmp_path)])
+    env = launcher.plugin_environment(args)
+    assert env == {"STEMLIVE_INSTRUMENT": "simulated", "STEMLIVE_SCENARIO": "realtime",
+                   "STEMLIVE_FRAME_ENDPOINT": "tcp://127.0.0.1:7710", "STEMLIVE_RESULT_ENDPOINT": "tcp://127.0.0.1:7711",
+                   "STEMLIVE_SESSION_DIR": str(tmp_path.resolve())}
+    args = parser.parse_args(["swift", "--no-simulator", "--service", "none", "--frames", "tcp://10.0.0.2:7710"])
+    env = launcher.plugin_environment(args)
+    assert env["STEMLIVE_INSTRUMENT"] == "none" and env["STEMLIVE_RESULT_ENDPOINT"] == "none"
+    assert env["STEMLIVE_FRAME_ENDPOINT"] == "tcp://10.0.0.2:7710" and "STEMLIVE_SESSION_DIR" not in env
+    target = {"STEMLIVE_SESSION_DIR": "/stale"}
+    launcher.apply_environment(env, target)
+    assert target == env
+    assert args.func is launcher.cmd_swift

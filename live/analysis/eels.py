@@ -455,14 +455,19 @@ def signal_model(
     lag = np.where(lag < nfft // 2, lag, lag - nfft) * h
     kern = pearson7_model(lag[None, :], np.column_stack([np.ones(len(p)), np.zeros(len(p)), p[:, 2:]]))
     kern = kern / kern.sum(-1, keepdims=True)  # type: ignore[union-attr]
-    kf = scipy.fft.rfft(kern, axis=-1, workers=-1)
+    kf = scipy.fft.rfft(kern.astype(np.float32), axis=-1, workers=-1)
     model = SignalModel(ax, np.zeros_like(obs), kf, nfft)
-    o = np.maximum(obs, 0.0) * mask
+    mask = mask.astype(np.float32)
+    o = (np.maximum(obs, 0.0) * mask).astype(np.float32)
     norm = np.maximum(model.blur(np.broadcast_to(mask, obs.shape)), 1e-12)
     u = np.maximum(o, 1e-9 * np.maximum(o.max(-1, keepdims=True), 1e-30)) * mask
+    inv_norm = mask / norm
     for _ in range(int(iterations)):
-        est = np.maximum(model.blur(u), 1e-30)
-        u = u * model.blur(o / est * mask) / norm * mask
+        est = model.blur(u)
+        np.maximum(est, 1e-30, out=est)
+        np.divide(o, est, out=est)
+        u *= model.blur(est)
+        u *= inv_norm
     model.intrinsic = u
     return model
 
@@ -550,6 +555,11 @@ def _lm(
         pt[:, 2] = np.clip(pt[:, 2], 0.2 * pa[:, 2], 5 * pa[:, 2])
         pt[:, 3] = np.clip(pt[:, 3], 0.55, 200.0)
         ft, _ = _p7_parts(xa, pt)
+        # the amplitude is linear: re-solve it exactly (removes its strong correlation with FWHM and m)
+        sc = np.einsum("kn,kn->k", wa * ft, ya) / np.maximum(np.einsum("kn,kn->k", wa * ft, ft), 1e-300)
+        sc = np.where(sc > 0, sc, 1.0)
+        pt[:, 0] *= sc
+        ft *= sc[:, None]
         rt = ya - ft
         chi2t = np.einsum("kn,kn->k", wa * rt, rt)
         acc = chi2t <= chi2[act]
@@ -625,26 +635,24 @@ def fit_zlp_pearson7(
         p0 = np.broadcast_to(np.asarray(initial, float), (k, 4)).copy()
         centre = p0[:, 1]
     idx = _window_index(off, disp, centre, n, windows_meV)
+    axis = off[:, None] + disp * np.arange(n)[None, :] if k > 1 else off[0] + disp * np.arange(n)
     y = np.take_along_axis(flat, idx, axis=1)
     x = off[:, None] + disp * idx
-    # Poisson weights from the model (no bias towards low counts): the starting model, then the first fit
-    wt = 1.0 / (np.maximum(pearson7_model(x, p0), 1e-3) + rn2)
-    p, _, _, it1 = _lm(x, y, wt, p0, max_iter=max_iter, tol=tol)
-    wt = 1.0 / (np.maximum(pearson7_model(x, p), 1e-3) + rn2)
-    p, h, chi2, it2 = _lm(x, y, wt, p, max_iter=max_iter, tol=tol)
+    # Poisson weights from the model (no bias towards low counts); the phonon signal spilled into the
+    # windows is estimated from the current parameters and removed before each fit
+    p = p0
+    spill: Array | float = 0.0
     sig: SignalModel | None = None
-    for _ in range(int(signal_correction)):
-        sig = signal_model(
-            off[:, None] + disp * np.arange(n)[None, :] if off.size > 1 else off[0] + disp * np.arange(n),
-            flat,
-            p,
-            signal_range_meV=signal_range_meV,
-            iterations=lr_iterations,
-        )
-        spill = sig.sample(sig.blur(sig.intrinsic), x - p[:, 1:2])
+    n_it = 0
+    h = chi2 = np.empty(0)
+    n_pass = max(2, int(signal_correction))
+    for i_pass in range(n_pass):
+        if i_pass < int(signal_correction):
+            sig = signal_model(axis, flat, p, signal_range_meV=signal_range_meV, iterations=lr_iterations)
+            spill = sig.sample(sig.blur(sig.intrinsic), x - p[:, 1:2])
         wt = 1.0 / (np.maximum(pearson7_model(x, p), 1e-3) + rn2)
-        p, h, chi2, it3 = _lm(x, y - spill, wt, p, max_iter=max_iter, tol=tol)
-        it2 += it3
+        p, h, chi2, it = _lm(x, y - spill, wt, p, max_iter=max_iter, tol=tol)
+        n_it += it
     dof = max(1, x.shape[1] - 4)
     chi2_red = chi2 / dof
     cov = np.linalg.inv(h + 1e-300 * np.eye(4))
@@ -654,7 +662,7 @@ def fit_zlp_pearson7(
         params=p.reshape(batch + (4,)),
         cov=cov.reshape(batch + (4, 4)),
         chi2_red=chi2_red.reshape(batch),
-        n_iter=it1 + it2,
+        n_iter=n_it,
         windows_meV=tuple(windows_meV),
         signal=sig,
     )
