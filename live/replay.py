@@ -25,7 +25,9 @@ def parse_speed(text: str | float) -> float:
     return speed
 
 
-def paced(messages: Iterator[Message], speed: float, *, sleep: Callable[[float], None] = time.sleep) -> Iterator[Message]:
+def paced(
+    messages: Iterator[Message], speed: float, *, sleep: Callable[[float], None] = time.sleep
+) -> Iterator[Message]:
     """Yield messages with the gaps between their acquisition times ``t`` divided by ``speed``."""
     t0_wire: float | None = None
     t0_wall = 0.0
@@ -62,7 +64,7 @@ def replay_to(
 
     n = 0
     with SessionReader(path) as reader:
-        total = reader.n_messages if hasattr(reader, "n_messages") else 0
+        total = reader.n_messages
         closed = reader.closed
         with FrameSender(endpoint, timeout_s=timeout_s) as sender:
             last: Message | None = None
@@ -86,7 +88,7 @@ def replay_to(
                 }
                 sender.send(end)
                 n += 1
-            sender.wait_recorded(timeout_s) if hasattr(sender, "wait_recorded") else None
+            sender.wait_recorded(timeout_s)
     return n
 
 

@@ -48,8 +48,8 @@ class PlanCheck:
             raise PlanError("acquisition plan refused:\n  - " + "\n  - ".join(self.problems))
 
     def summary(self) -> str:
-        text = (f"about {format_duration(self.duration_s)}, dose {self.dose_e_per_A2:.3g} e/A^2, "
-                f"{self.bytes_on_disk / 2**20:.0f} MiB on disk")
+        dose = f", dose {self.dose_e_per_A2:.3g} e/A^2" if self.dose_e_per_A2 > 0 else ""
+        text = f"about {format_duration(self.duration_s)}{dose}, {self.bytes_on_disk / 2**20:.0f} MiB on disk"
         return "; ".join([text, *self.notes])
 
 

@@ -234,15 +234,16 @@ class EELSScanProcedure:
         from nion.utils import Geometry
 
         plan = self.plan
+        # The saturation test exposure is taken where the scan starts; a refused plan puts the probe back.
+        previous_probe = self.stem_controller.probe_position
         self.stem_controller.probe_position = Geometry.FloatPoint(*plan.start)
-        fp = self._camera_parameters()
-        self.camera_source.set_current_frame_parameters(fp)
         check = check_plan(plan, fov_nm=plan.survey_fov_nm, zlp_counts_per_ms=self.zlp_counts_per_ms())
-        check.raise_if_refused()
+        if not check.ok:
+            self.stem_controller.probe_position = previous_probe
+            check.raise_if_refused()
         self.camera_source.set_current_frame_parameters(self._camera_parameters())
         fractions = plan.positions_fractional(plan.survey_fov_nm)
         n, m = len(fractions), plan.frames_per_point
-        self.stream_started = False
         clock = ProgressClock(check.duration_s)
         status, message = "failed", ""
         region = self._region_slices()
@@ -252,9 +253,9 @@ class EELSScanProcedure:
             scan_context = self.stem_controller.scan_context
             positions_nm = fraction_to_nm(fractions, scan_context)
             self.stream.start()
-            self.stream_started = True
             if plan.survey_before:
-                self.stream.survey(survey, which="before", t=t_survey, pixel_size_nm=plan.survey_fov_nm / survey.shape[1])
+                self.stream.survey(survey, which="before", t=t_survey,
+                                   pixel_size_nm=plan.survey_fov_nm / survey.shape[1])
             if plan.drift_tracking_every:
                 reference = survey[region]
             for point_index, (frac, pos_nm) in enumerate(zip(fractions, positions_nm, strict=True)):
@@ -285,7 +286,8 @@ class EELSScanProcedure:
                                           clock.remaining(fraction), 0.0))
             if plan.survey_after:
                 after, t_after, _ = self._survey()
-                self.stream.survey(after, which="after", t=t_after, pixel_size_nm=plan.survey_fov_nm / after.shape[1])
+                self.stream.survey(after, which="after", t=t_after,
+                                   pixel_size_nm=plan.survey_fov_nm / after.shape[1])
             status = "complete"
         except AcquisitionAborted:
             status, message = "aborted", "aborted by the user"
@@ -295,7 +297,7 @@ class EELSScanProcedure:
             raise
         finally:
             self.status = status
-            if self.stream_started:
+            if self.stream.started:
                 self.stream.end(status, message)
             self._report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, 0.0, message))
         return status

@@ -204,7 +204,8 @@ class TiltSeriesProcedure:
 
     def _settings(self) -> dict[str, Any]:
         settings = self.plan.settings()
-        settings["instrument"] = str(getattr(self.stem_controller, "instrument_id", type(self.stem_controller).__name__))
+        instrument = self.stem_controller
+        settings["instrument"] = str(getattr(instrument, "instrument_id", type(instrument).__name__))
         settings["scan_device"] = str(getattr(self.scan_source, "hardware_source_id", ""))
         return settings
 

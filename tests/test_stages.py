@@ -92,8 +92,8 @@ def eels_line_scan_messages(n_points: int, n_frames: int, truth: dict[str, list[
     exposure = float(cfg["exposure_ms"])
     for point in range(n_points):
         times = t + np.arange(n_frames) * exposure * 1e-3
-        spectra, tr = sim.spectra(x_nm=np.full(n_frames, x[point]), y_nm=0.0, exposure_ms=exposure, t_s=times - times[0],
-                                  rng=rng)
+        spectra, tr = sim.spectra(x_nm=np.full(n_frames, x[point]), y_nm=0.0, exposure_ms=exposure,
+                                  t_s=times - times[0], rng=rng)
         truth["region"].append(int(np.asarray(tr["region"]).ravel()[0]))
         truth["temperature_K"].append(float(np.asarray(tr["temperature_K"]).ravel()[0]))
         seq += 1
