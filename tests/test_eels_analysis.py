@@ -92,11 +92,15 @@ def test_zlp_fit_recovers_pure_zlp_with_honest_errors() -> None:
 
 # ------------------------------------------------------------------------------------------- thermometry
 @functools.cache
-def _thermometry(T: float, deconvolve: bool) -> types.SimpleNamespace:
-    sim = VibrationalEELSSimulator("aln_sic", seed=int(T))
+def _thermometry(T: float, deconvolve: bool = False, m: float | None = None) -> types.SimpleNamespace:
+    """200 spectra of 1200 ms at 30 pA (aln_sic, AlN side) at temperature T, fitted one by one (vectorised)."""
+    cfg: dict = {"system": "aln_sic"}
+    if m is not None:
+        cfg["zlp"] = {"m": m}
+    sim = VibrationalEELSSimulator(cfg, seed=int(T))
     spectra, _ = sim.spectra(x_nm=np.full(N_REP, -20.0), t_s=np.arange(N_REP) * 1.2, temperature_K=T)
     res = eels.temperature(E_AXIS, spectra, deconvolve=deconvolve)
-    # counting limit from the noise-free spectrum, same bins as the fits
+    # counting limit from the noise-free spectrum (every detected electron counted), same bins as the fits
     mu = sim.expected_spectrum(x_nm=[-20.0], temperature_K=T)
     bins = eels.log_ratio_bins(E_AXIS, mu, eels.fit_zlp_pearson7(E_AXIS, mu))
     use = np.median(res.weights, axis=0) > 0
@@ -109,6 +113,7 @@ def _thermometry(T: float, deconvolve: bool) -> types.SimpleNamespace:
     return types.SimpleNamespace(
         T=T,
         mean=float(np.mean(res.T_K)),
+        sem=float(np.std(res.T_K) / np.sqrt(N_REP)),
         std=float(np.std(res.T_K)),
         limit=limit,
         pull_rms=float(np.sqrt(np.mean(pull**2))),
@@ -116,36 +121,54 @@ def _thermometry(T: float, deconvolve: bool) -> types.SimpleNamespace:
     )
 
 
+def _summary(r: types.SimpleNamespace) -> str:
+    return (
+        f"T={r.T:.0f} K: mean {r.mean:.2f} K (bias {100 * (r.mean / r.T - 1):+.3f} % +- {100 * r.sem / r.T:.3f} %), "
+        f"scatter {r.std:.2f} K = {r.std / r.limit:.2f} x counting limit {r.limit:.2f} K, pull RMS {r.pull_rms:.2f}"
+    )
+
+
 @pytest.mark.parametrize("T", TEMPERATURES)
-def test_temperature_bias_with_lr_deconvolution(T: float) -> None:
-    r = _thermometry(T, True)
-    assert abs(r.mean - T) <= 0.01 * T, f"T={T}: mean {r.mean:.1f} (bias {100 * (r.mean / T - 1):.2f} %)"
+def test_temperature_bias(T: float) -> None:
+    """Default method (no LR, resolution-corrected line through the origin): |bias| <= 1 % (measured < 0.1 %)."""
+    r = _thermometry(T)
+    assert abs(r.mean - T) <= 0.01 * T, _summary(r)
 
 
 @pytest.mark.parametrize("T", TEMPERATURES)
 def test_temperature_pull_rms(T: float) -> None:
-    r = _thermometry(T, True)
-    if not 0.7 <= r.pull_rms <= 1.4:
-        pytest.xfail(f"known: pull RMS {r.pull_rms:.2f} at {T} K (LR-deconvolved, Birge-scaled errors)")
-    assert 0.7 <= r.pull_rms <= 1.4
+    """Honest errors: RMS of (T - T_true) / T_err in [0.7, 1.4] (counting + ZLP covariance)."""
+    r = _thermometry(T)
+    assert 0.7 <= r.pull_rms <= 1.4, _summary(r)
 
 
 @pytest.mark.parametrize("T", TEMPERATURES)
 def test_temperature_scatter_vs_counting_limit(T: float) -> None:
-    r = _thermometry(T, True)
-    ratio = r.std / r.limit
-    if ratio > 1.5:
-        pytest.xfail(
-            f"known: scatter {r.std:.2f} K = {ratio:.2f} x counting limit {r.limit:.2f} K at {T} K (LR amplifies noise)"
-        )
-    assert ratio <= 1.5
+    """Scatter <= 1.5 x k_B T^2 / sqrt(sum E^2 w) of the same bins (measured 1.0-1.1)."""
+    r = _thermometry(T)
+    assert r.std / r.limit <= 1.5, _summary(r)
 
 
-def test_temperature_without_deconvolution_is_precise_but_biased() -> None:
-    """Documents the resolution/ZLP-tail systematic of the plain (non-deconvolved) fit."""
-    r = _thermometry(600.0, False)
-    assert r.std / r.limit < 1.6, r.std / r.limit
-    assert 0.0 < r.mean / 600.0 - 1 < 0.06, r.mean
+def test_temperature_heavy_tailed_resolution() -> None:
+    """The correction does not rely on the simulator's tail: Pearson VII m = 1.5 (infinite variance) at 600 K."""
+    r = _thermometry(600.0, m=1.5)
+    assert abs(r.mean - 600.0) <= 0.01 * 600.0 and 0.7 <= r.pull_rms <= 1.4, _summary(r)
+
+
+def test_temperature_uncorrected_is_biased() -> None:
+    """Documents the resolution offset that the correction removes (plain log-ratio fit at 900 K)."""
+    sim = VibrationalEELSSimulator("aln_sic", seed=9)
+    spectra, _ = sim.spectra(x_nm=np.full(50, -20.0), t_s=np.arange(50) * 1.2, temperature_K=900.0)
+    plain = eels.temperature(E_AXIS, spectra, resolution_correction=False)
+    corr = eels.temperature(E_AXIS, spectra, zlp=plain.zlp)
+    assert np.mean(plain.T_K) / 900.0 - 1 > 0.004, np.mean(plain.T_K)
+    assert abs(np.mean(corr.T_K) / 900.0 - 1) < 0.004, np.mean(corr.T_K)
+
+
+def test_temperature_with_lr_deconvolution_runs() -> None:
+    """The reference's optional LR step (5 iterations) stays available; its bias is reported, not tuned."""
+    r = _thermometry(600.0, True)
+    assert abs(r.mean / 600.0 - 1) < 0.03, _summary(r)
 
 
 def test_counting_limit_formula_no_background() -> None:
@@ -173,12 +196,12 @@ def test_interface_drop_recovered() -> None:
     x = np.arange(-15.0, 15.01, 0.25)
     nrep = 4
     spectra, _ = sim.spectra(x_nm=np.repeat(x, nrep), t_s=np.arange(x.size * nrep) * 1.2)
-    r = eels.temperature(E_AXIS, spectra, deconvolve=True)
+    r = eels.temperature(E_AXIS, spectra)
     t = r.T_K.reshape(x.size, nrep)
     w = 1 / r.T_err_K.reshape(x.size, nrep) ** 2
     fit = interface.fit_interface_profile(
         x, (t * w).sum(1) / w.sum(1), 1 / np.sqrt(w.sum(1)), interface_x_nm=0.0, exclude_nm=2.5
     )
-    assert abs(fit.drop_K - 15.0) <= 3.0, (fit.drop_K, fit.drop_err_K)
+    assert abs(fit.drop_K - 15.0) <= 3.0, (fit.drop_K, fit.drop_err_K, fit.width_nm)
     assert abs(fit.drop_K - 15.0) <= 3 * fit.drop_err_K + 0.5
     assert 0.5 < fit.width_nm < 4.0
