@@ -34,7 +34,7 @@ def curve_fit_zlp(
     p0: np.ndarray,
     windows: tuple[tuple[float, float], ...] = ((15.0, 30.0), (130.0, 200.0)),
 ) -> np.ndarray:
-    """The same Pearson VII fit as eels.fit_zlp_pearson7 for one spectrum, with curve_fit (4 fits)."""
+    """The same Pearson VII fit as eels.fit_zlp_pearson7 (spill model, two passes) for one spectrum, with curve_fit."""
     disp = energy[1] - energy[0]
     idx = eels._window_index(np.array([energy[0]]), disp, np.array([p0[1]]), energy.size, windows)[0]
     x, y = energy[idx], spectrum[idx]
@@ -42,13 +42,12 @@ def curve_fit_zlp(
     def f(xx: np.ndarray, a: float, c: float, w: float, m: float) -> np.ndarray:
         return eels.pearson7_model(xx, np.array([a, c, w, m]))
 
-    p, _ = scipy.optimize.curve_fit(f, x, y, p0=p0, sigma=np.sqrt(np.maximum(y, 1)), absolute_sigma=True)
-    p, _ = scipy.optimize.curve_fit(f, x, y, p0=p, sigma=np.sqrt(np.maximum(f(x, *p), 1e-3)), absolute_sigma=True)
+    sig = eels.signal_model(energy, spectrum[None], p0[None])
+    spill = sig.sample(sig.blur(sig.intrinsic), (x - p0[1])[None])[0]
+    p = p0
     for _ in range(2):
-        leak = eels._signal_leak(spectrum[None], np.array([energy[0]]), disp, p[None], (30.0, 130.0))[0]
-        p, _ = scipy.optimize.curve_fit(
-            f, x, y - leak[idx], p0=p, sigma=np.sqrt(np.maximum(f(x, *p), 1e-3)), absolute_sigma=True
-        )
+        sd = np.sqrt(np.maximum(f(x, *p), 1e-3) + (0.5 * spill) ** 2)
+        p, _ = scipy.optimize.curve_fit(f, x, y - spill, p0=p, sigma=sd, absolute_sigma=True)
     return p
 
 

@@ -533,7 +533,7 @@ def result_header(session_id: str, result: Result) -> dict[str, Any]:
     if result.index is not None:
         header["index"] = int(result.index)
     if result.attrs:
-        header["attrs"] = json.loads(json.dumps(result.attrs, default=_json_default))
+        header["attrs"] = _finite_or_none(json.loads(json.dumps(result.attrs, default=_json_default)))
     return header
 
 
@@ -542,12 +542,25 @@ def publish_result(publisher: Any, session_id: str, result: Result) -> None:
     header = result_header(session_id, result)
     value = np.asarray(result.value)
     if value.dtype.names:
+        # JSON has no NaN: an undetermined table entry (e.g. a failed peak error) travels as null
         header["value"] = [
-            {name: _json_default(row[name]) for name in value.dtype.names} for row in value.reshape(-1)
+            {name: _finite_or_none(_json_default(row[name])) for name in value.dtype.names}
+            for row in value.reshape(-1)
         ]
         publisher.publish(header)
     else:
         publisher.publish(header, np.ascontiguousarray(value))
+
+
+def _finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (anywhere inside lists and dicts) replaced by None (JSON null)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value
 
 
 def _json_default(obj: Any) -> Any:

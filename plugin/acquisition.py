@@ -169,3 +169,18 @@ class ProgressClock:
 
 
 ResultCallback = Callable[[dict[str, Any], Any], None]
+
+
+def instrument_sleep(stem_controller: Any, seconds: float) -> None:
+    """Wait ``seconds`` of instrument time.
+
+    A simulated instrument keeps its own clock (``stem_controller.clock.sleep``), which advances simulated time
+    and sleeps only as much wall time as its time scale asks; a real instrument is waited for in wall time.
+    """
+    if seconds <= 0:
+        return
+    clock = getattr(stem_controller, "clock", None)
+    if clock is not None and callable(getattr(clock, "sleep", None)):
+        clock.sleep(seconds)
+    else:
+        time.sleep(seconds)

@@ -186,11 +186,17 @@ class EELSScanProcedure:
         self.status = "not started"
         self.drift_correction_frac: np.ndarray = np.zeros(2)
 
+    @property
+    def session_id(self) -> str:
+        return str(self.stream.session_id)
+
     def _survey(self) -> tuple[np.ndarray, float, Any]:
         fp = self.scan_source.get_current_frame_parameters()
         fp.pixel_size = (self.plan.survey_size_px, self.plan.survey_size_px)
         fp.pixel_time_us = self.plan.survey_dwell_us
         fp.fov_nm = self.plan.survey_fov_nm
+        # make the survey the current scan context, so probe positions (fractions of it) land where picked
+        self.scan_source.set_current_frame_parameters(fp)
         t = time.time()
         xdata = self.scan_source.record_immediate(fp)[self.channel]
         if xdata is None:

@@ -31,6 +31,7 @@ from .acquisition import (
     RunControl,
     check_disk_space,
     dose_per_scan_e_per_A2,
+    instrument_sleep,
 )
 
 log = logging.getLogger(__name__)
@@ -230,8 +231,7 @@ class TiltSeriesProcedure:
                 raise RuntimeError(
                     f"stage did not confirm {control} = {value:g} deg within {self.plan.confirm_timeout_s:g} s"
                 )
-        if self.plan.settle_s > 0:
-            time.sleep(self.plan.settle_s)  # mechanical settling after the encoder confirms
+        instrument_sleep(self.stem_controller, self.plan.settle_s)  # mechanical settling after the encoder confirms
 
     # --- scan ---
     def _frame_parameters(self) -> Any:

@@ -256,6 +256,13 @@ def stream_simulated(frame_endpoint: str, *, tilts: int, frames: int, size: int,
 
 def send_sessions(frame_endpoint: str, work: Path, args: argparse.Namespace) -> int:
     """Demo sessions replayed (when ``stemlive.live.demo`` exists) or simulated ones streamed; returns sessions."""
+    from stemlive.live.replay import replay_to
+
+    if args.sessions:
+        for path in args.sessions:
+            n = replay_to(path, frame_endpoint, speed=args.speed)
+            log(f"replayed {path.name}: {n} messages")
+        return len(args.sessions)
     try:
         demo = importlib.import_module("stemlive.live.demo")
         make = demo.make_demo_sessions
@@ -263,8 +270,6 @@ def send_sessions(frame_endpoint: str, work: Path, args: argparse.Namespace) -> 
         log("stemlive.live.demo.make_demo_sessions not available: streaming a small simulated acquisition")
         return stream_simulated(frame_endpoint, tilts=args.tilts, frames=args.frames, size=args.size,
                                 points=args.points, spectra_per_point=args.spectra)
-    from stemlive.live.replay import replay_to
-
     log("making the demo sessions (stemlive.live.demo.make_demo_sessions(small=True))")
     made = make(work / "demo", small=True)
     paths = [Path(p) for p in (made.values() if isinstance(made, dict) else made)]
@@ -361,6 +366,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots", help="folder for the PNGs")
+    p.add_argument("--sessions", type=Path, nargs="+", help="replay these session files instead of the demo ones")
     p.add_argument("--skip-swift", action="store_true", help="only the stemlive viewer")
     p.add_argument("--tilts", type=int, default=4, help="simulated tilts (default 4)")
     p.add_argument("--frames", type=int, default=5, help="frames per tilt (default 5)")
@@ -419,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                     out, _ = viewer.communicate()
                     failures.append("the viewer did not exit")
                 lines = [ln for ln in out.splitlines() if "propagateSizeHints" not in ln]
-                log("viewer: " + "\n  ".join(lines[-8:]))
+                log("viewer: " + "\n  ".join(lines[-8 if viewer.returncode == 0 else -60:]))
                 if viewer.returncode != 0:
                     failures.append(f"the viewer exited with status {viewer.returncode}")
         problem = check_png(viewer_png)
