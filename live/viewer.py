@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -801,8 +802,10 @@ def _window_class() -> type:
 
         def _draw_drift(self, view: SessionView) -> None:
             rows, dy, dx = view.drift_trace()
-            self.dy_curve.setData(rows, dy, connect="finite")
-            self.dx_curve.setData(rows, dx, connect="finite")
+            with warnings.catch_warnings():  # pyqtgraph's bounds of all-NaN symbol data
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self.dy_curve.setData(rows, dy, connect="finite")
+                self.dx_curve.setData(rows, dx, connect="finite")
 
         def _draw_sums(self, view: SessionView) -> None:
             rows = view.tilt_rows()

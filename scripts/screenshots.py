@@ -288,6 +288,11 @@ from PySide6 import QtCore, QtWidgets
 from nionui_app.nionswift import main
 
 out_path, after_s, panel_ids = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(",")
+try:
+    from stemlive.live.launcher import ensure_plugin_discoverable
+    ensure_plugin_discoverable()  # an editable install hides nionswift_plugin.stemlive from Swift's scan
+except ImportError as e:
+    print(f"swift: stemlive.live.launcher not available ({e}); relying on Swift's plug-in scan", flush=True)
 app = main.main([], {"qt": None})
 state = {"code": 2, "opened": []}
 
@@ -332,7 +337,8 @@ def swift_screenshot(out: Path, env: dict[str, str], after_s: float, timeout_s: 
         return True, "SKIPPED: plugin/panels.py (the stemlive Swift panels) does not exist yet"
     home = Path(tempfile.mkdtemp(prefix="stemlive-swift-home-"))
     swift_env = dict(env, HOME=str(home), XDG_DATA_HOME=str(home / ".local/share"),
-                     XDG_CONFIG_HOME=str(home / ".config"))
+                     XDG_CONFIG_HOME=str(home / ".config"), STEMLIVE_INSTRUMENT="simulated",
+                     STEMLIVE_FRAME_ENDPOINT=f"tcp://127.0.0.1:{free_port()}", STEMLIVE_RESULT_ENDPOINT="none")
     cmd = [sys.executable, "-c", textwrap.dedent(SWIFT_BOOTSTRAP), str(out), str(after_s), ",".join(PANEL_IDS)]
     try:
         proc = subprocess.run(cmd, env=swift_env, capture_output=True, text=True, timeout=timeout_s)

@@ -786,12 +786,14 @@ class SimulatedInstrumentConfiguration:
                  physics: PhysicsLike | None = None, set_configuration_location: bool = False,
                  configuration_location: str | None = None, ronchigram: bool = True,
                  eels_sensor_height: int = 16, nion_suite_geometry: bool = False) -> None:
+        self._temporary_location: str | None = None  # a folder this configuration made and removes on stop()
         if configuration_location is not None:
             self.configuration_location = str(configuration_location)
         elif set_configuration_location:
             import tempfile
 
             self.configuration_location = tempfile.mkdtemp(prefix="stemlive_swift_config_")
+            self._temporary_location = self.configuration_location
         else:
             self.configuration_location = ""
         self.instrument_id = INSTRUMENT_ID
@@ -867,6 +869,11 @@ class SimulatedInstrumentConfiguration:
         self._camera_modules = []
         Registry.unregister_component(self.scan_module, {"scan_module"})
         Registry.unregister_component(self.instrument, {"instrument_controller", "stem_controller"})
+        if self._temporary_location:
+            import shutil
+
+            shutil.rmtree(self._temporary_location, ignore_errors=True)
+            self._temporary_location = None
 
 
 @contextlib.contextmanager
@@ -897,6 +904,7 @@ def run_headless(configuration: SimulatedInstrumentConfiguration) -> typing.Iter
         asyncio.set_event_loop(own_loop)
     if not configuration.configuration_location:
         configuration.configuration_location = tempfile.mkdtemp(prefix="stemlive_swift_config_")
+        configuration._temporary_location = configuration.configuration_location
     nion_instrumentation_ui.configuration_location = configuration.configuration_location  # type: ignore[assignment]
     nion_instrumentation_ui.run()
     configuration.run()

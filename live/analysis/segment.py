@@ -124,7 +124,6 @@ def fit_gaussians(
     window_meV: tuple[float, float] = (18.0, 60.0),
     sigma: ArrayLike | None = None,
     cluster: int = 0,
-    resolution: tuple[float, float] | None = None,
 ) -> NDArray[np.void]:
     """Fit a sum of ``n_peaks`` Gaussians by Levenberg-Marquardt (no bounds) in ``window_meV``.
 
@@ -135,9 +134,6 @@ def fit_gaussians(
         the largest local maxima of the spectrum, FWHM 5 meV.
     sigma
         Per-channel standard deviations (default: unweighted, errors scaled by the residual).
-    resolution
-        Optional instrument resolution ``(fwhm_meV, m)`` (unit-area Pearson VII, e.g. the fitted ZLP): the
-        Gaussians are convolved with it, so centres and widths are the intrinsic ones.
 
     Returns
     -------
@@ -165,26 +161,8 @@ def fit_gaussians(
         else:
             p0 = np.ravel([[h, c, w / FWHM_PER_SIGMA] for h, c, w in ini])
 
-    if resolution is None:
-
-        def model(p: Array) -> Array:
-            return _gauss_sum(e, p)
-
-    else:
-        disp = float(e[1] - e[0])
-        fw, mm = resolution
-        half = int(np.ceil(4 * fw / disp))
-        ek = disp * np.arange(-half, half + 1)
-        cc = 2.0 ** (1.0 / mm) - 1.0
-        kern = (1.0 + 4.0 * cc * (ek / fw) ** 2) ** (-mm)
-        kern /= kern.sum()
-        ext = e[0] + disp * np.arange(-half, e.size + half)
-
-        def model(p: Array) -> Array:
-            return np.convolve(_gauss_sum(ext, p), kern, mode="valid")
-
     def resid(p: Array) -> Array:
-        return (model(p) - y) / sg
+        return (_gauss_sum(e, p) - y) / sg
 
     res = scipy.optimize.least_squares(resid, p0, method="lm", x_scale="jac", max_nfev=20000)
     p = res.x
