@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommand with ``add_subcommand(subparsers)``; each is cheap to import (heavy
 # imports such as Qt happen inside the handler).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

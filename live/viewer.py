@@ -883,7 +883,9 @@ def _window_class() -> type:
             self.temp_plot.setAspectLocked(False)
             self.temp_plot.invertY(False)
             x, t, err = view.temperature_profile()
-            self.temp_curve.setData(x, t, connect="finite")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self.temp_curve.setData(x, t, connect="finite")
             ok = np.isfinite(err)
             self.temp_err.setData(x=x[ok], y=t[ok], height=2.0 * err[ok])
             self.temp_plot.setLabel("left", "T", units="K")

@@ -283,7 +283,7 @@ def send_sessions(frame_endpoint: str, work: Path, args: argparse.Namespace) -> 
 
 
 SWIFT_BOOTSTRAP = r'''
-import sys, time
+import os, sys, time
 from PySide6 import QtCore, QtWidgets
 from nionui_app.nionswift import main
 
@@ -298,9 +298,10 @@ state = {"code": 2, "opened": []}
 
 def show_panels():
     try:
-        from nion.swift import Application
         controllers = list(getattr(app, "document_controllers", []))
         for dc in controllers:
+            if not hasattr(dc, "find_dock_panel"):
+                continue
             for pid in panel_ids:
                 panel = dc.find_dock_panel(pid)
                 if panel is not None:
@@ -319,13 +320,29 @@ def grab():
         ok = main_window.grab().save(out_path, "PNG")
         state["code"] = 0 if ok else 4
         print(f"swift: wrote {out_path} ({main_window.windowTitle()!r}; panels {state['opened']})", flush=True)
-    try:
-        app.exit()
-    finally:
-        QtWidgets.QApplication.instance().exit(state["code"])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(state["code"])  # Swift's shutdown (profile, hardware threads) is not part of this smoke test
 
-QtCore.QTimer.singleShot(int(0.5 * after_s * 1000), show_panels)
-QtCore.QTimer.singleShot(int(after_s * 1000), grab)
+original_start = app.start
+
+def start(*args, **kwargs):
+    # The QApplication exists only once app.run() has created it: schedule the grab from start().
+    ok = original_start(*args, **kwargs)
+    print(f"swift: started ({ok})", flush=True)
+    if not any(hasattr(dc, "find_dock_panel") for dc in app.document_controllers):
+        # a fresh profile asks for a project: close that dialog, create one and open it
+        for w in QtWidgets.QApplication.topLevelWidgets():
+            if w.isVisible() and "Project" in w.windowTitle():
+                w.close()
+        import pathlib
+        reference = app.profile.create_project(pathlib.Path(os.environ["HOME"]) / "stemlive-smoke", "Smoke")
+        app.open_project_window(reference)
+    QtCore.QTimer.singleShot(int(0.5 * after_s * 1000), show_panels)
+    QtCore.QTimer.singleShot(int(after_s * 1000), grab)
+    return ok
+
+app.start = start
 app.run()
 sys.exit(state["code"])
 '''

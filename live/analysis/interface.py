@@ -49,8 +49,57 @@ def _line(x: Array, y: Array, s: Array) -> tuple[Array, Array, float]:
     return p, cov * max(1.0, chi2), chi2
 
 
+def _steepest_point(x: Array, t: Array, exclude_nm: float, width: int = 5) -> float:
+    """Position of the steepest change of ``t(x)`` after a ``width``-point running mean.
+
+    The profile is extended by repeating its end values (``np.pad(mode="edge")``) and smoothed with
+    ``mode="valid"``, so the smoothed curve has no zero-padding edge artefacts; the outermost ``width // 2``
+    points (where the window reaches into the padding) and the points that would leave fewer than two
+    points on either side outside ``exclude_nm`` are not candidates.
+    """
+    half = width // 2
+    if x.size < 2 * half + 3:
+        raise ValueError(f"need at least {2 * half + 3} points to locate the interface")
+    sm = np.convolve(np.pad(t, half, mode="edge"), np.ones(width) / width, mode="valid")
+    g = np.abs(np.gradient(sm, x))
+    cand = np.zeros(x.size, bool)
+    cand[half:-half] = True
+    n_left = np.array([(x < xi - exclude_nm).sum() for xi in x])
+    n_right = np.array([(x > xi + exclude_nm).sum() for xi in x])
+    ok = cand & (n_left >= 2) & (n_right >= 2)
+    if ok.any():
+        cand = ok
+    return float(x[np.argmax(np.where(cand, g, -np.inf))])
+
+
+def _fit_at(
+    x: Array, t: Array, s: Array, x0: float, exclude_nm: float
+) -> tuple[Array, Array, float, Array, Array, float, scipy.optimize.OptimizeResult]:
+    """Bulk lines outside ``x0 +- exclude_nm`` and the erf step (centre, sigma) between them."""
+    lm = x < x0 - exclude_nm
+    rm = x > x0 + exclude_nm
+    if lm.sum() < 2 or rm.sum() < 2:
+        raise ValueError("need at least two points on each side outside exclude_nm")
+    pl, cl, c2l = _line(x[lm] - x0, t[lm], s[lm])
+    pr, cr, c2r = _line(x[rm] - x0, t[rm], s[rm])
+
+    def model(q: Array) -> Array:
+        xc, sig = q
+        step = 0.5 * (1 + scipy.special.erf((x - xc) / (np.sqrt(2) * abs(sig) + 1e-9)))
+        return (pl[0] + pl[1] * (x - x0)) * (1 - step) + (pr[0] + pr[1] * (x - x0)) * step
+
+    res = scipy.optimize.least_squares(lambda q: (model(q) - t) / s, [x0, 0.5], method="lm")
+    return pl, cl, c2l, pr, cr, c2r, res
+
+
 def fit_interface_profile(
-    x_nm: ArrayLike, T_K: ArrayLike, T_err_K: ArrayLike, *, interface_x_nm: float | None = None, exclude_nm: float = 2.0
+    x_nm: ArrayLike,
+    T_K: ArrayLike,
+    T_err_K: ArrayLike,
+    *,
+    interface_x_nm: float | None = None,
+    exclude_nm: float = 2.0,
+    refine_iterations: int = 3,
 ) -> InterfaceFit:
     """Fit a temperature profile across an interface.
 
@@ -59,9 +108,13 @@ def fit_interface_profile(
     x_nm, T_K, T_err_K
         Positions, temperatures and their one-sigma errors (non-finite points are ignored).
     interface_x_nm
-        Interface position; default: the point of steepest descent of the profile smoothed over 5 points.
+        Interface position; default: the point of steepest change of the profile smoothed over 5 points
+        (edge-padded running mean; the two outermost points on each side are not candidates).
     exclude_nm
         Points within this distance of the interface are left out of the bulk lines.
+    refine_iterations
+        With the default position only: the centre of the fitted erf step replaces the position and the
+        fit is repeated, up to this many times (until it moves by < 0.01 nm).
 
     Notes
     -----
@@ -77,30 +130,23 @@ def fit_interface_profile(
     x, t, s = x[ok], t[ok], s[ok]
     order = np.argsort(x)
     x, t, s = x[order], t[order], s[order]
-    if interface_x_nm is None:
-        sm = np.convolve(t, np.ones(5) / 5, mode="same")
-        g = np.gradient(sm, x)
-        g[:2] = g[-2:] = 0
-        interface_x_nm = float(x[np.argmax(np.abs(g))])
-    x0 = float(interface_x_nm)
-    lm = x < x0 - exclude_nm
-    rm = x > x0 + exclude_nm
-    if lm.sum() < 2 or rm.sum() < 2:
-        raise ValueError("need at least two points on each side outside exclude_nm")
-    pl, cl, c2l = _line(x[lm] - x0, t[lm], s[lm])
-    pr, cr, c2r = _line(x[rm] - x0, t[rm], s[rm])
+    refine = interface_x_nm is None and refine_iterations > 0
+    x0 = _steepest_point(x, t, exclude_nm) if interface_x_nm is None else float(interface_x_nm)
+    for it in range(int(refine_iterations) + 1 if refine else 1):
+        pl, cl, c2l, pr, cr, c2r, res = _fit_at(x, t, s, x0, exclude_nm)
+        xc = float(res.x[0])
+        if not refine or it == refine_iterations or not (x[0] < xc < x[-1]) or abs(xc - x0) < 0.01:
+            break
+        try:
+            _fit_at(x, t, s, xc, exclude_nm)
+        except ValueError:
+            break
+        x0 = xc
     drop = float(pl[0] - pr[0])
     drop_err = float(np.sqrt(cl[0, 0] + cr[0, 0]))
-
-    def model(q: Array) -> Array:
-        xc, sig = q
-        step = 0.5 * (1 + scipy.special.erf((x - xc) / (np.sqrt(2) * abs(sig) + 1e-9)))
-        return (pl[0] + pl[1] * (x - x0)) * (1 - step) + (pr[0] + pr[1] * (x - x0)) * step
-
-    res = scipy.optimize.least_squares(lambda q: (model(q) - t) / s, [x0, 0.5], method="lm")
     try:
         cov = np.linalg.inv(res.jac.T @ res.jac) * max(1.0, float(res.fun @ res.fun) / max(1, len(x) - 2))
-        w_err = float(ERF_10_90 * np.sqrt(cov[1, 1]))
+        w_err = float(ERF_10_90 * np.sqrt(max(cov[1, 1], 0.0)))
     except np.linalg.LinAlgError:
         w_err = float("nan")
     width = float(ERF_10_90 * abs(res.x[1]))
