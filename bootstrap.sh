@@ -28,7 +28,8 @@ export PATH="$venv/bin:$PATH"
 ensure_x11() {
     local missing=()
     command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
-    for lib in libxcb-cursor.so.0 libxkbcommon-x11.so.0 libEGL.so.1 libGL.so.1 libfontconfig.so.1 libdbus-1.so.3; do
+    for lib in libxcb-cursor.so.0 libxkbcommon-x11.so.0 libxcb-icccm.so.4 libxcb-keysyms.so.1 libxcb-image.so.0 \
+               libxcb-render-util.so.0 libEGL.so.1 libGL.so.1 libfontconfig.so.1 libdbus-1.so.3; do
         ldconfig -p 2>/dev/null | grep -q "$lib" || missing+=("$lib")
     done
     [ ${#missing[@]} -eq 0 ] && return 0

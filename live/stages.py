@@ -230,10 +230,13 @@ class EELSStage(Stage):
         )
         temp, err = float(t.T_K), float(t.T_err_K)
         self._temps[point] = (temp, err)
-        attrs = {"n_frames": int(len(frames)), "x_nm": self._positions[point][0], "y_nm": self._positions[point][1]}
+        attrs: dict[str, Any] = {"n_frames": int(len(frames)), "x_nm": self._positions[point][0],
+                                 "y_nm": self._positions[point][1]}
+        if self._scan_shape:
+            attrs["scan_shape"] = self._scan_shape  # lets viewers draw a map while it fills
         yield Result(self.name, "sum", summed.astype(np.float32), index=point, attrs=attrs)
-        yield Result(self.name, "temperature_K", _scalar(temp), index=point)
-        yield Result(self.name, "temperature_err_K", _scalar(err), index=point)
+        yield Result(self.name, "temperature_K", _scalar(temp), index=point, attrs=attrs)
+        yield Result(self.name, "temperature_err_K", _scalar(err), index=point, attrs=attrs)
         every = int(self.params["labels_every"])
         if every > 0 and len(self._sums) >= max(2 * int(self.params["k"]), 2) and len(self._sums) % every == 0:
             yield from self._segmentation(final=False)

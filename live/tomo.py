@@ -82,12 +82,46 @@ def _attr_str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def load_angles(path: str | Path, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _truth_tilt_angles(records: list[Mapping[str, Any]], nominal: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """Actual angles per tilt from the simulator's stage-move records.
+
+    The instrument records every axis move, so one tilt leaves several records (alpha, then beta, possibly a
+    re-confirm). Consecutive records with the same nominal pair form one tilt; its last record is the state
+    the frames saw. With ``nominal`` (the session's tilts, in acquisition order) the groups are matched to them
+    in order, skipping moves that belong to no tilt (e.g. the return to the starting tilt after an abort).
+    """
+    ordered = sorted(records, key=lambda r: r.get("index", 0))
+    groups: list[Mapping[str, Any]] = []
+    for rec in ordered:
+        pair = (round(float(rec["nominal_alpha_deg"]), 6), round(float(rec["nominal_beta_deg"]), 6))
+        if groups and (round(float(groups[-1]["nominal_alpha_deg"]), 6),
+                       round(float(groups[-1]["nominal_beta_deg"]), 6)) == pair:
+            groups[-1] = rec
+        else:
+            groups.append(rec)
+    if nominal is not None:
+        chosen: list[Mapping[str, Any]] = []
+        g = 0
+        for alpha, beta in nominal:
+            while g < len(groups) and not (abs(float(groups[g]["nominal_alpha_deg"]) - alpha) < 1e-6
+                                           and abs(float(groups[g]["nominal_beta_deg"]) - beta) < 1e-6):
+                g += 1
+            if g == len(groups):
+                raise TomoInputError(f"no stage move to nominal ({alpha:g}, {beta:g}) deg in the ground truth")
+            chosen.append(groups[g])
+            g += 1
+        groups = chosen
+    alpha = np.array([r["actual_alpha_deg"] for r in groups], float)
+    beta = np.array([r["actual_beta_deg"] for r in groups], float)
+    return alpha, beta
+
+
+def load_angles(path: str | Path, n: int, nominal: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read actual ``(alpha, beta)`` per tilt from a file.
 
-    Accepted: a simulator ground truth ``<session>.truth.json`` (``records.tilt[*].actual_alpha_deg`` /
-    ``actual_beta_deg``, ordered by ``index``); a JSON object with ``alpha_deg`` and ``beta_deg`` lists; or a
-    text file with two columns ``alpha beta`` (degrees, ``#`` comments).
+    Accepted: a simulator ground truth ``<session>.truth.json`` (stage-move records ``records.tilt[*]``, grouped
+    per tilt and matched to ``nominal`` ``(n, 2)`` when given); a JSON object with ``alpha_deg`` and ``beta_deg``
+    lists; or a text file with two columns ``alpha beta`` (degrees, ``#`` comments).
 
     Raises
     ------
@@ -98,9 +132,7 @@ def load_angles(path: str | Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     if p.suffix.lower() == ".json":
         data = json.loads(p.read_text(encoding="utf-8"))
         if isinstance(data, Mapping) and "records" in data and data["records"].get("tilt"):
-            tilts = sorted(data["records"]["tilt"], key=lambda t: t.get("index", 0))
-            alpha = np.array([t["actual_alpha_deg"] for t in tilts], float)
-            beta = np.array([t["actual_beta_deg"] for t in tilts], float)
+            alpha, beta = _truth_tilt_angles(data["records"]["tilt"], nominal)
         elif isinstance(data, Mapping) and "alpha_deg" in data and "beta_deg" in data:
             alpha, beta = np.asarray(data["alpha_deg"], float), np.asarray(data["beta_deg"], float)
         else:
@@ -150,7 +182,8 @@ def read_tilt_series(session_path: str | Path, *, angles: str | Path | None = No
         pixel = float(pixel) if pixel is not None else float(f[SUMS].attrs.get("pixel_size_nm", 1.0))
         session_id = _attr_str(f.attrs.get("session_id", path.stem))
     if angles is not None:
-        alpha, beta = load_angles(angles, n)
+        nominal = np.column_stack([np.ravel(alpha), np.ravel(beta)]) if source == "nominal" else None
+        alpha, beta = load_angles(angles, n, nominal)
         source = str(angles)
     alpha, beta = np.asarray(alpha, float).reshape(-1), np.asarray(beta, float).reshape(-1)
     if alpha.shape != (n,) or beta.shape != (n,):

@@ -1019,6 +1019,8 @@ def run_viewer(
     from .transport import ResultSubscriber
 
     app = pg.mkQApp("stemlive viewer")
+    # pyqtgraph computes symbol bounds with nanmin during auto-range; NaN gaps in the traces are intended
+    warnings.filterwarnings("ignore", "All-NaN slice", RuntimeWarning)
     subscriber = ResultSubscriber(endpoint, topics=list(topics) if topics else None)
     model = ViewerModel()
     window = make_viewer_window(model, subscriber, endpoint=endpoint, poll_hz=poll_hz)

@@ -31,6 +31,16 @@ from .acquisition import (
 log = logging.getLogger(__name__)
 
 
+DEFAULT_SATURATION_COUNTS = 65535.0  # a 16-bit readout, when neither the plan nor the camera says otherwise
+
+
+def camera_saturation_counts(camera_source: Any) -> float | None:
+    """The saturation level a camera device reports (attribute ``saturation_counts``), if it reports one."""
+    device = getattr(camera_source, "camera", None)
+    value = getattr(device, "saturation_counts", None)
+    return float(value) if value is not None else None
+
+
 @dataclass
 class EELSScanPlan:
     """A line scan (``mode="line"``) or a map (``mode="map"``); defaults are the reference line scan's."""
@@ -52,7 +62,7 @@ class EELSScanPlan:
     survey_after: bool = True
     drift_tracking_every: int = 0  # re-find the reference region every N points (0: off)
     tracking_region: tuple[float, float, float, float] = (0.1, 0.1, 0.3, 0.3)  # y0, x0, h, w (fractions)
-    saturation_counts: float = 60000.0
+    saturation_counts: float | None = None  # None: what the camera reports, else 16 bit (65535)
     readout_overhead_ms: float = 1.0
     session_dir: str | None = None
 
@@ -114,18 +124,19 @@ def check_plan(
         check.problems.append(f"exposure {plan.exposure_ms} ms is outside 0.01-60000 ms")
     if plan.step_nm is not None and plan.mode == "line" and plan.step_nm <= 0:
         check.problems.append("step must be positive")
+    saturation = plan.saturation_counts if plan.saturation_counts is not None else DEFAULT_SATURATION_COUNTS
     if zlp_counts_per_ms is None:
         check.notes.append("zero-loss saturation not checked (no test exposure)")
     else:
         peak = zlp_counts_per_ms * plan.exposure_ms
-        if peak >= plan.saturation_counts:
-            safe_ms = 0.8 * plan.saturation_counts / zlp_counts_per_ms
+        if peak >= saturation:
+            safe_ms = 0.8 * saturation / zlp_counts_per_ms
             check.problems.append(
                 f"the zero-loss peak would saturate: about {peak:.3g} counts per channel in {plan.exposure_ms:g} ms "
-                f"(saturation {plan.saturation_counts:.3g}); use at most {safe_ms:.3g} ms per frame"
+                f"(saturation {saturation:.3g}); use at most {safe_ms:.3g} ms per frame"
             )
-        elif peak >= 0.8 * plan.saturation_counts:
-            check.notes.append(f"zero-loss peak at {100 * peak / plan.saturation_counts:.0f}% of saturation")
+        elif peak >= 0.8 * saturation:
+            check.notes.append(f"zero-loss peak at {100 * peak / saturation:.0f}% of saturation")
     check_disk_space(plan.session_dir, nbytes, check)
     return check
 
@@ -241,6 +252,8 @@ class EELSScanProcedure:
 
         plan = self.plan
         # The saturation test exposure is taken where the scan starts; a refused plan puts the probe back.
+        if plan.saturation_counts is None:
+            plan.saturation_counts = camera_saturation_counts(self.camera_source)
         previous_probe = self.stem_controller.probe_position
         self.stem_controller.probe_position = Geometry.FloatPoint(*plan.start)
         check = check_plan(plan, fov_nm=plan.survey_fov_nm, zlp_counts_per_ms=self.zlp_counts_per_ms())

@@ -613,6 +613,14 @@ class StemliveCamera(CameraDevice.Camera):
         self._min_live_wall_s = float(min_live_wall_s)
         super().__init__(camera_id, camera_type, camera_name, simulator, instrument)
 
+    @property
+    def saturation_counts(self) -> float | None:
+        """Counts per channel at which the simulated EELS detector saturates (None for other cameras)."""
+        if self.camera_type != "eels":
+            return None
+        config = getattr(getattr(self._stemlive_instrument.physics, "eels", None), "config", {})
+        return float(config.get("saturation_counts", 65535.0))
+
     def _Camera__direct_acquire(self, cancel_event: threading.Event, do_sync: bool = False) -> bool:  # noqa: N802
         # same as device_kit's Camera.__direct_acquire, but the wait is the exposure on the simulation clock.
         start = time.perf_counter()
