@@ -284,11 +284,13 @@ class EELSStage(Stage):
 
     def _interface(self) -> Iterator[Result]:
         points = np.array(sorted(self._temps))
-        if len(points) < 8:
+        temps = np.array([self._temps[p] for p in points]).reshape(-1, 2)
+        finite = np.isfinite(temps).all(axis=1)
+        if finite.sum() < 8:  # e.g. no phonon signal in the thermometry window: no profile to fit
             return
         xy = np.array([self._positions[p] for p in points])
         distance = np.hypot(*(xy - xy[0]).T)  # along the line from its first point
-        temps = np.array([self._temps[p] for p in points])
+        distance, temps = distance[finite], temps[finite]
         try:
             fit = interface.fit_interface_profile(distance, temps[:, 0], temps[:, 1])
         except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:

@@ -53,18 +53,61 @@ def test_kmeans_reproducible_and_close_to_sklearn() -> None:
     assert adjusted_rand_score(sk, a[0]) > 0.99
 
 
-# peaks not hidden by the ZLP tail / neighbours that the 5-Gaussian fit of the cluster means places
-# within +-1 meV (measured errors in docs/eels-analysis.md); the others overlap within the 8.3 meV resolution
-RESOLVED = {0: (49.4, 38.6), 1: (), 2: ()}  # target (all 15 within 1 meV) NOT met, see docs
+@functools.lru_cache(maxsize=1)
+def _raw_cluster_means() -> np.ndarray:
+    """Cluster means (k-means labels) of the aligned sums, ZLP and background left in."""
+    sim = VibrationalEELSSimulator("mos2_wse2", seed=3)
+    x = np.arange(N_POINTS) * STEP_NM
+    frames, _ = sim.spectra(
+        x_nm=np.repeat(x, N_FRAMES), t_s=np.arange(N_POINTS * N_FRAMES) * 0.3, exposure_ms=EXPOSURE_MS
+    )
+    e, summed, _ = eels.sum_aligned(
+        frames.reshape(N_POINTS, N_FRAMES, -1), dispersion_meV=0.44, energy_offset_meV=-300.0
+    )
+    bg, _ = eels.power_law_background(e, summed)
+    window = (e > 16) & (e < 70)
+    labels, _, _ = segment.kmeans_correlation((summed - bg)[:, window], 3, seed=0)
+    return segment.cluster_means(summed, labels, 3)
 
 
-@pytest.mark.parametrize("cluster", [0, 1])
+# All simulated modes (22-49.4 meV) are above the ~20 meV where the zero-loss tail hides modes, so all
+# 15 are tested.  The interface cluster mean mixes in ~3 % of each bulk side (delocalisation): it is fitted
+# with the two bulk cluster means as extra components (as the reference's interface residual).
+@pytest.mark.parametrize("cluster", [0, 1, 2])
 def test_peak_centres_of_cluster_means(cluster: int) -> None:
+    """Resolution-convolved 5-Gaussian fit of each cluster mean: every simulated centre within +-1 meV."""
+    _, signal, _ = _line_scan()
+    means = _raw_cluster_means()
+    e = _line_scan()[0]
+    truth = sorted(c for c, _, _ in PHONON_PEAKS["mos2_wse2"][cluster])
+    comps = means[[0, 2]] if cluster == 1 else None
+    peaks = segment.fit_gaussians(
+        e, means[cluster], 5, initial=truth, cluster=cluster, window_meV=(18.0, 70.0), components=comps
+    )
+    assert peaks.dtype.names == segment.PEAK_DTYPE.names
+    assert np.all(peaks["cluster"] == cluster)
+    err = peaks["centre_meV"] - np.array(truth)
+    assert np.all(np.abs(err) <= 1.0), (truth, peaks["centre_meV"])
+    # intrinsic (deconvolved) widths, not the 8.3 meV resolution
+    assert np.all((peaks["fwhm_meV"] > 1.0) & (peaks["fwhm_meV"] < 6.0)), peaks["fwhm_meV"]
+    assert np.all(np.isfinite(peaks["centre_err_meV"]) & (peaks["centre_err_meV"] < 1.0))
+
+
+@pytest.mark.parametrize("cluster", [0, 2])
+def test_peak_centres_background_subtracted_input(cluster: int) -> None:
+    """Power-law-subtracted cluster means (what EELSStage passes): the subtracted power law is part of the
+    model and the resolution comes from the gain-side ZLP core; bulk centres within +-1 meV."""
     e, signal, region = _line_scan()
     mean = segment.cluster_means(signal, region, 3)[cluster]
-    init = [c for c, _, _ in PHONON_PEAKS["mos2_wse2"][cluster]]
-    peaks = segment.fit_gaussians(e, mean, 5, initial=init, cluster=cluster, window_meV=(18.0, 70.0))
-    assert peaks.dtype.names[:3] == ("cluster", "centre_meV", "centre_err_meV")
-    for c in RESOLVED[cluster]:
-        err = np.min(np.abs(peaks["centre_meV"] - c))
-        assert err <= 1.0, (c, peaks["centre_meV"])
+    truth = sorted(c for c, _, _ in PHONON_PEAKS["mos2_wse2"][cluster])
+    peaks = segment.fit_gaussians(e, mean, 5, initial=truth, cluster=cluster, window_meV=(18.0, 70.0))
+    assert np.all(np.abs(peaks["centre_meV"] - np.array(truth)) <= 1.0), (truth, peaks["centre_meV"])
+
+
+def test_plain_gaussians_without_zlp() -> None:
+    """Spectra without a zero-loss peak fall back to plain Gaussians (former behaviour)."""
+    e = np.linspace(18, 60, 200)
+    y = 100 * np.exp(-0.5 * ((e - 30) / 2) ** 2) + 50 * np.exp(-0.5 * ((e - 45) / 3) ** 2)
+    peaks = segment.fit_gaussians(e, y, 2, initial=[29.0, 46.0])
+    np.testing.assert_allclose(peaks["centre_meV"], [30.0, 45.0], atol=1e-6)
+    np.testing.assert_allclose(peaks["fwhm_meV"], [2 * 2.3548200450309493, 3 * 2.3548200450309493], rtol=1e-6)

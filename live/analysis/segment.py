@@ -382,7 +382,9 @@ def _fit_with_zlp(
         rows = []
         for c_spec in cs:
             q = fit_resolution(e_all, c_spec, core_meV=core_meV, gain_side_only=background_subtracted)
-            rows.append((c_spec - q[1] * resolution_function(e_all - q[0], q[2], q[3], disp))[sel])
+            sig_j = (c_spec - q[1] * resolution_function(e_all - q[0], q[2], q[3], disp))[sel]
+            # only the phonon range: the core residual of a ZLP fit is not signal
+            rows.append(np.where(np.abs(ew) >= window[0], sig_j, 0.0))
         comp = np.array(rows)
     n_comp = comp.shape[0]
     # regular grid under the fitted range (the gap of a background-subtracted fit included), padded by the kernel
