@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -42,7 +42,7 @@ class TiltSeriesStage(Stage):
 
     name = "tilt_series"
     kinds = frozenset({"tilt_series"})
-    defaults: dict[str, Any] = {
+    defaults: ClassVar[dict[str, Any]] = {
         "correct_distortion": True,  # interpolate onto drift-corrected positions along the slow axis
         "model": "linear",  # drift trajectory within a tilt
         "search_radius_px": 2.0,  # once the trajectory is known, search this close to it (no unit-cell jumps)
@@ -158,7 +158,7 @@ class EELSStage(Stage):
 
     name = "eels"
     kinds = frozenset({"eels_line_scan", "eels_map"})
-    defaults: dict[str, Any] = {
+    defaults: ClassVar[dict[str, Any]] = {
         "align_method": "xcorr",
         "zlp_windows_meV": [[15.0, 30.0], [130.0, 200.0]],
         "background_windows_meV": [[16.0, 20.0], [60.0, 70.0]],

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import numpy as np
 import scipy.fft
@@ -100,7 +100,7 @@ def _window(shape: tuple[int, int], name: str | None, dtype: str) -> np.ndarray:
 
 
 def _prepare(image: np.ndarray, window: np.ndarray, dtype: type, window_sum: float | None = None) -> np.ndarray:
-    img = np.asarray(image, dtype=dtype)
+    img: np.ndarray = np.asarray(image, dtype=dtype)
     # subtract the window-weighted mean so the window itself does not correlate (einsum: no threaded BLAS)
     if window_sum is None:
         window_sum = float(np.sum(window, dtype=np.float64))
@@ -626,6 +626,42 @@ def row_displacements(
     return base - ref
 
 
+@overload
+def correct_scan_distortion(
+    frame: np.ndarray,
+    drift: np.ndarray | tuple[float, float],
+    *,
+    reference_row: float | None = ...,
+    order: int = ...,
+    cval: float = ...,
+    return_valid: Literal[False] = ...,
+) -> np.ndarray: ...
+
+
+@overload
+def correct_scan_distortion(
+    frame: np.ndarray,
+    drift: np.ndarray | tuple[float, float],
+    *,
+    reference_row: float | None = ...,
+    order: int = ...,
+    cval: float = ...,
+    return_valid: Literal[True],
+) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@overload
+def correct_scan_distortion(
+    frame: np.ndarray,
+    drift: np.ndarray | tuple[float, float],
+    *,
+    reference_row: float | None = ...,
+    order: int = ...,
+    cval: float = ...,
+    return_valid: bool,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]: ...
+
+
 def correct_scan_distortion(
     frame: np.ndarray,
     drift: np.ndarray | tuple[float, float],
@@ -838,7 +874,7 @@ class TiltAccumulator:
         search_radius: float | None = None,
         preview: bool = True,
         order: int = 3,
-        **registration,
+        **registration: Any,
     ) -> None:
         first_frame = _check_image(first_frame, "first_frame")
         ny, nx = first_frame.shape
@@ -860,8 +896,8 @@ class TiltAccumulator:
         self._quality: list[float] = [1.0]
         self._trajectory: DriftTrajectory | None = None
         self._preview = preview
-        self._sum = np.array(first_frame, dtype=np.float64) if preview else None
-        self._count = np.ones(self.shape, dtype=np.int32) if preview else None
+        self._sum: np.ndarray | None = np.array(first_frame, dtype=np.float64) if preview else None
+        self._count: np.ndarray | None = np.ones(self.shape, dtype=np.int32) if preview else None
 
     @property
     def n_frames(self) -> int:
@@ -925,7 +961,7 @@ class TiltAccumulator:
 
     def preview(self) -> np.ndarray:
         """Running corrected sum (scaled to the number of frames added), cheap; see :meth:`result`."""
-        if self._sum is None:
+        if self._sum is None or self._count is None:
             raise RuntimeError("preview was disabled (preview=False)")
         return self._sum * (self.n_frames / np.maximum(self._count, 1))
 
@@ -970,7 +1006,7 @@ def align_and_sum(
     correct_distortion: bool = True,
     search_radius: float | None = None,
     order: int = 3,
-    **registration,
+    **registration: Any,
 ) -> AlignResult:
     """Register every frame to the first, fit the drift trajectory, correct each frame and sum.
 
