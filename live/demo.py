@@ -32,7 +32,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    import numpy as np
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +146,9 @@ def _scenario(name: str, seed: int | None) -> Any:
     return scenario if seed is None else scenario.replace(seed=int(seed))
 
 
-def _line_fractions(x_nm: Sequence[float], fov_nm: float) -> tuple[tuple[float, float], tuple[float, float]]:
+def _line_fractions(
+    x_nm: Sequence[float] | np.ndarray, fov_nm: float
+) -> tuple[tuple[float, float], tuple[float, float]]:
     """Survey fractions (y, x) of a horizontal line from ``x_nm[0]`` to ``x_nm[-1]`` (scan centred on x = 0)."""
     return (0.5, 0.5 + x_nm[0] / fov_nm), (0.5, 0.5 + x_nm[-1] / fov_nm)
 

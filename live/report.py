@@ -15,7 +15,7 @@ import html
 import json
 import math
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -409,8 +409,8 @@ def _reference_peak_table(peaks: np.ndarray, cluster_region: Mapping[int, int]) 
     for i, (peak, mos2, mos2_dft, wse2, wse2_dft, inter) in enumerate(REFERENCE_PEAKS_MEV):
         row: dict[str, Any] = {"peak": peak, "MoS2_ref": mos2, "MoS2_dft": mos2_dft, "WSe2_ref": wse2,
                                "WSe2_dft": wse2_dft, "interface_ref": inter}
-        for region, label in MOS2_REGION_LABELS.items():
-            vals = fitted.get(region, [])
+        for region_name, label in MOS2_REGION_LABELS.items():
+            vals = fitted.get(region_name, [])
             row[f"{label}_fit"] = vals[i] if i < len(vals) else None
         rows.append(row)
     return rows
@@ -606,7 +606,7 @@ def _fmt(v: Any) -> str:
     return html.escape(str(v))
 
 
-def _table(rows: list[Mapping[str, Any]]) -> str:
+def _table(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return ""
     cols = list(rows[0])

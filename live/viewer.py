@@ -173,7 +173,8 @@ class SessionView:
         stage, name = str(h.get("stage", "")), str(h.get("name", ""))
         index = h.get("index")
         index = int(index) if isinstance(index, int) and not isinstance(index, bool) else None
-        attrs = h.get("attrs") if isinstance(h.get("attrs"), Mapping) else {}
+        raw_attrs = h.get("attrs")
+        attrs: Mapping[str, Any] = raw_attrs if isinstance(raw_attrs, Mapping) else {}
         self.results += 1
         t = h.get("t")
         if isinstance(t, (int, float)):
@@ -243,6 +244,7 @@ class SessionView:
         x = attrs.get("x_nm")
         if index is not None and isinstance(x, (int, float)) and not isinstance(x, bool):
             self.point_x_nm[index] = float(x)
+        arr: np.ndarray
         if name == "energy_meV":
             arr = np.asarray(value, dtype=np.float64).reshape(-1)
             if arr.size:
@@ -415,7 +417,10 @@ class SessionView:
         if self.kind == "tilt_series" or self.drift or self.sums:
             bits.append(f"{len(self.drift)} drift rows, {len(self.sums)} tilt sums")
         if self.kind == "eels" or self.spectra:
-            shape = f" ({self.scan_shape[0]}x{self.scan_shape[1]} map)" if self.is_map else ""
+            shape = ""
+            if self.is_map:
+                assert self.scan_shape is not None  # is_map implies a known scan_shape
+                shape = f" ({self.scan_shape[0]}x{self.scan_shape[1]} map)"
             bits.append(f"{len(self.spectra)} spectra{shape}, {len(self.temperature_K)} temperatures")
         if self.errors:
             bits.append(f"{len(self.errors)} stage error(s)")

@@ -112,9 +112,9 @@ class PhysicsLike(Protocol):
                      dwell_us: float, center_nm: tuple[float, float], rotation_rad: float,
                      t_start_s: float) -> tuple[NDArray[np.float32], Any]: ...
 
-    def eels_spectra(self, *, x_nm: float, y_nm: float, exposure_ms: float, n_channels: int,
-                     dispersion_meV: float, energy_offset_meV: float,
-                     t_s: float) -> tuple[NDArray[np.float32], Any]: ...
+    def eels_spectra(self, *, x_nm: float | NDArray[Any], y_nm: float | NDArray[Any], exposure_ms: float,
+                     n_channels: int, dispersion_meV: float, energy_offset_meV: float,
+                     t_s: float | NDArray[Any]) -> tuple[NDArray[np.float32], Any]: ...
 
     def eels_settings(self) -> dict[str, float]: ...
 
@@ -576,7 +576,7 @@ class StemliveScanModule(scan_base.ScanModule):
         self.stem_controller_id = instrument.instrument_id
         self.scan_box = HAADFScanBox(instrument.haadf_generator)
         self.device = StemliveScanDevice(instrument, self.scan_box, device_id)
-        self.device.priority = 20
+        self.device.priority = 20  # type: ignore[attr-defined]  # ad-hoc attribute, as usim sets it
         haadf = getattr(instrument.scenario, "haadf", None)
         fov = float(getattr(haadf, "fov_nm", 16.384))
         dwell = float(getattr(haadf, "dwell_us", 4.0))
@@ -854,10 +854,10 @@ class SimulatedInstrumentConfiguration:
         Registry.register_component(self.instrument, {"instrument_controller", "stem_controller"})
         modules = []
         if self._ronchigram_camera_device is not None and self._ronchigram_camera_settings is not None:
-            self._ronchigram_camera_device.camera_panel_type = "ronchigram"
+            self._ronchigram_camera_device.camera_panel_type = "ronchigram"  # type: ignore[attr-defined]
             modules.append(CameraDevice.CameraModule(INSTRUMENT_ID, self._ronchigram_camera_device,
                                                      self._ronchigram_camera_settings))
-        self._eels_camera_device.camera_panel_type = "eels"
+        self._eels_camera_device.camera_panel_type = "eels"  # type: ignore[attr-defined]
         modules.append(CameraDevice.CameraModule(INSTRUMENT_ID, self._eels_camera_device, self._eels_camera_settings))
         for module in modules:
             Registry.register_component(module, {"camera_module"})

@@ -7,9 +7,8 @@ The acquisitions run in fast mode (simulated time, no sleeping) at reduced frame
 from __future__ import annotations
 
 import math
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,49 +21,31 @@ pytestmark = [pytest.mark.swift, pytest.mark.slow]
 TestContext = pytest.importorskip("nion.swift.test.TestContext")
 
 from nion.swift import Panel  # noqa: E402
+from swift_harness import (  # noqa: E402
+    document_controller_for_tests,
+    free_tcp_endpoint,
+    pump,
+    swift_with_simulator,
+)
 
 from nionswift_plugin.stemlive import panels, results  # noqa: E402
 from nionswift_plugin.stemlive.tilt_series import REFERENCE_TILTS_DEG  # noqa: E402
 from stemlive.live import tomo  # noqa: E402
 from stemlive.live.pipeline import PipelineService, make_params  # noqa: E402
 from stemlive.live.session import SessionReader  # noqa: E402
-from stemlive.simulators.devices import SimulatedInstrumentConfiguration, run_headless  # noqa: E402
-
-
-def free_tcp_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
-
-
-def pump(document_controller: Any, until: Callable[[], bool], timeout_s: float) -> None:
-    """Run the UI thread's periodic work (queued UI updates) until ``until()`` holds."""
-    deadline = time.monotonic() + timeout_s
-    while not until():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        document_controller.periodic()
-        time.sleep(0.02)
-    document_controller.periodic()
 
 
 @pytest.fixture(scope="module")
 def swift() -> Iterator[Any]:
-    setup = TestContext.TestSetup()
-    panels.register_panels()
-    try:
-        with run_headless(SimulatedInstrumentConfiguration("default", time_scale=0)) as hardware:
-            yield hardware
-    finally:
-        panels.unregister_panels()
-        del setup
+    with swift_with_simulator("default") as hardware:
+        yield hardware
 
 
 @pytest.fixture
 def document_controller(swift: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setenv("STEMLIVE_RESULT_ENDPOINT", "none")  # the test attaches its receiver explicitly
-    with TestContext.create_memory_context() as context:
-        yield context.create_document_controller()
+    with document_controller_for_tests() as document_controller:
+        yield document_controller
 
 
 def test_tilt_series_12_by_10_through_swift_service_and_tomo_export(

@@ -9,9 +9,8 @@ frame), so these tests check the Swift side independently of the analysis stages
 from __future__ import annotations
 
 import math
-import socket
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,16 @@ TestContext = pytest.importorskip("nion.swift.test.TestContext")
 
 from nion.swift import Panel  # noqa: E402
 from nion.swift.model import DataItem, Graphics  # noqa: E402
+from swift_harness import (  # noqa: E402
+    document_controller_for_tests,
+    free_tcp_endpoint,
+    pump,
+    swift_with_simulator,
+)
 
 from nionswift_plugin.stemlive import panels, results  # noqa: E402
 from stemlive.live.pipeline import PipelineService, Result, Stage  # noqa: E402
 from stemlive.live.protocol import Message  # noqa: E402
-from stemlive.simulators.devices import SimulatedInstrumentConfiguration, run_headless  # noqa: E402
-
-
-def free_tcp_endpoint() -> str:
-    """A loopback endpoint on a port that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
 
 
 class RunningSumStage(Stage):
@@ -62,37 +59,18 @@ class RunningSumStage(Stage):
         return [Result("tilt_series", "sums", self.sums[row].copy(), index=row, attrs=attrs)]
 
 
-def pump(document_controller: Any, until: Callable[[], bool], timeout_s: float = 60.0) -> None:
-    """Run the UI thread's periodic work until ``until()`` holds."""
-    deadline = time.monotonic() + timeout_s
-    while not until():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        document_controller.periodic()
-        time.sleep(0.01)
-    document_controller.periodic()
-
-
 @pytest.fixture(scope="module")
 def swift() -> Iterator[Any]:
-    """Swift's test application, the panels registered, the simulated instrument running headless."""
-    setup = TestContext.TestSetup()
-    panels.register_panels()
-    config = SimulatedInstrumentConfiguration("default", time_scale=0)
-    try:
-        with run_headless(config) as hardware:
-            yield hardware
-    finally:
-        panels.unregister_panels()
-        del setup
+    with swift_with_simulator("default") as hardware:
+        yield hardware
 
 
 @pytest.fixture
 def document_controller(swift: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     monkeypatch.setenv("STEMLIVE_RESULT_ENDPOINT", "none")  # tests attach their own receiver
     monkeypatch.delenv("STEMLIVE_SESSION_DIR", raising=False)
-    with TestContext.create_memory_context() as context:
-        yield context.create_document_controller()
+    with document_controller_for_tests() as document_controller:
+        yield document_controller
 
 
 def create_panel(document_controller: Any, panel_id: str) -> Any:

@@ -327,16 +327,29 @@ def fit_gaussians(
         return _fit_plain(e_all, y_all, n_peaks, initial, window_meV, sigma, cluster)
     if isinstance(resolution, str):
         return _fit_with_zlp(
-            e_all, y_all, n_peaks, initial, window_meV, sigma, cluster, background_subtracted, temperature_K,
-            components, core_meV, kernel_extent_meV, max_nfev,
+            e_all,
+            y_all,
+            n_peaks,
+            initial,
+            window_meV,
+            sigma,
+            cluster,
+            background_subtracted,
+            temperature_K,
+            components,
+            core_meV,
+            kernel_extent_meV,
+            max_nfev,
         )
     fw, mm = (float(v) for v in resolution)  # type: ignore[union-attr]
-    return _fit_convolved(e_all, y_all, n_peaks, initial, window_meV, sigma, cluster, fw, mm, kernel_extent_meV,
-                          max_nfev)
+    return _fit_convolved(
+        e_all, y_all, n_peaks, initial, window_meV, sigma, cluster, fw, mm, kernel_extent_meV, max_nfev
+    )
 
 
-def _p0_peaks(e: Array, y: Array, n_peaks: int, initial: ArrayLike | None, window: tuple[float, float],
-              disp: float) -> tuple[Array, Array, Array | None]:
+def _p0_peaks(
+    e: Array, y: Array, n_peaks: int, initial: ArrayLike | None, window: tuple[float, float], disp: float
+) -> tuple[Array, Array, Array | None]:
     """Initial centres and sigmas (and heights when given) of the peaks."""
     if initial is None:
         cen = np.array(_initial_centres(e, y, n_peaks, window, disp))
@@ -350,9 +363,19 @@ def _p0_peaks(e: Array, y: Array, n_peaks: int, initial: ArrayLike | None, windo
 
 
 def _fit_with_zlp(
-    e_all: Array, y_all: Array, n_peaks: int, initial: ArrayLike | None, window: tuple[float, float],
-    sigma: ArrayLike | None, cluster: int, background_subtracted: bool | None, temperature_K: float,
-    components: ArrayLike | None, core_meV: float, ext: float, max_nfev: int,
+    e_all: Array,
+    y_all: Array,
+    n_peaks: int,
+    initial: ArrayLike | None,
+    window: tuple[float, float],
+    sigma: ArrayLike | None,
+    cluster: int,
+    background_subtracted: bool | None,
+    temperature_K: float,
+    components: ArrayLike | None,
+    core_meV: float,
+    ext: float,
+    max_nfev: int,
 ) -> NDArray[np.void]:
     disp = float(e_all[1] - e_all[0])
     if background_subtracted is None:
@@ -460,8 +483,17 @@ def _fit_with_zlp(
 
 
 def _fit_convolved(
-    e_all: Array, y_all: Array, n_peaks: int, initial: ArrayLike | None, window: tuple[float, float],
-    sigma: ArrayLike | None, cluster: int, fw: float, mm: float, ext: float, max_nfev: int,
+    e_all: Array,
+    y_all: Array,
+    n_peaks: int,
+    initial: ArrayLike | None,
+    window: tuple[float, float],
+    sigma: ArrayLike | None,
+    cluster: int,
+    fw: float,
+    mm: float,
+    ext: float,
+    max_nfev: int,
 ) -> NDArray[np.void]:
     """Gaussians convolved with a given resolution ``(fwhm, m)`` in ``window`` (no ZLP in the spectrum)."""
     disp = float(e_all[1] - e_all[0])
@@ -480,15 +512,21 @@ def _fit_convolved(
     cen, sig, heights = _p0_peaks(ew, yw, n_peaks, initial, window, disp)
     h0 = np.interp(cen, ew, yw) if heights is None else heights
     p0 = np.ravel(np.column_stack([h0, cen, sig]))
-    res = scipy.optimize.least_squares(lambda p: (model(p) - yw) / sd, p0, method="lm", x_scale="jac",
-                                       max_nfev=max_nfev)
+    res = scipy.optimize.least_squares(
+        lambda p: (model(p) - yw) / sd, p0, method="lm", x_scale="jac", max_nfev=max_nfev
+    )
     cov, _ = _covariance(res, yw.size, sigma is not None)
     return _peak_table(res.x, cov, n_peaks, cluster)
 
 
 def _fit_plain(
-    e_all: Array, y_all: Array, n_peaks: int, initial: ArrayLike | None, window: tuple[float, float],
-    sigma: ArrayLike | None, cluster: int,
+    e_all: Array,
+    y_all: Array,
+    n_peaks: int,
+    initial: ArrayLike | None,
+    window: tuple[float, float],
+    sigma: ArrayLike | None,
+    cluster: int,
 ) -> NDArray[np.void]:
     """Plain sum of Gaussians in ``window`` (no resolution)."""
     m = (e_all >= window[0]) & (e_all <= window[1])
