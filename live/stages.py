@@ -172,6 +172,9 @@ class EELSStage(Stage):
         "segment_window_meV": [18.0, 60.0],
         "n_peaks": 5,
         "peak_window_meV": [18.0, 60.0],
+        # starting centres (meV) of the peak fits: one list for every cluster, or one list per cluster in
+        # spatial order; None finds them from the spectrum (close pairs may then be missed)
+        "peak_initial_meV": None,
         "labels_every": 5,  # refresh the live segmentation every N points
     }
 
@@ -269,14 +272,37 @@ class EELSStage(Stage):
         yield Result(self.name, "labels", out, attrs={"points": points.tolist(), "final": final})
         if not final:
             return
-        means = segment.cluster_means(corrected, labels, k)
-        yield Result(self.name, "cluster_mean", np.asarray(means, dtype=np.float64))
+        yield Result(self.name, "cluster_mean", np.asarray(segment.cluster_means(corrected, labels, k)))
+        yield from self._peak_table(sums, labels, k)
+
+    def _initial_centres(self, cluster: int) -> list[float] | None:
+        initial = self.params["peak_initial_meV"]
+        if not initial:
+            return None
+        if isinstance(initial[0], int | float):
+            return [float(c) for c in initial]
+        return [float(c) for c in initial[cluster]] if cluster < len(initial) else None
+
+    def _peak_table(self, sums: np.ndarray, labels: np.ndarray, k: int) -> Iterator[Result]:
+        """Fit each cluster's mean spectrum (with its zero-loss peak: the fit convolves with the resolution).
+
+        Clusters are numbered in spatial order along a line, so an interior cluster (an interface) lies between
+        its neighbours: their mean spectra enter its fit as components with free weights, for the delocalised
+        signal of both sides that an interface spectrum contains.
+        """
+        assert self._energy is not None
+        means = np.asarray(segment.cluster_means(sums, labels, k))
+        line = self._scan_shape is None
         tables = []
         for cluster in range(k):
+            neighbours = [c for c in (cluster - 1, cluster + 1) if 0 <= c < k] if line else []
+            components = means[neighbours] if len(neighbours) == 2 else None
             try:
-                tables.append(segment.fit_gaussians(self._energy, means[cluster], int(self.params["n_peaks"]),
-                                                    window_meV=tuple(self.params["peak_window_meV"]),
-                                                    cluster=cluster))
+                tables.append(segment.fit_gaussians(
+                    self._energy, means[cluster], int(self.params["n_peaks"]),
+                    window_meV=tuple(self.params["peak_window_meV"]), cluster=cluster,
+                    initial=self._initial_centres(cluster), components=components,
+                ))
             except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:
                 log.warning("peak fit of cluster %d failed: %s", cluster, e)
         if tables:
