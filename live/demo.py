@@ -43,9 +43,17 @@ TILT_SCENARIO = "default"
 LINE_SCENARIO = "eels_mos2_wse2"
 THERMO_SCENARIO = "eels_aln_sic"
 
-#: Analysis parameters the demo sets unless ``--set`` overrides them: the reference thermometry procedure
-#: deconvolves the ZLP-subtracted signal (Lucy-Richardson, 5 iterations) before the loss/gain fit.
-DEMO_OVERRIDES: tuple[str, ...] = ("eels.deconvolve=true",)
+
+
+def line_scan_analysis(thermometry: bool) -> dict[str, dict[str, Any]]:
+    """Per-session analysis settings of a demo line scan (sent in its session_start, over the service's own).
+
+    The peak fits of the MoS2-WSe2 line start from the published centres (close pairs are separated only from a
+    good start). Thermometry keeps the default resolution-corrected log-ratio fit, whose error bars are honest.
+    """
+    from .report import reference_centres_meV
+
+    return {} if thermometry else {"eels": {"peak_initial_meV": reference_centres_meV()}}
 
 
 @dataclass
@@ -211,6 +219,7 @@ def acquire_line_scan(cfg: DemoConfig, sender: Any, stream: TextIO | None, *, th
         fov = 2.4 * float(np.max(np.abs(x_nm))) + 8.0
         start, end = _line_fractions(x_nm, fov)
         plan = EELSScanPlan(start=start, end=end, points=points, step_nm=None, frames_per_point=frames,
+                            analysis=line_scan_analysis(thermometry),
                             exposure_ms=exposure, batch=min(50, frames), survey_size_px=256, survey_fov_nm=fov,
                             survey_dwell_us=1.0,
                             saturation_counts=float(hw.instrument.physics.eels.config["saturation_counts"]))
@@ -366,7 +375,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, *, stream: TextIO | None = sy
 
     out = Path(out_dir)
     session_dir = out / "sessions"
-    params = make_params(None, [*DEMO_OVERRIDES, *cfg.overrides])
+    params = make_params(None, cfg.overrides)
     timings: dict[str, float] = {}
     t_start = time.perf_counter()
     from nion.swift.test import TestContext

@@ -109,6 +109,23 @@ def make_params(config_file: str | Path | None = None, overrides: Sequence[str] 
     return resolve_params(default_params(), config_file=config_file, overrides=overrides)
 
 
+def session_params(params: Params, start: Message) -> Params:
+    """The service's parameters with the session's own analysis settings (``settings["analysis"]``) on top.
+
+    An acquisition may carry sample-specific analysis parameters (e.g. starting peak centres). Invalid ones are
+    logged and ignored: a typo in the settings must not stop a session from being recorded.
+    """
+    settings = start.header.get("settings") or {}
+    overrides = settings.get("analysis") if isinstance(settings, dict) else None
+    if not overrides:
+        return params
+    try:
+        return resolve_params(params, extra=overrides)
+    except (ValueError, AttributeError) as e:
+        log.error("session %s: analysis settings ignored: %s", start.session, e)
+        return params
+
+
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -158,6 +175,7 @@ class SessionRun:
         self._lock = threading.RLock()
         self.writer = SessionWriter(path, start, **dict(writer_options or {}))
         classes = stage_classes if stage_classes is not None else registered_stages()
+        params = session_params(params, start)
         self.stages: list[Stage] = [
             cls(params.get(name, {})) for name, cls in classes.items() if self.kind in cls.kinds
         ]

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["REFERENCE_PEAKS_MEV", "adjusted_rand_index", "write_report"]
+__all__ = ["REFERENCE_PEAKS_MEV", "adjusted_rand_index", "reference_centres_meV", "write_report"]
 
 #: Peak table of the reference line scan across MoS2-WSe2 (Sci. Adv. 7, eabi6699 (2021), table S3), meV:
 #: (peak, MoS2 EELS, MoS2 DFT, WSe2 EELS, WSe2 DFT, interface EELS); "x+-e" values as (x, e), None: not given.
@@ -32,6 +32,13 @@ REFERENCE_PEAKS_MEV: tuple[tuple[Any, ...], ...] = (
     (4, (26.5, 0.6), 26.56, (24.8, 1.4), 25.21, (27.9, 1.1)),
     (5, (22.0, 0.2), 20.27, (22.0, 0.4), None, (22.9, 1.7)),
 )
+
+
+def reference_centres_meV() -> list[list[float]]:
+    """Published EELS peak centres per region in spatial order along the line: MoS2, interface, WSe2."""
+    return [[row[col][0] for row in REFERENCE_PEAKS_MEV] for col in (1, 5, 3)]
+
+
 REGION_NAMES = ("left", "interface", "right")
 MOS2_REGION_LABELS = {"left": "MoS2", "interface": "interface", "right": "WSe2"}
 

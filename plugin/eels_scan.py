@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -65,6 +65,8 @@ class EELSScanPlan:
     saturation_counts: float | None = None  # None: what the camera reports, else 16 bit (65535)
     readout_overhead_ms: float = 1.0
     session_dir: str | None = None
+    # analysis parameters for this session only, {stage: {param: value}}, over the service's own
+    analysis: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def positions_fractional(self, fov_nm: float) -> np.ndarray:
         """Probe positions ``(n, 2)`` as survey fractions ``(y, x)``, row-major for maps."""

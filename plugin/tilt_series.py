@@ -66,6 +66,8 @@ class TiltSeriesPlan:
     beta_limits_deg: tuple[float, float] = (-30.0, 30.0)
     max_dose_e_per_A2: float = 1.0e6
     session_dir: str | None = None  # where the service records, when it is on this computer
+    # analysis parameters for this session only, {stage: {param: value}}, over the service's own
+    analysis: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def pixel_size_nm(self) -> float:

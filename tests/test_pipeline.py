@@ -331,3 +331,19 @@ def test_service_refuses_a_non_loopback_bind_unless_allowed(tmp_path: Path) -> N
     with pytest.raises(ValueError, match="loopback|allow"):
         PipelineService(tmp_path, {}, frame_endpoint="tcp://0.0.0.0:*", result_endpoint=ANY_PORT,
                         stage_classes={}).start()
+
+
+def test_a_session_can_carry_its_own_analysis_parameters(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from stemlive.live.pipeline import session_params
+
+    params = {"counting": {"delay_s": 0.0}}
+
+    def start(settings: dict[str, Any]) -> protocol.Message:
+        return protocol.Message({"proto": "stemlive/1", "type": "session_start", "session": "s", "seq": 0, "t": 1.0,
+                                 "kind": "tilt_series", "settings": settings}, None)
+
+    assert session_params(params, start({}))["counting"]["delay_s"] == 0.0
+    assert session_params(params, start({"analysis": {"counting": {"delay_s": 0.5}}}))["counting"]["delay_s"] == 0.5
+    assert params["counting"]["delay_s"] == 0.0  # the service's own parameters are untouched
+    assert session_params(params, start({"analysis": {"counting": {"typo": 1}}})) == params
+    assert "analysis settings ignored" in caplog.text and "typo" in caplog.text
