@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 ELEMENTARY_CHARGE_C = 1.602176634e-19
@@ -184,3 +186,84 @@ def instrument_sleep(stem_controller: Any, seconds: float) -> None:
         clock.sleep(seconds)
     else:
         time.sleep(seconds)
+
+
+class Procedure:
+    """What every acquisition procedure has: its session stream, run control, progress reports and HAADF scans.
+
+    Parameters
+    ----------
+    kind
+        The session kind (``tilt_series``, ``eels_line_scan``, ``eels_map``).
+    settings
+        The plan's settings; the instrument and scan device ids are added.
+    stem_controller
+        ``nion.instrumentation.stem_controller.STEMController`` (real or simulated).
+    scan_source
+        The scan hardware source (``scan_base.ScanHardwareSource``).
+    sender
+        A :class:`stemlive.live.transport.FrameSender` connected to the pipeline service.
+    control
+        Pause/resume/abort from the UI.
+    on_progress
+        Called with a :class:`Progress` as the acquisition goes on.
+    channel
+        Index of the HAADF channel among the scan device's channels.
+    session_id
+        Default: a new one.
+    """
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        settings: dict[str, Any],
+        stem_controller: Any,
+        scan_source: Any,
+        sender: Any,
+        control: RunControl | None = None,
+        on_progress: ProgressCallback | None = None,
+        channel: int = 0,
+        session_id: str | None = None,
+    ) -> None:
+        from stemlive.live.transport import SessionStream
+
+        self.stem_controller = stem_controller
+        self.scan_source = scan_source
+        settings = dict(settings)
+        settings["instrument"] = str(getattr(stem_controller, "instrument_id", type(stem_controller).__name__))
+        settings["scan_device"] = str(getattr(scan_source, "hardware_source_id", ""))
+        self.stream = SessionStream(sender, kind, settings, session_id)
+        self.control = control or RunControl()
+        self.on_progress = on_progress
+        self.channel = channel
+        self.status = "not started"
+
+    @property
+    def session_id(self) -> str:
+        return str(self.stream.session_id)
+
+    def scan_parameters(self, size_px: int, dwell_us: float, fov_nm: float) -> Any:
+        """The scan's current frame parameters with a full (no subscan) square frame of the given settings."""
+        fp = self.scan_source.get_current_frame_parameters()
+        fp.pixel_size = (size_px, size_px)
+        fp.pixel_time_us = dwell_us
+        fp.fov_nm = fov_nm
+        fp.subscan_pixel_size = None
+        fp.subscan_fractional_size = None
+        fp.subscan_fractional_center = None
+        return fp
+
+    def scan(self, frame_parameters: Any) -> tuple[np.ndarray, float]:
+        """One HAADF frame and its start time. The frame becomes the scan context, so probe positions given as
+        fractions of it land where they were picked."""
+        self.scan_source.set_current_frame_parameters(frame_parameters)
+        t = time.time()
+        xdata = self.scan_source.record_immediate(frame_parameters)[self.channel]
+        if xdata is None:
+            raise RuntimeError("the scan returned no data for the HAADF channel")
+        return np.asarray(xdata.data, dtype=np.float32), t
+
+    def report(self, progress: Progress) -> None:
+        if self.on_progress is not None:
+            self.on_progress(progress)

@@ -21,10 +21,9 @@ from stemlive.live.analysis.drift import register_translation
 from .acquisition import (
     AcquisitionAborted,
     PlanCheck,
+    Procedure,
     Progress,
-    ProgressCallback,
     ProgressClock,
-    RunControl,
     check_disk_space,
 )
 
@@ -155,66 +154,31 @@ def fraction_to_nm(fraction_yx: np.ndarray, scan_context: Any) -> np.ndarray:
     return np.stack([y, x], axis=-1)
 
 
-class EELSScanProcedure:
+class EELSScanProcedure(Procedure):
     """Runs an :class:`EELSScanPlan`: survey, spectra at every probe position, survey; every frame streamed.
 
     Parameters
     ----------
     plan
         Positions and exposure settings.
-    stem_controller
-        The STEM controller (probe position, scan context).
-    scan_source, camera_source
-        The scan hardware source (survey images) and the EELS camera hardware source.
-    sender
-        A :class:`stemlive.live.transport.FrameSender` connected to the pipeline service.
+    camera_source
+        The EELS camera hardware source.
+    **kwargs
+        ``stem_controller``, ``scan_source`` (survey images), ``sender``, ``control``, ``on_progress``,
+        ``channel``, ``session_id``: see :class:`~nionswift_plugin.stemlive.acquisition.Procedure`.
     """
 
-    def __init__(
-        self,
-        plan: EELSScanPlan,
-        *,
-        stem_controller: Any,
-        scan_source: Any,
-        camera_source: Any,
-        sender: Any,
-        control: RunControl | None = None,
-        on_progress: ProgressCallback | None = None,
-        channel: int = 0,
-        session_id: str | None = None,
-    ) -> None:
-        from stemlive.live.transport import SessionStream
-
-        self.plan = plan
-        self.stem_controller = stem_controller
-        self.scan_source = scan_source
-        self.camera_source = camera_source
+    def __init__(self, plan: EELSScanPlan, *, camera_source: Any, **kwargs: Any) -> None:
         settings = plan.settings(plan.survey_fov_nm)
-        settings["instrument"] = str(getattr(stem_controller, "instrument_id", type(stem_controller).__name__))
         settings["camera_device"] = str(getattr(camera_source, "hardware_source_id", ""))
-        self.stream = SessionStream(sender, plan.kind, settings, session_id)
-        self.control = control or RunControl()
-        self.on_progress = on_progress
-        self.channel = channel
-        self.status = "not started"
+        super().__init__(kind=plan.kind, settings=settings, **kwargs)
+        self.plan = plan
+        self.camera_source = camera_source
         self.drift_correction_frac: np.ndarray = np.zeros(2)
 
-    @property
-    def session_id(self) -> str:
-        return str(self.stream.session_id)
-
-    def _survey(self) -> tuple[np.ndarray, float, Any]:
-        fp = self.scan_source.get_current_frame_parameters()
-        fp.pixel_size = (self.plan.survey_size_px, self.plan.survey_size_px)
-        fp.pixel_time_us = self.plan.survey_dwell_us
-        fp.fov_nm = self.plan.survey_fov_nm
-        # make the survey the current scan context, so probe positions (fractions of it) land where picked
-        self.scan_source.set_current_frame_parameters(fp)
-        t = time.time()
-        xdata = self.scan_source.record_immediate(fp)[self.channel]
-        if xdata is None:
-            raise RuntimeError("the survey scan returned no data")
-        return np.asarray(xdata.data, dtype=np.float32), t, fp
+    def _survey(self) -> tuple[np.ndarray, float]:
+        plan = self.plan
+        return self.scan(self.scan_parameters(plan.survey_size_px, plan.survey_dwell_us, plan.survey_fov_nm))
 
     def _camera_parameters(self) -> Any:
         fp = self.camera_source.get_current_frame_parameters()
@@ -243,7 +207,7 @@ class EELSScanProcedure:
         return float(spectra.max()) / test_exposure_ms
 
     def _track(self, reference: np.ndarray, region: tuple[slice, slice]) -> None:
-        view, _, _ = self._survey()
+        view, _ = self._survey()
         (dy, dx), _q = register_translation(reference, view[region])
         self.drift_correction_frac = np.array([dy, dx]) / np.array(view.shape)
         log.info("drift tracking: reference region moved by (%.2f, %.2f) px", dy, dx)
@@ -270,7 +234,7 @@ class EELSScanProcedure:
         region = self._region_slices()
         reference: np.ndarray | None = None
         try:
-            survey, t_survey, survey_fp = self._survey()
+            survey, t_survey = self._survey()
             scan_context = self.stem_controller.scan_context
             positions_nm = fraction_to_nm(fractions, scan_context)
             self.stream.start()
@@ -303,10 +267,10 @@ class EELSScanProcedure:
                         exposure_ms=plan.exposure_ms,
                     )
                     fraction = (point_index * m + first + k) / (n * m)
-                    self._report(Progress("acquiring", point_index + 1, n, first + k, m, clock.elapsed(),
+                    self.report(Progress("acquiring", point_index + 1, n, first + k, m, clock.elapsed(),
                                           clock.remaining(fraction), 0.0))
             if plan.survey_after:
-                after, t_after, _ = self._survey()
+                after, t_after = self._survey()
                 self.stream.survey(after, which="after", t=t_after,
                                    pixel_size_nm=plan.survey_fov_nm / after.shape[1])
             status = "complete"
@@ -320,7 +284,7 @@ class EELSScanProcedure:
             self.status = status
             if self.stream.started:
                 self.stream.end(status, message)
-            self._report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, 0.0, message))
+            self.report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, 0.0, message))
         return status
 
     def _region_slices(self) -> tuple[slice, slice]:
@@ -328,6 +292,3 @@ class EELSScanProcedure:
         s = self.plan.survey_size_px
         return slice(int(y0 * s), int((y0 + h) * s)), slice(int(x0 * s), int((x0 + w) * s))
 
-    def _report(self, progress: Progress) -> None:
-        if self.on_progress is not None:
-            self.on_progress(progress)

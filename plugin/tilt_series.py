@@ -11,7 +11,6 @@ import csv
 import io
 import logging
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,10 +24,9 @@ from .acquisition import (
     AcquisitionAborted,
     PlanCheck,
     PlanError,
+    Procedure,
     Progress,
-    ProgressCallback,
     ProgressClock,
-    RunControl,
     check_disk_space,
     dose_per_scan_e_per_A2,
     instrument_sleep,
@@ -160,61 +158,22 @@ def check_plan(plan: TiltSeriesPlan) -> PlanCheck:
     return check
 
 
-class TiltSeriesProcedure:
+class TiltSeriesProcedure(Procedure):
     """Runs a :class:`TiltSeriesPlan` on a Nion STEM controller and scan device, streaming every frame.
 
     Parameters
     ----------
     plan
         The tilts and scan settings.
-    stem_controller
-        ``nion.instrumentation.stem_controller.STEMController`` (real or simulated).
-    scan_source
-        The scan hardware source (``scan_base.ScanHardwareSource``).
-    sender
-        A :class:`stemlive.live.transport.FrameSender` connected to the pipeline service.
-    control
-        Pause/resume/abort from the UI.
-    on_progress
-        Called after every frame with a :class:`Progress`.
-    channel
-        Index of the HAADF channel among the scan device's channels.
+    **kwargs
+        ``stem_controller``, ``scan_source``, ``sender``, ``control``, ``on_progress``, ``channel``,
+        ``session_id``: see :class:`~nionswift_plugin.stemlive.acquisition.Procedure`.
     """
 
-    def __init__(
-        self,
-        plan: TiltSeriesPlan,
-        *,
-        stem_controller: Any,
-        scan_source: Any,
-        sender: Any,
-        control: RunControl | None = None,
-        on_progress: ProgressCallback | None = None,
-        channel: int = 0,
-        session_id: str | None = None,
-    ) -> None:
-        from stemlive.live.transport import SessionStream
-
+    def __init__(self, plan: TiltSeriesPlan, **kwargs: Any) -> None:
+        super().__init__(kind="tilt_series", settings=plan.settings(), **kwargs)
         self.plan = plan
-        self.stem_controller = stem_controller
-        self.scan_source = scan_source
-        self.stream = SessionStream(sender, "tilt_series", self._settings(), session_id)
-        self.control = control or RunControl()
-        self.on_progress = on_progress
-        self.channel = channel
-        self.status = "not started"
         self.tracking_shifts_px: list[tuple[float, float]] = []
-
-    def _settings(self) -> dict[str, Any]:
-        settings = self.plan.settings()
-        instrument = self.stem_controller
-        settings["instrument"] = str(getattr(instrument, "instrument_id", type(instrument).__name__))
-        settings["scan_device"] = str(getattr(self.scan_source, "hardware_source_id", ""))
-        return settings
-
-    @property
-    def session_id(self) -> str:
-        return str(self.stream.session_id)
 
     # --- stage ---
     def _read_tilt_deg(self) -> tuple[float, float]:
@@ -235,28 +194,9 @@ class TiltSeriesProcedure:
                 )
         instrument_sleep(self.stem_controller, self.plan.settle_s)  # mechanical settling after the encoder confirms
 
-    # --- scan ---
-    def _frame_parameters(self) -> Any:
-        fp = self.scan_source.get_current_frame_parameters()
-        fp.pixel_size = (self.plan.size_px, self.plan.size_px)
-        fp.pixel_time_us = self.plan.dwell_us
-        fp.fov_nm = self.plan.fov_nm
-        fp.subscan_pixel_size = None
-        fp.subscan_fractional_size = None
-        fp.subscan_fractional_center = None
-        return fp
-
-    def _scan(self, frame_parameters: Any) -> tuple[np.ndarray, float]:
-        t = time.time()
-        xdatas = self.scan_source.record_immediate(frame_parameters)
-        xdata = xdatas[self.channel]
-        if xdata is None:
-            raise RuntimeError("the scan returned no data for the HAADF channel")
-        return np.asarray(xdata.data, dtype=np.float32), t
-
     def _track(self, reference: np.ndarray, frame_parameters: Any) -> None:
         """Find ``reference`` (the previous tilt's sum) in a new scan and move the scan centre onto it."""
-        view, _ = self._scan(frame_parameters)
+        view, _ = self.scan(frame_parameters)
         (dy, dx), _quality = register_translation(reference, view)
         self.tracking_shifts_px.append((float(dy), float(dx)))
         # The region appears displaced by (dy, dx) px: move the scan centre by the same amount in the sample
@@ -281,13 +221,13 @@ class TiltSeriesProcedure:
         dose = 0.0
         tilts = self.plan.ordered_tilts()
         n, m = len(tilts), self.plan.frames_per_tilt
-        frame_parameters = self._frame_parameters()
+        frame_parameters = self.scan_parameters(self.plan.size_px, self.plan.dwell_us, self.plan.fov_nm)
         previous_sum: np.ndarray | None = None
         status, message = "failed", ""
         try:
             for step, (tilt_index, alpha, beta) in enumerate(tilts, start=1):
                 clock.paused_s += self.control.checkpoint()
-                self._report(Progress("moving stage", step, n, 0, m, clock.elapsed(),
+                self.report(Progress("moving stage", step, n, 0, m, clock.elapsed(),
                                       clock.remaining((step - 1) / n), dose, f"alpha {alpha:g}, beta {beta:g} deg"))
                 self._move_stage(alpha, beta)
                 if self.plan.tracking and previous_sum is not None:
@@ -296,7 +236,7 @@ class TiltSeriesProcedure:
                 tilt_sum = None
                 for frame_index in range(m):
                     clock.paused_s += self.control.checkpoint()
-                    image, t = self._scan(frame_parameters)
+                    image, t = self.scan(frame_parameters)
                     dose += frame_dose
                     self.stream.frame(
                         image, t=t, tilt_index=tilt_index, alpha_deg=alpha, beta_deg=beta, frame_index=frame_index,
@@ -304,7 +244,7 @@ class TiltSeriesProcedure:
                     )
                     tilt_sum = image.astype(np.float64) if tilt_sum is None else tilt_sum + image
                     fraction = ((step - 1) * m + frame_index + 1) / (n * m)
-                    self._report(Progress("acquiring", step, n, frame_index + 1, m, clock.elapsed(),
+                    self.report(Progress("acquiring", step, n, frame_index + 1, m, clock.elapsed(),
                                           clock.remaining(fraction), dose))
                 previous_sum = tilt_sum
             status = "complete"
@@ -319,7 +259,7 @@ class TiltSeriesProcedure:
             if status != "complete":
                 self._return_stage(start_tilt)
             self.stream.end(status, message)
-            self._report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, dose, message))
+            self.report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, dose, message))
         return status
 
     def _return_stage(self, tilt_deg: tuple[float, float]) -> None:
@@ -328,10 +268,6 @@ class TiltSeriesProcedure:
             log.info("stage returned to the starting tilt (%.2f, %.2f) deg", *tilt_deg)
         except Exception:
             log.exception("could not return the stage to the starting tilt %s", tilt_deg)
-
-    def _report(self, progress: Progress) -> None:
-        if self.on_progress is not None:
-            self.on_progress(progress)
 
 
 def save_plan(plan: TiltSeriesPlan, path: str | Path) -> None:

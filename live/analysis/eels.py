@@ -351,30 +351,54 @@ class ZLPFit:
 class SignalModel:
     """Resolution-deconvolved phonon signal of many spectra on a coarse axis relative to the ZLP centre.
 
+    The deconvolution runs once per *group* of similar spectra (their amplitude-normalised mean); each
+    spectrum's signal is its group's scaled by its own ZLP amplitude.
+
     Attributes
     ----------
     axis_meV
         ``(n,)`` symmetric coarse axis ``h * (j - J)`` (``h`` = ``coarse`` channels), 0 = ZLP centre.
     intrinsic
-        ``(k, n)`` Lucy-Richardson estimate of the signal before the resolution blur (counts per coarse
-        sample), non-zero only in ``signal_range_meV`` (both sides).
+        ``(k, n)`` Lucy-Richardson estimate of each spectrum's signal before the resolution blur (counts per
+        coarse sample), non-zero only in ``signal_range_meV`` (both sides).
     kernel_fft
-        ``(k, nfft // 2 + 1)`` FFT of each spectrum's unit-sum resolution function (the fitted ZLP shape).
+        ``(g, nfft // 2 + 1)`` FFT of each group's unit-sum resolution function (the fitted ZLP shape).
     nfft
         FFT length of the (linear, not circular) convolutions.
+    group
+        ``(k,)`` group of each spectrum (row of ``kernel_fft`` / ``group_signal``).
+    scale
+        ``(k,)`` factor from the group's signal per unit ZLP amplitude to the spectrum's (its amplitude).
+    group_signal
+        ``(g, n)`` deconvolved signal per unit ZLP amplitude of each group.
     """
 
     axis_meV: Array
     intrinsic: Array
     kernel_fft: NDArray[np.complex128]
     nfft: int
+    group: NDArray[np.intp] | None = None
+    scale: Array | None = None
+    group_signal: Array | None = None
 
-    def blur(self, source: Array) -> Array:
-        """``source`` ``(k, n)`` on ``axis_meV`` convolved with each spectrum's resolution function."""
+    def _convolve(self, source: Array, kern: NDArray[np.complex128]) -> Array:
         n = self.axis_meV.size
         return scipy.fft.irfft(
-            scipy.fft.rfft(source, self.nfft, axis=-1, workers=-1) * self.kernel_fft, self.nfft, axis=-1, workers=-1
+            scipy.fft.rfft(source, self.nfft, axis=-1, workers=-1) * kern, self.nfft, axis=-1, workers=-1
         )[:, :n]
+
+    def blur(self, source: Array) -> Array:
+        """``source`` ``(k, n)`` on ``axis_meV`` (one row per spectrum) convolved with each one's resolution."""
+        kern = self.kernel_fft
+        if self.group is not None and len(kern) > 1:
+            kern = kern[self.group]
+        return self._convolve(source, kern)
+
+    def blurred(self) -> Array:
+        """``(k, n)`` each spectrum's deconvolved signal blurred again (one FFT pair per group, then scaled)."""
+        if self.group_signal is None or self.group is None or self.scale is None:
+            return self.blur(self.intrinsic)
+        return self._convolve(self.group_signal, self.kernel_fft)[self.group] * self.scale[:, None]
 
     def sample(self, source_blurred: Array, e_meV: ArrayLike) -> Array:
         """Linear interpolation of ``(k, n)`` on ``axis_meV`` at relative energies ``e_meV`` ``(m,)`` or ``(k, m)``."""
@@ -400,6 +424,33 @@ def _interp_channels(flat: Array, pos: Array) -> Array:
     return a + f * (b - a)
 
 
+def _groups(groups: int | ArrayLike | None, k: int) -> tuple[NDArray[np.intp], int]:
+    """Group index ``(k,)`` and number of groups from a chunk size (consecutive spectra) or labels."""
+    if groups is None:
+        return np.arange(k), k
+    if np.ndim(groups) == 0:
+        size = max(1, int(groups))  # type: ignore[arg-type]
+        return np.arange(k) // size, (k + size - 1) // size
+    lab = np.asarray(groups).reshape(-1)
+    if lab.size != k:
+        raise ValueError(f"{lab.size} group labels for {k} spectra")
+    _, inv = np.unique(lab, return_inverse=True)
+    return inv.reshape(-1).astype(np.intp), int(inv.max()) + 1
+
+
+def _group_sum(values: Array, group: NDArray[np.intp], n_groups: int) -> Array:
+    """Sum of the rows of ``values`` ``(k, ...)`` per group -> ``(n_groups, ...)``."""
+    k = len(group)
+    if n_groups == k and np.array_equal(group, np.arange(k)):
+        return values.copy()
+    order = np.argsort(group, kind="stable")
+    g = group[order]
+    starts = np.flatnonzero(np.r_[True, g[1:] != g[:-1]])
+    out = np.zeros((n_groups,) + values.shape[1:], values.dtype)
+    out[g[starts]] = np.add.reduceat(values[order], starts, axis=0)
+    return out
+
+
 def signal_model(
     energy_meV: ArrayLike,
     spectra: ArrayLike,
@@ -409,6 +460,7 @@ def signal_model(
     extent_meV: float = 210.0,
     coarse: int = 3,
     iterations: int = 30,
+    groups: int | ArrayLike | None = 16,
 ) -> SignalModel:
     """Lucy-Richardson estimate of the unblurred phonon signal, with the fitted ZLP as resolution function.
 
@@ -419,6 +471,11 @@ def signal_model(
     tails spill into the ZLP-fit windows.  Used only for smooth, deterministic corrections (spill into
     the ZLP windows; the resolution offset of the detailed-balance log-ratio), never as the measured signal.
 
+    The deconvolution is done once per group of similar spectra: the group's remainders are summed and
+    divided by the summed ZLP amplitudes (signal per unit ZLP amplitude; the noise of one spectrum's LR
+    estimate is irrelevant for the blurred predictions, so pooling costs nothing in accuracy), deconvolved
+    with the group's mean resolution, and scaled back by each spectrum's amplitude.
+
     Parameters
     ----------
     energy_meV, spectra
@@ -428,6 +485,10 @@ def signal_model(
     iterations
         LR iterations (30: the peaks are close to fully deconvolved; noise is irrelevant for the blurred
         predictions that use it).
+    groups
+        Chunk size: ``groups`` consecutive spectra (in the order given, e.g. neighbours along a scan line
+        or the frames of one position) share a signal shape; or ``(k,)`` labels of the groups (e.g. the
+        regions of a segmentation); ``None``: one deconvolution per spectrum.
     """
     s = np.asarray(spectra, float)
     batch, n = s.shape[:-1], s.shape[-1]
@@ -435,6 +496,8 @@ def signal_model(
     flat = s.reshape(-1, n)
     off = off.reshape(-1)
     p = np.asarray(params, float).reshape(-1, 4)
+    k = len(p)
+    group, n_groups = _groups(groups, k)
     h = coarse * disp
     jn = int(np.ceil(extent_meV / h))
     ax = h * np.arange(-jn, jn + 1)
@@ -448,29 +511,35 @@ def signal_model(
     pz = p.copy()
     pz[:, 1] = 0.0
     obs = data - pearson7_model(ax[None, :], pz)  # type: ignore[operator]
+    amp = np.maximum(p[:, 0], 1e-30)
+    cnt = np.maximum(_group_sum(np.ones((k, 1)), group, n_groups), 1.0)
+    obs_g = _group_sum(obs, group, n_groups) / np.maximum(_group_sum(amp[:, None], group, n_groups), 1e-30)
+    shape_g = _group_sum(p[:, 2:], group, n_groups) / cnt
     lo, hi = signal_range_meV
     mask = ((np.abs(ax) >= lo) & (np.abs(ax) <= hi)).astype(float)
     nfft = scipy.fft.next_fast_len(2 * ax.size)
     lag = np.arange(nfft)
     lag = np.where(lag < nfft // 2, lag, lag - nfft) * h
-    kern = pearson7_model(lag[None, :], np.column_stack([np.ones(len(p)), np.zeros(len(p)), p[:, 2:]]))
+    kern = pearson7_model(lag[None, :], np.column_stack([np.ones(n_groups), np.zeros(n_groups), shape_g]))
     kern = kern / kern.sum(-1, keepdims=True)  # type: ignore[union-attr]
     kf = scipy.fft.rfft(kern.astype(np.float32), axis=-1, workers=-1)
-    model = SignalModel(ax, np.zeros_like(obs), kf, nfft)
+    model = SignalModel(ax, np.zeros((0, ax.size)), kf, nfft)
     mask = mask.astype(np.float32)
-    o = (np.maximum(obs, 0.0) * mask).astype(np.float32)
-    norm = np.maximum(model.blur(np.broadcast_to(mask, obs.shape)), 1e-12)
+    o = (np.maximum(obs_g, 0.0) * mask).astype(np.float32)
+    norm = np.maximum(model._convolve(np.broadcast_to(mask, o.shape), kf), 1e-12)
     u = np.maximum(o, 1e-9 * np.maximum(o.max(-1, keepdims=True), 1e-30)) * mask
     inv_norm = mask / norm
     for _ in range(int(iterations)):
-        est = model.blur(u)
+        est = model._convolve(u, kf)
         np.maximum(est, 1e-30, out=est)
         np.divide(o, est, out=est)
-        u *= model.blur(est)
+        u *= model._convolve(est, kf)
         u *= inv_norm
-    model.intrinsic = u
+    model.group = group
+    model.scale = amp
+    model.group_signal = u
+    model.intrinsic = u[group] * amp[:, None].astype(np.float32)
     return model
-
 
 
 def _window_index(
@@ -590,6 +659,7 @@ def fit_zlp_pearson7(
     lr_iterations: int = 30,
     tol: float = 1e-5,
     spill_uncertainty: float = 0.5,
+    signal_groups: int | ArrayLike | None = 16,
 ) -> ZLPFit:
     """Fit a symmetric Pearson VII to the zero-loss peak in ``|E - centre|`` windows on both sides.
 
@@ -623,6 +693,10 @@ def fit_zlp_pearson7(
         carry little weight instead of biasing the width.
     lr_iterations
         Lucy-Richardson iterations of the spill model.
+    signal_groups
+        Spectra that share one deconvolution of the spill model (:func:`signal_model` ``groups``): a chunk
+        size of consecutive spectra (default 16: pass spectra in scan order), ``(k,)`` labels, or None (one
+        per spectrum, 16x slower).
     tol
         Convergence threshold (relative chi-square change) of the Levenberg-Marquardt iterations.
 
@@ -657,8 +731,10 @@ def fit_zlp_pearson7(
     n_pass = max(2, int(signal_correction))
     for i_pass in range(n_pass):
         if i_pass < int(signal_correction):
-            sig = signal_model(axis, flat, p, signal_range_meV=signal_range_meV, iterations=lr_iterations)
-            spill = sig.sample(sig.blur(sig.intrinsic), x - p[:, 1:2])
+            sig = signal_model(
+                axis, flat, p, signal_range_meV=signal_range_meV, iterations=lr_iterations, groups=signal_groups
+            )
+            spill = sig.sample(sig.blurred(), x - p[:, 1:2])
         # the spill model is uncertain (its blur depends on the fitted width itself): channels it dominates
         # are down-weighted by a relative systematic error ``spill_uncertainty``
         wt = 1.0 / (np.maximum(pearson7_model(x, p), 1e-3) + rn2 + (spill_uncertainty * spill) ** 2)
