@@ -27,69 +27,7 @@ import numpy as np
 from skimage.registration import phase_cross_correlation
 
 from stemlive.live.analysis import drift
-
-PERIOD_PX = 9.9  # MoS2 a = 3.165 A at 0.32 A/px (reference/tilt_series_mos2_wse2.json)
-
-
-def render_lattice(
-    shape: tuple[int, int],
-    displacement: np.ndarray | tuple[float, float] = (0.0, 0.0),
-    *,
-    period: float = PERIOD_PX,
-    angle_deg: float = 12.0,
-    sigma: float = 1.7,
-    counts: tuple[float, float] = (1000.0, 400.0),
-    vacancies: np.ndarray | None = None,
-) -> np.ndarray:
-    """Expected counts of a honeycomb lattice; ``displacement`` (2,) or per row (ny, 2), contract convention."""
-    ny, nx = shape
-    d = np.broadcast_to(np.asarray(displacement, float), (ny, 2))
-    th = np.deg2rad(angle_deg)
-    a1 = period * np.array([np.sin(th), np.cos(th)])
-    a2 = period * np.array([np.sin(th + np.pi / 3), np.cos(th + np.pi / 3)])
-    amat = np.stack([a1, a2])
-    bmat = np.linalg.inv(amat).T
-    origin = np.array([0.3, 0.7])
-    basis = [(origin, counts[0]), (origin + (a1 + a2) / 3, counts[1])]
-    gmax = np.sqrt(np.log(1e7) / (2 * np.pi**2 * sigma**2))
-    hmax = int(np.ceil(gmax * period * 1.2)) + 1
-    h, k = np.meshgrid(np.arange(-hmax, hmax + 1), np.arange(-hmax, hmax + 1))
-    g = h.ravel()[:, None] * bmat[0] + k.ravel()[:, None] * bmat[1]
-    g = g[np.hypot(g[:, 0], g[:, 1]) <= gmax]
-    coef = sum(n * np.exp(-2j * np.pi * g @ p) for p, n in basis)
-    coef = coef * np.exp(-2 * np.pi**2 * sigma**2 * (g**2).sum(1)) / abs(np.linalg.det(amat))
-    r = np.arange(ny)[:, None]
-    e1 = np.exp(2j * np.pi * (g[:, 0][None] * (r - d[:, :1]) - g[:, 1][None] * d[:, 1:])) * coef[None]
-    img = (e1 @ np.exp(2j * np.pi * g[:, 1][:, None] * np.arange(nx)[None])).real
-    if vacancies is not None:
-        half = int(np.ceil(4 * sigma))
-        off = np.arange(-half, half + 1)
-        amp = counts[0] / (2 * np.pi * sigma**2)
-        for vy, vx in vacancies:
-            rows = int(round(vy + d[int(np.clip(round(vy), 0, ny - 1)), 0])) + off
-            rows = rows[(rows >= 0) & (rows < ny)]
-            if rows.size == 0:
-                continue
-            dy, dx = d[rows, :1], d[rows, 1:]
-            cols = int(round(vx + dx.mean())) + off
-            cols = cols[(cols >= 0) & (cols < nx)]
-            if cols.size:
-                img[np.ix_(rows, cols)] -= amp * np.exp(
-                    -((rows[:, None] - vy - dy) ** 2 + (cols[None] - vx - dx) ** 2) / (2 * sigma**2)
-                )
-    return np.clip(img, 0.0, None)
-
-
-def random_vacancies(shape, rng, fraction=0.01, *, period=PERIOD_PX, angle_deg=12.0):
-    th = np.deg2rad(angle_deg)
-    a1 = period * np.array([np.sin(th), np.cos(th)])
-    a2 = period * np.array([np.sin(th + np.pi / 3), np.cos(th + np.pi / 3)])
-    n = int(2 * max(shape) / period) + 4
-    i, j = np.meshgrid(np.arange(-n, n), np.arange(-n, n))
-    p = np.array([0.3, 0.7]) + i.ravel()[:, None] * a1 + j.ravel()[:, None] * a2
-    ok = (p[:, 0] > -10) & (p[:, 0] < shape[0] + 10) & (p[:, 1] > -10) & (p[:, 1] < shape[1] + 10)
-    p = p[ok]
-    return p[rng.random(len(p)) < fraction]
+from stemlive.simulators.lattice import random_vacancies, render_lattice
 
 
 def drift_shifts(n, rng):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from stemlive.live.analysis import drift
+from stemlive.simulators import lattice
 
 SHAPE = (256, 256)
 PERIOD = 9.9
@@ -18,42 +19,12 @@ PERIOD = 9.9
 
 def render_lattice(shape=SHAPE, displacement=(0.0, 0.0), *, counts=(1000.0, 400.0), sigma=1.7, vacancies=None):
     """Expected counts; ``displacement`` (2,) or per scan row (ny, 2): a feature at (y, x) appears at (y+dy, x+dx)."""
-    ny, nx = shape
-    d = np.broadcast_to(np.asarray(displacement, float), (ny, 2))
-    th = np.deg2rad(12.0)
-    a1 = PERIOD * np.array([np.sin(th), np.cos(th)])
-    a2 = PERIOD * np.array([np.sin(th + np.pi / 3), np.cos(th + np.pi / 3)])
-    amat = np.stack([a1, a2])
-    bmat = np.linalg.inv(amat).T
-    origin = np.array([0.3, 0.7])
-    basis = [(origin, counts[0]), (origin + (a1 + a2) / 3, counts[1])]
-    gmax = np.sqrt(np.log(1e7) / (2 * np.pi**2 * sigma**2))
-    hmax = int(np.ceil(gmax * PERIOD * 1.2)) + 1
-    h, k = np.meshgrid(np.arange(-hmax, hmax + 1), np.arange(-hmax, hmax + 1))
-    g = h.ravel()[:, None] * bmat[0] + k.ravel()[:, None] * bmat[1]
-    g = g[np.hypot(g[:, 0], g[:, 1]) <= gmax]
-    coef = sum(n * np.exp(-2j * np.pi * g @ p) for p, n in basis)
-    coef = coef * np.exp(-2 * np.pi**2 * sigma**2 * (g**2).sum(1)) / abs(np.linalg.det(amat))
-    r = np.arange(ny)[:, None]
-    e1 = np.exp(2j * np.pi * (g[:, 0][None] * (r - d[:, :1]) - g[:, 1][None] * d[:, 1:])) * coef[None]
-    img = (e1 @ np.exp(2j * np.pi * g[:, 1][:, None] * np.arange(nx)[None])).real
-    if vacancies is not None:  # remove metal columns (Gaussians rendered with the per-row displacement)
-        yy = np.arange(ny)[:, None] - d[:, :1]
-        xx = np.arange(nx)[None, :] - d[:, 1:]
-        for vy, vx in vacancies:
-            img -= counts[0] / (2 * np.pi * sigma**2) * np.exp(-((yy - vy) ** 2 + (xx - vx) ** 2) / (2 * sigma**2))
-    return np.clip(img, 0.0, None)
+    return lattice.render_lattice(shape, displacement, period=PERIOD, counts=counts, sigma=sigma, vacancies=vacancies)
 
 
 def metal_vacancies(rng, n=12, shape=SHAPE):
     """A few metal-site positions inside the field of view (they make the lattice non-periodic)."""
-    th = np.deg2rad(12.0)
-    a1 = PERIOD * np.array([np.sin(th), np.cos(th)])
-    a2 = PERIOD * np.array([np.sin(th + np.pi / 3), np.cos(th + np.pi / 3)])
-    i, j = rng.integers(-40, 40, (2, 4000))
-    p = np.array([0.3, 0.7]) + i[:, None] * a1 + j[:, None] * a2
-    p = p[(p[:, 0] > 10) & (p[:, 0] < shape[0] - 10) & (p[:, 1] > 10) & (p[:, 1] < shape[1] - 10)]
-    p = np.unique(np.round(p, 6), axis=0)
+    p = lattice.metal_sites(shape, period=PERIOD, margin=10.0)
     return p[rng.permutation(len(p))[:n]]
 
 

@@ -493,9 +493,32 @@ def signal_model(
     s = np.asarray(spectra, float)
     batch, n = s.shape[:-1], s.shape[-1]
     off, disp = _axis(energy_meV, n, batch)
-    flat = s.reshape(-1, n)
-    off = off.reshape(-1)
-    p = np.asarray(params, float).reshape(-1, 4)
+    return _signal_model(
+        off.reshape(-1),
+        disp,
+        s.reshape(-1, n),
+        np.asarray(params, float).reshape(-1, 4),
+        signal_range_meV=signal_range_meV,
+        extent_meV=extent_meV,
+        coarse=coarse,
+        iterations=iterations,
+        groups=groups,
+    )
+
+
+def _signal_model(
+    off: Array,
+    disp: float,
+    flat: Array,
+    p: Array,
+    *,
+    signal_range_meV: tuple[float, float],
+    extent_meV: float,
+    coarse: int,
+    iterations: int,
+    groups: int | ArrayLike | None,
+) -> SignalModel:
+    """:func:`signal_model` on ``(k, n)`` spectra with offsets ``(k,)`` and parameters ``(k, 4)``."""
     k = len(p)
     group, n_groups = _groups(groups, k)
     h = coarse * disp
@@ -559,32 +582,53 @@ def _window_index(
     return idx
 
 
-def _p7_parts(x: Array, p: Array) -> tuple[Array, list[Array]]:
-    """Pearson VII ``(k, n)`` and its four derivatives (list of ``(k, n)``) for ``p`` ``(k, 4)``."""
-    a, c, w, m = (p[:, i, None] for i in range(4))
-    d = x - c
-    cc = np.exp2(1.0 / m) - 1.0
-    u = d / w
-    u *= u
-    q = 1.0 + 4.0 * cc * u
-    lq = np.log(q)
-    qm = np.exp(-m * lq)
-    f = a * qm
-    g = (8.0 * a * m * cc) * qm / q
-    dcc_dm = -(cc + 1.0) * np.log(2.0) / m**2
-    return f, [qm, g * d / w**2, g * u / w, -f * (lq + (4.0 * m * dcc_dm) * u / q)]
+_BLOCK = 1 << 14
+"""Elements per array in the cache-blocked Pearson VII evaluation (keeps the temporaries in L2)."""
 
 
-def _normal(jac: list[Array], wt: Array, r: Array) -> tuple[Array, Array]:
-    """Weighted normal matrix ``(k, 4, 4)`` and gradient ``(k, 4)`` from a list of derivative arrays."""
-    k = wt.shape[0]
-    h = np.empty((k, 4, 4))
-    g = np.empty((k, 4))
-    for i in range(4):
-        wj = wt * jac[i]
-        g[:, i] = np.einsum("kn,kn->k", wj, r)
-        for j in range(i, 4):
-            h[:, i, j] = h[:, j, i] = np.einsum("kn,kn->k", wj, jac[j])
+def _p7_fj(x: Array, p: Array) -> tuple[Array, Array]:
+    """Pearson VII ``(k, n)`` and its Jacobian ``(k, 4, n)`` for ``p`` ``(k, 4)``.
+
+    Evaluated in blocks of rows so that the ~10 temporaries stay in cache (the full-size version is
+    bound by memory bandwidth: ~25 passes over ``k n`` doubles).
+    """
+    k, n = x.shape
+    f = np.empty((k, n))
+    jac = np.empty((k, 4, n))
+    step = max(1, _BLOCK // max(n, 1))
+    ln2 = np.log(2.0)
+    for i in range(0, k, step):
+        sl = slice(i, min(k, i + step))
+        a, c, w, m = (p[sl, j, None] for j in range(4))
+        cc = np.exp2(1.0 / m) - 1.0
+        t = np.subtract(x[sl], c)
+        t /= w  # (E - c) / w
+        u = t * t
+        q = u * (4.0 * cc)
+        q += 1.0
+        lq = np.log(q)
+        qm = jac[sl, 0]
+        np.multiply(lq, -m, out=qm)
+        np.exp(qm, out=qm)  # dF/da = q^-m
+        fs = f[sl]
+        np.multiply(qm, a, out=fs)
+        g = np.divide(qm, q)
+        g *= 8.0 * a * m * cc / w  # common factor of the c and w derivatives
+        np.multiply(g, t, out=jac[sl, 1])
+        np.multiply(g, u, out=jac[sl, 2])
+        u *= 4.0 * m * (-(cc + 1.0) * ln2 / m**2)  # 4 m dcc/dm u
+        u /= q
+        u += lq
+        u *= fs
+        np.negative(u, out=jac[sl, 3])
+    return f, jac
+
+
+def _normal_j(jac: Array, wt: Array, r: Array | None = None) -> tuple[Array, Array | None]:
+    """Weighted normal matrix ``(k, 4, 4)`` (and gradient ``(k, 4)``) from a Jacobian ``(k, 4, n)``."""
+    jw = jac * wt[:, None, :]
+    h = np.matmul(jw, jac.transpose(0, 2, 1))
+    g = None if r is None else np.matmul(jw, r[:, :, None])[..., 0]
     return h, g
 
 
@@ -600,12 +644,13 @@ def _lm(
     """Batched Levenberg-Marquardt for the Pearson VII: returns params, normal matrix, chi2, iterations.
 
     Only the spectra that have not converged (relative chi-square change below ``tol`` on an accepted
-    step) are carried to the next iteration.
+    step) are carried to the next iteration.  The model and Jacobian are evaluated once per iteration, at
+    the trial point (kept when the step is accepted).
     """
     p = p0.copy()
     k = len(p)
     lam = np.full(k, 1e-3)
-    f, _ = _p7_parts(x, p)
+    f, jac = _p7_fj(x, p)
     r = y - f
     chi2 = np.einsum("kn,kn->k", wt * r, r)
     act = np.arange(k)
@@ -614,8 +659,8 @@ def _lm(
     for n_it in range(1, max_iter + 1):
         it = n_it
         xa, ya, wa, pa = x[act], y[act], wt[act], p[act]
-        fa, ja = _p7_parts(xa, pa)
-        h, g = _normal(ja, wa, ya - fa)
+        h, g = _normal_j(jac[act], wa, r[act])
+        assert g is not None
         diag = np.einsum("kii->ki", h)
         hd = h + (lam[act, None] * np.maximum(diag, 1e-300))[:, :, None] * eye
         dp = np.linalg.solve(hd, g[..., None])[..., 0]
@@ -623,25 +668,29 @@ def _lm(
         pt[:, 0] = np.maximum(pt[:, 0], 1e-3 * pa[:, 0])
         pt[:, 2] = np.clip(pt[:, 2], 0.2 * pa[:, 2], 5 * pa[:, 2])
         pt[:, 3] = np.clip(pt[:, 3], 0.55, 200.0)
-        ft, _ = _p7_parts(xa, pt)
+        ft, jt = _p7_fj(xa, pt)
         # the amplitude is linear: re-solve it exactly (removes its strong correlation with FWHM and m)
-        sc = np.einsum("kn,kn->k", wa * ft, ya) / np.maximum(np.einsum("kn,kn->k", wa * ft, ft), 1e-300)
+        wf = wa * ft
+        sc = np.einsum("kn,kn->k", wf, ya) / np.maximum(np.einsum("kn,kn->k", wf, ft), 1e-300)
         sc = np.where(sc > 0, sc, 1.0)
         pt[:, 0] *= sc
         ft *= sc[:, None]
+        jt[:, 1:] *= sc[:, None, None]  # d/da does not depend on a
         rt = ya - ft
         chi2t = np.einsum("kn,kn->k", wa * rt, rt)
         acc = chi2t <= chi2[act]
         rel = np.abs(chi2[act] - chi2t) / np.maximum(chi2[act], 1e-300)
-        p[act] = np.where(acc[:, None], pt, pa)
-        chi2[act] = np.where(acc, chi2t, chi2[act])
+        ia = act[acc]
+        p[ia] = pt[acc]
+        chi2[ia] = chi2t[acc]
+        r[ia] = rt[acc]
+        jac[ia] = jt[acc]
         lam[act] = np.where(acc, np.maximum(lam[act] / 5.0, 1e-7), lam[act] * 5.0)
         done = (acc & (rel < tol)) | (lam[act] > 1e8)
         act = act[~done]
         if act.size == 0:
             break
-    f, jac = _p7_parts(x, p)
-    h, _ = _normal(jac, wt, y - f)
+    h, _ = _normal_j(jac, wt)
     return p, h, chi2, it
 
 
@@ -712,13 +761,12 @@ def fit_zlp_pearson7(
     k = flat.shape[0]
     rn2 = float(read_noise_counts) ** 2
     if initial is None:
-        centre = zlp_centre(off[:, None] + disp * np.arange(n)[None, :], flat)
+        centre = off + disp * zlp_centre(np.arange(n, dtype=float), flat)
         p0 = _initial_from_mean(flat, off, disp, centre, windows_meV, rn2)
     else:
         p0 = np.broadcast_to(np.asarray(initial, float), (k, 4)).copy()
         centre = p0[:, 1]
     idx = _window_index(off, disp, centre, n, windows_meV)
-    axis = off[:, None] + disp * np.arange(n)[None, :] if k > 1 else off[0] + disp * np.arange(n)
     y = np.take_along_axis(flat, idx, axis=1)
     x = off[:, None] + disp * idx
     # Poisson weights from the model (no bias towards low counts); the phonon signal spilled into the
@@ -731,8 +779,16 @@ def fit_zlp_pearson7(
     n_pass = max(2, int(signal_correction))
     for i_pass in range(n_pass):
         if i_pass < int(signal_correction):
-            sig = signal_model(
-                axis, flat, p, signal_range_meV=signal_range_meV, iterations=lr_iterations, groups=signal_groups
+            sig = _signal_model(
+                off,
+                disp,
+                flat,
+                p,
+                signal_range_meV=signal_range_meV,
+                extent_meV=210.0,
+                coarse=3,
+                iterations=lr_iterations,
+                groups=signal_groups,
             )
             spill = sig.sample(sig.blurred(), x - p[:, 1:2])
         # the spill model is uncertain (its blur depends on the fitted width itself): channels it dominates
@@ -766,7 +822,8 @@ def _initial_from_mean(
     # integer-channel alignment is enough for a starting point
     roll = np.round(c_ch - ref_ch).astype(np.intp)
     idx = np.clip(np.arange(n)[None, :] + roll[:, None], 0, n - 1)
-    mean = np.take_along_axis(flat[sel][:256], idx[sel][:256], axis=1).mean(axis=0)
+    use = np.flatnonzero(sel)[:256]
+    mean = np.take_along_axis(flat[use], idx[use], axis=1).mean(axis=0)
     e = disp * (np.arange(n) - ref_ch)
     peak = float(mean[int(ref_ch)])
     half = np.nonzero(mean >= 0.5 * peak)[0]
