@@ -280,11 +280,25 @@ class VibrationalEELSSimulator:
     poisson_exact_below
         Expected counts below which exact Poisson deviates are drawn; above, a skewness-corrected normal
         approximation is used for speed (see ``_noise``).
+    noise
+        ``"legacy"`` (default: the random stream the tests' realisations were drawn with) or
+        ``"compact"``: the same distribution drawn ~2x faster (normal deviates only for the high channels,
+        float32 inversion below 1 count, ``rng.poisson`` in between); other realisations for a seed.
     """
 
     oversample = 4
 
-    def __init__(self, scenario: Any = "aln_sic", *, seed: int | None = 0, poisson_exact_below: float = 30.0) -> None:
+    def __init__(
+        self,
+        scenario: Any = "aln_sic",
+        *,
+        seed: int | None = 0,
+        poisson_exact_below: float = 30.0,
+        noise: str = "legacy",
+    ) -> None:
+        if noise not in ("legacy", "compact"):
+            raise ValueError(f"unknown noise generator {noise!r}")
+        self.noise = noise
         self.config = eels_config(scenario)
         self.model = InterfaceModel.from_config(self.config)
         self.peaks = PHONON_PEAKS[self.model.system]
@@ -497,7 +511,7 @@ class VibrationalEELSSimulator:
         x, temp, off, t = x.reshape(-1), temp.reshape(-1), off.reshape(-1), t.reshape(-1)
         shift = self.energy_shift(t, rng)
         mu = self._expected(exp_ms, nc, disp, off, x, temp, shift)
-        counts = self._noise(mu, rng)
+        counts = self._noise(mu, rng) if self.noise == "compact" else self._noise_legacy(mu, rng)
         sat = float(self.config.get("saturation_counts", np.inf))
         saturated = counts.max(axis=-1) >= sat
         if saturated.any():
@@ -548,6 +562,60 @@ class VibrationalEELSSimulator:
         if rn > 0:
             counts += rn * rng.standard_normal(counts.shape, dtype=np.float32)
         return counts.reshape(mu32.shape)
+
+    def _noise_legacy(self, mu: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np.float32]:
+        """The former generator (``noise="legacy"``): normal deviates for every channel, then exact Poisson.
+
+        ``round(mu + sqrt(mu) z + (z**2 - 1) / 6)`` has the Poisson mean, variance (+1/12 from rounding)
+        and skewness; the simulator uses it above 30 counts by default because exact Poisson deviates
+        cost about 10x more.
+        """
+        mu32 = np.asarray(mu, np.float32)
+        z = rng.standard_normal(mu32.shape, dtype=np.float32)
+        counts = np.sqrt(mu32)
+        counts *= z
+        z *= z
+        z -= 1.0
+        z *= np.float32(1.0 / 6.0)
+        counts += z
+        counts += mu32
+        np.rint(counts, out=counts)
+        low = mu32 < self.poisson_exact_below
+        if low.any():
+            counts[low] = rng.poisson(mu32[low].astype(float)).astype(np.float32)
+        np.maximum(counts, 0, out=counts)
+        rn = float(self.config.get("read_noise_counts", 0.0))
+        if rn > 0:
+            counts += rn * rng.standard_normal(mu32.shape, dtype=np.float32)
+        return counts
+
+
+def _poisson_small(mu: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np.float32]:
+    """Exact Poisson deviates for small means (``mu < 1``) by inversion, vectorised in float32.
+
+    One uniform ``v`` per channel; the count is the number of ``k >= 0`` with ``v >= F(k)``, ``F`` the
+    Poisson CDF built up as ``F(k) = F(k-1) + p_k``; only the channels still above the current ``F`` are
+    carried on (a fraction ``1 - exp(-mu)`` after the first step).  float32 resolves probabilities down to
+    ~6e-8 (a mean below that always draws 0: at most 6e-8 counts per channel are lost).
+    """
+    v = rng.random(mu.size, dtype=np.float32)
+    p = np.exp(-mu)
+    out = (v >= p).astype(np.float32)
+    idx = np.flatnonzero(out)
+    m = mu[idx]
+    vv = v[idx]
+    p = p[idx]
+    cdf = p.copy()
+    k = 0
+    while idx.size:
+        k += 1
+        p *= m
+        p *= np.float32(1.0 / k)
+        cdf += p
+        keep = (vv >= cdf) & (p > 0)
+        idx, m, vv, p, cdf = idx[keep], m[keep], vv[keep], p[keep], cdf[keep]
+        out[idx] += 1.0
+    return out
 
 
 def _poisson_small(mu: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np.float32]:

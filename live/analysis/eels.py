@@ -438,6 +438,29 @@ def _groups(groups: int | ArrayLike | None, k: int) -> tuple[NDArray[np.intp], i
     return inv.reshape(-1).astype(np.intp), int(inv.max()) + 1
 
 
+def _similar_groups(features: Array, size: int) -> tuple[NDArray[np.intp], int]:
+    """Groups of about ``size`` spectra with similar signal shape, independent of their order.
+
+    The spectra are ranked by their scores on the first two principal components of ``features`` (the
+    amplitude-normalised loss signal): cut into ``~sqrt(k / size)`` strata along the first, each stratum
+    into chunks of ``size`` along the second.
+    """
+    k = len(features)
+    f = features - features.mean(0)
+    _, vec = np.linalg.eigh(f.T @ f)
+    sc = f @ vec[:, -2:]
+    n_groups = -(-k // size)
+    n1 = max(1, int(round(np.sqrt(n_groups))))
+    group = np.empty(k, np.intp)
+    gid = 0
+    for stratum in np.array_split(np.argsort(sc[:, 1], kind="stable"), n1):
+        o = stratum[np.argsort(sc[stratum, 0], kind="stable")]
+        for chunk in np.array_split(o, max(1, -(-len(o) // size))):
+            group[chunk] = gid
+            gid += 1
+    return group, gid
+
+
 def _group_sum(values: Array, group: NDArray[np.intp], n_groups: int) -> Array:
     """Sum of the rows of ``values`` ``(k, ...)`` per group -> ``(n_groups, ...)``."""
     k = len(group)
@@ -486,9 +509,10 @@ def signal_model(
         LR iterations (30: the peaks are close to fully deconvolved; noise is irrelevant for the blurred
         predictions that use it).
     groups
-        Chunk size: ``groups`` consecutive spectra (in the order given, e.g. neighbours along a scan line
-        or the frames of one position) share a signal shape; or ``(k,)`` labels of the groups (e.g. the
-        regions of a segmentation); ``None``: one deconvolution per spectrum.
+        Group size: spectra are grouped by the shape of their signal (:func:`_similar_groups`, the first two
+        principal components of the amplitude-normalised loss signal), about ``groups`` per group, whatever
+        their order; or ``(k,)`` labels of the groups (e.g. the regions of a segmentation); ``None`` or 1:
+        one deconvolution per spectrum.
     """
     s = np.asarray(spectra, float)
     batch, n = s.shape[:-1], s.shape[-1]
@@ -520,7 +544,6 @@ def _signal_model(
 ) -> SignalModel:
     """:func:`signal_model` on ``(k, n)`` spectra with offsets ``(k,)`` and parameters ``(k, 4)``."""
     k = len(p)
-    group, n_groups = _groups(groups, k)
     h = coarse * disp
     jn = int(np.ceil(extent_meV / h))
     ax = h * np.arange(-jn, jn + 1)
@@ -535,10 +558,14 @@ def _signal_model(
     pz[:, 1] = 0.0
     obs = data - pearson7_model(ax[None, :], pz)  # type: ignore[operator]
     amp = np.maximum(p[:, 0], 1e-30)
+    lo, hi = signal_range_meV
+    if np.ndim(groups) == 0 and groups is not None and 1 < int(groups) < k:  # type: ignore[arg-type]
+        group, n_groups = _similar_groups(obs[:, (ax >= lo) & (ax <= hi)] / amp[:, None], int(groups))  # type: ignore[arg-type]
+    else:
+        group, n_groups = _groups(groups, k)
     cnt = np.maximum(_group_sum(np.ones((k, 1)), group, n_groups), 1.0)
     obs_g = _group_sum(obs, group, n_groups) / np.maximum(_group_sum(amp[:, None], group, n_groups), 1e-30)
     shape_g = _group_sum(p[:, 2:], group, n_groups) / cnt
-    lo, hi = signal_range_meV
     mask = ((np.abs(ax) >= lo) & (np.abs(ax) <= hi)).astype(float)
     nfft = scipy.fft.next_fast_len(2 * ax.size)
     lag = np.arange(nfft)
@@ -587,19 +614,20 @@ _BLOCK = 1 << 14
 
 
 def _p7_fj(x: Array, p: Array) -> tuple[Array, Array]:
-    """Pearson VII ``(k, n)`` and its Jacobian ``(k, 4, n)`` for ``p`` ``(k, 4)``.
+    """Pearson VII ``(k, n)`` and its Jacobian ``(k, 4, n)`` for ``p`` ``(k, 4)``, in the dtype of ``x``.
 
     Evaluated in blocks of rows so that the ~10 temporaries stay in cache (the full-size version is
     bound by memory bandwidth: ~25 passes over ``k n`` doubles).
     """
     k, n = x.shape
-    f = np.empty((k, n))
-    jac = np.empty((k, 4, n))
+    dt = x.dtype
+    f = np.empty((k, n), dt)
+    jac = np.empty((k, 4, n), dt)
     step = max(1, _BLOCK // max(n, 1))
     ln2 = np.log(2.0)
     for i in range(0, k, step):
         sl = slice(i, min(k, i + step))
-        a, c, w, m = (p[sl, j, None] for j in range(4))
+        a, c, w, m = (p[sl, j, None].astype(dt) for j in range(4))
         cc = np.exp2(1.0 / m) - 1.0
         t = np.subtract(x[sl], c)
         t /= w  # (E - c) / w
@@ -643,15 +671,19 @@ def _lm(
 ) -> tuple[Array, Array, Array, int]:
     """Batched Levenberg-Marquardt for the Pearson VII: returns params, normal matrix, chi2, iterations.
 
-    Only the spectra that have not converged (relative chi-square change below ``tol`` on an accepted
-    step) are carried to the next iteration.  The model and Jacobian are evaluated once per iteration, at
+    Only the spectra that have not converged (relative chi-square change of the last step below ``tol``)
+    are carried to the next iteration.  The model and Jacobian are evaluated once per iteration, at
     the trial point (kept when the step is accepted).
     """
     p = p0.copy()
     k = len(p)
     lam = np.full(k, 1e-3)
+    # model and Jacobian in float32 (rounding 6e-8 relative, far below the Poisson noise of any count);
+    # residuals, chi-square and the solve in float64
+    x = x.astype(np.float32)
+    wt32 = wt.astype(np.float32)
     f, jac = _p7_fj(x, p)
-    r = y - f
+    r = y - f.astype(float)
     chi2 = np.einsum("kn,kn->k", wt * r, r)
     act = np.arange(k)
     it = 0
@@ -659,16 +691,17 @@ def _lm(
     for n_it in range(1, max_iter + 1):
         it = n_it
         xa, ya, wa, pa = x[act], y[act], wt[act], p[act]
-        h, g = _normal_j(jac[act], wa, r[act])
+        h, g = _normal_j(jac[act], wt32[act], r[act].astype(np.float32))
         assert g is not None
         diag = np.einsum("kii->ki", h)
         hd = h + (lam[act, None] * np.maximum(diag, 1e-300))[:, :, None] * eye
-        dp = np.linalg.solve(hd, g[..., None])[..., 0]
+        dp = np.linalg.solve(hd.astype(float), g[..., None].astype(float))[..., 0]
         pt = pa + dp
         pt[:, 0] = np.maximum(pt[:, 0], 1e-3 * pa[:, 0])
         pt[:, 2] = np.clip(pt[:, 2], 0.2 * pa[:, 2], 5 * pa[:, 2])
         pt[:, 3] = np.clip(pt[:, 3], 0.55, 200.0)
-        ft, jt = _p7_fj(xa, pt)
+        ft32, jt = _p7_fj(xa, pt)
+        ft = ft32.astype(float)
         # the amplitude is linear: re-solve it exactly (removes its strong correlation with FWHM and m)
         wf = wa * ft
         sc = np.einsum("kn,kn->k", wf, ya) / np.maximum(np.einsum("kn,kn->k", wf, ft), 1e-300)
@@ -686,11 +719,35 @@ def _lm(
         r[ia] = rt[acc]
         jac[ia] = jt[acc]
         lam[act] = np.where(acc, np.maximum(lam[act] / 5.0, 1e-7), lam[act] * 5.0)
-        done = (acc & (rel < tol)) | (lam[act] > 1e8)
+        # converged: a step (accepted or not) changes chi2 by less than tol (rounding of the float32 model)
+        done = (rel < tol) | (lam[act] > 1e8)
         act = act[~done]
         if act.size == 0:
             break
-    h, _ = _normal_j(jac, wt)
+    h, _ = _normal_j(jac.astype(float), wt)  # the covariance from a float64 normal matrix
+    return p, h, chi2, it
+
+
+_LM_ROWS = 64
+"""Spectra per block of the batched Levenberg-Marquardt (the spectra are independent; blocks keep the
+``(rows, 4, n)`` Jacobians and temporaries in cache instead of streaming them from memory every iteration)."""
+
+
+def _lm_blocked(
+    x: Array, y: Array, wt: Array, p0: Array, *, max_iter: int, tol: float = 1e-6
+) -> tuple[Array, Array, Array, int]:
+    """:func:`_lm` on blocks of ``_LM_ROWS`` spectra; returns params, normal matrices, chi2, max iterations."""
+    k = len(p0)
+    if k <= _LM_ROWS:
+        return _lm(x, y, wt, p0, max_iter=max_iter, tol=tol)
+    p = np.empty_like(p0)
+    h = np.empty((k, 4, 4))
+    chi2 = np.empty(k)
+    it = 0
+    for i in range(0, k, _LM_ROWS):
+        sl = slice(i, min(k, i + _LM_ROWS))
+        p[sl], h[sl], chi2[sl], n_it = _lm(x[sl], y[sl], wt[sl], p0[sl], max_iter=max_iter, tol=tol)
+        it = max(it, n_it)
     return p, h, chi2, it
 
 
@@ -743,9 +800,8 @@ def fit_zlp_pearson7(
     lr_iterations
         Lucy-Richardson iterations of the spill model.
     signal_groups
-        Spectra that share one deconvolution of the spill model (:func:`signal_model` ``groups``): a chunk
-        size of consecutive spectra (default 16: pass spectra in scan order), ``(k,)`` labels, or None (one
-        per spectrum, 16x slower).
+        Spectra that share one deconvolution of the spill model (:func:`signal_model` ``groups``): a group
+        size (default 16, spectra grouped by signal shape), ``(k,)`` labels, or None (one per spectrum).
     tol
         Convergence threshold (relative chi-square change) of the Levenberg-Marquardt iterations.
 
@@ -794,7 +850,7 @@ def fit_zlp_pearson7(
         # the spill model is uncertain (its blur depends on the fitted width itself): channels it dominates
         # are down-weighted by a relative systematic error ``spill_uncertainty``
         wt = 1.0 / (np.maximum(pearson7_model(x, p), 1e-3) + rn2 + (spill_uncertainty * spill) ** 2)
-        p, h, chi2, it = _lm(x, y - spill, wt, p, max_iter=max_iter, tol=tol)
+        p, h, chi2, it = _lm_blocked(x, y - spill, wt, p, max_iter=max_iter, tol=tol)
         n_it += it
     dof = max(1, x.shape[1] - 4)
     chi2_red = chi2 / dof

@@ -423,6 +423,26 @@ def _fit_with_zlp(
     n_z = 3 if background_subtracted else 4  # ZLP parameters refined with the peaks (c0 fixed at 0 if gain only)
     zlp0 = np.array([amp, fw, mm, c0])[:n_z]
 
+    cache: dict[tuple[float, ...], Array] = {}
+
+    def kernel_fft(zw: float, zm: float) -> Array:
+        """FFT of the unit-sum resolution kernel; the last one is kept (most evaluations share it)."""
+        key = ("k", zw, zm)
+        if key not in cache:
+            for old in [q for q in cache if q[0] == "k"]:
+                del cache[old]
+            kern = resolution_function(lag, zw, zm, disp)
+            cache[key] = scipy.fft.rfft(kern / kern.sum(), nfft)
+        return cache[key]
+
+    def zlp_shape(zc: float, zw: float, zm: float) -> Array:
+        key = ("z", zc, zw, zm)
+        if key not in cache:
+            for old in [q for q in cache if q[0] == "z"]:
+                del cache[old]
+            cache[key] = resolution_function(ew - zc, zw, zm, disp)
+        return cache[key]
+
     def model(p: Array) -> Array:
         t = p[0]
         z = p[1 : 1 + n_z]
@@ -430,13 +450,12 @@ def _fit_with_zlp(
         zc = z[3] if n_z == 4 else c0
         pk = p[1 + n_z : 1 + n_z + 3 * n_peaks]
         a, c, s = pk[0::3], pk[1::3], pk[2::3]
-        kern = resolution_function(lag, zw, zm, disp)
         x = grid - zc
         ax = np.abs(x)
         g = (a[:, None] * np.exp(-0.5 * ((ax[None, :] - c[:, None]) / s[:, None]) ** 2)).sum(0)
         g = np.where(x > 0, g, g * np.exp(-ax / (KB_MEV_PER_K * abs(t))))
-        conv = scipy.fft.irfft(scipy.fft.rfft(g, nfft) * scipy.fft.rfft(kern / kern.sum(), nfft), nfft)[nk:][take]
-        out = za * resolution_function(ew - zc, zw, zm, disp) + conv
+        conv = scipy.fft.irfft(scipy.fft.rfft(g, nfft) * kernel_fft(zw, zm), nfft)[nk:][take]
+        out = za * zlp_shape(zc, zw, zm) + conv
         q = p[1 + n_z + 3 * n_peaks :]
         if n_comp:
             out = out + q[:n_comp] @ comp
@@ -475,8 +494,51 @@ def _fit_with_zlp(
     else:
         p0[ipk : ipk + 3 * n_peaks : 3] = heights
 
+    inv_sd = 1.0 / sd
+    n_fd = 1 + n_z  # temperature and ZLP parameters: forward differences; the rest analytic
+
+    def jacobian(p: Array) -> Array:
+        """Residual Jacobian: peaks, components and power law analytic (one batched FFT convolution of
+        the Gaussian derivatives with the resolution kernel), temperature and ZLP by forward differences."""
+        jac = np.empty((ew.size, p.size))
+        f0 = model(p)
+        for j in range(n_fd):
+            step = 1.49e-8 * max(abs(p[j]), 1.0)
+            pj = p.copy()
+            pj[j] += step
+            jac[:, j] = (model(pj) - f0) / step
+        t = p[0]
+        z = p[1 : 1 + n_z]
+        zw, zm = abs(z[1]), z[2]
+        zc = z[3] if n_z == 4 else c0
+        pk = p[ipk : ipk + 3 * n_peaks]
+        a, c, sg = pk[0::3, None], pk[1::3, None], pk[2::3, None]
+        x = grid - zc
+        ax = np.abs(x)
+        bose = np.where(x > 0, 1.0, np.exp(-ax / (KB_MEV_PER_K * abs(t))))
+        d = (ax[None, :] - c) / sg
+        gb = np.exp(-0.5 * d * d) * bose[None, :]
+        parts = np.empty((3 * n_peaks, grid.size))
+        parts[0::3] = gb
+        parts[1::3] = gb * (a * d / sg)
+        parts[2::3] = gb * (a * d * d / sg)
+        conv = scipy.fft.irfft(
+            scipy.fft.rfft(parts, nfft, axis=-1) * kernel_fft(zw, zm), nfft, axis=-1
+        )[:, nk:][:, take]
+        jac[:, ipk : ipk + 3 * n_peaks] = conv.T
+        q = p[ipk + 3 * n_peaks :]
+        col = ipk + 3 * n_peaks
+        if n_comp:
+            jac[:, col : col + n_comp] = comp.T
+        if n_pl:
+            xr = pl_x / 30.0
+            powr = np.where(ew > 0, xr ** (-q[n_comp + 1]), 0.0)
+            jac[:, col + n_comp] = -powr
+            jac[:, col + n_comp + 1] = q[n_comp] * powr * np.log(xr)
+        return jac * inv_sd[:, None]
+
     res = scipy.optimize.least_squares(
-        lambda p: (model(p) - yw) / sd, p0, method="lm", x_scale="jac", max_nfev=max_nfev
+        lambda p: (model(p) - yw) * inv_sd, p0, jac=jacobian, method="lm", x_scale="jac", max_nfev=max_nfev
     )
     cov, _ = _covariance(res, yw.size, sigma is not None)
     return _peak_table(res.x, cov, n_peaks, cluster, offset=ipk)
