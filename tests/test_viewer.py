@@ -224,15 +224,21 @@ def test_model_real_drops_under_flood() -> None:
         for i in range(n):
             big[0, 0] = i
             emit(publisher, "F", "tilt_series", "frame_preview", big, index=i)
-        time.sleep(0.5)  # let the queues drain, then one more preview reveals the gap
-        big[0, 0] = n
+        # read what survived the flood until the queues are empty; only then can later results get through
+        got, quiet_since = 0, time.monotonic()
+        while time.monotonic() - quiet_since < 0.5:
+            n_read = model.poll(sub)
+            got += n_read
+            if n_read:
+                quiet_since = time.monotonic()
+            time.sleep(0.01)
+        big[0, 0] = n  # one more preview reveals the gap in the preview topic
         emit(publisher, "F", "tilt_series", "frame_preview", big, index=n)
         emit(publisher, "F", "tilt_series", "drift_px", [0.0, 0.0], index=0)
-        got = 0
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             got += model.poll(sub)
-            if model.view is not None and 0 in model.view.drift:
+            if model.view is not None and 0 in model.view.drift and model.view.frame_index == n:
                 break
             time.sleep(0.01)
         view = model.view

@@ -52,6 +52,12 @@ def _axis(energy_meV: ArrayLike, n: int, batch: tuple[int, ...]) -> tuple[Array,
     return off, disp
 
 
+def _floating(a: ArrayLike) -> NDArray[np.floating[Any]]:
+    """``a`` as an array of float32 or float64 (other dtypes are converted to float64; no copy otherwise)."""
+    arr = np.asarray(a)
+    return arr if arr.dtype in (np.float32, np.float64) else arr.astype(float)
+
+
 def _log_parabola(ym: Array, y0: Array, yp: Array) -> Array:
     """Sub-sample peak offset in [-0.5, 0.5] from three samples (Gaussian / log-parabolic)."""
     lm, l0, lp = (np.log(np.maximum(v, 1e-30)) for v in (ym, y0, yp))
@@ -72,14 +78,14 @@ def zlp_centre(energy_meV: ArrayLike, spectra: ArrayLike, *, half_width_meV: flo
     centre_meV
         Array of shape ``spectra.shape[:-1]``.
     """
-    s = np.asarray(spectra, float)
+    s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
     batch, n = s.shape[:-1], s.shape[-1]
     off, disp = _axis(energy_meV, n, batch)
     flat = s.reshape(-1, n)
     imax = np.argmax(flat, axis=1)
     hw = max(3, int(round(half_width_meV / disp)))
     idx = np.clip(imax[:, None] + np.arange(-hw, hw + 1)[None, :], 0, n - 1)
-    win = np.take_along_axis(flat, idx, axis=1)
+    win = np.take_along_axis(flat, idx, axis=1).astype(float)
     m = 2 * win.shape[1]
     nfft = scipy.fft.next_fast_len(2 * m)
     fw = scipy.fft.rfft(win, nfft, axis=1)
@@ -107,32 +113,45 @@ def xcorr_shifts(
     windows shifted (Fourier) by the current estimate, which removes the interpolator's bias.
     A positive shift means the spectrum's peak sits at higher channel than the reference's.
     """
-    s = np.asarray(spectra, float)
+    s = np.asarray(spectra)
     batch, n = s.shape[:-1], s.shape[-1]
-    flat = s.reshape(-1, n)
+    flat = s.reshape(-1, n)  # only the window is converted to float64
     ref = np.asarray(reference, float)
     i0 = int(np.argmax(ref))
     hw = int(min(half_width_channels, i0, n - 1 - i0))
     sl = slice(i0 - hw, i0 + hw + 1)
-    win = flat[:, sl]
+    win = np.asarray(flat[:, sl], float)
     rw = ref[sl]
     m = win.shape[1]
-    nfft = scipy.fft.next_fast_len(2 * m)
+    nfft = scipy.fft.next_fast_len(2 * m, real=True)
     taper = np.hanning(m + 2)[1:-1]
     fr = np.conj(scipy.fft.rfft((rw - rw.min()) * taper, nfft))
-    freq = np.fft.rfftfreq(nfft)
     total = np.zeros(flat.shape[0])
     base = win - win.min(axis=1, keepdims=True)
+    base_f = None
     cur = base
-    for _ in range(1 + max(0, int(refine))):
-        xc = scipy.fft.irfft(scipy.fft.rfft(cur * taper, nfft, axis=1) * fr, nfft, axis=1)
-        xc = np.roll(xc, m, axis=1)  # lag l sits at index l + m
-        j = np.clip(np.argmax(xc, axis=1), 1, xc.shape[1] - 2)
-        ym, y0, yp = (np.take_along_axis(xc, (j + d)[:, None], axis=1)[:, 0] for d in (-1, 0, 1))
-        lag = j - m + _log_parabola(np.maximum(ym, 1e-30), np.maximum(y0, 1e-30), np.maximum(yp, 1e-30))
+    rows = np.arange(flat.shape[0])
+    n_pass = 1 + max(0, int(refine))
+    for i_pass in range(n_pass):
+        xc = scipy.fft.irfft(scipy.fft.rfft(cur * taper, nfft, axis=1, workers=-1) * fr, nfft, axis=1, workers=-1)
+        j = np.argmax(xc, axis=1)  # lag l sits at index l mod nfft
+        ym, y0, yp = (xc[rows, (j + d) % nfft] for d in (-1, 0, 1))
+        lag = np.where(j > nfft // 2, j - nfft, j) + _log_parabola(
+            np.maximum(ym, 1e-30), np.maximum(y0, 1e-30), np.maximum(yp, 1e-30)
+        )
         total = total + lag
-        spec = scipy.fft.rfft(base, nfft, axis=1) * np.exp(2j * np.pi * freq[None, :] * total[:, None])
-        cur = scipy.fft.irfft(spec, nfft, axis=1)[:, :m]
+        if i_pass == n_pass - 1:
+            break
+        if base_f is None:
+            base_f = scipy.fft.rfft(base, nfft, axis=1, workers=-1)
+        # Fourier shift by the current estimate: phase factors z^f, z = exp(2 pi i total / nfft), by a running
+        # product (rounding ~nfft 1e-16, one complex exp per spectrum instead of one per frequency)
+        shift = np.empty(base_f.shape, complex)
+        shift[:, 0] = 1.0
+        shift[:, 1:] = np.exp(2j * np.pi * total / nfft)[:, None]
+        np.cumprod(shift, axis=1, out=shift)
+        shift *= base_f
+        cur = scipy.fft.irfft(shift, nfft, axis=1, workers=-1)[:, :m]
     return (total * dispersion_meV).reshape(batch)
 
 
@@ -400,18 +419,52 @@ class SignalModel:
             return self.blur(self.intrinsic)
         return self._convolve(self.group_signal, self.kernel_fft)[self.group] * self.scale[:, None]
 
-    def sample(self, source_blurred: Array, e_meV: ArrayLike) -> Array:
-        """Linear interpolation of ``(k, n)`` on ``axis_meV`` at relative energies ``e_meV`` ``(m,)`` or ``(k, m)``."""
+    def sample(self, source_blurred: Array, e_meV: ArrayLike, rows: NDArray[np.intp] | None = None) -> Array:
+        """Linear interpolation of ``(k, n)`` on ``axis_meV`` at relative energies ``e_meV`` ``(m,)`` or ``(k, m)``.
+
+        With ``rows`` ``(k,)`` (and ``e_meV`` ``(k, m)``), row ``i`` of the result samples row ``rows[i]``
+        of ``source_blurred`` (e.g. a per-group array sampled for every spectrum of the group).
+        """
         ax = self.axis_meV
         h = ax[1] - ax[0]
+        n = ax.size
         pos = (np.asarray(e_meV, float) - ax[0]) / h
-        i = np.clip(np.floor(pos).astype(np.intp), 0, ax.size - 2)
-        f = np.clip(pos - i, 0.0, 1.0)
+        i = np.floor(pos)
+        np.minimum(np.maximum(i, 0, out=i), n - 2, out=i)
+        f = np.subtract(pos, i, out=pos)
+        np.minimum(np.maximum(f, 0.0, out=f), 1.0, out=f)
+        i = i.astype(np.intp)
         if pos.ndim == 1:
             return source_blurred[:, i] * (1 - f) + source_blurred[:, i + 1] * f
-        a = np.take_along_axis(source_blurred, i, axis=1)
-        b = np.take_along_axis(source_blurred, i + 1, axis=1)
+        if rows is not None:
+            flat = source_blurred.reshape(-1)
+            i += (rows * n)[:, None]
+            a = flat[i].astype(float)
+            b = flat[i + 1].astype(float)
+        else:
+            a = np.take_along_axis(source_blurred, i, axis=1)
+            b = np.take_along_axis(source_blurred, i + 1, axis=1)
         return a + f * (b - a)
+
+
+def _interp_uniform(flat: Array, pos0: Array, step: int, count: int) -> Array:
+    """Linear interpolation of ``flat`` ``(k, n)`` at ``pos0[:, None] + step * arange(count)`` (integer step).
+
+    One contiguous window per spectrum is copied (instead of a gather per point); positions off the axis
+    fall back to :func:`_interp_channels`.
+    """
+    k, n = flat.shape
+    base = np.floor(pos0).astype(np.intp)
+    width = step * (count - 1) + 2
+    if k == 0 or base.min() < 0 or base.max() + width > n:
+        return _interp_channels(flat, pos0[:, None] + step * np.arange(count)[None, :])
+    win = np.lib.stride_tricks.sliding_window_view(flat, width, axis=1)[np.arange(k), base]
+    a = win[:, 0 : width - 1 : step].astype(float)
+    b = win[:, 1:width:step].astype(float)
+    b -= a
+    b *= (pos0 - base)[:, None]
+    b += a
+    return b
 
 
 def _interp_channels(flat: Array, pos: Array) -> Array:
@@ -419,8 +472,8 @@ def _interp_channels(flat: Array, pos: Array) -> Array:
     n = flat.shape[1]
     i = np.clip(np.floor(pos).astype(np.intp), 0, n - 2)
     f = np.clip(pos - i, 0.0, 1.0)
-    a = np.take_along_axis(flat, i, axis=1)
-    b = np.take_along_axis(flat, i + 1, axis=1)
+    a = np.take_along_axis(flat, i, axis=1).astype(float)
+    b = np.take_along_axis(flat, i + 1, axis=1).astype(float)
     return a + f * (b - a)
 
 
@@ -514,7 +567,7 @@ def signal_model(
         their order; or ``(k,)`` labels of the groups (e.g. the regions of a segmentation); ``None`` or 1:
         one deconvolution per spectrum.
     """
-    s = np.asarray(spectra, float)
+    s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
     batch, n = s.shape[:-1], s.shape[-1]
     off, disp = _axis(energy_meV, n, batch)
     return _signal_model(
@@ -549,14 +602,16 @@ def _signal_model(
     ax = h * np.arange(-jn, jn + 1)
     c = p[:, 1]
     # coarse samples: mean of the data interpolated at c + e -+ (coarse - 1) disp / 2, minus the ZLP model
-    pos = (c[:, None] + ax[None, :] - off[:, None]) / disp
+    pos0 = (c + ax[0] - off) / disp  # channel position of the first coarse sample; then +coarse each
     half = 0.5 * (coarse - 1)
-    data = 0.5 * (_interp_channels(flat, pos - half) + _interp_channels(flat, pos + half)) if coarse > 1 else (
-        _interp_channels(flat, pos)
+    data = (
+        0.5 * (_interp_uniform(flat, pos0 - half, coarse, ax.size) + _interp_uniform(flat, pos0 + half, coarse, ax.size))
+        if coarse > 1
+        else _interp_uniform(flat, pos0, coarse, ax.size)
     )
     pz = p.copy()
     pz[:, 1] = 0.0
-    obs = data - pearson7_model(ax[None, :], pz)  # type: ignore[operator]
+    obs = data - _p7_f(np.broadcast_to(ax, data.shape), pz)
     amp = np.maximum(p[:, 0], 1e-30)
     lo, hi = signal_range_meV
     if np.ndim(groups) == 0 and groups is not None and 1 < int(groups) < k:  # type: ignore[arg-type]
@@ -655,8 +710,10 @@ def _p7_fj(x: Array, p: Array) -> tuple[Array, Array]:
 def _normal_j(jac: Array, wt: Array, r: Array | None = None) -> tuple[Array, Array | None]:
     """Weighted normal matrix ``(k, 4, 4)`` (and gradient ``(k, 4)``) from a Jacobian ``(k, 4, n)``."""
     jw = jac * wt[:, None, :]
-    h = np.matmul(jw, jac.transpose(0, 2, 1))
-    g = None if r is None else np.matmul(jw, r[:, :, None])[..., 0]
+    # einsum, not matmul: the (4, n) x (n, 4) products are too small for BLAS, whose threads only add
+    # overhead (and contend on a shared machine)
+    h = np.einsum("kin,kjn->kij", jw, jac)
+    g = None if r is None else np.einsum("kin,kn->ki", jw, r)
     return h, g
 
 
@@ -668,8 +725,13 @@ def _lm(
     *,
     max_iter: int,
     tol: float = 1e-6,
+    lam0: float = 1e-3,
 ) -> tuple[Array, Array, Array, int]:
     """Batched Levenberg-Marquardt for the Pearson VII: returns params, normal matrix, chi2, iterations.
+
+    ``lam0`` is the initial damping (relative to the normal matrix's diagonal): 1e-3 from a rough start;
+    from a start near the optimum 1e-5, since the amplitude, FWHM and m are strongly correlated and a
+    damping of 1e-3 shrinks the steps along their poorly determined combination for several iterations.
 
     Only the spectra that have not converged (relative chi-square change of the last step below ``tol``)
     are carried to the next iteration.  The model and Jacobian are evaluated once per iteration, at
@@ -677,29 +739,43 @@ def _lm(
     """
     p = p0.copy()
     k = len(p)
-    lam = np.full(k, 1e-3)
     # model and Jacobian in float32 (rounding 6e-8 relative, far below the Poisson noise of any count);
     # residuals, chi-square and the solve in float64
-    x = x.astype(np.float32)
-    wt32 = wt.astype(np.float32)
-    f, jac = _p7_fj(x, p)
-    r = y - f.astype(float)
+    x32 = x.astype(np.float32)
+    f, jac = _p7_fj(x32, p)
+    r = y - f
     chi2 = np.einsum("kn,kn->k", wt * r, r)
+    # state of the active (not yet converged) spectra, compacted when some converge
     act = np.arange(k)
+    xa, ya, wa, w32a = x32, y, wt, wt.astype(np.float32)
+    pa, ja, ra, chi2a = p.copy(), jac, r, chi2.copy()
+    lam = np.full(k, lam0)
     it = 0
     eye = np.eye(4)
     for n_it in range(1, max_iter + 1):
         it = n_it
-        xa, ya, wa, pa = x[act], y[act], wt[act], p[act]
-        h, g = _normal_j(jac[act], wt32[act], r[act].astype(np.float32))
-        assert g is not None
+        jw = ja * w32a[:, None, :]
+        h = np.matmul(jw, ja.transpose(0, 2, 1)).astype(float)
+        g = np.matmul(jw, ra.astype(np.float32)[:, :, None]).astype(float)
         diag = np.einsum("kii->ki", h)
-        hd = h + (lam[act, None] * np.maximum(diag, 1e-300))[:, :, None] * eye
-        dp = np.linalg.solve(hd.astype(float), g[..., None].astype(float))[..., 0]
+        h += (lam[:, None] * np.maximum(diag, 1e-300))[:, :, None] * eye
+        dp = np.linalg.solve(h, g)[..., 0]
+        # converged already where the (nearly undamped) Gauss-Newton step predicts a chi2 decrease
+        # ``dp . g`` below tol / 2: the model need not be evaluated there again
+        flat_ = (lam < 1e-2) & (np.einsum("ki,ki->k", dp, g[..., 0]) < 0.5 * tol * chi2a)
+        if flat_.any():
+            fin = act[flat_]
+            p[fin], chi2[fin], jac[fin] = pa[flat_], chi2a[flat_], ja[flat_]
+            keep = ~flat_
+            act = act[keep]
+            if act.size == 0:
+                break
+            xa, ya, wa, w32a = xa[keep], ya[keep], wa[keep], w32a[keep]
+            pa, ja, ra, chi2a, lam, dp = pa[keep], ja[keep], ra[keep], chi2a[keep], lam[keep], dp[keep]
         pt = pa + dp
-        pt[:, 0] = np.maximum(pt[:, 0], 1e-3 * pa[:, 0])
-        pt[:, 2] = np.clip(pt[:, 2], 0.2 * pa[:, 2], 5 * pa[:, 2])
-        pt[:, 3] = np.clip(pt[:, 3], 0.55, 200.0)
+        np.maximum(pt[:, 0], 1e-3 * pa[:, 0], out=pt[:, 0])
+        np.minimum(np.maximum(pt[:, 2], 0.2 * pa[:, 2]), 5.0 * pa[:, 2], out=pt[:, 2])
+        np.minimum(np.maximum(pt[:, 3], 0.55), 200.0, out=pt[:, 3])
         ft32, jt = _p7_fj(xa, pt)
         ft = ft32.astype(float)
         # the amplitude is linear: re-solve it exactly (removes its strong correlation with FWHM and m)
@@ -708,45 +784,55 @@ def _lm(
         sc = np.where(sc > 0, sc, 1.0)
         pt[:, 0] *= sc
         ft *= sc[:, None]
-        jt[:, 1:] *= sc[:, None, None]  # d/da does not depend on a
-        rt = ya - ft
+        jt[:, 1:] *= sc.astype(np.float32)[:, None, None]  # d/da does not depend on a
+        rt = np.subtract(ya, ft, out=ft)
         chi2t = np.einsum("kn,kn->k", wa * rt, rt)
-        acc = chi2t <= chi2[act]
-        rel = np.abs(chi2[act] - chi2t) / np.maximum(chi2[act], 1e-300)
-        ia = act[acc]
-        p[ia] = pt[acc]
-        chi2[ia] = chi2t[acc]
-        r[ia] = rt[acc]
-        jac[ia] = jt[acc]
-        lam[act] = np.where(acc, np.maximum(lam[act] / 5.0, 1e-7), lam[act] * 5.0)
+        acc = chi2t <= chi2a
+        rel = np.abs(chi2a - chi2t) / np.maximum(chi2a, 1e-300)
+        if acc.all():
+            pa, chi2a, ra, ja = pt, chi2t, rt, jt
+        else:
+            pa[acc] = pt[acc]
+            chi2a[acc] = chi2t[acc]
+            ra[acc] = rt[acc]
+            ja[acc] = jt[acc]
+        lam = np.where(acc, np.maximum(lam / 5.0, 1e-7), lam * 5.0)
         # converged: a step (accepted or not) changes chi2 by less than tol (rounding of the float32 model)
-        done = (rel < tol) | (lam[act] > 1e8)
-        act = act[~done]
-        if act.size == 0:
-            break
+        done = (rel < tol) | (lam > 1e8)
+        if done.any():
+            fin = act[done]
+            p[fin], chi2[fin], jac[fin] = pa[done], chi2a[done], ja[done]
+            keep = ~done
+            act = act[keep]
+            if act.size == 0:
+                break
+            xa, ya, wa, w32a = xa[keep], ya[keep], wa[keep], w32a[keep]
+            pa, ja, ra, chi2a, lam = pa[keep], ja[keep], ra[keep], chi2a[keep], lam[keep]
+    if act.size:
+        p[act], chi2[act], jac[act] = pa, chi2a, ja
     h, _ = _normal_j(jac.astype(float), wt)  # the covariance from a float64 normal matrix
     return p, h, chi2, it
 
 
-_LM_ROWS = 64
+_LM_ROWS = 256
 """Spectra per block of the batched Levenberg-Marquardt (the spectra are independent; blocks keep the
 ``(rows, 4, n)`` Jacobians and temporaries in cache instead of streaming them from memory every iteration)."""
 
 
 def _lm_blocked(
-    x: Array, y: Array, wt: Array, p0: Array, *, max_iter: int, tol: float = 1e-6
+    x: Array, y: Array, wt: Array, p0: Array, *, max_iter: int, tol: float = 1e-6, lam0: float = 1e-3
 ) -> tuple[Array, Array, Array, int]:
     """:func:`_lm` on blocks of ``_LM_ROWS`` spectra; returns params, normal matrices, chi2, max iterations."""
     k = len(p0)
     if k <= _LM_ROWS:
-        return _lm(x, y, wt, p0, max_iter=max_iter, tol=tol)
+        return _lm(x, y, wt, p0, max_iter=max_iter, tol=tol, lam0=lam0)
     p = np.empty_like(p0)
     h = np.empty((k, 4, 4))
     chi2 = np.empty(k)
     it = 0
     for i in range(0, k, _LM_ROWS):
         sl = slice(i, min(k, i + _LM_ROWS))
-        p[sl], h[sl], chi2[sl], n_it = _lm(x[sl], y[sl], wt[sl], p0[sl], max_iter=max_iter, tol=tol)
+        p[sl], h[sl], chi2[sl], n_it = _lm(x[sl], y[sl], wt[sl], p0[sl], max_iter=max_iter, tol=tol, lam0=lam0)
         it = max(it, n_it)
     return p, h, chi2, it
 
@@ -809,7 +895,7 @@ def fit_zlp_pearson7(
     -------
     ZLPFit
     """
-    s = np.asarray(spectra, float)
+    s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
     batch, n = s.shape[:-1], s.shape[-1]
     off, disp = _axis(energy_meV, n, batch)
     flat = s.reshape(-1, n)
@@ -823,7 +909,7 @@ def fit_zlp_pearson7(
         p0 = np.broadcast_to(np.asarray(initial, float), (k, 4)).copy()
         centre = p0[:, 1]
     idx = _window_index(off, disp, centre, n, windows_meV)
-    y = np.take_along_axis(flat, idx, axis=1)
+    y = np.take_along_axis(flat, idx, axis=1).astype(float)
     x = off[:, None] + disp * idx
     # Poisson weights from the model (no bias towards low counts); the phonon signal spilled into the
     # windows is estimated from the current parameters and removed before each fit
@@ -833,6 +919,7 @@ def fit_zlp_pearson7(
     n_it = 0
     h = chi2 = np.empty(0)
     n_pass = max(2, int(signal_correction))
+    good_start = False
     for i_pass in range(n_pass):
         if i_pass < int(signal_correction):
             sig = _signal_model(
@@ -846,11 +933,22 @@ def fit_zlp_pearson7(
                 iterations=lr_iterations,
                 groups=signal_groups,
             )
-            spill = sig.sample(sig.blurred(), x - p[:, 1:2])
+            if sig.group_signal is not None and sig.group is not None and sig.scale is not None:
+                # sampled from the blurred group signals (small, in cache), scaled by each amplitude
+                gb = sig._convolve(sig.group_signal, sig.kernel_fft)
+                spill = sig.sample(gb, x - p[:, 1:2], rows=sig.group) * sig.scale[:, None]
+            else:
+                spill = sig.sample(sig.blurred(), x - p[:, 1:2])
         # the spill model is uncertain (its blur depends on the fitted width itself): channels it dominates
         # are down-weighted by a relative systematic error ``spill_uncertainty``
-        wt = 1.0 / (np.maximum(pearson7_model(x, p), 1e-3) + rn2 + (spill_uncertainty * spill) ** 2)
-        p, h, chi2, it = _lm_blocked(x, y - spill, wt, p, max_iter=max_iter, tol=tol)
+        var_sys = rn2 + (spill_uncertainty * spill) ** 2
+        if i_pass == 0 and initial is None and k > _START_ROWS:
+            p = _shared_start(x, y - spill, var_sys, p, max_iter=max_iter, tol=tol)
+            good_start = True
+        wt = 1.0 / (np.maximum(_p7_f(x, p), 1e-3) + var_sys)
+        lam0 = 1e-5 if good_start else 1e-3
+        p, h, chi2, it = _lm_blocked(x, y - spill, wt, p, max_iter=max_iter, tol=tol, lam0=lam0)
+        good_start = True  # the next pass starts from this fit
         n_it += it
     dof = max(1, x.shape[1] - 4)
     chi2_red = chi2 / dof
@@ -867,6 +965,56 @@ def fit_zlp_pearson7(
     )
 
 
+_START_ROWS = 64
+"""Spectra (evenly spaced) whose individual fits give the shared starting shape of a large batch."""
+
+
+def _p7_f(x: Array, p: Array) -> Array:
+    """Pearson VII ``(k, n)`` at ``x`` ``(k, n)`` for ``p`` ``(k, 4)``, computed in float32 blocks, as float64."""
+    k, n = x.shape
+    out = np.empty((k, n))
+    step = max(1, 4 * _BLOCK // max(n, 1))
+    for i in range(0, k, step):
+        sl = slice(i, min(k, i + step))
+        a, c, w, m = (p[sl, j, None].astype(np.float32) for j in range(4))
+        t = x[sl].astype(np.float32)
+        t -= c
+        t /= w
+        t *= t
+        t *= 4.0 * (np.exp2(1.0 / m) - 1.0)
+        t += 1.0
+        np.log(t, out=t)
+        t *= -m
+        np.exp(t, out=t)
+        t *= a
+        out[sl] = t
+    return out
+
+
+def _shared_start(x: Array, y: Array, var_sys: Array | float, p0: Array, *, max_iter: int, tol: float) -> Array:
+    """Starting parameters of a large batch: the median shape (FWHM, m) of ``_START_ROWS`` individual fits.
+
+    The ZLP shape is an instrument property that varies little across a map, so every spectrum starts
+    from the median shape of a few evenly spaced spectra fitted first (same windows, weights and spill
+    correction), its centre from ``p0`` and its amplitude re-solved linearly; the full fit then needs a
+    few iterations instead of ~15 from the shape of the (uncorrected) mean spectrum.
+    """
+    k = len(p0)
+    sub = np.unique(np.linspace(0, k - 1, _START_ROWS).round().astype(np.intp))
+    vs = var_sys[sub] if np.ndim(var_sys) else var_sys
+    wt = 1.0 / (np.maximum(_p7_f(x[sub], p0[sub]), 1e-3) + vs)
+    ps, _, _, _ = _lm(x[sub], y[sub], wt, p0[sub], max_iter=max_iter, tol=tol)
+    p = p0.copy()
+    p[:, 2:] = np.median(ps[:, 2:], axis=0)
+    p[:, 0] = 1.0
+    f = _p7_f(x, p)
+    wt = 1.0 / (np.maximum(f * p0[:, :1], 1e-3) + var_sys)
+    wf = wt * f
+    amp = np.einsum("kn,kn->k", wf, y) / np.maximum(np.einsum("kn,kn->k", wf, f), 1e-300)
+    p[:, 0] = np.where(amp > 0, amp, p0[:, 0])
+    return p
+
+
 def _initial_from_mean(
     flat: Array, off: Array, disp: float, centre: Array, windows: tuple[tuple[float, float], ...], rn2: float
 ) -> Array:
@@ -876,10 +1024,10 @@ def _initial_from_mean(
     ref_ch = float(np.round(np.median(c_ch)))
     sel = np.abs(c_ch - ref_ch) < 0.5 * n
     # integer-channel alignment is enough for a starting point
-    roll = np.round(c_ch - ref_ch).astype(np.intp)
-    idx = np.clip(np.arange(n)[None, :] + roll[:, None], 0, n - 1)
     use = np.flatnonzero(sel)[:256]
-    mean = np.take_along_axis(flat[use], idx[use], axis=1).mean(axis=0)
+    roll = np.round(c_ch[use] - ref_ch).astype(np.intp)
+    idx = np.clip(np.arange(n)[None, :] + roll[:, None], 0, n - 1)
+    mean = np.take_along_axis(flat[use], idx, axis=1).mean(axis=0, dtype=float)
     e = disp * (np.arange(n) - ref_ch)
     peak = float(mean[int(ref_ch)])
     half = np.nonzero(mean >= 0.5 * peak)[0]
@@ -890,7 +1038,7 @@ def _initial_from_mean(
     y = mean[ix]
     x = e[ix]
     pm, _, _, _ = _lm(x, y, 1.0 / (np.maximum(y, 1.0) + rn2), pm, max_iter=100)
-    amp = np.take_along_axis(flat, np.clip(np.round(c_ch).astype(np.intp), 0, n - 1)[:, None], axis=1)[:, 0]
+    amp = np.take_along_axis(flat, np.clip(np.round(c_ch).astype(np.intp), 0, n - 1)[:, None], axis=1)[:, 0].astype(float)
     scale = amp / max(pearson7_model(np.zeros((1, 1)), pm)[0, 0], 1e-30)
     p0 = np.empty((k, 4))
     p0[:, 0] = pm[0, 0] * scale
@@ -981,7 +1129,7 @@ def _gather_side(flat: Array, pos0: Array, step: int, count: int) -> tuple[Array
     base = np.floor(pos0).astype(np.intp)
     frac = pos0 - base
     idx = base[:, None] + step * np.arange(count + 1)[None, :]
-    return np.take_along_axis(flat, np.clip(idx, 0, flat.shape[1] - 1), axis=1), frac, idx
+    return np.take_along_axis(flat, np.clip(idx, 0, flat.shape[1] - 1), axis=1).astype(float), frac, idx
 
 
 def _bin_interp(v: Array, frac: Array, step: int, nb: int, b: int) -> tuple[Array, Array]:
@@ -1024,7 +1172,7 @@ def log_ratio_bins(
         ``vG`` (their Poisson + read-noise variances), ``ZL``, ``ZG`` (ZLP model) and ``dL``, ``dG``
         ``(k, n_bins, 4)`` (derivatives of L and G with respect to the ZLP parameters).
     """
-    s = np.asarray(spectra, float)
+    s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
     batch, n = s.shape[:-1], s.shape[-1]
     off, disp = _axis(energy_meV, n, batch)
     flat = s.reshape(-1, n)
@@ -1065,12 +1213,12 @@ def log_ratio_bins(
     # model at the same channels, same interpolation
     xL = off[:, None] + disp * iL
     xG = off[:, None] + disp * iG
-    zL, jL = pearson7_model(xL, p, jacobian=True)
-    zG, jG = pearson7_model(xG, p, jacobian=True)
-    ZL, _ = _bin_interp(zL, fL, 1, nb, b)
-    ZG, _ = _bin_interp(zG, gG, 1, nb, b)
-    dZL = np.stack([_bin_interp(jL[..., i], fL, 1, nb, b)[0] for i in range(4)], axis=-1)
-    dZG = np.stack([_bin_interp(jG[..., i], gG, 1, nb, b)[0] for i in range(4)], axis=-1)
+    zL, jL = _p7_fj(xL, p)  # float64, cache-blocked; jacobian (k, 4, count + 1)
+    zG, jG = _p7_fj(xG, p)
+    ZL = _bin_sums(zL, fL, nb, b)
+    ZG = _bin_sums(zG, gG, nb, b)
+    dZL = _bin_sums(jL, fL[:, None], nb, b).transpose(0, 2, 1)
+    dZG = _bin_sums(jG, gG[:, None], nb, b).transpose(0, 2, 1)
     # moving the centre moves the data sampling points too: d(data)/dc = slope of the detected spectrum;
     # the ZLP part of that slope is exact (the model's), so the data sampling cancels the model's
     # centre derivative for the ZLP and only the signal's own slope (neglected) would remain.
@@ -1093,9 +1241,42 @@ def log_ratio_bins(
     }
 
 
+def _bin_sums(v: Array, frac: Array, nb: int, b: int) -> Array:
+    """Bin sums (``(..., nb)``) of the linear interpolation of ``v`` ``(..., nb b + 1)`` (as :func:`_bin_interp`).
+
+    ``frac`` broadcasts against ``v.shape[:-1]``.
+    """
+    core = v[..., : nb * b].reshape(v.shape[:-1] + (nb, b)).sum(-1)
+    return core + frac[..., None] * (v[..., b : nb * b + 1 : b] - v[..., 0 : nb * b : b])
+
+
 def _coef2(f: Array, nb: int, b: int) -> Array:
     """Sum of squared interpolation coefficients per bin (for read noise)."""
     return (b - 1 + (1 - f) ** 2 + f**2)[:, None] * np.ones(nb)
+
+
+_SLOPE_NODE = 0.1
+"""Relative half-range of the slope nodes at which each group's resolution offset is computed."""
+
+
+def _offset_rows(sig: SignalModel, u: Array, kern: NDArray[np.complex128], slope: Array, pts: Array,
+                 nb: int, e: Array) -> Array:
+    """``log(L_c / G_c) - slope e`` ``(r, nb)`` of detailed-balance sources built from ``u`` ``(r, n)``.
+
+    Each row's source is its loss signal (``axis > 0``) plus its mirror times ``exp(-slope |E|)``, blurred
+    with its kernel (``kern`` ``(r, nfft // 2 + 1)``) and summed over the bins' points ``pts``; bins with a
+    non-positive blurred loss or gain give 0.
+    """
+    ax = sig.axis_meV
+    loss = np.where(ax > 0, u, 0.0)
+    mirror = np.where(ax < 0, u[:, ::-1], 0.0)
+    src = loss + mirror * np.exp(np.minimum(slope[:, None] * ax[None, :], 0.0))
+    blurred = sig._convolve(src, kern)
+    lc = sig.sample(blurred, pts).reshape(len(u), nb, -1).sum(-1)
+    gc = sig.sample(blurred, -pts).reshape(len(u), nb, -1).sum(-1)
+    ok = (lc > 0) & (gc > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ok, np.log(np.where(ok, lc, 1.0) / np.where(ok, gc, 1.0)) - slope[:, None] * e, 0.0)
 
 
 def _resolution_offset(
@@ -1107,24 +1288,58 @@ def _resolution_offset(
     ``u(E) exp(-slope E)`` on the gain side, blurred with each spectrum's resolution function and summed
     over the same points as the data bins.  The slope is refitted through the origin on ``y - c`` and the
     offset recomputed ``iterations`` times.  Returns ``c`` ``(k, n_bins)``.
+
+    With a grouped signal model (:func:`signal_model`) the offset of a spectrum depends only on its group
+    (signal shape per unit amplitude and resolution function; the amplitude cancels in the ratio) and its
+    slope: it is computed at three slopes per group, ``s_g (1 + (-1, 0, 1) _SLOPE_NODE)`` around the group's
+    median, and interpolated quadratically in the slope (error ~1e-7 in ``log(L/G)``); spectra whose slope
+    lies outside the nodes get their own exact computation.
     """
-    ax = sig.axis_meV
-    u = sig.intrinsic
-    loss = np.where(ax > 0, u, 0.0)
-    mirror = np.where(ax < 0, u[:, ::-1], 0.0)
     pts = e_points.reshape(-1)
-    nb, b = e_points.shape
+    nb = e_points.shape[0]
     swee = np.maximum((w * e * e).sum(-1), 1e-300)
     off = np.zeros_like(y)
+    grouped = sig.group is not None and sig.group_signal is not None and sig.scale is not None
     for _ in range(int(iterations)):
-        src = loss + mirror * np.exp(np.minimum(slope[:, None] * ax[None, :], 0.0))
-        blurred = sig.blur(src)
-        lc = sig.sample(blurred, pts).reshape(-1, nb, b).sum(-1)
-        gc = sig.sample(blurred, -pts).reshape(-1, nb, b).sum(-1)
-        ok = (lc > 0) & (gc > 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            off = np.where(ok, np.log(np.where(ok, lc, 1.0) / np.where(ok, gc, 1.0)) - slope[:, None] * e, 0.0)
+        if not grouped:
+            kern = sig.kernel_fft[sig.group] if sig.group is not None and len(sig.kernel_fft) > 1 else sig.kernel_fft
+            off = _offset_rows(sig, sig.intrinsic, kern, slope, pts, nb, e)
+        else:
+            off = _grouped_offset(sig, slope, pts, nb, e)
         slope = (w * e * (y - off)).sum(-1) / swee
+    return off
+
+
+def _grouped_offset(sig: SignalModel, slope: Array, pts: Array, nb: int, e: Array) -> Array:
+    """:func:`_resolution_offset`'s offset for a grouped signal model (quadratic in the slope per group)."""
+    assert sig.group is not None and sig.group_signal is not None
+    group = sig.group
+    n_groups = len(sig.group_signal)
+    kf = sig.kernel_fft if len(sig.kernel_fft) == n_groups else np.broadcast_to(sig.kernel_fft, (n_groups,) +
+                                                                               sig.kernel_fft.shape[1:])
+    # median slope of each group
+    order = np.lexsort((slope, group))
+    g_sorted = group[order]
+    starts = np.flatnonzero(np.r_[True, g_sorted[1:] != g_sorted[:-1]])
+    counts = np.diff(np.r_[starts, len(order)])
+    centre = np.ones(n_groups)
+    med = 0.5 * (slope[order][starts + (counts - 1) // 2] + slope[order][starts + counts // 2])
+    centre[g_sorted[starts]] = med
+    centre = np.where(centre > 0, centre, np.maximum(np.median(slope), 1e-30))
+    nodes = centre[:, None] * (1.0 + _SLOPE_NODE * np.array([-1.0, 0.0, 1.0]))[None, :]  # (g, 3)
+    rows = np.repeat(np.arange(n_groups), 3)
+    f = _offset_rows(sig, sig.group_signal[rows], kf[rows], nodes.reshape(-1), pts, nb, e).reshape(n_groups, 3, nb)
+    t = (slope / centre[group] - 1.0) / _SLOPE_NODE
+    fg = f[group]  # (k, 3, nb)
+    off = (0.5 * t * (t - 1.0))[:, None] * fg[:, 0] + (1.0 - t * t)[:, None] * fg[:, 1] + (
+        0.5 * t * (t + 1.0)
+    )[:, None] * fg[:, 2]
+    valid = np.all(fg != 0.0, axis=1)
+    off = np.where(valid, off, 0.0)
+    out = np.flatnonzero(~(np.abs(t) <= 1.0) | ~np.all(valid, axis=1))
+    if out.size:
+        g = group[out]
+        off[out] = _offset_rows(sig, sig.group_signal[g], kf[g], slope[out], pts, nb, e)
     return off
 
 
@@ -1183,7 +1398,7 @@ def temperature(
     lr_correction_iterations
         LR iterations of :func:`signal_model` when ``zlp.signal`` is absent.
     """
-    s = np.asarray(spectra, float)
+    s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
     batch, n = s.shape[:-1], s.shape[-1]
     if zlp is None:
         zlp = fit_zlp_pearson7(energy_meV, s, windows_meV=zlp_windows_meV, read_noise_counts=read_noise_counts)

@@ -43,7 +43,7 @@ class InterfaceFit:
 def _line(x: Array, y: Array, s: Array) -> tuple[Array, Array, float]:
     a = np.stack([np.ones_like(x), x], axis=1) / s[:, None]
     b = y / s
-    cov = np.linalg.inv(a.T @ a)
+    cov: Array = np.linalg.inv(a.T @ a).astype(np.float64, copy=False)
     p = cov @ a.T @ b
     chi2 = float(((a @ p - b) ** 2).sum()) / max(1, len(x) - 2)
     return p, cov * max(1.0, chi2), chi2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import scipy.fft
 import scipy.optimize
@@ -101,7 +103,8 @@ def kmeans_correlation(
             best = run
     assert best is not None
     labels, centres, inertia = best
-    order = np.argsort([np.mean(np.nonzero(labels == j)[0]) if np.any(labels == j) else np.inf for j in range(k)])
+    mean_index = [float(np.mean(np.nonzero(labels == j)[0])) if np.any(labels == j) else np.inf for j in range(k)]
+    order = np.argsort(mean_index)
     remap = np.empty(k, np.intp)
     remap[order] = np.arange(k)
     return remap[labels], centres[order], inertia
@@ -423,7 +426,7 @@ def _fit_with_zlp(
     n_z = 3 if background_subtracted else 4  # ZLP parameters refined with the peaks (c0 fixed at 0 if gain only)
     zlp0 = np.array([amp, fw, mm, c0])[:n_z]
 
-    cache: dict[tuple[float, ...], Array] = {}
+    cache: dict[tuple[Any, ...], Array] = {}
 
     def kernel_fft(zw: float, zm: float) -> Array:
         """FFT of the unit-sum resolution kernel; the last one is kept (most evaluations share it)."""
