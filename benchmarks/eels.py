@@ -18,6 +18,8 @@ from stemlive.live.analysis import eels, segment
 from stemlive.simulators.eels_model import VibrationalEELSSimulator
 
 CPU: dict[str, float] = {}
+N_CHAIN = 3
+"""Runs of the analysis chain; the best wall and the best CPU time are reported."""
 
 
 def _timed(fn, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
@@ -26,6 +28,18 @@ def _timed(fn, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
     out = fn(*a, **k)
     CPU[getattr(fn, "__name__", "fn")] = time.process_time() - c0
     return out, time.perf_counter() - t0
+
+
+def _best_of(fn, count: int):  # noqa: ANN001, ANN202
+    """``fn()`` run N_CHAIN times: its last result, the best wall and the best CPU time per item (``/ count``)."""
+    wall = cpu = np.inf
+    out = None
+    for _ in range(N_CHAIN):
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        wall = min(wall, (time.perf_counter() - t0) / count)
+        cpu = min(cpu, (time.process_time() - c0) / count)
+    return out, wall, cpu
 
 
 def curve_fit_zlp(
@@ -103,19 +117,32 @@ def main() -> None:
     )
 
     ref = spectra[:200].sum(0)
-    shifts, t_align = _timed(eels.xcorr_shifts, spectra, ref, dispersion_meV=0.44)
-    zlp, t_zlp = _timed(eels.fit_zlp_pearson7, energy, spectra)
-    res, t_T = _timed(eels.temperature, energy, spectra, zlp=zlp)
-    chain = t_align + t_zlp + t_T
-    chain_cpu = CPU["xcorr_shifts"] + CPU["fit_zlp_pearson7"] + CPU["temperature"]
+    # best of N_CHAIN runs (the machine may be shared): wall and CPU minimised separately, per step
+    best: dict[str, float] = {}
+    for _ in range(N_CHAIN):
+        shifts, t_align = _timed(eels.xcorr_shifts, spectra, ref, dispersion_meV=0.44)
+        zlp, t_zlp = _timed(eels.fit_zlp_pearson7, energy, spectra)
+        res, t_T = _timed(eels.temperature, energy, spectra, zlp=zlp)
+        for key, val in (("align", t_align), ("zlp", t_zlp), ("T", t_T), ("chain", t_align + t_zlp + t_T)):
+            best[key] = min(best.get(key, np.inf), val)
+        cpu = (CPU["xcorr_shifts"], CPU["fit_zlp_pearson7"], CPU["temperature"])
+        for key, val in zip(("align_cpu", "zlp_cpu", "T_cpu"), cpu, strict=True):
+            best[key] = min(best.get(key, np.inf), val)
+        best["chain_cpu"] = min(best.get("chain_cpu", np.inf), sum(cpu))
+    chain, chain_cpu = best["chain"], best["chain_cpu"]
     print(
-        f"chain on {n_map} spectra: align {t_align:.2f} s, ZLP fit {t_zlp:.2f} s ({zlp.n_iter} LM iterations), "
-        f"temperature {t_T:.2f} s -> {chain:.2f} s = {n_map / chain:,.0f} spectra/s "
-        f"(100x100 map: {1e4 / (n_map / chain):.1f} s wall, {1e4 * chain_cpu / n_map:.1f} s CPU)"
+        f"chain on {n_map} spectra (best of {N_CHAIN} runs): align {best['align']:.2f} s, ZLP fit {best['zlp']:.2f} s "
+        f"({zlp.n_iter} LM iterations, both passes, slowest block), temperature {best['T']:.2f} s -> "
+        f"{chain:.2f} s wall = {n_map / chain:,.0f} spectra/s; CPU align {best['align_cpu']:.2f} s, ZLP fit "
+        f"{best['zlp_cpu']:.2f} s, temperature {best['T_cpu']:.2f} s -> {chain_cpu:.2f} s = "
+        f"{n_map / chain_cpu:,.0f} spectra/s (100x100 map: {1e4 * chain / n_map:.2f} s wall, "
+        f"{1e4 * chain_cpu / n_map:.2f} s CPU)"
     )
-    print(f"  CPU time (process): {', '.join(f'{k} {v:.2f} s' for k, v in CPU.items())}")
     resd, t_Td = _timed(eels.temperature, energy, spectra, zlp=zlp, deconvolve=True)
-    print(f"  + LR deconvolution (5 it.): temperature {t_Td:.2f} s -> {n_map / (chain - t_T + t_Td):,.0f} spectra/s")
+    print(
+        f"  + LR deconvolution (5 it.): temperature {t_Td:.2f} s -> "
+        f"{n_map / (chain - best['T'] + t_Td):,.0f} spectra/s"
+    )
     pulls = (resd.T_K - truths["temperature_K"]) / resd.T_err_K
     print(
         f"  deconvolved: mean (T - T_true) = {np.mean(resd.T_K - truths['temperature_K']):+.2f} K, "
@@ -124,25 +151,33 @@ def main() -> None:
 
     sel = np.arange(n_loop)
     p_ours = zlp.params[sel]
-    t0, c0 = time.perf_counter(), time.process_time()
-    p_cf = np.array([curve_fit_zlp(energy, spectra[i].astype(float), p_ours[i] * [1.02, 1, 1.02, 1.01]) for i in sel])
-    t_cf, c_cf = (time.perf_counter() - t0) / n_loop, (time.process_time() - c0) / n_loop
     assert zlp.signal is not None
     blurred = zlp.signal.blurred()
-    t0, c0 = time.perf_counter(), time.process_time()
-    for i in sel:
-        p_start = p_ours[i] * [1.02, 1, 1.02, 1.01]
-        curve_fit_zlp(energy, spectra[i].astype(float), p_start, blurred_signal=(zlp.signal, blurred[i]))
-    t_cf2, c_cf2 = (time.perf_counter() - t0) / n_loop, (time.process_time() - c0) / n_loop
     one = eels.ZLPFit(zlp.params[:1], zlp.cov[:1], zlp.chi2_red[:1], 0, zlp.windows_meV)
-    t0, c0 = time.perf_counter(), time.process_time()
-    for i in range(20):
-        eels.temperature(energy, spectra[i : i + 1], zlp=one)
-    t_cf_T, c_cf_T = (time.perf_counter() - t0) / 20, (time.process_time() - c0) / 20
+
+    def loop_cf() -> np.ndarray:
+        return np.array(
+            [curve_fit_zlp(energy, spectra[i].astype(float), p_ours[i] * [1.02, 1, 1.02, 1.01]) for i in sel]
+        )
+
+    def loop_cf2() -> None:
+        for i in sel:
+            p_start = p_ours[i] * [1.02, 1, 1.02, 1.01]
+            curve_fit_zlp(energy, spectra[i].astype(float), p_start, blurred_signal=(zlp.signal, blurred[i]))
+
+    def loop_T() -> None:
+        for i in range(20):
+            eels.temperature(energy, spectra[i : i + 1], zlp=one)
+
+    # the per-spectrum loops are timed best of N_CHAIN runs too (as our chain)
+    p_cf, t_cf, c_cf = _best_of(loop_cf, n_loop)
+    _, t_cf2, c_cf2 = _best_of(loop_cf2, n_loop)
+    _, t_cf_T, c_cf_T = _best_of(loop_T, 20)
     per_ours = chain / n_map
     per_ours_c = chain_cpu / n_map
     print(
-        f"curve_fit loop ({n_loop} spectra, same Pearson VII windows + spill correction, 2 passes, then the same "
+        f"curve_fit loop ({n_loop} spectra, best of {N_CHAIN} runs, same Pearson VII windows + spill correction, "
+        f"2 passes, then the same "
         f"line through the origin one spectrum at a time): spill model per spectrum {1e3 * (t_cf + t_cf_T):.1f} ms "
         f"wall / {1e3 * (c_cf + c_cf_T):.1f} ms CPU per spectrum -> our whole chain is "
         f"{(t_cf + t_cf_T) / per_ours:.0f}x (wall) / {(c_cf + c_cf_T) / per_ours_c:.0f}x (CPU) faster; with our "

@@ -288,6 +288,7 @@ from PySide6 import QtCore, QtWidgets
 from nionui_app.nionswift import main
 
 out_path, after_s, panel_ids = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(",")
+data_timeout_s = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0  # > 0: wait for result data items
 try:
     from stemlive.live.launcher import ensure_plugin_discoverable
     ensure_plugin_discoverable()  # an editable install hides nionswift_plugin.stemlive from Swift's scan
@@ -339,8 +340,34 @@ def start(*args, **kwargs):
         reference = app.profile.create_project(pathlib.Path(os.environ["HOME"]) / "stemlive-smoke", "Smoke")
         app.open_project_window(reference)
     QtCore.QTimer.singleShot(int(0.5 * after_s * 1000), show_panels)
-    QtCore.QTimer.singleShot(int(after_s * 1000), grab)
+    if data_timeout_s > 0:
+        deadline = time.monotonic() + after_s + data_timeout_s
+        QtCore.QTimer.singleShot(int(after_s * 1000), lambda: wait_for_data(deadline))
+    else:
+        QtCore.QTimer.singleShot(int(after_s * 1000), grab)
     return ok
+
+def wait_for_data(deadline, quiet_polls=[0], last=[-1]):
+    # results from the service become data items; grab once they stop arriving (or at the deadline)
+    dcs = [dc for dc in app.document_controllers if hasattr(dc, "document_model")]
+    items = list(dcs[0].document_model.data_items) if dcs else []
+    quiet_polls[0] = quiet_polls[0] + 1 if len(items) == last[0] else 0
+    last[0] = len(items)
+    if items and (quiet_polls[0] >= 6 or time.monotonic() > deadline):
+        sums = [d for d in items if "drift-corrected sum" in (d.title or "")] or items
+        try:
+            dc = dcs[0]
+            display_item = dc.document_model.get_display_item_for_data_item(sums[-1])
+            dc.workspace_controller.display_panels[0].set_display_panel_display_item(display_item)
+        except Exception as e:
+            print(f"swift: could not display a data item: {e!r}", flush=True)
+        print(f"swift: {len(items)} data items from the result stream: {[d.title for d in items][:6]}", flush=True)
+        QtCore.QTimer.singleShot(1500, grab)
+    elif time.monotonic() > deadline:
+        print("swift: no data items arrived from the result stream", flush=True)
+        os._exit(5)
+    else:
+        QtCore.QTimer.singleShot(500, lambda: wait_for_data(deadline))
 
 app.start = start
 app.run()
@@ -348,22 +375,35 @@ sys.exit(state["code"])
 '''
 
 
-def swift_screenshot(out: Path, env: dict[str, str], after_s: float, timeout_s: float) -> tuple[bool, str]:
-    """Open Nion Swift with the stemlive panels in a subprocess and grab its window. Returns (ok, message)."""
-    if not (ROOT / "plugin" / "panels.py").exists():
-        return True, "SKIPPED: plugin/panels.py (the stemlive Swift panels) does not exist yet"
+def start_swift(out: Path, env: dict[str, str], after_s: float, results_endpoint: str | None,
+                data_timeout_s: float) -> tuple[subprocess.Popen[str], Path]:
+    """Start Nion Swift with the stemlive panels in a subprocess that grabs its window.
+
+    With ``results_endpoint`` the plug-in subscribes to that result stream and the window is grabbed once
+    result data items have arrived (the subprocess exits 5 if none came within ``data_timeout_s``).
+    """
     home = Path(tempfile.mkdtemp(prefix="stemlive-swift-home-"))
     swift_env = dict(env, HOME=str(home), XDG_DATA_HOME=str(home / ".local/share"),
                      XDG_CONFIG_HOME=str(home / ".config"), STEMLIVE_INSTRUMENT="simulated",
-                     STEMLIVE_FRAME_ENDPOINT=f"tcp://127.0.0.1:{free_port()}", STEMLIVE_RESULT_ENDPOINT="none")
-    cmd = [sys.executable, "-c", textwrap.dedent(SWIFT_BOOTSTRAP), str(out), str(after_s), ",".join(PANEL_IDS)]
+                     STEMLIVE_FRAME_ENDPOINT=f"tcp://127.0.0.1:{free_port()}",
+                     STEMLIVE_RESULT_ENDPOINT=results_endpoint or "none")
+    cmd = [sys.executable, "-c", textwrap.dedent(SWIFT_BOOTSTRAP), str(out), str(after_s), ",".join(PANEL_IDS),
+           str(data_timeout_s if results_endpoint else 0.0)]
+    proc = subprocess.Popen(cmd, env=swift_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, home
+
+
+def finish_swift(proc: subprocess.Popen[str], home: Path, timeout_s: float) -> tuple[bool, str]:
+    """Wait for the Swift subprocess; returns (ok, the tail of its output)."""
     try:
-        proc = subprocess.run(cmd, env=swift_env, capture_output=True, text=True, timeout=timeout_s)
+        out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        return False, f"Nion Swift did not finish within {timeout_s:.0f} s"
+        proc.kill()
+        out, _ = proc.communicate()
+        return False, f"Nion Swift did not finish within {timeout_s:.0f} s:\n{out[-2000:]}"
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+    tail = "\n".join(out.strip().splitlines()[-15:])
     if proc.returncode != 0:
         return False, f"Nion Swift exited {proc.returncode}:\n{tail}"
     return True, tail
@@ -426,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"service: frames {frames_ep}, results {results_ep}")
                 viewer = subprocess.Popen(
                     [sys.executable, "-m", "stemlive.live.cli", "view", results_ep, "--screenshot", str(viewer_png),
-                     "--after", str(args.viewer_timeout), "--idle", "3", "--min-results", "10"],
+                     "--after", str(args.viewer_timeout), "--idle", "12", "--min-results", "10"],
                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 ) if _cli_has_view() else subprocess.Popen(
                     [sys.executable, "-c", "import sys; from stemlive.live.viewer import run_viewer; "
@@ -434,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
                      "idle_s=3.0, min_results=10))", results_ep, str(viewer_png), str(args.viewer_timeout)],
                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 )
+                swift = None
+                if not args.skip_swift:
+                    swift_png = args.out / "swift.png"
+                    swift_png.unlink(missing_ok=True)
+                    swift = start_swift(swift_png, env, args.swift_after, results_ep, data_timeout_s=180.0)
+                    time.sleep(args.swift_after)  # Swift up, panels open, subscribed before the replay starts
                 time.sleep(3.0)  # window up and subscribed before the first result (PUB/SUB slow joiner)
                 if viewer.poll() is not None:
                     failures.append(f"the viewer exited early ({viewer.returncode}):\n{viewer.stdout.read()}")
@@ -451,22 +497,21 @@ def main(argv: list[str] | None = None) -> int:
                 log("viewer: " + "\n  ".join(lines[-8 if viewer.returncode == 0 else -60:]))
                 if viewer.returncode != 0:
                     failures.append(f"the viewer exited with status {viewer.returncode}")
+                if swift is not None:
+                    ok, message = finish_swift(*swift, timeout_s=240.0)
+                    log(f"Swift: {message}")
+                    if not ok:
+                        failures.append(message)
+                    else:
+                        problem = check_png(args.out / "swift.png")
+                        if problem:
+                            failures.append(problem)
         problem = check_png(viewer_png)
         if problem:
             failures.append(problem)
 
         if args.skip_swift:
             log("Swift: skipped (--skip-swift)")
-        else:
-            swift_png = args.out / "swift.png"
-            ok, message = swift_screenshot(swift_png, env, args.swift_after, timeout_s=args.swift_after + 120)
-            log(f"Swift: {message}")
-            if not ok:
-                failures.append(message)
-            elif not message.startswith("SKIPPED"):
-                problem = check_png(swift_png)
-                if problem:
-                    failures.append(problem)
     finally:
         if xvfb is not None:
             xvfb.terminate()

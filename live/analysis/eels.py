@@ -52,10 +52,13 @@ def _axis(energy_meV: ArrayLike, n: int, batch: tuple[int, ...]) -> tuple[Array,
     return off, disp
 
 
-def _floating(a: ArrayLike) -> NDArray[np.floating[Any]]:
-    """``a`` as an array of float32 or float64 (other dtypes are converted to float64; no copy otherwise)."""
+def _floating(a: ArrayLike) -> Array:
+    """``a`` as an array of float32 or float64 (other dtypes are converted to float64; no copy otherwise).
+
+    Typed as float64: the functions that take it only gather channels and convert them.
+    """
     arr = np.asarray(a)
-    return arr if arr.dtype in (np.float32, np.float64) else arr.astype(float)
+    return arr if arr.dtype in (np.float32, np.float64) else arr.astype(float)  # type: ignore[return-value]
 
 
 def _log_parabola(ym: Array, y0: Array, yp: Array) -> Array:
@@ -98,6 +101,41 @@ def zlp_centre(energy_meV: ArrayLike, spectra: ArrayLike, *, half_width_meV: flo
     return (off.reshape(-1) + disp * centre_ch).reshape(batch)
 
 
+_XC_ROWS = 16384
+"""Spectra per block of :func:`xcorr_shifts`."""
+
+
+def _xcorr_lags(win: Array, taper: Array, fr: NDArray[np.complex128], nfft: int, n_pass: int) -> Array:
+    """Lags (channels) of windows ``win`` ``(k, m)`` against the reference spectrum ``fr`` (see xcorr_shifts)."""
+    m = win.shape[1]
+    total = np.zeros(win.shape[0])
+    base = win - win.min(axis=1, keepdims=True)
+    base_f = None
+    cur = base
+    rows = np.arange(win.shape[0])
+    for i_pass in range(n_pass):
+        xc = scipy.fft.irfft(scipy.fft.rfft(cur * taper, nfft, axis=1, workers=-1) * fr, nfft, axis=1, workers=-1)
+        j = np.argmax(xc, axis=1)  # lag l sits at index l mod nfft
+        ym, y0, yp = (xc[rows, (j + d) % nfft] for d in (-1, 0, 1))
+        lag = np.where(j > nfft // 2, j - nfft, j) + _log_parabola(
+            np.maximum(ym, 1e-30), np.maximum(y0, 1e-30), np.maximum(yp, 1e-30)
+        )
+        total = total + lag
+        if i_pass == n_pass - 1:
+            break
+        if base_f is None:
+            base_f = scipy.fft.rfft(base, nfft, axis=1, workers=-1)
+        # Fourier shift by the current estimate: phase factors z^f, z = exp(2 pi i total / nfft), by a running
+        # product (rounding ~nfft 1e-16, one complex exp per spectrum instead of one per frequency)
+        shift = np.empty(base_f.shape, complex)
+        shift[:, 0] = 1.0
+        shift[:, 1:] = np.exp(2j * np.pi * total / nfft)[:, None]
+        np.cumprod(shift, axis=1, out=shift)
+        shift *= base_f
+        cur = scipy.fft.irfft(shift, nfft, axis=1, workers=-1)[:, :m]
+    return total
+
+
 def xcorr_shifts(
     spectra: ArrayLike,
     reference: ArrayLike,
@@ -120,38 +158,15 @@ def xcorr_shifts(
     i0 = int(np.argmax(ref))
     hw = int(min(half_width_channels, i0, n - 1 - i0))
     sl = slice(i0 - hw, i0 + hw + 1)
-    win = np.asarray(flat[:, sl], float)
     rw = ref[sl]
-    m = win.shape[1]
+    m = sl.stop - sl.start
     nfft = scipy.fft.next_fast_len(2 * m, real=True)
     taper = np.hanning(m + 2)[1:-1]
     fr = np.conj(scipy.fft.rfft((rw - rw.min()) * taper, nfft))
-    total = np.zeros(flat.shape[0])
-    base = win - win.min(axis=1, keepdims=True)
-    base_f = None
-    cur = base
-    rows = np.arange(flat.shape[0])
-    n_pass = 1 + max(0, int(refine))
-    for i_pass in range(n_pass):
-        xc = scipy.fft.irfft(scipy.fft.rfft(cur * taper, nfft, axis=1, workers=-1) * fr, nfft, axis=1, workers=-1)
-        j = np.argmax(xc, axis=1)  # lag l sits at index l mod nfft
-        ym, y0, yp = (xc[rows, (j + d) % nfft] for d in (-1, 0, 1))
-        lag = np.where(j > nfft // 2, j - nfft, j) + _log_parabola(
-            np.maximum(ym, 1e-30), np.maximum(y0, 1e-30), np.maximum(yp, 1e-30)
-        )
-        total = total + lag
-        if i_pass == n_pass - 1:
-            break
-        if base_f is None:
-            base_f = scipy.fft.rfft(base, nfft, axis=1, workers=-1)
-        # Fourier shift by the current estimate: phase factors z^f, z = exp(2 pi i total / nfft), by a running
-        # product (rounding ~nfft 1e-16, one complex exp per spectrum instead of one per frequency)
-        shift = np.empty(base_f.shape, complex)
-        shift[:, 0] = 1.0
-        shift[:, 1:] = np.exp(2j * np.pi * total / nfft)[:, None]
-        np.cumprod(shift, axis=1, out=shift)
-        shift *= base_f
-        cur = scipy.fft.irfft(shift, nfft, axis=1, workers=-1)[:, :m]
+    total = np.empty(flat.shape[0])
+    for i in range(0, flat.shape[0], _XC_ROWS):  # blocks: temporaries stay in cache, no page faults
+        rows = slice(i, min(flat.shape[0], i + _XC_ROWS))
+        total[rows] = _xcorr_lags(np.asarray(flat[rows, sl], float), taper, fr, nfft, 1 + max(0, int(refine)))
     return (total * dispersion_meV).reshape(batch)
 
 
@@ -604,11 +619,12 @@ def _signal_model(
     # coarse samples: mean of the data interpolated at c + e -+ (coarse - 1) disp / 2, minus the ZLP model
     pos0 = (c + ax[0] - off) / disp  # channel position of the first coarse sample; then +coarse each
     half = 0.5 * (coarse - 1)
-    data = (
-        0.5 * (_interp_uniform(flat, pos0 - half, coarse, ax.size) + _interp_uniform(flat, pos0 + half, coarse, ax.size))
-        if coarse > 1
-        else _interp_uniform(flat, pos0, coarse, ax.size)
-    )
+    if coarse > 1:
+        data = _interp_uniform(flat, pos0 - half, coarse, ax.size)
+        data += _interp_uniform(flat, pos0 + half, coarse, ax.size)
+        data *= 0.5
+    else:
+        data = _interp_uniform(flat, pos0, coarse, ax.size)
     pz = p.copy()
     pz[:, 1] = 0.0
     obs = data - _p7_f(np.broadcast_to(ax, data.shape), pz)
@@ -726,8 +742,13 @@ def _lm(
     max_iter: int,
     tol: float = 1e-6,
     lam0: float = 1e-3,
-) -> tuple[Array, Array, Array, int]:
-    """Batched Levenberg-Marquardt for the Pearson VII: returns params, normal matrix, chi2, iterations.
+    init: tuple[Array, Array] | None = None,
+) -> tuple[Array, Array, Array, int, Array, Array]:
+    """Batched Levenberg-Marquardt for the Pearson VII.
+
+    Returns params, normal matrix, chi2, iterations, and the model ``(k, n)`` and float32 Jacobian
+    ``(k, 4, n)`` at the returned params; ``init`` = (model, Jacobian) at ``p0`` when already known
+    (a refit with other weights starts where the previous fit ended).
 
     ``lam0`` is the initial damping (relative to the normal matrix's diagonal): 1e-3 from a rough start;
     from a start near the optimum 1e-5, since the amplitude, FWHM and m are strongly correlated and a
@@ -742,7 +763,10 @@ def _lm(
     # model and Jacobian in float32 (rounding 6e-8 relative, far below the Poisson noise of any count);
     # residuals, chi-square and the solve in float64
     x32 = x.astype(np.float32)
-    f, jac = _p7_fj(x32, p)
+    if init is None:
+        f, jac = _p7_fj(x32, p)
+    else:
+        f, jac = init[0], init[1].copy()
     r = y - f
     chi2 = np.einsum("kn,kn->k", wt * r, r)
     # state of the active (not yet converged) spectra, compacted when some converge
@@ -765,7 +789,7 @@ def _lm(
         flat_ = (lam < 1e-2) & (np.einsum("ki,ki->k", dp, g[..., 0]) < 0.5 * tol * chi2a)
         if flat_.any():
             fin = act[flat_]
-            p[fin], chi2[fin], jac[fin] = pa[flat_], chi2a[flat_], ja[flat_]
+            p[fin], chi2[fin], jac[fin], r[fin] = pa[flat_], chi2a[flat_], ja[flat_], ra[flat_]
             keep = ~flat_
             act = act[keep]
             if act.size == 0:
@@ -801,7 +825,7 @@ def _lm(
         done = (rel < tol) | (lam > 1e8)
         if done.any():
             fin = act[done]
-            p[fin], chi2[fin], jac[fin] = pa[done], chi2a[done], ja[done]
+            p[fin], chi2[fin], jac[fin], r[fin] = pa[done], chi2a[done], ja[done], ra[done]
             keep = ~done
             act = act[keep]
             if act.size == 0:
@@ -809,32 +833,15 @@ def _lm(
             xa, ya, wa, w32a = xa[keep], ya[keep], wa[keep], w32a[keep]
             pa, ja, ra, chi2a, lam = pa[keep], ja[keep], ra[keep], chi2a[keep], lam[keep]
     if act.size:
-        p[act], chi2[act], jac[act] = pa, chi2a, ja
+        p[act], chi2[act], jac[act], r[act] = pa, chi2a, ja, ra
     h, _ = _normal_j(jac.astype(float), wt)  # the covariance from a float64 normal matrix
-    return p, h, chi2, it
+    return p, h, chi2, it, y - r, jac
 
 
 _LM_ROWS = 256
 """Spectra per block of the batched Levenberg-Marquardt (the spectra are independent; blocks keep the
-``(rows, 4, n)`` Jacobians and temporaries in cache instead of streaming them from memory every iteration)."""
-
-
-def _lm_blocked(
-    x: Array, y: Array, wt: Array, p0: Array, *, max_iter: int, tol: float = 1e-6, lam0: float = 1e-3
-) -> tuple[Array, Array, Array, int]:
-    """:func:`_lm` on blocks of ``_LM_ROWS`` spectra; returns params, normal matrices, chi2, max iterations."""
-    k = len(p0)
-    if k <= _LM_ROWS:
-        return _lm(x, y, wt, p0, max_iter=max_iter, tol=tol, lam0=lam0)
-    p = np.empty_like(p0)
-    h = np.empty((k, 4, 4))
-    chi2 = np.empty(k)
-    it = 0
-    for i in range(0, k, _LM_ROWS):
-        sl = slice(i, min(k, i + _LM_ROWS))
-        p[sl], h[sl], chi2[sl], n_it = _lm(x[sl], y[sl], wt[sl], p0[sl], max_iter=max_iter, tol=tol, lam0=lam0)
-        it = max(it, n_it)
-    return p, h, chi2, it
+``(rows, 4, n)`` Jacobians and temporaries in cache instead of streaming them from memory every iteration,
+and few enough numpy calls per spectrum that their overhead does not dominate)."""
 
 
 def fit_zlp_pearson7(
@@ -855,9 +862,9 @@ def fit_zlp_pearson7(
 ) -> ZLPFit:
     """Fit a symmetric Pearson VII to the zero-loss peak in ``|E - centre|`` windows on both sides.
 
-    A batched Levenberg-Marquardt over all spectra at once (normal equations ``(k, 4, 4)`` solved with
+    A batched Levenberg-Marquardt over blocks of spectra (normal equations ``(k, 4, 4)`` solved with
     ``np.linalg.solve``).  Weights are Poisson, ``1 / (model + read_noise^2)``: a first fit weighted by
-    the data, then a refit weighted by that fit's model (no bias towards low counts).
+    the starting model, then a refit weighted by that fit's model (no bias towards low counts).
 
     Parameters
     ----------
@@ -869,7 +876,9 @@ def fit_zlp_pearson7(
         ``|E - centre|`` intervals fitted, on the loss and the gain side alike.
     initial
         Optional ``(..., 4)`` or ``(4,)`` starting parameters; default: centre from :func:`zlp_centre`,
-        shape from a fit of the mean spectrum.
+        shape from a fit of the mean spectrum, and for more than ``_START_ROWS`` spectra the median shape
+        of that many evenly spaced spectra fitted first (with the spill correction), amplitude re-solved
+        per spectrum: the fits then converge in 2-3 iterations.
     read_noise_counts
         Gaussian read noise added to the Poisson variance.
     scale_covariance
@@ -909,24 +918,52 @@ def fit_zlp_pearson7(
         p0 = np.broadcast_to(np.asarray(initial, float), (k, 4)).copy()
         centre = p0[:, 1]
     idx = _window_index(off, disp, centre, n, windows_meV)
-    y = np.take_along_axis(flat, idx, axis=1).astype(float)
-    x = off[:, None] + disp * idx
     # Poisson weights from the model (no bias towards low counts); the phonon signal spilled into the
-    # windows is estimated from the current parameters and removed before each fit
-    p = p0
-    spill: Array | float = 0.0
+    # windows is estimated from the current parameters and removed before each fit.  After the spill model
+    # (all spectra), everything runs per block of ``_LM_ROWS`` spectra: windows, spill, weights and the fits,
+    # so that no (k, window) temporaries are allocated (first-touch page faults cost more than the arithmetic).
+    sc = int(signal_correction)
+    fits_per_model = [2] if sc <= 1 else [1] * sc  # refits per spill model (2 passes at least)
+    p = p0.copy()
+    h = np.empty((k, 4, 4))
+    chi2 = np.empty(k)
     sig: SignalModel | None = None
     n_it = 0
-    h = chi2 = np.empty(0)
-    n_pass = max(2, int(signal_correction))
     good_start = False
-    for i_pass in range(n_pass):
-        if i_pass < int(signal_correction):
+
+    def block(rows: slice | NDArray[np.intp], p_at: Array, gb: Array | None, full: Array | None) -> tuple[
+        Array, Array, Array
+    ]:
+        """Energies, spill-corrected counts and systematic variance of the windows of ``rows``."""
+        ix = idx[rows]
+        xb = off[rows, None] + disp * ix
+        yb = np.take_along_axis(flat[rows], ix, axis=1).astype(float)
+        if sig is None:
+            return xb, yb, np.full(yb.shape, rn2)
+        if gb is not None:
+            # sampled from the blurred group signals (small, in cache), scaled by each amplitude
+            assert sig.group is not None and sig.scale is not None
+            spill = sig.sample(gb, xb - p_at[rows, 1:2], rows=sig.group[rows]) * sig.scale[rows, None]
+        else:
+            assert full is not None
+            spill = sig.sample(full[rows], xb - p_at[rows, 1:2])
+        yb -= spill
+        # the spill model is uncertain (its blur depends on the fitted width itself): channels it dominates
+        # are down-weighted by a relative systematic error ``spill_uncertainty``
+        spill *= spill_uncertainty
+        spill *= spill
+        spill += rn2
+        return xb, yb, spill
+
+    for i_model, n_fit in enumerate(fits_per_model):
+        p_at = p.copy()  # the spill of this round is sampled around these centres
+        gb = full = None
+        if sc > 0:
             sig = _signal_model(
                 off,
                 disp,
                 flat,
-                p,
+                p_at,
                 signal_range_meV=signal_range_meV,
                 extent_meV=210.0,
                 coarse=3,
@@ -934,23 +971,35 @@ def fit_zlp_pearson7(
                 groups=signal_groups,
             )
             if sig.group_signal is not None and sig.group is not None and sig.scale is not None:
-                # sampled from the blurred group signals (small, in cache), scaled by each amplitude
                 gb = sig._convolve(sig.group_signal, sig.kernel_fft)
-                spill = sig.sample(gb, x - p[:, 1:2], rows=sig.group) * sig.scale[:, None]
             else:
-                spill = sig.sample(sig.blurred(), x - p[:, 1:2])
-        # the spill model is uncertain (its blur depends on the fitted width itself): channels it dominates
-        # are down-weighted by a relative systematic error ``spill_uncertainty``
-        var_sys = rn2 + (spill_uncertainty * spill) ** 2
-        if i_pass == 0 and initial is None and k > _START_ROWS:
-            p = _shared_start(x, y - spill, var_sys, p, max_iter=max_iter, tol=tol)
-            good_start = True
-        wt = 1.0 / (np.maximum(_p7_f(x, p), 1e-3) + var_sys)
-        lam0 = 1e-5 if good_start else 1e-3
-        p, h, chi2, it = _lm_blocked(x, y - spill, wt, p, max_iter=max_iter, tol=tol, lam0=lam0)
-        good_start = True  # the next pass starts from this fit
-        n_it += it
-    dof = max(1, x.shape[1] - 4)
+                full = sig.blurred()
+        start_amp = False
+        if i_model == 0 and initial is None and k > _START_ROWS:
+            sub = np.unique(np.linspace(0, k - 1, _START_ROWS).round().astype(np.intp))
+            p_at[:, 2:] = _shared_shape(*block(sub, p_at, gb, full), p_at[sub], max_iter=max_iter, tol=tol)
+            start_amp = good_start = True
+        its = np.zeros(n_fit, int)
+        for i in range(0, k, _LM_ROWS):
+            sl = slice(i, min(k, i + _LM_ROWS))
+            xb, yb, vb = block(sl, p_at, gb, full)
+            pb = p_at[sl].copy()
+            if start_amp:
+                pb[:, 0] = _solve_amplitude(xb, yb, vb, pb)
+            model: tuple[Array, Array] | None = None
+            for j in range(n_fit):
+                if model is None:
+                    wt = 1.0 / (np.maximum(_p7_f(xb, pb), 1e-3) + vb)
+                else:  # refit with the previous fit's model as weights (model and Jacobian already known)
+                    wt = 1.0 / (np.maximum(model[0], 1e-3) + vb)
+                lam0 = 1e-5 if (good_start or j > 0) else 1e-3
+                pb, h[sl], chi2[sl], it, fb, jb = _lm(xb, yb, wt, pb, max_iter=max_iter, tol=tol, lam0=lam0, init=model)
+                model = (fb, jb)
+                its[j] = max(its[j], it)
+            p[sl] = pb
+        n_it += int(its.sum())
+        good_start = True
+    dof = max(1, idx.shape[1] - 4)
     chi2_red = chi2 / dof
     cov = np.linalg.inv(h + 1e-300 * np.eye(4))
     if scale_covariance:
@@ -991,28 +1040,28 @@ def _p7_f(x: Array, p: Array) -> Array:
     return out
 
 
-def _shared_start(x: Array, y: Array, var_sys: Array | float, p0: Array, *, max_iter: int, tol: float) -> Array:
-    """Starting parameters of a large batch: the median shape (FWHM, m) of ``_START_ROWS`` individual fits.
+def _shared_shape(x: Array, y: Array, var_sys: Array, p0: Array, *, max_iter: int, tol: float) -> Array:
+    """Starting shape of a large batch: the median (FWHM, m) of a few spectra fitted individually.
 
-    The ZLP shape is an instrument property that varies little across a map, so every spectrum starts
-    from the median shape of a few evenly spaced spectra fitted first (same windows, weights and spill
-    correction), its centre from ``p0`` and its amplitude re-solved linearly; the full fit then needs a
-    few iterations instead of ~15 from the shape of the (uncorrected) mean spectrum.
+    The ZLP shape is an instrument property that varies little across a map, so every spectrum starts from
+    the median shape of ``_START_ROWS`` evenly spaced spectra fitted first (same windows, weights and spill
+    correction; ``x``, ``y``, ``var_sys``, ``p0`` are theirs), its centre from ``zlp_centre`` and its amplitude
+    re-solved linearly (:func:`_solve_amplitude`); the full fit then needs 2-3 iterations instead of ~15
+    from the shape of the (uncorrected) mean spectrum.
     """
-    k = len(p0)
-    sub = np.unique(np.linspace(0, k - 1, _START_ROWS).round().astype(np.intp))
-    vs = var_sys[sub] if np.ndim(var_sys) else var_sys
-    wt = 1.0 / (np.maximum(_p7_f(x[sub], p0[sub]), 1e-3) + vs)
-    ps, _, _, _ = _lm(x[sub], y[sub], wt, p0[sub], max_iter=max_iter, tol=tol)
-    p = p0.copy()
-    p[:, 2:] = np.median(ps[:, 2:], axis=0)
-    p[:, 0] = 1.0
-    f = _p7_f(x, p)
-    wt = 1.0 / (np.maximum(f * p0[:, :1], 1e-3) + var_sys)
-    wf = wt * f
+    wt = 1.0 / (np.maximum(_p7_f(x, p0), 1e-3) + var_sys)
+    ps = _lm(x, y, wt, p0, max_iter=max_iter, tol=tol)[0]
+    return np.median(ps[:, 2:], axis=0)
+
+
+def _solve_amplitude(x: Array, y: Array, var_sys: Array, p: Array) -> Array:
+    """Weighted least-squares amplitude of the Pearson VII shape ``p`` (weights from its model at ``p``)."""
+    unit = p.copy()
+    unit[:, 0] = 1.0
+    f = _p7_f(x, unit)
+    wf = f / (np.maximum(f * p[:, :1], 1e-3) + var_sys)
     amp = np.einsum("kn,kn->k", wf, y) / np.maximum(np.einsum("kn,kn->k", wf, f), 1e-300)
-    p[:, 0] = np.where(amp > 0, amp, p0[:, 0])
-    return p
+    return np.where(amp > 0, amp, p[:, 0])
 
 
 def _initial_from_mean(
@@ -1037,8 +1086,9 @@ def _initial_from_mean(
     ix = _window_index(np.array([e[0]]), disp, cen, n, windows)
     y = mean[ix]
     x = e[ix]
-    pm, _, _, _ = _lm(x, y, 1.0 / (np.maximum(y, 1.0) + rn2), pm, max_iter=100)
-    amp = np.take_along_axis(flat, np.clip(np.round(c_ch).astype(np.intp), 0, n - 1)[:, None], axis=1)[:, 0].astype(float)
+    pm, _, _, _, _, _ = _lm(x, y, 1.0 / (np.maximum(y, 1.0) + rn2), pm, max_iter=100)
+    i_max = np.clip(np.round(c_ch).astype(np.intp), 0, n - 1)
+    amp = np.take_along_axis(flat, i_max[:, None], axis=1)[:, 0].astype(float)
     scale = amp / max(pearson7_model(np.zeros((1, 1)), pm)[0, 0], 1e-30)
     p0 = np.empty((k, 4))
     p0[:, 0] = pm[0, 0] * scale
@@ -1213,8 +1263,9 @@ def log_ratio_bins(
     # model at the same channels, same interpolation
     xL = off[:, None] + disp * iL
     xG = off[:, None] + disp * iG
-    zL, jL = _p7_fj(xL, p)  # float64, cache-blocked; jacobian (k, 4, count + 1)
-    zG, jG = _p7_fj(xG, p)
+    # float32, cache-blocked (rounding 6e-8 of a ZLP tail of ~1e2 counts per channel); jacobian (k, 4, count + 1)
+    zL, jL = _p7_fj(xL.astype(np.float32), p)
+    zG, jG = _p7_fj(xG.astype(np.float32), p)
     ZL = _bin_sums(zL, fL, nb, b)
     ZG = _bin_sums(zG, gG, nb, b)
     dZL = _bin_sums(jL, fL[:, None], nb, b).transpose(0, 2, 1)
@@ -1246,8 +1297,13 @@ def _bin_sums(v: Array, frac: Array, nb: int, b: int) -> Array:
 
     ``frac`` broadcasts against ``v.shape[:-1]``.
     """
-    core = v[..., : nb * b].reshape(v.shape[:-1] + (nb, b)).sum(-1)
-    return core + frac[..., None] * (v[..., b : nb * b + 1 : b] - v[..., 0 : nb * b : b])
+    first = v[..., 0 : nb * b : b]
+    core = first.copy()
+    for j in range(1, b):  # strided adds: faster than a reshape copy and a sum over a short axis
+        core += v[..., j : nb * b : b]
+    after = v[..., b : nb * b + 1 : b]
+    core += frac[..., None] * (after - first)
+    return core
 
 
 def _coef2(f: Array, nb: int, b: int) -> Array:
@@ -1300,6 +1356,7 @@ def _resolution_offset(
     swee = np.maximum((w * e * e).sum(-1), 1e-300)
     off = np.zeros_like(y)
     grouped = sig.group is not None and sig.group_signal is not None and sig.scale is not None
+    grouped = grouped and 3 * len(sig.group_signal) < len(slope)  # type: ignore[arg-type]  # else one exact blur per spectrum is cheaper
     for _ in range(int(iterations)):
         if not grouped:
             kern = sig.kernel_fft[sig.group] if sig.group is not None and len(sig.kernel_fft) > 1 else sig.kernel_fft
