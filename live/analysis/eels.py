@@ -984,9 +984,9 @@ def fit_zlp_pearson7(
             sl = slice(i, min(k, i + _LM_ROWS))
             xb, yb, vb = block(sl, p_at, gb, full)
             pb = p_at[sl].copy()
-            if start_amp:
-                pb[:, 0] = _solve_amplitude(xb, yb, vb, pb)
             model: tuple[Array, Array] | None = None
+            if start_amp:  # shared shape: amplitude re-solved; model and Jacobian there reused by the fit
+                pb[:, 0], model = _solve_amplitude(xb, yb, vb, pb)
             for j in range(n_fit):
                 if model is None:
                     wt = 1.0 / (np.maximum(_p7_f(xb, pb), 1e-3) + vb)
@@ -1054,14 +1054,22 @@ def _shared_shape(x: Array, y: Array, var_sys: Array, p0: Array, *, max_iter: in
     return np.median(ps[:, 2:], axis=0)
 
 
-def _solve_amplitude(x: Array, y: Array, var_sys: Array, p: Array) -> Array:
-    """Weighted least-squares amplitude of the Pearson VII shape ``p`` (weights from its model at ``p``)."""
+def _solve_amplitude(x: Array, y: Array, var_sys: Array, p: Array) -> tuple[Array, tuple[Array, Array]]:
+    """Weighted least-squares amplitude of the Pearson VII shape ``p`` (weights from its model at ``p``).
+
+    Returns the amplitudes ``(k,)`` and the model ``(k, n)`` with its float32 Jacobian ``(k, 4, n)`` at
+    ``p`` with those amplitudes (the starting point of the fit, as :func:`_lm`'s ``init``).
+    """
     unit = p.copy()
     unit[:, 0] = 1.0
-    f = _p7_f(x, unit)
+    f32, jac = _p7_fj(x.astype(np.float32), unit)
+    f = f32.astype(float)
     wf = f / (np.maximum(f * p[:, :1], 1e-3) + var_sys)
     amp = np.einsum("kn,kn->k", wf, y) / np.maximum(np.einsum("kn,kn->k", wf, f), 1e-300)
-    return np.where(amp > 0, amp, p[:, 0])
+    amp = np.where(amp > 0, amp, p[:, 0])
+    f *= amp[:, None]
+    jac[:, 1:] *= amp.astype(np.float32)[:, None, None]  # d/da does not depend on a
+    return amp, (f, jac)
 
 
 def _initial_from_mean(
