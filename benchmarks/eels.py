@@ -74,6 +74,14 @@ def curve_fit_zlp(
     return p
 
 
+def naive_start(energy: np.ndarray, spectrum: np.ndarray) -> np.ndarray:
+    """Starting values a per-spectrum fit would use: peak height and position, width at half maximum, m = 2."""
+    i = int(np.argmax(spectrum))
+    above = np.flatnonzero(spectrum >= 0.5 * spectrum[i])
+    fwhm = float(energy[above[-1]] - energy[above[0]]) if above.size > 1 else 5.0
+    return np.array([float(spectrum[i]), float(energy[i]), max(fwhm, 1.0), 2.0])
+
+
 def nion_thermometry(energy: np.ndarray, spectrum: np.ndarray, zlp: np.ndarray) -> float:
     """nionswift-eels-analysis MeasureTemperature.execute on one spectrum (far = fitted ZLP); returns T."""
     from nion.data import Calibration, DataAndMetadata
@@ -160,6 +168,11 @@ def main() -> None:
             [curve_fit_zlp(energy, spectra[i].astype(float), p_ours[i] * [1.02, 1, 1.02, 1.01]) for i in sel]
         )
 
+    def loop_cf_naive() -> None:
+        for i in sel:
+            spectrum = spectra[i].astype(float)
+            curve_fit_zlp(energy, spectrum, naive_start(energy, spectrum))
+
     def loop_cf2() -> None:
         for i in sel:
             p_start = p_ours[i] * [1.02, 1, 1.02, 1.01]
@@ -172,6 +185,7 @@ def main() -> None:
     # the per-spectrum loops are timed best of N_CHAIN runs too (as our chain)
     p_cf, t_cf, c_cf = _best_of(loop_cf, n_loop)
     _, t_cf2, c_cf2 = _best_of(loop_cf2, n_loop)
+    _, t_cfn, c_cfn = _best_of(loop_cf_naive, n_loop)
     _, t_cf_T, c_cf_T = _best_of(loop_T, 20)
     per_ours = chain / n_map
     per_ours_c = chain_cpu / n_map
@@ -186,6 +200,13 @@ def main() -> None:
         f"-> "
         f"{(t_cf2 + t_cf_T) / per_ours:.0f}x / {(c_cf2 + c_cf_T) / per_ours_c:.0f}x; "
         f"max |dFWHM| vs ours {np.max(np.abs(p_cf[:, 2] - p_ours[:, 2])):.2e} meV"
+    )
+    print(
+        f"  the same curve_fit loop started as a per-spectrum fit usually is (peak height, position and half-maximum "
+        f"width of the spectrum, m = 2; spill model per spectrum): {1e3 * (t_cfn + t_cf_T):.1f} ms wall / "
+        f"{1e3 * (c_cfn + c_cf_T):.1f} ms CPU per spectrum -> our chain is {(t_cfn + t_cf_T) / per_ours:.0f}x (wall) / "
+        f"{(c_cfn + c_cf_T) / per_ours_c:.0f}x (CPU) faster (the loop above starts from our own result x 1.02: a "
+        f"lower bound)"
     )
 
     t0, c0 = time.perf_counter(), time.process_time()
