@@ -181,6 +181,10 @@ class SessionRun:
         ]
         self.recorded = 0
         self.closed = False
+        for stage in self.stages:  # the file says how it was analysed
+            record = Result(stage.name, "parameters", np.zeros(0, np.int8),
+                            attrs={"parameters": json.dumps(stage.params, default=_json_default)})
+            self.writer.write_result(record)
         for stage in list(self.stages):
             self._run_stage(stage, stage.start, start)
 

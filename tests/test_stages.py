@@ -127,3 +127,17 @@ def test_eels_stage_segments_a_mos2_wse2_line_scan(tmp_path: Path) -> None:
     peaks = res["peaks"]
     assert set(peaks.dtype.names) >= {"cluster", "centre_meV", "centre_err_meV", "fwhm_meV", "area"}
     assert set(np.unique(peaks["cluster"])) <= {0, 1, 2} and len(peaks) >= 3
+
+
+def test_the_file_records_the_analysis_parameters(tmp_path: Path) -> None:
+    import json
+
+    truth: list[np.ndarray] = []
+    params = make_params(overrides=["tilt_series.search_radius_px=1.5"])
+    out = analyze_messages(tilt_series_messages(1, 2, 64, truth), tmp_path / "p.h5", params,
+                           stage_classes={"tilt_series": registered_stages()["tilt_series"]})
+    import h5py
+
+    with h5py.File(out) as f:
+        recorded = json.loads(f["results/tilt_series/parameters"].attrs["parameters"])
+    assert recorded == params["tilt_series"] and recorded["search_radius_px"] == 1.5

@@ -105,9 +105,13 @@ _XC_ROWS = 16384
 """Spectra per block of :func:`xcorr_shifts`."""
 
 
-def _xcorr_lags(win: Array, taper: Array, fr: NDArray[np.complex128], nfft: int, n_pass: int) -> Array:
-    """Lags (channels) of windows ``win`` ``(k, m)`` against the reference spectrum ``fr`` (see xcorr_shifts)."""
+def _xcorr_lags(win: Array, taper: Array, fr: NDArray[np.complexfloating], nfft: int, n_pass: int) -> Array:
+    """Lags (channels) of windows ``win`` ``(k, m)`` against the reference spectrum ``fr`` (see xcorr_shifts).
+
+    The FFTs run in the dtype of ``win`` (float32 in :func:`xcorr_shifts`); the lags are accumulated in float64.
+    """
     m = win.shape[1]
+    cdt = np.result_type(win.dtype, np.complex64)
     total = np.zeros(win.shape[0])
     base = win - win.min(axis=1, keepdims=True)
     base_f = None
@@ -118,7 +122,7 @@ def _xcorr_lags(win: Array, taper: Array, fr: NDArray[np.complex128], nfft: int,
         j = np.argmax(xc, axis=1)  # lag l sits at index l mod nfft
         ym, y0, yp = (xc[rows, (j + d) % nfft] for d in (-1, 0, 1))
         lag = np.where(j > nfft // 2, j - nfft, j) + _log_parabola(
-            np.maximum(ym, 1e-30), np.maximum(y0, 1e-30), np.maximum(yp, 1e-30)
+            *(np.maximum(v.astype(float), 1e-30) for v in (ym, y0, yp))
         )
         total = total + lag
         if i_pass == n_pass - 1:
@@ -127,9 +131,10 @@ def _xcorr_lags(win: Array, taper: Array, fr: NDArray[np.complex128], nfft: int,
             base_f = scipy.fft.rfft(base, nfft, axis=1, workers=-1)
         # Fourier shift by the current estimate: phase factors z^f, z = exp(2 pi i total / nfft), by a running
         # product (rounding ~nfft 1e-16, one complex exp per spectrum instead of one per frequency)
-        shift = np.empty(base_f.shape, complex)
+        # (float32: the running product's rounding stays ~nfft 6e-8, ~1e-5 channel)
+        shift = np.empty(base_f.shape, cdt)
         shift[:, 0] = 1.0
-        shift[:, 1:] = np.exp(2j * np.pi * total / nfft)[:, None]
+        shift[:, 1:] = np.exp(2j * np.pi * total / nfft).astype(cdt)[:, None]
         np.cumprod(shift, axis=1, out=shift)
         shift *= base_f
         cur = scipy.fft.irfft(shift, nfft, axis=1, workers=-1)[:, :m]
@@ -153,7 +158,7 @@ def xcorr_shifts(
     """
     s = np.asarray(spectra)
     batch, n = s.shape[:-1], s.shape[-1]
-    flat = s.reshape(-1, n)  # only the window is converted to float64
+    flat = s.reshape(-1, n)  # only the window is converted (to float32)
     ref = np.asarray(reference, float)
     i0 = int(np.argmax(ref))
     hw = int(min(half_width_channels, i0, n - 1 - i0))
@@ -162,11 +167,14 @@ def xcorr_shifts(
     m = sl.stop - sl.start
     nfft = scipy.fft.next_fast_len(2 * m, real=True)
     taper = np.hanning(m + 2)[1:-1]
-    fr = np.conj(scipy.fft.rfft((rw - rw.min()) * taper, nfft))
+    fr = np.conj(scipy.fft.rfft((rw - rw.min()) * taper, nfft)).astype(np.complex64)
+    taper = taper.astype(np.float32)
     total = np.empty(flat.shape[0])
     for i in range(0, flat.shape[0], _XC_ROWS):  # blocks: temporaries stay in cache, no page faults
         rows = slice(i, min(flat.shape[0], i + _XC_ROWS))
-        total[rows] = _xcorr_lags(np.asarray(flat[rows, sl], float), taper, fr, nfft, 1 + max(0, int(refine)))
+        # float32 windows and FFTs (counts are exact in float32; the shifts change by ~1e-5 channel)
+        win = np.asarray(flat[rows, sl], np.float32)
+        total[rows] = _xcorr_lags(win, taper, fr, nfft, 1 + max(0, int(refine)))
     return (total * dispersion_meV).reshape(batch)
 
 
