@@ -511,7 +511,10 @@ class VibrationalEELSSimulator:
         x, temp, off, t = x.reshape(-1), temp.reshape(-1), off.reshape(-1), t.reshape(-1)
         shift = self.energy_shift(t, rng)
         mu = self._expected(exp_ms, nc, disp, off, x, temp, shift)
-        counts = self._noise(mu, rng) if self.noise == "compact" else self._noise_legacy(mu, rng)
+        if self.noise == "compact":  # the expected counts are overwritten unless they are returned
+            counts = self._noise(mu, rng, inplace=not return_expected)
+        else:
+            counts = self._noise_legacy(mu, rng)
         sat = float(self.config.get("saturation_counts", np.inf))
         saturated = counts.max(axis=-1) >= sat
         if saturated.any():
@@ -527,7 +530,9 @@ class VibrationalEELSSimulator:
             truths["expected"] = mu.reshape(shp + (nc,))
         return counts.reshape(shp + (nc,)), truths
 
-    def _noise(self, mu: NDArray[np.float32], rng: np.random.Generator) -> NDArray[np.float32]:
+    def _noise(
+        self, mu: NDArray[np.float32], rng: np.random.Generator, *, inplace: bool = False
+    ) -> NDArray[np.float32]:
         """Poisson counts: exact below ``poisson_exact_below``, Cornish-Fisher corrected normal above.
 
         ``round(mu + sqrt(mu) z + (z**2 - 1) / 6)`` has the Poisson mean, variance (+1/12 from rounding)
@@ -535,12 +540,21 @@ class VibrationalEELSSimulator:
         Every draw works on a compact subset of the channels: normal deviates only for the high channels,
         an exact float32 inversion (:func:`_poisson_small`) for ``mu < 1`` (about half of a spectrum's
         channels, mostly zeros) and ``rng.poisson`` for ``1 <= mu < poisson_exact_below``.
+
+        ``inplace``: write the counts over ``mu`` (float32, C-contiguous) instead of a new array (saves the
+        first-touch page faults of a fresh ``(k, n)`` array); the draws are the same.
         """
         mu32 = np.ascontiguousarray(mu, np.float32)
         flat = mu32.reshape(-1)
-        counts = np.empty_like(flat)
         high = flat >= self.poisson_exact_below
+        tiny = flat < 1.0
+        low = ~high
+        low &= ~tiny
+        # every subset is gathered before any count is written (``counts`` may be ``flat`` itself)
         m = flat[high]
+        m_tiny = flat[tiny]
+        m_low = flat[low].astype(np.float64) if low.any() else None
+        counts = flat if inplace else np.empty_like(flat)
         z = rng.standard_normal(m.size, dtype=np.float32)
         c = np.sqrt(m)
         c *= z
@@ -552,12 +566,9 @@ class VibrationalEELSSimulator:
         np.rint(c, out=c)
         np.maximum(c, 0, out=c)
         counts[high] = c
-        low = ~high
-        tiny = flat < 1.0
-        low &= ~tiny
-        counts[tiny] = _poisson_small(flat[tiny], rng)
-        if low.any():
-            counts[low] = rng.poisson(flat[low].astype(np.float64)).astype(np.float32)
+        counts[tiny] = _poisson_small(m_tiny, rng)
+        if m_low is not None:
+            counts[low] = rng.poisson(m_low).astype(np.float32)
         rn = float(self.config.get("read_noise_counts", 0.0))
         if rn > 0:
             counts += rn * rng.standard_normal(counts.shape, dtype=np.float32)
@@ -600,8 +611,9 @@ def _poisson_small(mu: NDArray[np.float32], rng: np.random.Generator) -> NDArray
     """
     v = rng.random(mu.size, dtype=np.float32)
     p = np.exp(-mu)
-    out = (v >= p).astype(np.float32)
-    idx = np.flatnonzero(out)
+    hit = v >= p
+    idx = np.flatnonzero(hit)  # of the bool mask: ~4x faster than of the float32 counts
+    out = hit.astype(np.float32)
     m = mu[idx]
     vv = v[idx]
     p = p[idx]
