@@ -658,7 +658,7 @@ def _signal_model(
     kern = pearson7_model(lag[None, :], np.column_stack([np.ones(n_groups), np.zeros(n_groups), shape_g]))
     kern = kern / kern.sum(-1, keepdims=True)  # type: ignore[union-attr]
     kf = scipy.fft.rfft(kern.astype(np.float32), axis=-1, workers=-1)
-    model = SignalModel(ax, np.zeros((0, ax.size)), kf, nfft)
+    model = SignalModel(np.asarray(ax, dtype=np.float64), np.zeros((0, ax.size)), kf, nfft)
     mask = mask.astype(np.float32)
     o = (np.maximum(obs_g, 0.0) * mask).astype(np.float32)
     # The LR source and the data it is fitted to both live in the masked range only (channels i0:i1), and
@@ -719,7 +719,7 @@ _BLOCK = 1 << 14
 """Elements per array in the cache-blocked Pearson VII evaluation (keeps the temporaries in L2)."""
 
 
-def _p7_fj(x: Array, p: Array) -> tuple[Array, Array]:
+def _p7_fj(x: NDArray[Any], p: NDArray[Any]) -> tuple[NDArray[Any], NDArray[Any]]:
     """Pearson VII ``(k, n)`` and its Jacobian ``(k, 4, n)`` for ``p`` ``(k, 4)``, in the dtype of ``x``.
 
     Evaluated in blocks of rows so that the ~10 temporaries stay in cache (the full-size version is
@@ -1048,7 +1048,7 @@ def fit_zlp_pearson7(
         cov = cov * np.maximum(1.0, chi2_red)[:, None, None]
     return ZLPFit(
         params=p.reshape(batch + (4,)),
-        cov=cov.reshape(batch + (4, 4)),
+        cov=np.asarray(cov, dtype=np.float64).reshape(batch + (4, 4)),
         chi2_red=chi2_red.reshape(batch),
         n_iter=n_it,
         windows_meV=tuple(windows_meV),
@@ -1135,11 +1135,11 @@ def _initial_from_mean(
     cen = np.zeros(1)
     ix = _window_index(np.array([e[0]]), disp, cen, n, windows)
     y = mean[ix]
-    x = e[ix]
+    x = np.asarray(e[ix], dtype=np.float64)
     pm, _, _, _, _, _ = _lm(x, y, 1.0 / (np.maximum(y, 1.0) + rn2), pm, max_iter=100, cov=False)
     i_max = np.clip(np.round(c_ch).astype(np.intp), 0, n - 1)
     amp = np.take_along_axis(flat, i_max[:, None], axis=1)[:, 0].astype(float)
-    scale = amp / max(pearson7_model(np.zeros((1, 1)), pm)[0, 0], 1e-30)
+    scale = amp / max(float(np.asarray(pearson7_model(np.zeros((1, 1)), pm))[0, 0]), 1e-30)
     p0 = np.empty((k, 4))
     p0[:, 0] = pm[0, 0] * scale
     p0[:, 1] = centre
@@ -1303,7 +1303,7 @@ def log_ratio_bins(
     baseG = np.floor(posG).astype(np.intp)
     fG = posG - baseG
     # with u_i = channel baseG + 1 - i, the gain sample is (1 - g) u_i + g u_(i+1) with g = 1 - fG
-    vG_raw, _, iG = _gather_side(flat, baseG + 1.0, -1, count)
+    vG_raw, _, iG = _gather_side(flat, (baseG + 1.0).astype(np.float64), -1, count)
     gG = 1.0 - fG
     SL, varL = _bin_interp(vL_raw, fL, 1, nb, b)
     SG, varG = _bin_interp(vG_raw, gG, 1, nb, b)
@@ -1559,10 +1559,10 @@ def temperature(
     if resolution_correction is None:
         resolution_correction = not deconvolve
     if resolution_correction:
-        sig = zlp.signal
-        if sig is None:
-            sig = signal_model(energy_meV, s, zlp.params, iterations=lr_correction_iterations)
-        offset = _resolution_offset(sig, d["e_points"], slope.reshape(-1), iterations=3, y=y.reshape(-1, e.size),
+        signal = zlp.signal
+        if signal is None:
+            signal = signal_model(energy_meV, s, zlp.params, iterations=lr_correction_iterations)
+        offset = _resolution_offset(signal, d["e_points"], slope.reshape(-1), iterations=3, y=y.reshape(-1, e.size),
                                     w=w.reshape(-1, e.size), e=e)
         offset = offset.reshape(y.shape)
         slope = (w * e * (y - offset)).sum(-1) / swee
