@@ -18,8 +18,13 @@ fi
 # Reinstall when the package metadata changed since the last install.
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "[bootstrap] installing stemlive and its dependencies (first run takes a few minutes)" >&2
-    "$venv/bin/python" -m pip install --quiet --upgrade pip
-    "$venv/bin/python" -m pip install --quiet -e ".[test]"
+    log="$venv/install.log"
+    if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e ".[test]"; } \
+            >"$log" 2>&1; then
+        tail -n 60 "$log" >&2
+        echo "[bootstrap] installation failed; the whole log is in $log" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
