@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .config import Params, resolve_params
-from .protocol import Message, ProtocolError, StreamChecker
+from .protocol import Message, ProtocolError, StreamChecker, json_default
 from .session import SessionWriter
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ class SessionRun:
         self.closed = False
         for stage in self.stages:  # the file says how it was analysed
             record = Result(stage.name, "parameters", np.zeros(0, np.int8),
-                            attrs={"parameters": json.dumps(stage.params, default=_json_default)})
+                            attrs={"parameters": json.dumps(stage.params, default=json_default)})
             self.writer.write_result(record)
         for stage in list(self.stages):
             self._run_stage(stage, stage.start, start)
@@ -555,7 +555,7 @@ def result_header(session_id: str, result: Result) -> dict[str, Any]:
     if result.index is not None:
         header["index"] = int(result.index)
     if result.attrs:
-        header["attrs"] = _finite_or_none(json.loads(json.dumps(result.attrs, default=_json_default)))
+        header["attrs"] = _finite_or_none(json.loads(json.dumps(result.attrs, default=json_default)))
     return header
 
 
@@ -566,7 +566,7 @@ def publish_result(publisher: Any, session_id: str, result: Result) -> None:
     if value.dtype.names:
         # JSON has no NaN: an undetermined table entry (e.g. a failed peak error) travels as null
         header["value"] = [
-            {name: _finite_or_none(_json_default(row[name])) for name in value.dtype.names}
+            {name: _finite_or_none(json_default(row[name])) for name in value.dtype.names}
             for row in value.reshape(-1)
         ]
         publisher.publish(header)
@@ -585,11 +585,3 @@ def _finite_or_none(value: Any) -> Any:
     return value
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

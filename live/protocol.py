@@ -25,6 +25,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 from typing import Any, NoReturn
 
 import numpy as np
@@ -188,6 +189,17 @@ def _fail(code: str, detail: str, header: Mapping[str, Any] | None = None) -> No
 
 
 _PLAIN = (str, int, float, bool, type(None))
+
+
+def json_default(obj: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: numpy scalars and arrays, and paths, as plain JSON values."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, PurePath):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _jsonable(value: Any) -> Any:

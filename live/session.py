@@ -34,6 +34,8 @@ from typing import Any, Protocol
 import h5py
 import numpy as np
 
+from .protocol import json_default
+
 log = logging.getLogger(__name__)
 
 FORMAT = "stemlive-session"
@@ -115,18 +117,8 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat()
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_json_default, allow_nan=True)
+    return json.dumps(obj, default=json_default, allow_nan=True)
 
 
 def _fill(dtype: str | np.dtype) -> Any:
