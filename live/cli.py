@@ -135,7 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point of ``stemlive``."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose + 1, 2)
+    # the service logs its sessions by default; interactive commands keep the console for their progress bars
+    base = logging.INFO if args.command == "serve" else logging.WARNING
+    level = max(logging.DEBUG, base - 10 * args.verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)

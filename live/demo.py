@@ -445,8 +445,10 @@ def add_subcommand(subparsers: Any) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run ``stemlive demo``."""
-    if getattr(args, "verbose", 0) == 0:  # keep the progress bars readable: warnings only
-        logging.getLogger().setLevel(logging.WARNING)
+    if getattr(args, "verbose", 0) == 0:
+        # keep the progress bars readable: warnings only (Nion's Application later resets the root logger to
+        # INFO and adds its own handler, so a level set here would not last)
+        logging.disable(logging.INFO)
     preset = "full" if args.full else "small" if args.small else "default"
     cfg = make_config(preset, tilts=args.tilts, frames=args.frames, size=args.size, points=args.points,
                       eels_frames=args.eels_frames, seed=args.seed, overrides=list(args.overrides))
@@ -458,7 +460,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"stemlive demo ({preset}): {cfg.tilts} tilts x {cfg.frames} frames of {cfg.size}^2 px; "
           f"EELS {cfg.points} x {cfg.eels_frames} spectra; thermometry {cfg.thermo_points} x {cfg.thermo_frames}; "
           f"output in {args.out.resolve()}", flush=True)
-    result = run_demo(args.out, cfg)
+    try:
+        result = run_demo(args.out, cfg)
+    finally:
+        logging.disable(logging.NOTSET)
     summary = json.loads(Path(result["report"]).with_name("report.json").read_text()) if "report" in result else {}
     for line in summary_lines(summary):
         print(line)
