@@ -19,12 +19,13 @@ Conventions (see ``docs/tomography.md``)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
+
+from ._threads import thread_map
 
 ALPHA_AXIS = np.array([0.0, -1.0, 0.0])
 """Stage alpha rotation axis in the lab frame ``(x, y, z)`` (reference table: ``[0 -1 0]``)."""
@@ -330,13 +331,6 @@ def backproject(
     return ndimage.affine_transform(np.ascontiguousarray(lab), inv, -inv @ off, output_shape=shape_zyx, order=order)
 
 
-def _map(fn: Callable[[int], np.ndarray], n: int, workers: int) -> list[np.ndarray]:
-    if workers <= 1:
-        return [fn(i) for i in range(n)]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, range(n)))
-
-
 def reconstruct_sirt(
     projections: np.ndarray,
     rotations: np.ndarray,
@@ -399,9 +393,10 @@ def reconstruct_sirt(
         z0 = shape[0] // 2 - support_z // 2
         support[max(z0, 0) : z0 + support_z] = True
 
-    row = _map(lambda i: project(support.astype(np.float32), rots[i]), n, workers)
+    row = thread_map(lambda i: project(support.astype(np.float32), rots[i]), range(n), workers)
     row_inv = [np.where(r > 1e-3, 1.0 / np.maximum(r, 1e-3), 0.0).astype(np.float32) for r in row]
-    col = np.sum(_map(lambda i: backproject(np.ones((ny, nx), np.float32), rots[i], shape), n, workers), axis=0)
+    ones = np.ones((ny, nx), np.float32)
+    col = np.sum(thread_map(lambda i: backproject(ones, rots[i], shape), range(n), workers), axis=0)
     col_inv = np.where(support & (col > 1e-3), 1.0 / np.maximum(col, 1e-3), 0.0).astype(np.float32)
 
     x = np.zeros(shape, np.float32)
@@ -414,9 +409,9 @@ def reconstruct_sirt(
         return backproject(res[i] * row_inv[i], rots[i], shape)
 
     for it in range(n_iter):
-        resid = _map(partial(residual, vol=x), n, workers)
+        resid = thread_map(partial(residual, vol=x), range(n), workers)
         err = float(np.sqrt(sum(float((r * r).sum()) for r in resid))) / norm_b
-        upd = np.sum(_map(partial(update, res=resid), n, workers), axis=0)
+        upd = np.sum(thread_map(partial(update, res=resid), range(n), workers), axis=0)
         x += relaxation * col_inv * upd
         if positivity:
             np.clip(x, 0.0, None, out=x)
