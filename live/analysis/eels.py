@@ -645,26 +645,35 @@ def _signal_model(
     half = 0.5 * (coarse - 1)
     pz = p.copy()
     pz[:, 1] = 0.0
-    obs = np.empty((k, ax.size))
+    lo, hi = signal_range_meV
+    # only the samples in the signal range (both sides) are used: the LR source and data live there
+    cols = np.flatnonzero((np.abs(ax) >= lo) & (np.abs(ax) <= hi))
+    runs = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1) if cols.size else []
+    obs = np.empty((k, cols.size))
 
     def observe(rows: slice) -> None:
-        if coarse > 1:
-            data = _interp_uniform(flat[rows], pos0[rows] - half, coarse, ax.size)
-            data += _interp_uniform(flat[rows], pos0[rows] + half, coarse, ax.size)
-            data *= 0.5
-        else:
-            data = _interp_uniform(flat[rows], pos0[rows], coarse, ax.size)
-        obs[rows] = data - _p7_f(np.broadcast_to(ax, data.shape), pz[rows])
+        done = 0
+        for run in runs:
+            start, count = pos0[rows] + coarse * run[0], run.size
+            if coarse > 1:
+                data = _interp_uniform(flat[rows], start - half, coarse, count)
+                data += _interp_uniform(flat[rows], start + half, coarse, count)
+                data *= 0.5
+            else:
+                data = _interp_uniform(flat[rows], start, coarse, count)
+            data -= _p7_f(np.broadcast_to(ax[run], data.shape), pz[rows])
+            obs[rows, done : done + count] = data
+            done += count
 
     thread_map(observe, [slice(i, i + _ROWS) for i in range(0, k, _ROWS)], workers)
     amp = np.maximum(p[:, 0], 1e-30)
-    lo, hi = signal_range_meV
     if np.ndim(groups) == 0 and groups is not None and 1 < int(groups) < k:  # type: ignore[arg-type]
-        group, n_groups = _similar_groups(obs[:, (ax >= lo) & (ax <= hi)] / amp[:, None], int(groups))  # type: ignore[arg-type]
+        group, n_groups = _similar_groups(obs[:, ax[cols] > 0] / amp[:, None], int(groups))  # type: ignore[arg-type]
     else:
         group, n_groups = _groups(groups, k)
     cnt = np.maximum(_group_sum(np.ones((k, 1)), group, n_groups), 1.0)
-    obs_g = _group_sum(obs, group, n_groups) / np.maximum(_group_sum(amp[:, None], group, n_groups), 1e-30)
+    obs_g = np.zeros((n_groups, ax.size))
+    obs_g[:, cols] = _group_sum(obs, group, n_groups) / np.maximum(_group_sum(amp[:, None], group, n_groups), 1e-30)
     shape_g = _group_sum(p[:, 2:], group, n_groups) / cnt
     mask = ((np.abs(ax) >= lo) & (np.abs(ax) <= hi)).astype(float)
     nfft = scipy.fft.next_fast_len(2 * ax.size)
@@ -1372,16 +1381,14 @@ def _log_ratio_rows(
     SG, varG = _bin_interp(vG_raw, gG, 1, nb, b)
     varL = varL + rn2 * _coef2(fL, nb, b)
     varG = varG + rn2 * _coef2(gG, nb, b)
-    # model at the same channels, same interpolation
-    xL = off[:, None] + disp * iL
-    xG = off[:, None] + disp * iG
-    # float32, cache-blocked (rounding 6e-8 of a ZLP tail of ~1e2 counts per channel); jacobian (k, 4, count + 1)
-    zL, jL = _p7_fj(xL.astype(np.float32), p)
-    zG, jG = _p7_fj(xG.astype(np.float32), p)
-    ZL = _bin_sums(zL, fL, nb, b)
-    ZG = _bin_sums(zG, gG, nb, b)
-    dZL = _bin_sums(jL, fL[:, None], nb, b).transpose(0, 2, 1)
-    dZG = _bin_sums(jG, gG[:, None], nb, b).transpose(0, 2, 1)
+    # model at the same channels, same interpolation (float32, cache-blocked: rounding 6e-8 of a ZLP tail)
+    ZL = _bin_sums(_p7_f(off[:, None] + disp * iL, p), fL, nb, b)
+    ZG = _bin_sums(_p7_f(off[:, None] + disp * iG, p), gG, nb, b)
+    # derivatives (for the ZLP covariance only): smooth across a bin, so b x the Jacobian at the bin centre
+    # (the bin's points are pos +- (j b + i), i = 0..b-1, on the loss / gain side)
+    mid = b * np.arange(nb) + 0.5 * (b - 1)
+    dZL = b * _p7_fj((off[:, None] + disp * (posL[:, None] + mid)).astype(np.float32), p)[1].transpose(0, 2, 1)
+    dZG = b * _p7_fj((off[:, None] + disp * (posG[:, None] - mid)).astype(np.float32), p)[1].transpose(0, 2, 1)
     # moving the centre moves the data sampling points too: d(data)/dc = slope of the detected spectrum;
     # the ZLP part of that slope is exact (the model's), so the data sampling cancels the model's
     # centre derivative for the ZLP and only the signal's own slope (neglected) would remain.
@@ -1457,8 +1464,9 @@ def _resolution_offset(
     With a grouped signal model (:func:`signal_model`) the offset of a spectrum depends only on its group
     (signal shape per unit amplitude and resolution function; the amplitude cancels in the ratio) and its
     slope: it is computed at three slopes per group, ``s_g (1 + (-1, 0, 1) _SLOPE_NODE)`` around the group's
-    median, and interpolated quadratically in the slope (error ~1e-7 in ``log(L/G)``); spectra whose slope
-    lies outside the nodes get their own exact computation.
+    median slope of the first pass (once: the refits move the slopes by a few %), and interpolated
+    quadratically in the slope (error ~1e-7 in ``log(L/G)``); spectra whose slope lies outside the nodes get
+    their own exact computation.
     """
     pts = e_points.reshape(-1)
     nb = e_points.shape[0]
@@ -1466,23 +1474,34 @@ def _resolution_offset(
     off = np.zeros_like(y)
     grouped = sig.group is not None and sig.group_signal is not None and sig.scale is not None
     grouped = grouped and 3 * len(sig.group_signal) < len(slope)  # type: ignore[arg-type]  # else one exact blur per spectrum is cheaper
+    nodes: tuple[Array, Array] | None = None
     for _ in range(int(iterations)):
         if not grouped:
             kern = sig.kernel_fft[sig.group] if sig.group is not None and len(sig.kernel_fft) > 1 else sig.kernel_fft
             off = _offset_rows(sig, sig.intrinsic, kern, slope, pts, nb, e)
         else:
-            off = _grouped_offset(sig, slope, pts, nb, e)
+            if nodes is None:  # once: the refitted slopes move by a few %, well inside the +-10 % nodes
+                nodes = _offset_nodes(sig, slope, pts, nb, e)
+            off = _grouped_offset(sig, nodes, slope, pts, nb, e)
         slope = (w * e * (y - off)).sum(-1) / swee
     return off
 
 
-def _grouped_offset(sig: SignalModel, slope: Array, pts: Array, nb: int, e: Array) -> Array:
-    """:func:`_resolution_offset`'s offset for a grouped signal model (quadratic in the slope per group)."""
+def _group_kernels(sig: SignalModel) -> NDArray[np.complex128]:
+    """The resolution FFT of each group ``(g, nfft // 2 + 1)`` (one shared row broadcast to all groups)."""
+    assert sig.group_signal is not None
+    n_groups = len(sig.group_signal)
+    if len(sig.kernel_fft) == n_groups:
+        return sig.kernel_fft
+    return np.broadcast_to(sig.kernel_fft, (n_groups,) + sig.kernel_fft.shape[1:])
+
+
+def _offset_nodes(sig: SignalModel, slope: Array, pts: Array, nb: int, e: Array) -> tuple[Array, Array]:
+    """Each group's offset ``(g, 3, nb)`` at three slopes around its median slope, and its centre slope ``(g,)``."""
     assert sig.group is not None and sig.group_signal is not None
     group = sig.group
     n_groups = len(sig.group_signal)
-    kf = sig.kernel_fft if len(sig.kernel_fft) == n_groups else np.broadcast_to(sig.kernel_fft, (n_groups,) +
-                                                                               sig.kernel_fft.shape[1:])
+    kf = _group_kernels(sig)
     # median slope of each group
     order = np.lexsort((slope, group))
     g_sorted = group[order]
@@ -1492,20 +1511,31 @@ def _grouped_offset(sig: SignalModel, slope: Array, pts: Array, nb: int, e: Arra
     med = 0.5 * (slope[order][starts + (counts - 1) // 2] + slope[order][starts + counts // 2])
     centre[g_sorted[starts]] = med
     centre = np.where(centre > 0, centre, np.maximum(np.median(slope), 1e-30))
-    nodes = centre[:, None] * (1.0 + _SLOPE_NODE * np.array([-1.0, 0.0, 1.0]))[None, :]  # (g, 3)
+    at = centre[:, None] * (1.0 + _SLOPE_NODE * np.array([-1.0, 0.0, 1.0]))[None, :]  # (g, 3)
     rows = np.repeat(np.arange(n_groups), 3)
-    f = _offset_rows(sig, sig.group_signal[rows], kf[rows], nodes.reshape(-1), pts, nb, e).reshape(n_groups, 3, nb)
+    f = _offset_rows(sig, sig.group_signal[rows], kf[rows], at.reshape(-1), pts, nb, e).reshape(n_groups, 3, nb)
+    return f, centre
+
+
+def _grouped_offset(
+    sig: SignalModel, nodes: tuple[Array, Array], slope: Array, pts: Array, nb: int, e: Array
+) -> Array:
+    """:func:`_resolution_offset`'s offset for a grouped signal model: quadratic in the slope between the
+    group's ``nodes`` (:func:`_offset_nodes`); exact for spectra whose slope lies outside them."""
+    assert sig.group is not None and sig.group_signal is not None
+    group = sig.group
+    f, centre = nodes
     t = (slope / centre[group] - 1.0) / _SLOPE_NODE
     fg = f[group]  # (k, 3, nb)
     off = (0.5 * t * (t - 1.0))[:, None] * fg[:, 0] + (1.0 - t * t)[:, None] * fg[:, 1] + (
         0.5 * t * (t + 1.0)
     )[:, None] * fg[:, 2]
-    valid = np.all(fg != 0.0, axis=1)
+    valid = np.all(f != 0.0, axis=1)[group]  # per group, then per spectrum
     off = np.where(valid, off, 0.0)
     out = np.flatnonzero(~(np.abs(t) <= 1.0) | ~np.all(valid, axis=1))
     if out.size:
         g = group[out]
-        off[out] = _offset_rows(sig, sig.group_signal[g], kf[g], slope[out], pts, nb, e)
+        off[out] = _offset_rows(sig, sig.group_signal[g], _group_kernels(sig)[g], slope[out], pts, nb, e)
     return off
 
 
