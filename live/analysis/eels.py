@@ -73,12 +73,15 @@ def _log_parabola(ym: Array, y0: Array, yp: Array) -> Array:
     return np.where(den < 0, np.clip(0.5 * (lm - lp) / safe, -0.5, 0.5), 0.0)
 
 
-def zlp_centre(energy_meV: ArrayLike, spectra: ArrayLike, *, half_width_meV: float = 25.0) -> Array:
+def zlp_centre(
+    energy_meV: ArrayLike, spectra: ArrayLike, *, half_width_meV: float = 25.0, workers: int | None = None
+) -> Array:
     """Position (meV) of the zero-loss peak of each spectrum, to a small fraction of a channel.
 
     The spectrum is correlated with its own mirror image over ``+-half_width_meV`` around the maximum
     (the correlation of a symmetric peak with its mirror image peaks at twice its centre); the peak of
-    the correlation is located with a log-parabola through three samples.
+    the correlation is located with a log-parabola through three samples.  Blocks of spectra run on
+    ``workers`` threads (default: one per CPU).
 
     Returns
     -------
@@ -89,19 +92,23 @@ def zlp_centre(energy_meV: ArrayLike, spectra: ArrayLike, *, half_width_meV: flo
     batch, n = s.shape[:-1], s.shape[-1]
     off, disp = _axis(energy_meV, n, batch)
     flat = s.reshape(-1, n)
-    imax = np.argmax(flat, axis=1)
     hw = max(3, int(round(half_width_meV / disp)))
-    idx = np.clip(imax[:, None] + np.arange(-hw, hw + 1)[None, :], 0, n - 1)
-    win = np.take_along_axis(flat, idx, axis=1).astype(float)
-    m = 2 * win.shape[1]
+    m = 2 * (2 * hw + 1)
     nfft = scipy.fft.next_fast_len(2 * m)
-    fw = scipy.fft.rfft(win, nfft, axis=1)
-    xc = scipy.fft.irfft(fw * fw, nfft, axis=1)  # correlation with the mirror image = self-convolution
-    j = np.argmax(xc[:, :m], axis=1)
-    j = np.clip(j, 1, m - 2)
-    ym, y0, yp = (np.take_along_axis(xc, (j + d)[:, None], axis=1)[:, 0] for d in (-1, 0, 1))
-    twice = j + _log_parabola(ym, y0, yp)  # = 2 * centre within the window
-    centre_ch = imax - hw + 0.5 * twice
+    centre_ch = np.empty(flat.shape[0])
+
+    def centres(rows: slice) -> None:
+        imax = np.argmax(flat[rows], axis=1)
+        idx = np.clip(imax[:, None] + np.arange(-hw, hw + 1)[None, :], 0, n - 1)
+        win = np.take_along_axis(flat[rows], idx, axis=1).astype(float)
+        fw = scipy.fft.rfft(win, nfft, axis=1)
+        xc = scipy.fft.irfft(fw * fw, nfft, axis=1)  # correlation with the mirror image = self-convolution
+        j = np.clip(np.argmax(xc[:, :m], axis=1), 1, m - 2)
+        ym, y0, yp = (np.take_along_axis(xc, (j + d)[:, None], axis=1)[:, 0] for d in (-1, 0, 1))
+        twice = j + _log_parabola(ym, y0, yp)  # = 2 * centre within the window
+        centre_ch[rows] = imax - hw + 0.5 * twice
+
+    thread_map(centres, [slice(i, i + _ROWS) for i in range(0, flat.shape[0], _ROWS)], workers)
     return (off.reshape(-1) + disp * centre_ch).reshape(batch)
 
 
@@ -985,7 +992,7 @@ def fit_zlp_pearson7(
     k = flat.shape[0]
     rn2 = float(read_noise_counts) ** 2
     if initial is None:
-        centre = off + disp * zlp_centre(np.arange(n, dtype=float), flat)
+        centre = off + disp * zlp_centre(np.arange(n, dtype=float), flat, workers=workers)
         p0 = _initial_from_mean(flat, off, disp, centre, windows_meV, rn2)
     else:
         p0 = np.broadcast_to(np.asarray(initial, float), (k, 4)).copy()
