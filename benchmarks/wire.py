@@ -162,7 +162,7 @@ class BareRecorder:
         self.n = 0
 
     def __call__(self, buffer: Any) -> None:
-        self.frames.resize(self.n + 1, axis=0)
+        self.frames.id.set_extent((self.n + 1, *FRAME_SHAPE))
         self.frames.id.write_direct_chunk((self.n, 0, 0), buffer)
         self.n += 1
 

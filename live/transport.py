@@ -567,6 +567,7 @@ class FrameReceiver:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(bind)
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._rcvtimeo = -1  # the RCVTIMEO set on the socket (ms)
 
     # ---- public API
     def recv(self, timeout_s: float | None = None) -> Message | None:
@@ -581,14 +582,20 @@ class FrameReceiver:
             now = time.monotonic()
             if now >= self._next_housekeeping:
                 self._housekeeping(now)
+            left = None if deadline is None else deadline - now
+            # one blocking receive (GIL released) bounded by the next housekeeping, instead of a non-blocking
+            # attempt, an exception and a poll for every message that is not there yet
+            wait_ms = int(1000 * min(self._next_housekeeping - now, ACK_INTERVAL_S if left is None else left)) + 1
+            if left is not None and left <= 0:
+                wait_ms = 0
+            if wait_ms != self._rcvtimeo:
+                self._sock.setsockopt(zmq.RCVTIMEO, wait_ms)
+                self._rcvtimeo = wait_ms
             try:
-                parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                parts = self._sock.recv_multipart(copy=False)
             except zmq.Again:
-                left = None if deadline is None else deadline - now
-                if left is not None and left <= 0:
+                if deadline is not None and time.monotonic() >= deadline:
                     return None
-                wait = ACK_INTERVAL_S if left is None else min(left, ACK_INTERVAL_S)
-                self._sock.poll(int(wait * 1000) + 1, zmq.POLLIN)
                 continue
             msg = self._accept(parts)
             if msg is not None:
