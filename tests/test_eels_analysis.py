@@ -90,6 +90,21 @@ def test_zlp_fit_recovers_pure_zlp_with_honest_errors() -> None:
     assert 0.6 < np.sqrt(np.mean(pull_c**2)) < 1.5
 
 
+def test_chain_does_not_depend_on_the_number_of_threads() -> None:
+    """Blocks of spectra run on parallel threads: 1 or 3 workers give bit-identical shifts, fits and temperatures."""
+    sim = VibrationalEELSSimulator("aln_sic", seed=11, noise="compact")
+    spectra, _ = sim.spectra(x_nm=np.linspace(-20.0, 20.0, 2100), t_s=np.arange(2100) * 1.2)  # 3 x 1024-row blocks
+    ref = spectra[:100].sum(0)
+    runs = []
+    for workers in (1, 3):
+        shifts = eels.xcorr_shifts(spectra, ref, dispersion_meV=DISP, workers=workers)
+        zlp = eels.fit_zlp_pearson7(E_AXIS, spectra, workers=workers)
+        res = eels.temperature(E_AXIS, spectra, zlp=zlp, workers=workers)
+        runs.append((shifts, zlp.params, zlp.cov, res.T_K, res.T_err_K))
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------------------------------------- thermometry
 @functools.cache
 def _thermometry(T: float, deconvolve: bool = False, m: float | None = None) -> types.SimpleNamespace:
