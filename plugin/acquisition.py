@@ -6,11 +6,12 @@ headless test harness and in ``stemlive demo``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,6 +243,29 @@ class Procedure:
     @property
     def session_id(self) -> str:
         return str(self.stream.session_id)
+
+    @contextlib.contextmanager
+    def outcome(self, what: str, finish: Callable[[str, str], None]) -> Iterator[None]:
+        """The ending every run shares: wrap the acquisition loop in ``with self.outcome(...):``.
+
+        Leaving the block normally sets :attr:`status` to ``"complete"``; :class:`AcquisitionAborted` ends it
+        as ``"aborted"`` (not re-raised); any other exception as ``"failed"`` (logged as ``what`` failed, and
+        re-raised). ``finish(status, message)`` runs in every case: end the session, put the instrument back,
+        the last progress report.
+        """
+        status, message = "failed", ""
+        try:
+            yield
+            status = "complete"
+        except AcquisitionAborted:
+            status, message = "aborted", "aborted by the user"
+        except Exception as e:
+            status, message = "failed", f"{type(e).__name__}: {e}"
+            log.exception("%s failed", what)
+            raise
+        finally:
+            self.status = status
+            finish(status, message)
 
     def scan_parameters(self, size_px: int, dwell_us: float, fov_nm: float) -> Any:
         """The scan's current frame parameters with a full (no subscan) square frame of the given settings."""

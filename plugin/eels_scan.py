@@ -19,7 +19,6 @@ import numpy as np
 from stemlive.live.analysis.drift import register_translation
 
 from .acquisition import (
-    AcquisitionAborted,
     PlanCheck,
     Procedure,
     Progress,
@@ -230,10 +229,15 @@ class EELSScanProcedure(Procedure):
         fractions = plan.positions_fractional(plan.survey_fov_nm)
         n, m = len(fractions), plan.frames_per_point
         clock = ProgressClock(check.duration_s)
-        status, message = "failed", ""
         region = self._region_slices()
         reference: np.ndarray | None = None
-        try:
+
+        def finish(status: str, message: str) -> None:
+            if self.stream.started:
+                self.stream.end(status, message)
+            self.report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, 0.0, message))
+
+        with self.outcome("EELS scan", finish):
             survey, t_survey = self._survey()
             scan_context = self.stem_controller.scan_context
             positions_nm = fraction_to_nm(fractions, scan_context)
@@ -273,19 +277,7 @@ class EELSScanProcedure(Procedure):
                 after, t_after = self._survey()
                 self.stream.survey(after, which="after", t=t_after,
                                    pixel_size_nm=plan.survey_fov_nm / after.shape[1])
-            status = "complete"
-        except AcquisitionAborted:
-            status, message = "aborted", "aborted by the user"
-        except Exception as e:
-            status, message = "failed", f"{type(e).__name__}: {e}"
-            log.exception("EELS scan failed")
-            raise
-        finally:
-            self.status = status
-            if self.stream.started:
-                self.stream.end(status, message)
-            self.report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, 0.0, message))
-        return status
+        return self.status
 
     def _region_slices(self) -> tuple[slice, slice]:
         y0, x0, h, w = self.plan.tracking_region

@@ -21,7 +21,6 @@ import numpy as np
 from stemlive.live.analysis.drift import register_translation
 
 from .acquisition import (
-    AcquisitionAborted,
     PlanCheck,
     PlanError,
     Procedure,
@@ -223,8 +222,14 @@ class TiltSeriesProcedure(Procedure):
         n, m = len(tilts), self.plan.frames_per_tilt
         frame_parameters = self.scan_parameters(self.plan.size_px, self.plan.dwell_us, self.plan.fov_nm)
         previous_sum: np.ndarray | None = None
-        status, message = "failed", ""
-        try:
+
+        def finish(status: str, message: str) -> None:
+            if status != "complete":
+                self._return_stage(start_tilt)
+            self.stream.end(status, message)
+            self.report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, dose, message))
+
+        with self.outcome("tilt series", finish):
             for step, (tilt_index, alpha, beta) in enumerate(tilts, start=1):
                 clock.paused_s += self.control.checkpoint()
                 self.report(Progress("moving stage", step, n, 0, m, clock.elapsed(),
@@ -247,20 +252,7 @@ class TiltSeriesProcedure(Procedure):
                     self.report(Progress("acquiring", step, n, frame_index + 1, m, clock.elapsed(),
                                           clock.remaining(fraction), dose))
                 previous_sum = tilt_sum
-            status = "complete"
-        except AcquisitionAborted:
-            status, message = "aborted", "aborted by the user"
-        except Exception as e:
-            status, message = "failed", f"{type(e).__name__}: {e}"
-            log.exception("tilt series failed")
-            raise
-        finally:
-            self.status = status
-            if status != "complete":
-                self._return_stage(start_tilt)
-            self.stream.end(status, message)
-            self.report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, dose, message))
-        return status
+        return self.status
 
     def _return_stage(self, tilt_deg: tuple[float, float]) -> None:
         try:

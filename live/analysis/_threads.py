@@ -30,3 +30,8 @@ def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = N
         return [fn(item) for item in todo]
     with ThreadPoolExecutor(min(n, len(todo))) as pool:
         return list(pool.map(fn, todo))
+
+
+def row_blocks(n: int, size: int) -> list[slice]:
+    """Consecutive slices of ``size`` rows covering ``range(n)`` (the work items of a blocked :func:`thread_map`)."""
+    return [slice(i, i + size) for i in range(0, n, size)]

@@ -17,7 +17,7 @@ import scipy.signal
 import scipy.sparse
 from numpy.typing import ArrayLike, NDArray
 
-from ._threads import thread_map
+from ._threads import row_blocks, thread_map
 
 __all__ = [
     "KB_MEV_PER_K",
@@ -108,7 +108,7 @@ def zlp_centre(
         twice = j + _log_parabola(ym, y0, yp)  # = 2 * centre within the window
         centre_ch[rows] = imax - hw + 0.5 * twice
 
-    thread_map(centres, [slice(i, i + _ROWS) for i in range(0, flat.shape[0], _ROWS)], workers)
+    thread_map(centres, row_blocks(flat.shape[0], _ROWS), workers)
     return (off.reshape(-1) + disp * centre_ch).reshape(batch)
 
 
@@ -199,7 +199,7 @@ def xcorr_shifts(
         total[rows] = _xcorr_lags(win, taper, fr, nfft, 1 + max(0, int(refine)), workers=1)
 
     # blocks (temporaries stay in cache, no page faults) on parallel threads
-    thread_map(lags, [slice(i, i + _ROWS) for i in range(0, flat.shape[0], _ROWS)], workers)
+    thread_map(lags, row_blocks(flat.shape[0], _ROWS), workers)
     return (total * dispersion_meV).reshape(batch)
 
 
@@ -672,7 +672,7 @@ def _signal_model(
             obs[rows, done : done + count] = data
             done += count
 
-    thread_map(observe, [slice(i, i + _ROWS) for i in range(0, k, _ROWS)], workers)
+    thread_map(observe, row_blocks(k, _ROWS), workers)
     amp = np.maximum(p[:, 0], 1e-30)
     if np.ndim(groups) == 0 and groups is not None and 1 < int(groups) < k:  # type: ignore[arg-type]
         group, n_groups = _similar_groups(obs[:, ax[cols] > 0] / amp[:, None], int(groups))  # type: ignore[arg-type]
@@ -844,6 +844,18 @@ def _lm(
     lam = np.full(k, lam0)
     it = 0
     eye = np.eye(4)
+
+    def retire(finished: NDArray[np.bool_]) -> NDArray[np.bool_]:
+        """Store the finished spectra's results; compact the active state to the others (returned mask)."""
+        nonlocal act, xa, ya, wa, w32a, pa, ja, ra, chi2a, lam
+        fin = act[finished]
+        p[fin], chi2[fin], jac[fin], r[fin] = pa[finished], chi2a[finished], ja[finished], ra[finished]
+        keep = ~finished
+        act = act[keep]
+        xa, ya, wa, w32a = xa[keep], ya[keep], wa[keep], w32a[keep]
+        pa, ja, ra, chi2a, lam = pa[keep], ja[keep], ra[keep], chi2a[keep], lam[keep]
+        return keep
+
     for n_it in range(1, max_iter + 1):
         it = n_it
         jw = ja * w32a[:, None, :]
@@ -856,14 +868,9 @@ def _lm(
         # ``dp . g`` below tol / 2: the model need not be evaluated there again
         flat_ = (lam < 1e-2) & (np.einsum("ki,ki->k", dp, g[..., 0]) < 0.5 * tol * chi2a)
         if flat_.any():
-            fin = act[flat_]
-            p[fin], chi2[fin], jac[fin], r[fin] = pa[flat_], chi2a[flat_], ja[flat_], ra[flat_]
-            keep = ~flat_
-            act = act[keep]
+            dp = dp[retire(flat_)]
             if act.size == 0:
                 break
-            xa, ya, wa, w32a = xa[keep], ya[keep], wa[keep], w32a[keep]
-            pa, ja, ra, chi2a, lam, dp = pa[keep], ja[keep], ra[keep], chi2a[keep], lam[keep], dp[keep]
         pt = pa + dp
         np.maximum(pt[:, 0], 1e-3 * pa[:, 0], out=pt[:, 0])
         np.minimum(np.maximum(pt[:, 2], 0.2 * pa[:, 2]), 5.0 * pa[:, 2], out=pt[:, 2])
@@ -892,14 +899,9 @@ def _lm(
         # converged: a step (accepted or not) changes chi2 by less than tol (rounding of the float32 model)
         done = (rel < tol) | (lam > 1e8)
         if done.any():
-            fin = act[done]
-            p[fin], chi2[fin], jac[fin], r[fin] = pa[done], chi2a[done], ja[done], ra[done]
-            keep = ~done
-            act = act[keep]
+            retire(done)
             if act.size == 0:
                 break
-            xa, ya, wa, w32a = xa[keep], ya[keep], wa[keep], w32a[keep]
-            pa, ja, ra, chi2a, lam = pa[keep], ja[keep], ra[keep], chi2a[keep], lam[keep]
     if act.size:
         p[act], chi2[act], jac[act], r[act] = pa, chi2a, ja, ra
     h_cov = _normal_j(jac.astype(float), wt)[0] if cov else None  # the covariance from a float64 normal matrix
@@ -1052,8 +1054,10 @@ def fit_zlp_pearson7(
         if n_fit > 1:
             # refit weighted by the fit's own model (no bias towards low counts), where the weights moved
             wt_fit = 1.0 / (np.maximum(fb, 1e-3) + vb)
-            moved = np.max(np.abs(wt_fit / wt - 1.0), axis=1) > reweight_tol
-            redo = np.flatnonzero(moved) if start_amp else np.arange(len(pb))
+            if start_amp:
+                redo = np.flatnonzero(np.max(np.abs(wt_fit / wt - 1.0), axis=1) > reweight_tol)
+            else:
+                redo = np.arange(len(pb))
             if redo.size:
                 pr, _, chi2b[redo], its[1], fr, jr = _lm(
                     xb[redo], yb[redo], wt_fit[redo], pb[redo], max_iter=max_iter, tol=tol, lam0=1e-5,
@@ -1090,11 +1094,10 @@ def fit_zlp_pearson7(
             sub = np.unique(np.linspace(0, k - 1, _START_ROWS).round().astype(np.intp))
             p_at[:, 2:] = _shared_shape(*block(sub, p_at, gb, full), p_at[sub], max_iter=max_iter, tol=tol)
             start_amp = good_start = True
-        blocks = [slice(i, min(k, i + _LM_ROWS)) for i in range(0, k, _LM_ROWS)]
         fit = functools.partial(
             fit_rows, p_at=p_at, gb=gb, full=full, start_amp=start_amp, n_fit=n_fit, good_start=good_start
         )
-        its = np.max(thread_map(fit, blocks, workers), axis=0)
+        its = np.max(thread_map(fit, row_blocks(k, _LM_ROWS), workers), axis=0)
         n_it += int(its.sum())
         good_start = True
     dof = max(1, idx.shape[1] - 4)
@@ -1359,7 +1362,7 @@ def log_ratio_bins(
         return _log_ratio_rows(flat[sl], off[sl], p[sl], disp, window_min_meV, nb, b, rn2)
 
     # blocks of spectra (temporaries stay in cache) on parallel threads
-    parts = thread_map(rows, [slice(i, i + _ROWS) for i in range(0, max(len(p), 1), _ROWS)], workers)
+    parts = thread_map(rows, row_blocks(max(len(p), 1), _ROWS), workers)  # one block at least (its keys)
     shp = batch + (nb,)
     out: dict[str, Array] = {"e": np.asarray(e_bins, float), "e_points": np.asarray(e_pts.reshape(nb, b), float)}
     for key in parts[0]:
