@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
+from .exitcodes import CLIError, ExitCode
 
 log = logging.getLogger("stemlive")
 
@@ -142,10 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        return 130
+        return ExitCode.INTERRUPTED
+    except CLIError as e:
+        print(f"stemlive {args.command}: {e}", file=sys.stderr)
+        return e.code
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"stemlive {args.command}: {e}", file=sys.stderr)
-        return 2
+        return ExitCode.USAGE
 
 
 if __name__ == "__main__":
