@@ -1,9 +1,9 @@
 """Session files: one HDF5 file per acquisition session (format ``stemlive-session`` v1).
 
 :class:`SessionWriter` records the wire messages of one session (frames, spectra, surveys) and the pipeline's
-results; :class:`SessionReader` reads a file back, trimmed to its complete rows, and reconstructs the wire
-sequence for replay; :func:`describe` is the text of ``stemlive info``. The format is specified in
-``docs/session-format.md``.
+results. The reading side is in :mod:`.session_reader` (:class:`SessionReader`: a file trimmed to its complete
+rows, and the wire sequence for replay) and :mod:`.session_info` (:func:`describe`, the text of ``stemlive info``);
+both are re-exported here. The format is specified in ``docs/session-format.md``.
 
 Crash safety
 ------------
@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -35,48 +33,32 @@ import h5py
 import numpy as np
 
 from .protocol import json_default
+from .session_format import (
+    COMMITTED,
+    FINAL_STATUSES,
+    FORMAT,
+    FORMAT_VERSION,
+    FRAME_ATTRS,
+    FRAME_COLUMNS,
+    KINDS,
+    SPECTRUM_ATTRS,
+    SPECTRUM_COLUMNS,
+    STATUSES,
+    SURVEYS,
+    SessionFormatError,
+)
+from .session_format import header_fields as _header_fields
+from .session_format import iso as _iso
+
+# The reading side lives in its own modules (session_reader, session_info); its names stay importable from here.
+from .session_info import describe
+from .session_reader import Rows, SessionReader, check_format, validate
 
 log = logging.getLogger(__name__)
 
-FORMAT = "stemlive-session"
-FORMAT_VERSION = 1
-KINDS = frozenset({"tilt_series", "eels_line_scan", "eels_map"})
-FINAL_STATUSES = frozenset({"complete", "aborted", "failed"})
-STATUSES = FINAL_STATUSES | {"recording"}
-SURVEYS = ("before", "after")
-
-#: Per-frame columns of ``/tilt_series`` in write order (``t`` last: a row with a finite ``t`` was written whole).
-FRAME_COLUMNS: dict[str, str] = {
-    "tilt_index": "<i4",
-    "frame_index": "<i4",
-    "alpha_deg": "<f8",
-    "beta_deg": "<f8",
-    "seq": "<i8",
-    "t": "<f8",
-}
-#: Per-spectrum columns of ``/eels`` in write order (``t`` last).
-SPECTRUM_COLUMNS: dict[str, str] = {
-    "point_index": "<i4",
-    "frame_index": "<i4",
-    "x_nm": "<f8",
-    "y_nm": "<f8",
-    "energy_offset_meV": "<f8",
-    "seq": "<i8",
-    "t": "<f8",
-}
-#: ``/eels`` attributes taken from the first spectrum message.
-SPECTRUM_ATTRS = ("dispersion_meV", "exposure_ms")
-#: ``/tilt_series`` attributes taken from the first frame message.
-FRAME_ATTRS = ("pixel_size_nm", "dwell_us")
-
-COMMITTED = "committed_rows"
 _TEXT_ATTR_LIMIT = 32 * 1024  # longer JSON texts go to a root dataset (HDF5 compact attributes max out at 64 KiB)
 _TARGET_CHUNK_BYTES = 1 << 20
 _SPECTRUM_BLOCK_BYTES = 4 << 20
-
-
-class SessionFormatError(ValueError):
-    """The file is not a stemlive session file, or one of a format version this reader does not support."""
 
 
 class MessageLike(Protocol):
@@ -112,11 +94,6 @@ class ResultLike(Protocol):
 # small helpers
 
 
-def _iso(t: float) -> str:
-    """ISO 8601 (UTC, with offset) of a Unix time."""
-    return datetime.fromtimestamp(t, UTC).isoformat()
-
-
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, default=json_default, allow_nan=True)
 
@@ -133,17 +110,6 @@ def _put_text(f: h5py.File, name: str, text: str) -> None:
     else:
         f.create_dataset(name, data=text, dtype=h5py.string_dtype())
 
-
-def _get_text(f: h5py.File, name: str) -> str | None:
-    if name in f.attrs:
-        return _as_str(f.attrs[name])
-    if name in f and isinstance(f[name], h5py.Dataset):
-        return _as_str(f[name][()])
-    return None
-
-
-def _as_str(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _attr_value(value: Any) -> Any:
@@ -226,10 +192,6 @@ class _Columns:
         if self.n_committed != self.n_written:
             self.group.attrs[COMMITTED] = self.n_written
             self.n_committed = self.n_written
-
-
-def _header_fields(header: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
-    return {name: header[name] for name in names if name in header and header[name] is not None}
 
 
 class _FrameStore:
@@ -636,533 +598,8 @@ def _result_row(group: h5py.Group, name: str, value: np.ndarray, index: int) -> 
     ds[index] = value
     return ds
 
-
-# ------------------------------------------------------------------------------------------------------------
-# reader
-
-
-def check_format(f: h5py.File) -> int:
-    """Check that an open HDF5 file is a stemlive session file this code can read; return its format version.
-
-    Raises
-    ------
-    SessionFormatError
-        ``"not a stemlive session file"`` or ``"format_version N is newer than this reader supports"``.
-    """
-    fmt = f.attrs.get("format")
-    if fmt is None or _as_str(fmt) != FORMAT:
-        raise SessionFormatError(f"{f.filename}: not a stemlive session file (no format={FORMAT!r} attribute)")
-    try:
-        version = int(f.attrs["format_version"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise SessionFormatError(f"{f.filename}: stemlive session file without a valid format_version") from e
-    if version > FORMAT_VERSION:
-        raise SessionFormatError(
-            f"{f.filename}: format_version {version} is newer than this reader supports ({FORMAT_VERSION}); "
-            "update stemlive"
-        )
-    if version < 1:
-        raise SessionFormatError(f"{f.filename}: invalid format_version {version}")
-    return version
-
-
-def validate(path: str | Path) -> int:
-    """Open ``path`` and :func:`check_format` it; returns the format version.
-
-    Raises
-    ------
-    SessionFormatError
-        For HDF5 files that are not stemlive session files (or too new), and for files that are not HDF5.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if not h5py.is_hdf5(path):
-        raise SessionFormatError(f"{path}: not a stemlive session file (not an HDF5 file)")
-    with h5py.File(path, "r") as f:
-        return check_format(f)
-
-
-class Rows:
-    """Read-only view of the first ``n`` rows of a dataset: the complete rows of a frames/spectra dataset.
-
-    Supports ``len``, ``shape``, ``dtype``, ``np.asarray(view)`` and indexing along the first axis with an
-    integer, a slice or a sequence of integers (further axes as h5py allows). Reads happen on indexing.
-    """
-
-    def __init__(self, dataset: h5py.Dataset | np.ndarray, n: int) -> None:
-        self.dataset = dataset
-        self.n = n
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (self.n, *self.dataset.shape[1:])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.dataset.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        data = self.dataset[: self.n]
-        return data if dtype is None else data.astype(dtype)
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        for i in range(self.n):
-            yield self.dataset[i]
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        first, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
-        if isinstance(first, int | np.integer):
-            i = int(first) + self.n if first < 0 else int(first)
-            if not 0 <= i < self.n:
-                raise IndexError(f"row {first} out of range for {self.n} rows")
-            return self.dataset[(i, *rest)]
-        if isinstance(first, slice):
-            start, stop, step = first.indices(self.n)
-            if step > 0:
-                return self.dataset[(slice(start, max(start, stop), step), *rest)]
-            return self[(np.arange(start, stop, step), *rest)]
-        index = np.asarray(first)
-        if index.dtype == bool:
-            index = np.flatnonzero(index)
-        index = np.where(index < 0, index + self.n, index)
-        if index.size and (index.min() < 0 or index.max() >= self.n):
-            raise IndexError(f"row index out of range for {self.n} rows")
-        unique, inverse = np.unique(index, return_inverse=True)
-        return self.dataset[(unique, *rest)][inverse]
-
-    def __repr__(self) -> str:
-        return f"<Rows {self.shape} {self.dtype} of {getattr(self.dataset, 'name', 'nothing')}>"
-
-
-class SessionReader:
-    """Read a session file, trimmed to its complete rows. Use as a context manager (or call :meth:`close`).
-
-    Opens the file with plain ``h5py.File(path, "r")``. A file whose ``status`` is still ``"recording"``
-    (its writer was killed, or is still running) is read up to its last committed row. To look at a file
-    that a live writer in another process holds open, pass ``locking=False`` (HDF5 file locking otherwise
-    refuses the second open); such a view is a snapshot of the last commit before opening.
-
-    Parameters
-    ----------
-    path
-        The session file.
-    locking
-        Passed to :class:`h5py.File` when given.
-
-    Raises
-    ------
-    SessionFormatError
-        If the file is not a stemlive session file or is of a newer format version.
-    """
-
-    def __init__(self, path: str | Path, *, locking: bool | None = None) -> None:
-        self.path = Path(path)
-        self._f = h5py.File(self.path, "r") if locking is None else h5py.File(self.path, "r", locking=locking)
-        try:
-            self.format_version = check_format(self._f)
-        except BaseException:
-            self._f.close()
-            raise
-        attrs = self._f.attrs
-        self.kind = _as_str(attrs.get("kind", ""))
-        self.status = _as_str(attrs.get("status", "recording"))
-        self.session_id = _as_str(attrs.get("session_id", ""))
-        self.created = _as_str(attrs.get("created", ""))
-        self.settings: dict[str, Any] = json.loads(_get_text(self._f, "settings") or "{}")
-        self.start_header: dict[str, Any] = json.loads(_get_text(self._f, "session_start") or "{}")
-        self.n_frames = self._complete_rows("tilt_series", "frames")
-        self.n_spectra = self._complete_rows("eels", "spectra")
-
-    # --- basics ---
-    @property
-    def closed(self) -> bool:
-        """Whether the writer closed the file (``status`` is not ``"recording"``)."""
-        return self.status != "recording"
-
-    @property
-    def file(self) -> h5py.File:
-        """The open h5py file."""
-        return self._f
-
-    @property
-    def closed_at(self) -> str | None:
-        """ISO 8601 time the writer closed the file."""
-        return _as_str(self._f.attrs["closed"]) if "closed" in self._f.attrs else None
-
-    @property
-    def message(self) -> str:
-        return _as_str(self._f.attrs.get("message", ""))
-
-    @property
-    def gaps(self) -> list[list[int]]:
-        """``seq`` ranges ``[first, last]`` that were missing on the wire."""
-        return json.loads(_as_str(self._f.attrs.get("gaps", "[]")))
-
-    def close(self) -> None:
-        self._f.close()
-
-    def __enter__(self) -> SessionReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    # --- rows ---
-    def _complete_rows(self, group_name: str, data_name: str) -> int:
-        if group_name not in self._f or data_name not in self._f[group_name]:
-            return 0
-        group = self._f[group_name]
-        columns = FRAME_COLUMNS if group_name == "tilt_series" else SPECTRUM_COLUMNS
-        lengths = [group[data_name].shape[0]] + [group[c].shape[0] for c in columns if c in group]
-        n = min(lengths)
-        if COMMITTED in group.attrs:
-            n = min(n, int(group.attrs[COMMITTED]))
-        elif not self.closed:
-            n = 0  # not written by a committing writer and not closed: nothing is known to be complete
-        if not self.closed and "t" in group and n:
-            incomplete = ~np.isfinite(group["t"][:n])
-            if incomplete.any():
-                n = int(np.argmax(incomplete))
-        return n
-
-    def frames(self) -> Rows:
-        """The complete frames, ``(n_frames, ny, nx)`` float32 (lazy: rows are read when indexed)."""
-        return self._rows("tilt_series", "frames", self.n_frames)
-
-    def spectra(self) -> Rows:
-        """The complete spectra, ``(n_spectra, n_channels)`` float32 (lazy)."""
-        return self._rows("eels", "spectra", self.n_spectra)
-
-    def _rows(self, group_name: str, data_name: str, n: int) -> Rows:
-        group = self._f.get(group_name)
-        if group is None or data_name not in group:  # nothing recorded (yet): an empty view
-            ndim = 3 if data_name == "frames" else 2
-            return Rows(np.empty((0,) * ndim, dtype="<f4"), 0)
-        return Rows(group[data_name], n)
-
-    def frame_table(self) -> dict[str, np.ndarray]:
-        """Per-frame columns (``tilt_index``, ``frame_index``, ``alpha_deg``, ``beta_deg``, ``seq``, ``t``)."""
-        return self._table("tilt_series", FRAME_COLUMNS, self.n_frames)
-
-    def spectrum_table(self) -> dict[str, np.ndarray]:
-        """Per-spectrum columns (``point_index``, ``frame_index``, ``x_nm``, ``y_nm``, ``energy_offset_meV``,
-        ``seq``, ``t``)."""
-        return self._table("eels", SPECTRUM_COLUMNS, self.n_spectra)
-
-    def _table(self, group_name: str, columns: Mapping[str, str], n: int) -> dict[str, np.ndarray]:
-        group = self._f.get(group_name)
-        return {
-            c: (group[c][:n] if group is not None and c in group else np.empty(0, dtype=dtype))
-            for c, dtype in columns.items()
-        }
-
-    def attrs(self, group_name: str) -> dict[str, Any]:
-        """Attributes of ``/tilt_series`` or ``/eels`` (calibrations), ``{}`` if the group is absent."""
-        group = self._f.get(group_name)
-        return {} if group is None else dict(group.attrs)
-
-    def survey(self, which: str) -> np.ndarray | None:
-        """The ``"before"`` or ``"after"`` survey image, or ``None`` if there is none (or it was not committed)."""
-        if which not in SURVEYS:
-            raise ValueError(f"survey must be one of {SURVEYS}, not {which!r}")
-        return None if which not in self._surveys() else self._f["survey"][which][()]
-
-    def _surveys(self) -> list[str]:
-        group = self._f.get("survey")
-        if group is None:
-            return []
-        if self.closed:
-            return [w for w in SURVEYS if w in group]
-        committed = json.loads(_as_str(group.attrs.get("committed", "[]")))
-        return [w for w in SURVEYS if w in group and w in committed]
-
-    # --- results ---
-    def result_names(self) -> dict[str, dict[str, tuple[int, ...]]]:
-        """``{stage: {name: shape}}`` of the stored results."""
-        group = self._f.get("results")
-        if group is None:
-            return {}
-        names: dict[str, dict[str, tuple[int, ...]]] = {}
-
-        def visit(path: str, obj: Any) -> None:
-            if isinstance(obj, h5py.Dataset) and "/" in path:
-                stage, name = path.split("/", 1)
-                names.setdefault(stage, {})[name] = obj.shape
-
-        group.visititems(visit)
-        return names
-
-    def results(self, stage: str) -> dict[str, np.ndarray]:
-        """All result datasets of ``stage`` (``/results/<stage>/*``) read into arrays; ``{}`` if none."""
-        group = self._f.get(f"results/{stage}")
-        if group is None:
-            return {}
-        out: dict[str, np.ndarray] = {}
-        group.visititems(
-            lambda name, obj: out.update({name: _read_dataset(obj)}) if isinstance(obj, h5py.Dataset) else None
-        )
-        return out
-
-    def result_attrs(self, stage: str, name: str) -> dict[str, Any]:
-        """Attributes of ``/results/<stage>/<name>`` (non-scalar values are JSON strings as stored)."""
-        return dict(self._f[f"results/{stage}/{name}"].attrs)
-
-    # --- time ---
-    @property
-    def time_span(self) -> tuple[float, float] | None:
-        """``(first, last)`` acquisition time ``t`` over the complete frames and spectra, or ``None``."""
-        ts = [self.frame_table()["t"], self.spectrum_table()["t"]]
-        t = np.concatenate(ts)
-        t = t[np.isfinite(t)]
-        return None if not t.size else (float(t.min()), float(t.max()))
-
-    # --- replay ---
-    @property
-    def n_messages(self) -> int:
-        """Number of messages :meth:`messages` yields."""
-        return len(self._events()) + 1 + (1 if self.closed else 0)
-
-    def _events(self) -> list[tuple[int, str, Any]]:
-        """Data messages as ``(seq, type, where)`` sorted by ``seq``."""
-        events: list[tuple[int, str, Any]] = []
-        frame_seq = self.frame_table()["seq"]
-        events += [(int(s), "frame", i) for i, s in enumerate(frame_seq)]
-        spectrum_seq = self.spectrum_table()["seq"]
-        if spectrum_seq.size:
-            bounds = np.flatnonzero(np.diff(spectrum_seq) != 0) + 1
-            starts = np.concatenate([[0], bounds])
-            stops = np.concatenate([bounds, [spectrum_seq.size]])
-            events += [(int(spectrum_seq[a]), "spectrum", (int(a), int(b))) for a, b in zip(starts, stops, strict=True)]
-        for which in self._surveys():
-            events.append((int(self._f["survey"][which].attrs.get("seq", -1)), "survey", which))
-        events.sort(key=lambda e: e[0])
-        return events
-
-    def messages(self) -> Iterator[Any]:
-        """The recorded wire sequence as :class:`~stemlive.live.protocol.Message` objects, ordered by ``seq``.
-
-        ``session_start`` (the stored header), then the frames, spectra and surveys, and ``session_end`` if the
-        file was closed (the stored one, or one made from the final status). Spectra are re-batched as they
-        arrived: consecutive rows with the same ``seq`` form one message; a run of one row is a single-spectrum
-        message (1-D payload, scalar fields), a longer run a batch (2-D payload, the per-spectrum fields
-        :data:`~stemlive.live.protocol.BATCH_FIELDS`, ``t`` included, as lists). A batch of one spectrum is
-        therefore replayed as a single spectrum. Payloads are float32 as stored. Heartbeats and results are
-        not recorded and so not replayed.
-        """
-        from .protocol import Message
-
-        proto = self.start_header.get("proto", "stemlive/1")
-        yield Message(dict(self.start_header), None)
-        last_seq = int(self.start_header.get("seq", 0))
-        last_t = float(self.start_header.get("t", 0.0))
-        spectra = _BlockReader(self._f["eels/spectra"]) if self.n_spectra else None
-        frames = self._frame_messages(proto)
-        for seq, kind, where in self._events():
-            if kind == "frame":
-                header, payload = frames(where)
-            elif kind == "spectrum":
-                assert spectra is not None
-                header, payload = self._spectrum_message(proto, where, spectra)
-            else:
-                header, payload = self._survey_message(where)
-            last_seq, last_t = max(last_seq, seq), _last_t(header, last_t)
-            payload.flags.writeable = False
-            yield Message(header, payload)
-        if self.closed:
-            yield Message(self._end_header(proto, last_seq, last_t), None)
-
-    def _frame_messages(self, proto: str) -> Any:
-        table = self.frame_table() if self.n_frames else {}
-        group = self._f.get("tilt_series")
-        calib = _header_fields(dict(group.attrs), FRAME_ATTRS) if group is not None else {}
-        calib = {k: _py(v) for k, v in calib.items()}
-
-        def message(i: int) -> tuple[dict[str, Any], np.ndarray]:
-            image = self._f["tilt_series/frames"][i]
-            header: dict[str, Any] = {"proto": proto, "type": "frame", "session": self.session_id}
-            header.update({c: _py(table[c][i]) for c in FRAME_COLUMNS})
-            header.update(calib)
-            header.update({"dtype": image.dtype.str, "shape": list(image.shape)})
-            return header, image
-
-        return message
-
-    def _spectrum_message(
-        self, proto: str, rows: tuple[int, int], spectra: _BlockReader
-    ) -> tuple[dict[str, Any], np.ndarray]:
-        a, b = rows
-        table = self._spectrum_table_cached()
-        calib = {k: _py(v) for k, v in _header_fields(self.attrs("eels"), SPECTRUM_ATTRS).items()}
-        header: dict[str, Any] = {"proto": proto, "type": "spectrum", "session": self.session_id}
-        payload = spectra.rows(a, b)
-        if b - a == 1:
-            header.update({c: _py(table[c][a]) for c in SPECTRUM_COLUMNS})
-            payload = payload[0]
-        else:
-            header.update({c: [_py(v) for v in table[c][a:b]] for c in SPECTRUM_COLUMNS})
-            header["seq"] = _py(table["seq"][a])
-        header.update(calib)
-        header.update({"dtype": payload.dtype.str, "shape": list(payload.shape)})
-        return header, payload
-
-    def _spectrum_table_cached(self) -> dict[str, np.ndarray]:
-        if getattr(self, "_spectrum_table", None) is None:
-            self._spectrum_table: dict[str, np.ndarray] | None = self.spectrum_table()
-        assert self._spectrum_table is not None
-        return self._spectrum_table
-
-    def _survey_message(self, which: str) -> tuple[dict[str, Any], np.ndarray]:
-        ds = self._f["survey"][which]
-        image = ds[()]
-        header = json.loads(_as_str(ds.attrs["header"])) if "header" in ds.attrs else {}
-        header.update({"dtype": image.dtype.str, "shape": list(image.shape)})
-        return header, image
-
-    def _end_header(self, proto: str, last_seq: int, last_t: float) -> dict[str, Any]:
-        stored = _get_text(self._f, "session_end")
-        if stored is not None:
-            return json.loads(stored)
-        return {
-            "proto": proto,
-            "type": "session_end",
-            "session": self.session_id,
-            "seq": last_seq + 1,
-            "t": last_t,
-            "status": self.status,
-            "messages": last_seq + 2,
-            "message": self.message,
-        }
-
-
-def _last_t(header: Mapping[str, Any], default: float) -> float:
-    t = header.get("t", default)
-    values = t if isinstance(t, list) else [t]
-    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return max([default, *finite])
-
-
-def _py(value: Any) -> Any:
-    """numpy scalar -> Python scalar (for JSON headers)."""
-    return value.item() if isinstance(value, np.generic) else value
-
-
-class _BlockReader:
-    """Reads rows of a 2-D dataset through a cache of consecutive blocks (replay reads rows in order)."""
-
-    def __init__(self, dataset: h5py.Dataset, block_rows: int = 4096) -> None:
-        self.dataset = dataset
-        self.block_rows = block_rows
-        self.start = 0
-        self.block = dataset[0:0]
-
-    def rows(self, a: int, b: int) -> np.ndarray:
-        if not (self.start <= a and b <= self.start + len(self.block)):
-            self.start = a
-            self.block = self.dataset[a : max(b, a + self.block_rows)]
-        return self.block[a - self.start : b - self.start].copy()
-
-
-def _read_dataset(ds: h5py.Dataset) -> np.ndarray:
-    if h5py.check_string_dtype(ds.dtype) is not None:
-        return np.asarray(ds.asstr()[()], dtype=object)
-    return np.asarray(ds[()])
-
-
-# ------------------------------------------------------------------------------------------------------------
-# describe
-
-
-def describe(path: str | Path) -> str:
-    """A human-readable summary of a session file: the output of ``stemlive info FILE``.
-
-    Raises
-    ------
-    SessionFormatError
-        If the file is not a stemlive session file (or of a newer format version).
-    """
-    path = Path(path)
-    validate(path)
-    with SessionReader(path) as r:
-        lines = [f"{path}", f"  kind:        {r.kind}", f"  status:      {r.status}"]
-        if not r.closed:
-            lines.append(f"  NOT CLOSED: writer stopped while recording; {_recovered(r)} recovered")
-        elif r.message:
-            lines.append(f"  message:     {r.message}")
-        if r.gaps:
-            lines.append(f"  seq gaps:    {r.gaps}")
-        lines += [f"  session id:  {r.session_id}", f"  created:     {r.created}"]
-        if r.closed_at:
-            lines.append(f"  closed:      {r.closed_at}")
-        lines += _describe_data(r)
-        lines += _describe_results(r)
-        lines.append(f"  file size:   {_size(os.path.getsize(path))}")
-    return "\n".join(lines)
-
-
-def _recovered(r: SessionReader) -> str:
-    parts = []
-    if r.kind == "tilt_series" or r.n_frames:
-        parts.append(f"{r.n_frames} complete frames")
-    if r.kind != "tilt_series" or r.n_spectra:
-        parts.append(f"{r.n_spectra} complete spectra")
-    return " and ".join(parts)
-
-
-def _describe_data(r: SessionReader) -> list[str]:
-    lines: list[str] = []
-    if "tilt_series" in r.file:
-        frames = r.frames()
-        a = r.attrs("tilt_series")
-        tilts = np.unique(r.frame_table()["tilt_index"]).size
-        lines.append(
-            f"  frames:      {frames.shape[0]} x {frames.shape[1]} x {frames.shape[2]} {frames.dtype} ({tilts} tilts)"
-        )
-        lines.append(f"    pixel size {_num(a.get('pixel_size_nm'))} nm, dwell {_num(a.get('dwell_us'))} us")
-    if "eels" in r.file:
-        spectra = r.spectra()
-        a = r.attrs("eels")
-        points = np.unique(r.spectrum_table()["point_index"]).size
-        lines.append(f"  spectra:     {spectra.shape[0]} x {spectra.shape[1]} {spectra.dtype} ({points} points)")
-        calib = f"    dispersion {_num(a.get('dispersion_meV'))} meV/channel, exposure {_num(a.get('exposure_ms'))} ms"
-        if "scan_shape" in a:
-            calib += f", scan shape {list(np.asarray(a['scan_shape']).tolist())}"
-        lines.append(calib)
-    surveys = [w for w in SURVEYS if r.survey(w) is not None]
-    if surveys:
-        lines.append("  surveys:     " + ", ".join(f"{w} {r.file['survey'][w].shape}" for w in surveys))
-    span = r.time_span
-    if span is not None:
-        lines.append(f"  time span:   {_iso(span[0])} .. {_iso(span[1])} ({span[1] - span[0]:.3f} s)")
-    return lines
-
-
-def _describe_results(r: SessionReader) -> list[str]:
-    names = r.result_names()
-    if not names:
-        return ["  results:     none"]
-    lines = ["  results:"]
-    for stage, entries in names.items():
-        for name, shape in entries.items():
-            lines.append(f"    {stage}/{name} {shape} {r.file['results'][stage][name].dtype}")
-    return lines
-
-
-def _num(value: Any) -> str:
-    return "?" if value is None else f"{float(value):g}"
-
-
-def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
-        size /= 1024
-    return f"{n} B"
+__all__ = [
+    "COMMITTED", "FINAL_STATUSES", "FORMAT", "FORMAT_VERSION", "FRAME_ATTRS", "FRAME_COLUMNS", "KINDS",
+    "SPECTRUM_ATTRS", "SPECTRUM_COLUMNS", "STATUSES", "SURVEYS", "MessageLike", "ResultLike", "Rows",
+    "SessionFormatError", "SessionReader", "SessionWriter", "check_format", "describe", "validate",
+]
