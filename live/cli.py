@@ -1,6 +1,8 @@
 """The ``stemlive`` command: ``serve``, ``replay``, ``info``, ``tomo``, ``demo``, ``swift``, ``view``.
 
 Each subcommand imports what it needs when it runs, so ``stemlive info`` starts quickly and needs no Qt.
+Failures end as one line ``stemlive COMMAND: MESSAGE`` on stderr and an exit code of :class:`ExitCode`
+(docs/cli.md); ``-q/--quiet`` (before or after the command) leaves only results and errors.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ import argparse
 import importlib
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
+from .console import QUIET_HELP, is_quiet
 from .exitcodes import CLIError, ExitCode
 
 log = logging.getLogger("stemlive")
@@ -61,7 +65,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .replay import parse_speed, replay_analyze, replay_to
 
     if (args.to is None) == (args.analyze is None):
-        raise SystemExit("stemlive replay: give exactly one of --to ENDPOINT or --analyze OUT.h5")
+        raise CLIError("give exactly one of --to ENDPOINT or --analyze OUT.h5", ExitCode.USAGE)
     if args.analyze is not None:
         from .pipeline import make_params
 
@@ -70,22 +74,31 @@ def cmd_replay(args: argparse.Namespace) -> int:
         print(f"analysed {args.file} -> {out}")
     else:
         if args.overrides or args.config:
-            raise SystemExit("stemlive replay --to: analysis parameters belong to the receiving service")
-        n = replay_to(args.file, args.to, speed=parse_speed(args.speed), timeout_s=args.timeout)
+            raise CLIError("--to: analysis parameters belong to the receiving service", ExitCode.USAGE)
+        from .transport import TransportError
+
+        speed = parse_speed(args.speed)
+        try:
+            n = replay_to(args.file, args.to, speed=speed, timeout_s=args.timeout)
+        except TransportError as e:
+            raise CLIError(f"{args.to}: {e}", ExitCode.FAILED) from None
         print(f"replayed {n} messages of {args.file} to {args.to}")
     return 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .session import describe
+    from .session_info import describe
+    from .session_reader import SessionReader
 
-    status = 0
+    status = ExitCode.OK
     for path in args.files:
         try:
             print(describe(path))
+            with SessionReader(path) as reader:
+                reader.require_data()  # a session without data is reported as such, and the exit code says so
         except (OSError, ValueError) as e:
-            print(f"{path}: {e}", file=sys.stderr)
-            status = 1
+            print(f"stemlive info: {e}", file=sys.stderr)
+            status = ExitCode.BAD_INPUT
         if len(args.files) > 1:
             print()
     return status
@@ -98,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"stemlive {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help=QUIET_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("serve", help="run the pipeline service: record, analyse and publish sessions")
@@ -124,12 +138,25 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMAND_MODULES:
         module = importlib.import_module(f"{__package__}.{name}")
         module.add_subcommand(sub)
+    _add_quiet(sub)
     return parser
+
+
+def _add_quiet(subparsers: argparse._SubParsersAction) -> None:
+    """Accept the global ``-q/--quiet`` after the command too (``stemlive replay -q F``), at every level."""
+    for parser in subparsers.choices.values():
+        try:
+            parser.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=QUIET_HELP)
+        except argparse.ArgumentError:  # the command has its own -q
+            pass
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_quiet(action)
 
 
 # Modules that add their own subcommand with ``add_subcommand(subparsers)``; each is cheap to import (heavy
 # imports such as Qt happen inside the handler).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer", "export")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -137,19 +164,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     # the service logs its sessions by default; interactive commands keep the console for their progress bars
-    base = logging.INFO if args.command == "serve" else logging.WARNING
+    base = logging.INFO if args.command == "serve" and not is_quiet(args) else logging.WARNING
     level = max(logging.DEBUG, base - 10 * args.verbose)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    code, message = run_command(args)
+    if message:
+        print(f"stemlive {args.command}: {message}", file=sys.stderr)
+    return code
+
+
+def run_command(args: argparse.Namespace) -> tuple[int, str]:
+    """Run the handler; map how it ends to ``(exit code, one-line message or "")`` (docs/cli.md)."""
+    from .session_format import SessionFormatError
+
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or 0), ""
     except KeyboardInterrupt:
-        return ExitCode.INTERRUPTED
+        return ExitCode.INTERRUPTED, "interrupted"
     except CLIError as e:
-        print(f"stemlive {args.command}: {e}", file=sys.stderr)
-        return e.code
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"stemlive {args.command}: {e}", file=sys.stderr)
-        return ExitCode.USAGE
+        return e.code, str(e)
+    except (SessionFormatError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        return ExitCode.BAD_INPUT, _one_line(e)  # the input is missing, unreadable or not what the command needs
+    except (FileExistsError, ValueError) as e:
+        return ExitCode.USAGE, _one_line(e)  # refused: an output that exists, a bad option or parameter value
+    except OSError as e:
+        return ExitCode.FAILED, _one_line(e)  # the system failed under us: disk full, I/O error
+    except Exception as e:  # a bug: one line, the traceback only with -v
+        if getattr(args, "verbose", 0):
+            traceback.print_exc()
+        return ExitCode.INTERNAL, f"internal error: {type(e).__name__}: {_one_line(e)} (run with -v for details)"
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -53,17 +53,24 @@ def replay_to(
     """Send a recorded session to a pipeline service over the lossless path.
 
     The message sequence and every header field (``session``, ``seq``, ``t``...) are those of the recording,
-    so the receiving service writes an identical session; only the pacing is scaled by ``speed``.
+    so the receiving service writes an identical session; only the pacing is scaled by ``speed``. A file of
+    another writer replays in row order with its ``session_start`` rebuilt (see :class:`SessionReader`).
 
     Returns
     -------
     int
         Number of messages sent.
+
+    Raises
+    ------
+    SessionFormatError
+        If the file is not a v1 session file, or has no complete frame or spectrum (before anything is sent).
     """
     from .transport import FrameSender
 
     n = 0
     with SessionReader(path) as reader:
+        reader.require_data()
         total = reader.n_messages
         closed = reader.closed
         with FrameSender(endpoint, timeout_s=timeout_s) as sender:
@@ -96,9 +103,17 @@ def replay_analyze(path: str | Path, out_path: str | Path, params: Params) -> Pa
     """Run the registered analysis stages over a recorded session in-process (no sockets).
 
     Writes ``out_path``: a session file with the same raw data plus ``/results``.
+
+    Raises
+    ------
+    SessionFormatError
+        If the file is not a v1 session file, or has no complete frame or spectrum (nothing is written).
+    FileExistsError
+        If ``out_path`` exists.
     """
     out_path = Path(out_path)
     if out_path.exists():
         raise FileExistsError(f"{out_path} exists; refusing to overwrite a session file")
     with SessionReader(path) as reader:
+        reader.require_data()
         return analyze_messages(reader.messages(), out_path, params)

@@ -32,6 +32,10 @@ def describe(path: str | Path) -> str:
         if r.gaps:
             lines.append(f"  seq gaps:    {r.gaps}")
         lines += [f"  session id:  {r.session_id}", f"  created:     {r.created}"]
+        rebuilt = [what for what, stored in (("session_start rebuilt from the root attributes", r.stored_start),
+                                             ("arrival order = row order (no seq)", r.stored_seq)) if not stored]
+        if rebuilt:
+            lines.append("  v1 minimum:  " + "; ".join(rebuilt))
         if r.closed_at:
             lines.append(f"  closed:      {r.closed_at}")
         lines += _describe_data(r)

@@ -1,5 +1,10 @@
 """Reading session files (v1): :class:`SessionReader` trims a file to its complete rows and rebuilds the wire
 sequence for replay; :func:`check_format` and :func:`validate` tell session files from other files.
+
+Any file that follows the v1 contract of DESIGN.md is read, whoever wrote it (:mod:`.session_contract` checks
+it): without ``seq`` datasets, arrival order is row order; without a stored ``session_start``, the header is
+rebuilt from the root attributes and ``settings``; without ``committed_rows``, the ``status`` attribute decides
+(a closed file: all rows; a file still ``recording``: the rows up to the first one without a finite ``t``).
 """
 
 from __future__ import annotations
@@ -7,12 +12,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from .session_contract import check_contract, open_session_file
 from .session_format import (
     COMMITTED,
     FORMAT,
@@ -27,6 +34,9 @@ from .session_format import (
 from .session_format import as_str as _as_str
 from .session_format import get_text as _get_text
 from .session_format import header_fields as _header_fields
+
+#: Longest spectrum batch replayed from a file without ``seq`` (runs of one probe position are cut into these).
+BATCH_ROWS = 256
 
 
 def check_format(f: h5py.File) -> int:
@@ -60,15 +70,16 @@ def validate(path: str | Path) -> int:
     Raises
     ------
     SessionFormatError
-        For HDF5 files that are not stemlive session files (or too new), and for files that are not HDF5.
+        For HDF5 files that are not stemlive session files (or too new), for v1 files that break the contract,
+        and for files that are not HDF5 (empty, truncated, directories). The message names the file.
+    FileNotFoundError
+        If there is no such file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    if not h5py.is_hdf5(path):
-        raise SessionFormatError(f"{path}: not a stemlive session file (not an HDF5 file)")
-    with h5py.File(path, "r") as f:
-        return check_format(f)
+    with open_session_file(path) as f:
+        version = check_format(f)
+        check_contract(f, path)
+        return version
 
 
 class Rows:
@@ -148,14 +159,18 @@ class SessionReader:
     Raises
     ------
     SessionFormatError
-        If the file is not a stemlive session file or is of a newer format version.
+        If the file is not a stemlive session file, is of a newer format version or breaks the v1 contract
+        (one line naming the file and the problem).
+    FileNotFoundError
+        If there is no such file.
     """
 
     def __init__(self, path: str | Path, *, locking: bool | None = None) -> None:
         self.path = Path(path)
-        self._f = h5py.File(self.path, "r") if locking is None else h5py.File(self.path, "r", locking=locking)
+        self._f = open_session_file(self.path, locking=locking)
         try:
             self.format_version = check_format(self._f)
+            check_contract(self._f, self.path)
         except BaseException:
             self._f.close()
             raise
@@ -165,9 +180,57 @@ class SessionReader:
         self.session_id = _as_str(attrs.get("session_id", ""))
         self.created = _as_str(attrs.get("created", ""))
         self.settings: dict[str, Any] = json.loads(_get_text(self._f, "settings") or "{}")
-        self.start_header: dict[str, Any] = json.loads(_get_text(self._f, "session_start") or "{}")
         self.n_frames = self._complete_rows("tilt_series", "frames")
         self.n_spectra = self._complete_rows("eels", "spectra")
+        stored = json.loads(_get_text(self._f, "session_start") or "{}")
+        #: whether the file holds the writer's own ``session_start`` (else it is rebuilt: :meth:`_rebuilt_start`)
+        self.stored_start = stored.get("type") == "session_start"
+        self.start_header: dict[str, Any] = stored if self.stored_start else self._rebuilt_start()
+        #: whether arrival order comes from stored ``seq`` values (else it is row order)
+        self.stored_seq = self._has_seq()
+        self._seq_cache: dict[str, Any] | None = None
+
+    def _rebuilt_start(self) -> dict[str, Any]:
+        """``session_start`` from the root attributes and ``settings`` (a file without a stored header)."""
+        settings = dict(self.settings)
+        if self.kind == "eels_map" and "scan_shape" not in settings:
+            shape = self.attrs("eels").get("scan_shape")
+            if shape is not None:
+                settings["scan_shape"] = [int(v) for v in np.asarray(shape).ravel()]
+        try:
+            t0 = datetime.fromisoformat(self.created).timestamp()
+        except ValueError:
+            t0 = math.nan
+        if not math.isfinite(t0):
+            t = np.concatenate(
+                [self._column("tilt_series", "t", self.n_frames), self._column("eels", "t", self.n_spectra)]
+            )
+            t = t[np.isfinite(t)]
+            t0 = float(t.min()) if t.size else 0.0
+        return {"proto": "stemlive/1", "type": "session_start", "session": self.session_id, "seq": 0, "t": t0,
+                "kind": self.kind, "settings": settings}
+
+    def _has_seq(self) -> bool:
+        for group_name, n in (("tilt_series", self.n_frames), ("eels", self.n_spectra)):
+            if n and "seq" not in self._f[group_name]:
+                return False
+        group = self._f.get("survey")
+        return all("seq" in group[w].attrs for w in self._surveys()) if group is not None else True
+
+    def _column(self, group_name: str, column: str, n: int) -> np.ndarray:
+        group = self._f.get(group_name)
+        if group is None or column not in group:
+            return np.empty(0)
+        return np.asarray(group[column][:n])
+
+    def require_data(self) -> None:
+        """Raise :class:`SessionFormatError` if the file has no complete frame or spectrum (nothing to analyse)."""
+        if self.n_frames or self.n_spectra:
+            return
+        what = "frames" if self.kind == "tilt_series" else "spectra"
+        note = "" if self.closed else "; the writer stopped before committing any"
+        raise SessionFormatError(f"{self.path}: no complete {what} (kind {self.kind}, status {self.status}{note}): "
+                                 "nothing to replay or analyse")
 
     # --- basics ---
     @property
@@ -213,9 +276,7 @@ class SessionReader:
         n = min(lengths)
         if COMMITTED in group.attrs:
             n = min(n, int(group.attrs[COMMITTED]))
-        elif not self.closed:
-            n = 0  # not written by a committing writer and not closed: nothing is known to be complete
-        if not self.closed and "t" in group and n:
+        if not self.closed and "t" in group and n:  # still recording: complete rows have a finite t
             incomplete = ~np.isfinite(group["t"][:n])
             if incomplete.any():
                 n = int(np.argmax(incomplete))
@@ -247,15 +308,46 @@ class SessionReader:
 
     def _table(self, group_name: str, columns: Mapping[str, str], n: int) -> dict[str, np.ndarray]:
         group = self._f.get(group_name)
-        return {
+        table = {
             c: (group[c][:n] if group is not None and c in group else np.empty(0, dtype=dtype))
             for c, dtype in columns.items()
         }
+        if not self.stored_seq and n:  # arrival order is row order: the seq each row is replayed with
+            table["seq"] = self._synthetic_seq()[group_name][:n]
+        return table
+
+    def _synthetic_seq(self) -> dict[str, Any]:
+        """``seq`` in row order for a file without stored ``seq``: the survey before, the frames one message
+        each, the spectra in runs of consecutive rows of one probe position (at most :data:`BATCH_ROWS` rows per
+        message), then the survey after."""
+        if self._seq_cache is None:
+            surveys = self._surveys()
+            seq = 1 + ("before" in surveys)
+            frames = np.arange(seq, seq + self.n_frames, dtype="<i8")
+            seq += self.n_frames
+            spectra = np.empty(self.n_spectra, dtype="<i8")
+            if self.n_spectra:
+                points = self._f["eels/point_index"][: self.n_spectra]
+                start = np.r_[True, np.diff(points) != 0]  # a new probe position
+                starts = np.flatnonzero(start)
+                position_in_run = np.arange(self.n_spectra) - starts[np.cumsum(start) - 1]
+                spectra[:] = seq - 1 + np.cumsum(position_in_run % BATCH_ROWS == 0)
+                seq = int(spectra[-1]) + 1
+            self._seq_cache = {
+                "tilt_series": frames,
+                "eels": spectra,
+                "survey": {"before": 1, "after": seq} if surveys else {},
+            }
+        return self._seq_cache
 
     def attrs(self, group_name: str) -> dict[str, Any]:
-        """Attributes of ``/tilt_series`` or ``/eels`` (calibrations), ``{}`` if the group is absent."""
+        """Attributes of ``/tilt_series`` or ``/eels`` (calibrations; those of the data dataset where the group
+        has none), ``{}`` if the group is absent."""
         group = self._f.get(group_name)
-        return {} if group is None else dict(group.attrs)
+        if group is None:
+            return {}
+        data = group.get("frames" if group_name == "tilt_series" else "spectra")
+        return {**(dict(data.attrs) if isinstance(data, h5py.Dataset) else {}), **dict(group.attrs)}
 
     def survey(self, which: str) -> np.ndarray | None:
         """The ``"before"`` or ``"after"`` survey image, or ``None`` if there is none (or it was not committed)."""
@@ -330,7 +422,9 @@ class SessionReader:
             stops = np.concatenate([bounds, [spectrum_seq.size]])
             events += [(int(spectrum_seq[a]), "spectrum", (int(a), int(b))) for a, b in zip(starts, stops, strict=True)]
         for which in self._surveys():
-            events.append((int(self._f["survey"][which].attrs.get("seq", -1)), "survey", which))
+            stored = self._f["survey"][which].attrs.get("seq", -1)
+            seq = stored if self.stored_seq else self._synthetic_seq()["survey"][which]
+            events.append((int(seq), "survey", which))
         events.sort(key=lambda e: e[0])
         return events
 
@@ -369,8 +463,7 @@ class SessionReader:
 
     def _frame_messages(self, proto: str) -> Any:
         table = self.frame_table() if self.n_frames else {}
-        group = self._f.get("tilt_series")
-        calib = _header_fields(dict(group.attrs), FRAME_ATTRS) if group is not None else {}
+        calib = _header_fields(self.attrs("tilt_series"), FRAME_ATTRS)
         calib = {k: _py(v) for k, v in calib.items()}
 
         def message(i: int) -> tuple[dict[str, Any], np.ndarray]:
@@ -410,7 +503,15 @@ class SessionReader:
     def _survey_message(self, which: str) -> tuple[dict[str, Any], np.ndarray]:
         ds = self._f["survey"][which]
         image = ds[()]
-        header = json.loads(_as_str(ds.attrs["header"])) if "header" in ds.attrs else {}
+        if "header" in ds.attrs:
+            header = json.loads(_as_str(ds.attrs["header"]))
+        else:  # another writer's survey: the header from what the contract has
+            header = {"proto": self.start_header.get("proto", "stemlive/1"), "type": "survey",
+                      "session": self.session_id, "which": which,
+                      "t": _py(ds.attrs.get("t", self.start_header.get("t", 0.0)))}
+            header.update({k: _py(ds.attrs[k]) for k in ("seq", "pixel_size_nm") if k in ds.attrs})
+        if not self.stored_seq:
+            header["seq"] = int(self._synthetic_seq()["survey"][which])
         header.update({"dtype": image.dtype.str, "shape": list(image.shape)})
         return header, image
 

@@ -7,6 +7,7 @@ this module does the file I/O. Conventions and file layouts: ``docs/tomography.m
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,17 @@ from stemlive.live.analysis import reconstruct as rc
 __all__ = [
     "TiltSeries",
     "TomoInputError",
+    "astra_parallel3d_vec",
     "export",
     "load_angles",
+    "read_emd_layout",
     "read_emd_tilt_series",
+    "read_emd_volume",
     "read_tilt_series",
     "reconstruct",
     "save_slices_png",
     "write_emd",
+    "write_emd_volume",
     "write_genfire_inputs",
 ]
 
@@ -35,8 +40,8 @@ ALPHA = "/results/tilt_series/tilt_alpha_deg"
 BETA = "/results/tilt_series/tilt_beta_deg"
 ALPHA_CAL = "/results/tilt_series/tilt_alpha_calibrated_deg"
 BETA_CAL = "/results/tilt_series/tilt_beta_calibrated_deg"
-EMD_GROUP = "data/tilt_series"
-EMD_RECON_GROUP = "data/reconstruction"
+EMD_GROUP = "data/tomography"  # what Tomviz opens
+EMD_GROUP_V1 = "data/tilt_series"  # layout before the Tomviz one (still read)
 ALIGN_METHODS = ("cross_correlation", "com", "none")
 
 
@@ -191,50 +196,191 @@ def read_tilt_series(session_path: str | Path, *, angles: str | Path | None = No
     return TiltSeries(sums, alpha, beta, pixel, session_id, source)
 
 
-def write_emd(
-    path: str | Path, series: TiltSeries, aligned: np.ndarray, shifts: np.ndarray, *, align: str = "none"
-) -> Path:
-    """Write a Berkeley EMD v0.2 file readable by ncempy and Tomviz.
+def astra_parallel3d_vec(rotations: np.ndarray, shape_zyx: tuple[int, int, int]) -> np.ndarray:
+    """ASTRA ``parallel3d_vec`` rows for our projections of a volume of ``shape_zyx`` (voxel = pixel = 1).
 
-    Group ``/data/tilt_series`` (``emd_group_type = 1``): ``data`` ``(n, ny, nx)`` float32, ``dim1`` the
-    angle per projection as Tomviz writes it (name ``angles``, units ``[deg]``; the stage alpha, i.e. the holder
-    tilt), ``dim2``/``dim3`` y/x in nm (``[n_m]``, centred on the rotation centre); extra
-    datasets ``alpha_deg``, ``beta_deg``, ``euler_zyz_deg`` (GENFIRE angles, ``(n, 3)``), ``rotation_matrices``
-    ``(n, 3, 3)`` and ``shifts_px`` ``(n, 2)`` (alignment ``(dy, dx)`` applied).
+    ASTRA's 3-D volume ``(Z, Y, X)`` (``astra.create_vol_geom(Y, X, Z)``) is centred on the origin, voxel
+    ``(iz, iy, ix)`` at ``(ix - (X-1)/2, iy - (Y-1)/2, iz - (Z-1)/2)``; a projection is ``(ny, nx)`` =
+    ``(det_row_count, det_col_count)``. Each row is ``(ray, d, u, v)``: ray direction ``R.T e_z``, detector
+    centre ``d``, ``u = R.T e_x`` (pixel ``(0,0)`` -> ``(0,1)``, image x) and ``v = R.T e_y`` (``(0,0)`` ->
+    ``(1,0)``, image y), in the sample frame, so that our rotation centre (voxel ``n // 2`` on every axis)
+    projects to pixel ``(ny // 2, nx // 2)``, as in our model.
+
+    Parameters
+    ----------
+    rotations : ndarray
+        ``(n, 3, 3)`` sample-to-lab matrices ``R`` (:func:`~stemlive.live.analysis.reconstruct.stage_rotation`).
+    shape_zyx : tuple of int
+        Volume shape; ``ny``, ``nx`` are also the detector rows and columns.
+
+    Returns
+    -------
+    ndarray
+        ``(n, 12)``.
+    """
+    rt = np.swapaxes(np.asarray(rotations, float).reshape(-1, 3, 3), -1, -2)
+    nz, ny, nx = shape_zyx
+    # our centre n//2 sits half a voxel off ASTRA's (n-1)/2 for even n
+    centre = np.array([nx // 2 - (nx - 1) / 2, ny // 2 - (ny - 1) / 2, nz // 2 - (nz - 1) / 2])
+    ray, u, v = rt[:, :, 2], rt[:, :, 0], rt[:, :, 1]
+    d = centre - centre[0] * u - centre[1] * v
+    return np.concatenate([ray, d, u, v], axis=1)
+
+
+def _f4_dim(group: h5py.Group, key: str, values: np.ndarray, name: str, units: str) -> None:
+    # Tomviz's C++ reader accepts dims stored as float32 only
+    d = group.create_dataset(key, data=np.asarray(values, np.float32))
+    d.attrs["name"] = name
+    d.attrs["units"] = units
+
+
+def _emd_root(f: h5py.File) -> h5py.Group:
+    f.attrs.create("version_major", 0, dtype="uint32")
+    f.attrs.create("version_minor", 2, dtype="uint32")
+    grp = f.create_group(EMD_GROUP)
+    grp.attrs.create("emd_group_type", 1, dtype="uint32")
+    return grp
+
+
+def _write_raw_frames(f: h5py.File, session_path: str | Path) -> None:
+    """Copy the recorded frames and their per-frame table bit for bit into ``/stemlive/raw`` (ignored by
+    Tomviz, ncempy and HyperSpy, which read only EMD groups)."""
+    from .session import SessionReader
+
+    with SessionReader(session_path) as r:
+        if r.n_frames == 0:
+            return
+        raw = f.create_group("stemlive/raw")
+        raw.attrs["session_id"] = r.session_id
+        raw.attrs["settings"] = json.dumps(r.settings)
+        ds = raw.create_dataset("frames", shape=r.frames().shape, dtype=r.frames().dtype,
+                                chunks=(1, *r.frames().shape[1:]))
+        frames = r.frames()
+        for i in range(len(frames)):
+            ds[i] = frames[i]
+        for name, values in r.frame_table().items():
+            raw.create_dataset(name, data=values)
+        for name, value in r.attrs("tilt_series").items():
+            if name in ("pixel_size_nm", "dwell_us"):
+                ds.attrs[name] = value
+
+
+def write_emd(
+    path: str | Path,
+    series: TiltSeries,
+    aligned: np.ndarray,
+    shifts: np.ndarray,
+    *,
+    align: str = "none",
+    raw_session: str | Path | None = None,
+) -> Path:
+    """Write the aligned tilt series as a Berkeley EMD v0.2 file in Tomviz's tilt-series layout.
+
+    Group ``/data/tomography`` (``emd_group_type = 1``, what Tomviz opens): ``data`` float32
+    ``(n, nx, ny)`` = the images transposed, so that Tomviz (which reverses the axes to ``(X, Y, angle)``)
+    has its tilt axis, the stage alpha axis (image y), along its X as its reconstructions require; ``dim1``
+    the angle of each projection (name ``angles``, units ``[deg]``, the stage alpha), ``dim2`` image x,
+    ``dim3`` image y in nm (``[n_m]``, centred on the rotation centre); all dims float32. Extra datasets:
+    ``alpha_deg``, ``beta_deg``, ``rotation_matrices`` ``(n, 3, 3)`` (``r_lab = R r_sample``),
+    ``euler_zyz_deg`` (GENFIRE), ``astra_vectors`` ``(n, 12)`` (:func:`astra_parallel3d_vec`),
+    ``shifts_px`` ``(n, 2)``. With ``raw_session`` the recorded frames are copied to ``/stemlive/raw``.
+    Conventions: ``docs/tomography.md``.
     """
     path = Path(path)
     n, ny, nx = aligned.shape
-    euler = series.genfire_euler_deg
+    nz = max(ny, nx)
     with h5py.File(path, "w") as f:
-        f.attrs["version_major"] = 0
-        f.attrs["version_minor"] = 2
-        grp = f.create_group(EMD_GROUP)
-        grp.attrs["emd_group_type"] = 1
+        grp = _emd_root(f)
         grp.attrs["session_id"] = series.session_id
         grp.attrs["angle_source"] = series.angle_source
         grp.attrs["alignment"] = align
+        grp.attrs["layout"] = "data[k, ix, iy] = projection k at image (y=iy, x=ix); Tomviz X = image y"
         grp.attrs["convention"] = (
             "r_lab = R r_sample, R = R_[0,-1,0](alpha) R_[-1,0,0](beta); euler_zyz_deg: GENFIRE (phi, theta, psi), "
-            "Rz(phi) Ry(theta) Rz(psi) = S R^T S, S swaps x/y, for projections stacked (ny, nx, n)"
+            "Rz(phi) Ry(theta) Rz(psi) = S R^T S, S swaps x/y, for projections stacked (ny, nx, n); "
+            "astra_vectors: ASTRA parallel3d_vec (ray, d, u, v) in the sample frame, u = image x, v = image y"
         )
-        grp.create_dataset("data", data=aligned.astype(np.float32), chunks=(1, ny, nx))
-        dims = [
-            (series.alpha_deg.astype(np.float64), "angles", "[deg]"),
-            ((np.arange(ny) - ny // 2) * series.pixel_size_nm, "y", "[n_m]"),
-            ((np.arange(nx) - nx // 2) * series.pixel_size_nm, "x", "[n_m]"),
-        ]
-        for i, (vec, name, units) in enumerate(dims, start=1):
-            d = grp.create_dataset(f"dim{i}", data=vec)
-            d.attrs["name"] = name
-            d.attrs["units"] = units
-        grp.create_dataset("alpha_deg", data=series.alpha_deg)
-        grp.create_dataset("beta_deg", data=series.beta_deg)
-        grp.create_dataset("euler_zyz_deg", data=euler)
+        grp.attrs["astra_vol_geom_yxz"] = np.array([ny, nx, nz])
+        data = grp.create_dataset("data", data=np.ascontiguousarray(np.swapaxes(aligned, 1, 2), np.float32),
+                                  chunks=(1, nx, ny))
+        data.attrs["name"] = "tilt_series"
+        _f4_dim(grp, "dim1", series.alpha_deg, "angles", "[deg]")
+        _f4_dim(grp, "dim2", (np.arange(nx) - nx // 2) * series.pixel_size_nm, "x", "[n_m]")
+        _f4_dim(grp, "dim3", (np.arange(ny) - ny // 2) * series.pixel_size_nm, "y", "[n_m]")
+        grp.create_group("tomviz_scalars")["tilt_series"] = h5py.SoftLink(data.name)
+        grp.create_dataset("alpha_deg", data=series.alpha_deg.astype(np.float64))
+        grp.create_dataset("beta_deg", data=series.beta_deg.astype(np.float64))
+        grp.create_dataset("euler_zyz_deg", data=series.genfire_euler_deg)
         grp.create_dataset("rotation_matrices", data=series.rotations)
+        grp.create_dataset("astra_vectors", data=astra_parallel3d_vec(series.rotations, (nz, ny, nx)))
         grp.create_dataset("shifts_px", data=np.asarray(shifts, float))
         f.create_group("microscope").attrs["pixel_size_nm"] = series.pixel_size_nm
         f.create_group("comments").attrs["stemlive"] = f"exported from session {series.session_id}"
+        if raw_session is not None:
+            _write_raw_frames(f, raw_session)
     return path
+
+
+def write_emd_volume(path: str | Path, volume_zyx: np.ndarray, voxel_nm: float, *, algorithm: str = "") -> Path:
+    """Write a reconstruction as EMD v0.2 in Tomviz's layout: ``/data/tomography/data`` ``(x, y, z)`` float32
+    (Tomviz reads the array axes as its X, Y, Z), float32 dims ``x``, ``y``, ``z`` in nm, centred on voxel
+    ``n // 2``."""
+    path = Path(path)
+    vol = np.ascontiguousarray(np.asarray(volume_zyx, np.float32).transpose(2, 1, 0))
+    with h5py.File(path, "w") as f:
+        g = _emd_root(f)
+        g.attrs["algorithm"] = algorithm
+        g.attrs["voxel_size_nm"] = float(voxel_nm)  # exact (the dims are float32)
+        g.attrs["layout"] = "data[ix, iy, iz] = volume at (x, y, z) of the sample frame"
+        data = g.create_dataset("data", data=vol)
+        data.attrs["name"] = "reconstruction"
+        for i, (size, name) in enumerate(zip(vol.shape, "xyz", strict=True), start=1):
+            _f4_dim(g, f"dim{i}", (np.arange(size) - size // 2) * voxel_nm, name, "[n_m]")
+        g.create_group("tomviz_scalars")["reconstruction"] = h5py.SoftLink(data.name)
+    return path
+
+
+def read_emd_volume(path: str | Path) -> tuple[np.ndarray, float]:
+    """Read a reconstruction written by :func:`write_emd_volume`: ``(volume (z, y, x), voxel_nm)``."""
+    with h5py.File(path, "r") as f:
+        if EMD_GROUP not in f:
+            raise TomoInputError(f"{path}: no /{EMD_GROUP} group (not a stemlive/Tomviz EMD)")
+        g = f[EMD_GROUP]
+        vol = np.asarray(g["data"][()], np.float32).transpose(2, 1, 0)
+        x = g["dim1"][()]
+        voxel = float(g.attrs.get("voxel_size_nm", x[1] - x[0] if x.size > 1 else 1.0))
+    return np.ascontiguousarray(vol), voxel
+
+
+def read_emd_layout(path: str | Path) -> dict[str, Any]:
+    """Everything :func:`write_emd` stored, with the projections back as ``(n, ny, nx)``.
+
+    Keys: ``projections``, ``alpha_deg``, ``beta_deg``, ``rotation_matrices``, ``euler_zyz_deg``,
+    ``astra_vectors`` (if stored), ``shifts_px``, ``pixel_size_nm``, ``session_id``, ``convention``. Also
+    reads the earlier layout (``/data/tilt_series``, ``(n, ny, nx)``).
+    """
+    with h5py.File(path, "r") as f:
+        if EMD_GROUP in f and "angles" in _attr_str(f[EMD_GROUP]["dim1"].attrs.get("name", "")):
+            g = f[EMD_GROUP]
+            projections = np.swapaxes(np.asarray(g["data"][()], np.float32), 1, 2)
+            y = g["dim3"][()]
+        elif EMD_GROUP_V1 in f:
+            g = f[EMD_GROUP_V1]
+            projections = np.asarray(g["data"][()], np.float32)
+            y = g["dim2"][()]
+        else:
+            raise TomoInputError(f"{path}: no tilt series in /{EMD_GROUP} (not written by stemlive export)")
+        out: dict[str, Any] = {"projections": np.ascontiguousarray(projections)}
+        for key in ("alpha_deg", "beta_deg", "rotation_matrices", "euler_zyz_deg", "astra_vectors", "shifts_px"):
+            if key in g:
+                out[key] = np.asarray(g[key][()])
+        if "rotation_matrices" not in out:
+            out["rotation_matrices"] = rc.stage_rotation(out["alpha_deg"], out["beta_deg"])
+        pixel = f["microscope"].attrs.get("pixel_size_nm") if "microscope" in f else None  # exact (dims are f4)
+        out["pixel_size_nm"] = float(pixel) if pixel is not None else float(y[1] - y[0]) if y.size > 1 else 1.0
+        out["session_id"] = _attr_str(g.attrs.get("session_id", ""))
+        out["convention"] = _attr_str(g.attrs.get("convention", ""))
+    return out
 
 
 def write_genfire_inputs(out_dir: str | Path, stem: str, aligned: np.ndarray, euler_deg: np.ndarray) -> dict[str, Path]:
@@ -302,18 +448,8 @@ def export(
 
 def read_emd_tilt_series(path: str | Path) -> tuple[np.ndarray, np.ndarray, float]:
     """Read an exported EMD: ``(projections (n, ny, nx), rotations (n, 3, 3), pixel_size_nm)``."""
-    with h5py.File(path, "r") as f:
-        if EMD_GROUP not in f:
-            raise TomoInputError(f"{path}: no /{EMD_GROUP} group (not written by stemlive tomo export)")
-        g = f[EMD_GROUP]
-        data = np.asarray(g["data"][()], np.float32)
-        if "rotation_matrices" in g:
-            rots = g["rotation_matrices"][()]
-        else:
-            rots = rc.stage_rotation(g["alpha_deg"][()], g["beta_deg"][()])
-        y = g["dim2"][()]
-        pixel = float(y[1] - y[0]) if y.size > 1 else 1.0
-    return data, np.asarray(rots, float), pixel
+    g = read_emd_layout(path)
+    return g["projections"], np.asarray(g["rotation_matrices"], float), float(g["pixel_size_nm"])
 
 
 def _is_session(path: Path) -> bool:
@@ -343,8 +479,8 @@ def reconstruct(
         ``*_tilt_series.emd`` from :func:`export` (already aligned), or a session file (aligned here with
         ``align``, angles overridden by ``angles``).
     out_dir : path
-        Output folder; writes ``<stem>_reconstruction.emd`` (group ``/data/reconstruction``, ``(z, y, x)`` in nm)
-        and, with ``png``, ``<stem>_slices.png``.
+        Output folder; writes ``<stem>_reconstruction.emd`` (:func:`write_emd_volume`: ``/data/tomography``,
+        ``(x, y, z)``) and, with ``png``, ``<stem>_slices.png``.
     n_iter : int
         SIRT iterations.
     thickness_px : int, optional
@@ -388,18 +524,10 @@ def reconstruct(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = src.stem.removesuffix("_tilt_series")
-    vol_path = out / f"{stem}_reconstruction.emd"
-    with h5py.File(vol_path, "w") as f:
-        f.attrs["version_major"] = 0
-        f.attrs["version_minor"] = 2
-        g = f.create_group(EMD_RECON_GROUP)
-        g.attrs["emd_group_type"] = 1
-        g.attrs["algorithm"] = f"SIRT, {n_iter} iterations" + (f", windows {window}/{step}" if window else "")
-        g.create_dataset("data", data=volume)
-        for i, (size, name) in enumerate(zip(volume.shape, "zyx", strict=True), start=1):
-            d = g.create_dataset(f"dim{i}", data=(np.arange(size) - size // 2) * pixel)
-            d.attrs["name"] = name
-            d.attrs["units"] = "[n_m]"
+    vol_path = write_emd_volume(
+        out / f"{stem}_reconstruction.emd", volume, pixel,
+        algorithm=f"SIRT, {n_iter} iterations" + (f", windows {window}/{step}" if window else ""),
+    )
     paths = {"volume": vol_path}
     if png:
         paths["png"] = save_slices_png(volume, out / f"{stem}_slices.png", voxel_size_nm=pixel)
@@ -493,25 +621,46 @@ def _default_out(path: Path, out: Path | None) -> Path:
     return out if out is not None else path.parent / f"{path.stem}_tomo"
 
 
+def _check_source(path: Path) -> None:
+    """Refuse a missing, empty, truncated or non-session input with the one-line errors of every command."""
+    from .session_contract import check_contract, open_session_file
+    from .session_reader import check_format
+
+    with open_session_file(path) as f:
+        if path.suffix.lower() != ".emd" or "format" in f.attrs:
+            check_format(f)
+            check_contract(f, path)
+
+
 def _cmd_export(args: Any) -> int:
+    from .exitcodes import CLIError, ExitCode
+
+    _check_source(args.session)
     try:
         paths = export(args.session, _default_out(args.session, args.out), align=args.align, angles=args.angles)
     except TomoInputError as e:
-        raise SystemExit(f"stemlive tomo export: {e}") from None
+        raise CLIError(str(e), ExitCode.BAD_INPUT) from None
     for what, path in paths.items():
         print(f"{what}: {path}")
     return 0
 
 
 def _cmd_reconstruct(args: Any) -> int:
+    from .console import show_progress
+    from .exitcodes import CLIError, ExitCode
+
+    _check_source(args.source)
     client = None
     if args.scheduler:
         from dask.distributed import Client
 
         client = Client(args.scheduler)
 
+    bar = show_progress(args, sys.stdout)  # carriage returns only on a terminal
+
     def progress(i: int, n: int, err: float) -> None:
-        print(f"\r  iteration {i}/{n}, residual {err:.3g}", end="" if i < n else "\n", flush=True)
+        if bar:
+            print(f"\r  iteration {i}/{n}, residual {err:.3g}", end="" if i < n else "\n", flush=True)
 
     try:
         paths = reconstruct(
@@ -520,7 +669,7 @@ def _cmd_reconstruct(args: Any) -> int:
             png=not args.no_png, progress=progress,
         )
     except TomoInputError as e:
-        raise SystemExit(f"stemlive tomo reconstruct: {e}") from None
+        raise CLIError(str(e), ExitCode.BAD_INPUT) from None
     finally:
         if client is not None:
             client.close()
