@@ -266,8 +266,6 @@ def run_tomography(session: Path, out_dir: Path, cfg: DemoConfig, stream: TextIO
     The exported, aligned projections are binned by ``cfg.tomo_bin`` into a second EMD that is reconstructed with a
     ``cfg.tomo_thickness_px`` support along the beam (a monolayer), which keeps the demo's SIRT within a minute.
     """
-    import numpy as np
-
     from stemlive.live import tomo
 
     t0 = time.perf_counter()
@@ -281,9 +279,7 @@ def run_tomography(session: Path, out_dir: Path, cfg: DemoConfig, stream: TextIO
 
     rec = tomo.reconstruct(source, tomo_dir, n_iter=cfg.tomo_iterations, thickness_px=cfg.tomo_thickness_px,
                            png=True, progress=progress)
-    with _h5(rec["volume"]) as f:
-        volume = np.asarray(f["data/reconstruction/data"][()], np.float32)
-        pixel_nm = float(f["data/reconstruction/dim2"][1] - f["data/reconstruction/dim2"][0])
+    volume, pixel_nm = tomo.read_emd_volume(rec["volume"])
     truth = _true_volume(volume.shape, pixel_nm, cfg.seed)
     _, ny, nx = volume.shape
     crop = (slice(None), slice(ny // 8, ny - ny // 8), slice(nx // 8, nx - nx // 8))  # SIRT edge artefacts
@@ -295,25 +291,15 @@ def run_tomography(session: Path, out_dir: Path, cfg: DemoConfig, stream: TextIO
     return out
 
 
-def _h5(path: Path) -> Any:
-    import h5py
-
-    return h5py.File(path, "r")
-
-
 def _binned_emd(emd: Path, factor: int) -> Path:
     """Write ``<stem>_bin<factor>.emd``: the exported projections binned ``factor`` x ``factor``."""
     import numpy as np
 
     from stemlive.live import tomo
 
-    with _h5(emd) as f:
-        g = f[tomo.EMD_GROUP]
-        data = np.asarray(g["data"][()], np.float32)
-        alpha, beta = g["alpha_deg"][()], g["beta_deg"][()]
-        shifts = g["shifts_px"][()]
-        pixel = float(f["microscope"].attrs["pixel_size_nm"])
-        session_id = str(g.attrs.get("session_id", ""))
+    g = tomo.read_emd_layout(emd)
+    data, alpha, beta, shifts = g["projections"], g["alpha_deg"], g["beta_deg"], g["shifts_px"]
+    pixel, session_id = g["pixel_size_nm"], g["session_id"]
     n, ny, nx = data.shape
     ny, nx = ny // factor * factor, nx // factor * factor
     binned = data[:, :ny, :nx].reshape(n, ny // factor, factor, nx // factor, factor).mean(axis=(2, 4))

@@ -209,14 +209,14 @@ def test_export_emd_and_genfire(tmp_path, cluster):
         assert emd.version == (0, 2)
         data, dims = emd.get_emdgroup(emd.list_emds[0])
         assert data.shape == (12, 64, 64)
-        assert [d[1] for d in dims] == ["angles", "y", "x"]
+        assert [d[1] for d in dims] == ["angles", "x", "y"]  # Tomviz layout: images transposed
         assert [d[2] for d in dims] == ["[deg]", "[n_m]", "[n_m]"]
-        np.testing.assert_allclose(dims[0][0], alpha)
-        assert dims[1][0][1] - dims[1][0][0] == pytest.approx(0.032)
+        np.testing.assert_allclose(dims[0][0], alpha, atol=1e-5)  # float32 dims, as Tomviz requires
+        assert dims[1][0][1] - dims[1][0][0] == pytest.approx(0.032, rel=1e-5)
     d = ncempy.io.read(paths["emd"])
     assert d["data"].shape == (12, 64, 64)
     with h5py.File(paths["emd"], "r") as f:
-        g = f["data/tilt_series"]
+        g = f["data/tomography"]
         assert f.attrs["version_major"] == 0 and f.attrs["version_minor"] == 2 and g.attrs["emd_group_type"] == 1
         np.testing.assert_allclose(g["beta_deg"][()], beta)
         assert g["euler_zyz_deg"].shape == (12, 3)
@@ -226,7 +226,7 @@ def test_export_emd_and_genfire(tmp_path, cluster):
     euler = np.loadtxt(paths["genfire_angles"])
     assert stack.shape == (64, 64, 12) and stack.dtype == np.float32
     assert euler.shape == (12, 3)
-    np.testing.assert_allclose(stack[:, :, 4], d["data"][4])
+    np.testing.assert_allclose(stack[:, :, 4], d["data"][4].T)
     np.testing.assert_allclose(euler, rc.stage_to_genfire_euler(alpha, beta), atol=1e-5)
 
 
@@ -357,9 +357,9 @@ def test_reconstruct_from_export_writes_volume(tmp_path, cluster):
     import ncempy.io
 
     vol = ncempy.io.read(paths["volume"])
-    assert vol["data"].shape == (16, 32, 32)
+    assert vol["data"].shape == (32, 32, 16)  # (x, y, z) as Tomviz reads volumes
     assert vol["pixelUnit"] == ["[n_m]"] * 3
     # directly from the session gives the same volume (no alignment)
     again = tomo.reconstruct(session, tmp_path / "rec2", n_iter=3, thickness_px=16, align="none", png=False)
-    with h5py.File(again["volume"], "r") as f:
-        np.testing.assert_allclose(f["data/reconstruction/data"][()], vol["data"], rtol=1e-5, atol=1e-6)
+    volume, _ = tomo.read_emd_volume(again["volume"])
+    np.testing.assert_allclose(volume.transpose(2, 1, 0), vol["data"], rtol=1e-5, atol=1e-6)
