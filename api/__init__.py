@@ -1,0 +1,31 @@
+"""stemlive: live STEM tilt series and vibrational EELS on Nion Swift -- the notebook API.
+
+Functions over numpy arrays or HyperSpy signals, the same analysis code as the live pipeline::
+
+    import stemlive
+    s = stemlive.load("session.h5")                  # any v1 session file
+    energy, sums, shifts = stemlive.align_and_sum(frames, dispersion_meV=0.44, energy_offset_meV=offsets)
+    T, T_err = stemlive.temperature_map(sums, energy)
+    labels = stemlive.segment(sums, energy, k=3)
+    stemlive.analyze("session.h5", "analysed.h5", "eels.k=3")
+    stemlive.export("analysed.h5", "out.hspy", "hspy")  # eXSpy EELSSpectrum; tilt series: "emd" (Tomviz)
+
+Walk-through: docs/notebook.md. This package only re-exports from ``stemlive.live`` (no Qt, ZeroMQ or Swift).
+"""
+
+from stemlive.live import __version__
+from stemlive.live.api import Session, align_and_sum, analyze, load, segment, temperature_map
+from stemlive.live.export import eels_signals, export, tilt_series_signal
+
+__all__ = [
+    "Session",
+    "__version__",
+    "align_and_sum",
+    "analyze",
+    "eels_signals",
+    "export",
+    "load",
+    "segment",
+    "temperature_map",
+    "tilt_series_signal",
+]
