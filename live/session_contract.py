@@ -29,7 +29,7 @@ REQUIRED_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 #: Calibration attributes of each data group: (name, must be finite and > 0).
 REQUIRED_ATTRS: dict[str, tuple[tuple[str, bool], ...]] = {
-    "tilt_series": (("pixel_size_nm", True), ("dwell_us", False)),
+    "tilt_series": (("pixel_size_nm", True), ("dwell_us", True)),  # the drift correction times scan lines with it
     "eels": (("dispersion_meV", True), ("exposure_ms", False)),
 }
 DATA = {"tilt_series": ("frames", 3, "(n, ny, nx)"), "eels": ("spectra", 2, "(n, n_channels)")}
