@@ -100,17 +100,24 @@ def make_config(preset: str = "default", **overrides: Any) -> DemoConfig:
 
 # ------------------------------------------------------------------------------------------------ console
 class ConsoleBar:
-    """A one-line carriage-return progress bar (no dependencies); inert when ``stream`` is None."""
+    """A one-line carriage-return progress bar (no dependencies); inert when ``stream`` is None.
+
+    Only a terminal gets the redrawn bar: on a redirected stream (a log file, a pipe) there are no carriage
+    returns, just one line per finished step from :meth:`done`.
+    """
 
     def __init__(self, label: str, stream: TextIO | None = sys.stderr, width: int = 30) -> None:
+        from .console import is_terminal
+
         self.label = label
         self.stream = stream
         self.width = width
+        self.live = stream is not None and is_terminal(stream)
         self._last = ""
 
     def update(self, fraction: float, text: str = "") -> None:
         """Redraw the bar at ``fraction`` (0..1) with ``text`` after it."""
-        if self.stream is None:
+        if self.stream is None or not self.live:
             return
         f = min(max(float(fraction), 0.0), 1.0)
         n = int(round(f * self.width))
@@ -121,11 +128,15 @@ class ConsoleBar:
         self._last = line
 
     def done(self, text: str = "") -> None:
-        """Draw the full bar and end the line."""
-        self.update(1.0, text)
-        if self.stream is not None:
+        """Draw the full bar and end the line (not on a terminal: one plain line)."""
+        if self.stream is None:
+            return
+        if self.live:
+            self.update(1.0, text)
             self.stream.write("\n")
-            self.stream.flush()
+        else:
+            self.stream.write(f"{self.label}: {text}\n")
+        self.stream.flush()
 
     def progress_callback(self, step_name: str) -> Callable[[Any], None]:
         """A procedure ``on_progress`` callback drawing :class:`~nionswift_plugin.stemlive.acquisition.Progress`."""
@@ -435,6 +446,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         # keep the progress bars readable: warnings only (Nion's Application later resets the root logger to
         # INFO and adds its own handler, so a level set here would not last)
         logging.disable(logging.INFO)
+    check_demo_args(args)
     preset = "full" if args.full else "small" if args.small else "default"
     cfg = make_config(preset, tilts=args.tilts, frames=args.frames, size=args.size, points=args.points,
                       eels_frames=args.eels_frames, seed=args.seed, overrides=list(args.overrides))
@@ -446,8 +458,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"stemlive demo ({preset}): {cfg.tilts} tilts x {cfg.frames} frames of {cfg.size}^2 px; "
           f"EELS {cfg.points} x {cfg.eels_frames} spectra; thermometry {cfg.thermo_points} x {cfg.thermo_frames}; "
           f"output in {args.out.resolve()}", flush=True)
+    from .console import is_quiet
+
     try:
-        result = run_demo(args.out, cfg)
+        result = run_demo(args.out, cfg, stream=None if is_quiet(args) else sys.stderr)
     finally:
         logging.disable(logging.NOTSET)
     summary = json.loads(Path(result["report"]).with_name("report.json").read_text()) if "report" in result else {}
@@ -455,6 +469,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(line)
     print(f"report: {result.get('report')}  ({result['timings']['total_s']:.0f} s)")
     return 0
+
+
+#: ``stemlive demo`` options and the values the demo can run: (option, lowest, highest or None)
+LIMITS: tuple[tuple[str, int, int | None], ...] = (
+    ("tilts", 1, 12), ("frames", 1, None), ("size", 16, 4096), ("points", 2, None), ("eels_frames", 1, None),
+)
+
+
+def check_demo_args(args: argparse.Namespace) -> None:
+    """Refuse options outside what the demo can do (ExitCode.USAGE), e.g. ``--tilts 99`` with 12 reference tilts."""
+    from nionswift_plugin.stemlive.tilt_series import REFERENCE_TILTS_DEG
+
+    from .exitcodes import CLIError, ExitCode
+
+    for name, low, high in LIMITS:
+        value = getattr(args, name, None)
+        high = len(REFERENCE_TILTS_DEG) if name == "tilts" else high
+        if value is not None and (value < low or (high is not None and value > high)):
+            what = f"in {low}..{high}" if high is not None else f">= {low}"
+            note = f" (the reference tilt series has {high} tilts)" if name == "tilts" else ""
+            raise CLIError(f"--{name.replace('_', '-')} {value}: must be {what}{note}", ExitCode.USAGE)
 
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
