@@ -48,7 +48,7 @@ def eels_messages(kind: str, points_xy: np.ndarray, *, n_frames: int, settings: 
 def eels_line_session(path: Path, *, n_points: int = 6, n_frames: int = 4, seed: int = 3) -> Path:
     """An analysed line scan across the AlN/SiC interface: points ``LINE_STEP_NM`` apart from x = -4 nm."""
     xy = np.column_stack([-4.0 + LINE_STEP_NM * np.arange(n_points), np.zeros(n_points)])
-    params = make_params(overrides=["eels.k=2"])
+    params = make_params(overrides=["eels.k=2", "eels.n_peaks=2"])  # 5 peaks on so few frames: a minute of fitting
     return analyze_messages(eels_messages("eels_line_scan", xy, n_frames=n_frames, settings={}, seed=seed),
                             path, params)
 
@@ -58,7 +58,7 @@ def eels_map_session(path: Path, *, shape: tuple[int, int] = (2, 3), n_frames: i
     ny, nx = shape
     yy, xx = np.mgrid[0:ny, 0:nx]
     xy = np.column_stack([-2.0 + MAP_STEP_NM[1] * xx.ravel(), 1.0 + MAP_STEP_NM[0] * yy.ravel()])
-    params = make_params(overrides=["eels.k=2"])
+    params = make_params(overrides=["eels.k=2", "eels.n_peaks=2"])  # 5 peaks on so few frames: a minute of fitting
     return analyze_messages(eels_messages("eels_map", xy, n_frames=n_frames, settings={"scan_shape": [ny, nx]},
                                           seed=seed), path, params)
 

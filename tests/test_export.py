@@ -115,3 +115,17 @@ def test_cli_export_and_its_refusals(line_session: Path, tmp_path: Path) -> None
     assert emd.stderr.strip().splitlines()[-1].endswith("EELS sessions export as hspy (eXSpy EELSSpectrum), not emd")
     missing = _run("export", str(tmp_path / "nope.h5"), "--format", "hspy", "-o", str(tmp_path / "y"))
     assert missing.returncode == ExitCode.BAD_INPUT and "nope.h5: no such file" in missing.stderr
+
+
+def test_cli_refuses_a_session_without_analysis_and_a_directory(tmp_path: Path) -> None:
+    import v1_writer
+
+    raw = tmp_path / "raw.h5"
+    v1_writer.write_eels(raw, n_points=3, n_frames=2)
+    done = _run("export", str(raw), "--format", "hspy", "-o", str(tmp_path / "x.hspy"))
+    assert done.returncode == ExitCode.BAD_INPUT
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"stemlive export: {raw}: no /results/eels/sum") and "stemlive replay --analyze" in last
+    assert not (tmp_path / "x.hspy").exists()
+    folder = _run("export", str(tmp_path), "--format", "hspy", "-o", str(tmp_path / "y.hspy"))
+    assert folder.returncode == ExitCode.BAD_INPUT and "Traceback" not in folder.stderr
