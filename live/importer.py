@@ -243,10 +243,18 @@ def _from_rsciio(item: Mapping[str, Any], path: Path, reader: str) -> Source | N
 
 
 def _rsciio_roles(axes: Sequence[Axis], navigate: Sequence[bool]) -> list[str]:
-    """Navigation axes are scan positions, except frame/time axes and the outermost of three (the sequence)."""
-    roles = ["navigation" if nav else "signal" for nav in navigate]
-    if not any(navigate) and len(axes) == 3:  # an image stack without flags (e.g. a TIFF or a DM stack)
-        roles[0] = "sequence"
+    """Navigation axes are scan positions, except frame/time axes and the outermost of three (the sequence).
+
+    An axis in energy units is the spectrum whatever the flags say (some readers, e.g. EMD, flag no axis); without
+    flags and energy units, the last two axes are an image and any others the stack.
+    """
+    energy = [i for i, a in enumerate(axes) if a.units.strip().lower() in ENERGY_UNITS]
+    if energy:
+        roles = ["signal" if i == energy[-1] else "navigation" for i in range(len(axes))]
+    elif not any(navigate):
+        roles = ["signal" if i >= len(axes) - 2 else "sequence" for i in range(len(axes))]
+    else:
+        roles = ["navigation" if nav else "signal" for nav in navigate]
     nav = [i for i, r in enumerate(roles) if r == "navigation"]
     for i in nav:
         if _is_time_axis(axes[i]):

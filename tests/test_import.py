@@ -171,6 +171,21 @@ def test_single_spectra_lines_and_sequences(tmp_path: Path) -> None:
         assert np.asarray(r.messages().__next__().header["settings"]["source"]["readers"]) == ["numpy"]
 
 
+def test_emd_line_scan(tmp_path: Path) -> None:
+    """Berkeley EMD (RosettaSciIO's reader flags no navigation axis: the eV axis is the spectrum)."""
+    exspy = pytest.importorskip("exspy")
+    data = np.random.default_rng(0).poisson(100, (5, 256)).astype(np.float32)
+    s = exspy.signals.EELSSpectrum(data)
+    x, e = s.axes_manager[0], s.axes_manager[1]
+    x.name, x.units, x.scale, x.offset = "x", "nm", 1.6, 0.0
+    e.name, e.units, e.scale, e.offset = "Energy loss", "eV", 0.001, -0.05
+    s.save(tmp_path / "line.emd")
+    with SessionReader(import_files([tmp_path / "line.emd"], tmp_path / "line.h5")) as r:
+        assert r.kind == "eels_line_scan" and np.asarray(r.spectra()).tobytes() == data.tobytes()
+        assert r.attrs("eels")["dispersion_meV"] == 1.0 and set(r.spectrum_table()["energy_offset_meV"]) == {-50.0}
+        np.testing.assert_array_equal(r.spectrum_table()["x_nm"], 1.6 * np.arange(5))
+
+
 def tilt_stack(n: int = 4, size: int = 24) -> np.ndarray:
     rng = np.random.default_rng(3)
     yy, xx = np.mgrid[:size, :size]
