@@ -229,6 +229,30 @@ def test_image_stacks_become_tilt_series(tmp_path: Path) -> None:
         assert np.asarray(r.frames()).tobytes() == stack.tobytes() and r.attrs("tilt_series")["dwell_us"] == 4.0
 
 
+def test_single_swift_images_with_stage_tilts_become_a_tilt_series(tmp_path: Path) -> None:
+    """One Swift scan per file, the stage tilts (radians) and the dwell in each image's metadata."""
+    from nion.swift.model import NDataHandler
+
+    stack = tilt_stack(n=3)
+    alpha, beta = [0.0, -14.3, 20.1], [0.0, -22.9, 17.1]
+    files = []
+    for i in range(3):
+        properties = {"created": CREATED, "collection_dimension_count": 0, "datum_dimension_count": 2,
+                      "dimensional_calibrations": [{"offset": 0.0, "scale": 0.032, "units": "nm"}] * 2,
+                      "metadata": {"hardware_source": {"pixel_time_us": 4.0},
+                                   "instrument": {"ImageScanned": {"StageOutA": np.radians(alpha[i]),
+                                                                   "StageOutB": np.radians(beta[i])}}}}
+        files.append(tmp_path / f"scan{i}.ndata")
+        NDataHandler.write_zip(str(files[-1]), stack[i], properties)
+    with SessionReader(import_files(files, tmp_path / "tilt.h5")) as r:
+        table = r.frame_table()
+        np.testing.assert_allclose(table["alpha_deg"], alpha, atol=1e-12)
+        np.testing.assert_allclose(table["beta_deg"], beta, atol=1e-12)
+        np.testing.assert_array_equal(table["tilt_index"], [0, 1, 2])
+        assert r.attrs("tilt_series")["pixel_size_nm"] == 0.032 and r.attrs("tilt_series")["dwell_us"] == 4.0
+        assert np.asarray(r.frames()).tobytes() == stack.tobytes()
+
+
 def test_import_then_export_keeps_raw_spectra_and_frames_bit_for_bit(tmp_path: Path) -> None:
     hs = pytest.importorskip("hyperspy.api")
     export = pytest.importorskip("stemlive.live.export")
