@@ -7,6 +7,8 @@ Functions over numpy arrays or HyperSpy signals, the same analysis code as the l
     energy, sums, shifts = stemlive.align_and_sum(frames, dispersion_meV=0.44, energy_offset_meV=offsets)
     T, T_err = stemlive.temperature_map(sums, energy)
     labels = stemlive.segment(sums, energy, k=3)
+    stemlive.import_arrays(frames, "mine.h5", kind="eels_line_scan", dispersion_meV=0.44, frames_axis=True)
+    stemlive.import_signal(hs.load("si.hspy"), "si.h5")   # or stemlive.import_files(["a.dm4"], "a.h5")
     stemlive.analyze("session.h5", "analysed.h5", "eels.k=3")
     stemlive.export("analysed.h5", "out.hspy", "hspy")  # eXSpy EELSSpectrum; tilt series: "emd" (Tomviz)
 
@@ -16,6 +18,7 @@ Walk-through: docs/notebook.md. This package only re-exports from ``stemlive.liv
 from stemlive.live import __version__
 from stemlive.live.api import Session, align_and_sum, analyze, load, segment, temperature_map
 from stemlive.live.export import eels_signals, export, tilt_series_signal
+from stemlive.live.importer import import_arrays, import_files, import_signal
 
 __all__ = [
     "Session",
@@ -24,6 +27,9 @@ __all__ = [
     "analyze",
     "eels_signals",
     "export",
+    "import_arrays",
+    "import_files",
+    "import_signal",
     "load",
     "segment",
     "temperature_map",

@@ -180,7 +180,7 @@ def align_and_sum(
         step = float(np.mean(np.diff(energy)))
         e, summed, shifts = eels.sum_aligned(data, dispersion_meV=step, energy_offset_meV=float(energy[0]),
                                              method=method)
-        out = spectra.sum(axis=spectra.axes_manager.navigation_axes[0].index_in_axes_manager)
+        out = spectra.sum(axis=spectra.axes_manager.navigation_axes[0])  # the frames: the last numpy axis
         out.data = np.asarray(summed)
         ax = out.axes_manager.signal_axes[0]
         if not ax.is_uniform:
@@ -195,7 +195,8 @@ def align_and_sum(
 
 
 def temperature_map(spectra: Any, energy_meV: Any = None, **params: Any) -> Any:
-    """Local temperature from detailed balance (gain/loss ratio) of aligned, summed spectra.
+    """Local temperature from detailed balance (gain/loss ratio) of aligned, summed spectra, each spectrum on its
+    own (as the pipeline's EELS stage: the same numbers for the same sums).
 
     Parameters
     ----------
@@ -213,8 +214,11 @@ def temperature_map(spectra: Any, energy_meV: Any = None, **params: Any) -> Any:
     """
     data, energy = _spectra_energy(spectra, energy_meV)
     params.setdefault("zlp_windows_meV", _EELS_DEFAULTS["zlp_windows_meV"])
-    result = eels.temperature(energy, data, **params)
-    t, err = np.asarray(result.T_K, float), np.asarray(result.T_err_K, float)
+    flat = data.reshape(-1, data.shape[-1])
+    # one spectrum at a time, as the pipeline does: a batch would share one zero-loss shape between all points
+    fits = [eels.temperature(energy, row, **params) for row in flat]
+    t = np.array([float(f.T_K) for f in fits]).reshape(data.shape[:-1])
+    err = np.array([float(f.T_err_K) for f in fits]).reshape(data.shape[:-1])
     if not _is_signal(spectra):
         return t, err
     out = _per_point_signal(spectra, t, "temperature", "Temperature (K)")

@@ -70,7 +70,10 @@ def test_functions_take_arrays_and_signals_alike() -> None:
     s.axes_manager.signal_axes[0].units = "meV"
     s.axes_manager.signal_axes[0].offset = -300.0
     s.axes_manager.signal_axes[0].scale = 0.44
+    s.axes_manager.navigation_axes[1].name = "position"  # numpy axis 0; navigation_axes[0] = frames (axis 1)
     summed = stemlive.align_and_sum(s)
+    assert [a.name for a in summed.axes_manager.navigation_axes] == ["position"]
+    assert summed.axes_manager.navigation_shape == (2,)
     np.testing.assert_array_equal(summed.data, sums)
     np.testing.assert_allclose(summed.axes_manager.signal_axes[0].axis, energy, atol=1e-9)
     t, err = stemlive.temperature_map(sums, energy)
