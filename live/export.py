@@ -418,8 +418,6 @@ def add_subcommand(subparsers: Any) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Run ``stemlive export``."""
-    if not args.session.is_file():
-        raise CLIError(f"{args.session}: no such file", ExitCode.BAD_INPUT)
     try:
         paths = export(args.session, args.out, args.fmt, align=args.align, angles=args.angles,
                        overwrite=args.overwrite)

@@ -129,3 +129,4 @@ def test_cli_refuses_a_session_without_analysis_and_a_directory(tmp_path: Path) 
     assert not (tmp_path / "x.hspy").exists()
     folder = _run("export", str(tmp_path), "--format", "hspy", "-o", str(tmp_path / "y.hspy"))
     assert folder.returncode == ExitCode.BAD_INPUT and "Traceback" not in folder.stderr
+    assert folder.stderr.strip().splitlines()[-1] == f"stemlive export: {tmp_path}: is a directory, not a session file"
