@@ -649,6 +649,12 @@ def _cmd_reconstruct(args: Any) -> int:
     from .console import show_progress
     from .exitcodes import CLIError, ExitCode
 
+    for option, value in (("iterations", args.iterations), ("thickness", args.thickness), ("window", args.window),
+                          ("step", args.step)):
+        if value is not None and value < 1:
+            raise CLIError(f"--{option} {value}: must be >= 1", ExitCode.USAGE)
+    if args.step is not None and args.window is None:
+        raise CLIError("--step needs --window (the scanning-window size)", ExitCode.USAGE)
     _check_source(args.source)
     client = None
     if args.scheduler:

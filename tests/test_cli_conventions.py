@@ -43,6 +43,9 @@ def test_demo_refuses_options_it_cannot_run() -> None:
     assert not Path("/nonexistent/never-created").exists()
     for option, value in (("--size", "8"), ("--points", "1"), ("--frames", "0"), ("--eels-frames", "-2")):
         assert main(["demo", option, value]) == ExitCode.USAGE
+    for extra in (["--iterations", "0"], ["--step", "4"]):
+        # refused before the (missing) input is looked at
+        assert main(["tomo", "reconstruct", "x.emd", *extra]) == ExitCode.USAGE, extra
 
 
 def test_quiet_before_or_after_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

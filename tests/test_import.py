@@ -171,6 +171,22 @@ def test_single_spectra_lines_and_sequences(tmp_path: Path) -> None:
         assert np.asarray(r.messages().__next__().header["settings"]["source"]["readers"]) == ["numpy"]
 
 
+def test_swift_sequence_of_spectra_is_one_point_with_frames(tmp_path: Path) -> None:
+    from nion.swift.model import NDataHandler
+
+    frames = spectrum_image()[0][:, 0, 0]  # (3 frames, 2048 channels) of one probe position
+    properties = {"created": CREATED, "is_sequence": True, "collection_dimension_count": 0,
+                  "datum_dimension_count": 1, "metadata": {"hardware_source": {"exposure": 1.2}},
+                  "dimensional_calibrations": [{"offset": 0.0, "scale": 1.0, "units": ""},
+                                               {"offset": -0.3, "scale": 0.00044, "units": "eV"}]}
+    NDataHandler.write_zip(str(tmp_path / "seq.ndata"), frames, properties)
+    with SessionReader(import_files([tmp_path / "seq.ndata"], tmp_path / "seq.h5")) as r:
+        assert r.kind == "eels_line_scan" and r.spectra().shape == (3, 2048)
+        np.testing.assert_array_equal(r.spectrum_table()["point_index"], [0, 0, 0])
+        np.testing.assert_array_equal(r.spectrum_table()["frame_index"], [0, 1, 2])
+        assert [m.type for m in r.messages()] == ["session_start", "spectrum", "session_end"]  # one batch
+
+
 def test_emd_line_scan(tmp_path: Path) -> None:
     """Berkeley EMD (RosettaSciIO's reader flags no navigation axis: the eV axis is the spectrum)."""
     exspy = pytest.importorskip("exspy")
