@@ -31,6 +31,7 @@ __all__ = [
     "reconstruct",
     "save_slices_png",
     "write_emd",
+    "write_astra_vectors",
     "write_emd_volume",
     "write_genfire_inputs",
 ]
@@ -431,7 +432,7 @@ def export(
     Returns
     -------
     dict
-        ``{"emd": ..., "genfire_projections": ..., "genfire_angles": ...}`` paths.
+        ``{"emd": ..., "genfire_projections": ..., "genfire_angles": ..., "astra_vectors": ...}`` paths.
     """
     if align not in ALIGN_METHODS:
         raise ValueError(f"align must be one of {ALIGN_METHODS}, got {align!r}")
@@ -443,7 +444,24 @@ def export(
     stem = Path(session_path).stem
     paths = {"emd": write_emd(out / f"{stem}_tilt_series.emd", series, aligned, shifts, align=align)}
     paths.update(write_genfire_inputs(out, stem, aligned, series.genfire_euler_deg))
+    paths["astra_vectors"] = write_astra_vectors(out / f"{stem}_astra_vectors.txt", series.rotations,
+                                                 aligned.shape[1:])
     return paths
+
+
+def write_astra_vectors(path: str | Path, rotations: np.ndarray, shape_yx: tuple[int, ...]) -> Path:
+    """Write :func:`astra_parallel3d_vec` rows (``n x 12``, text) for projections ``(ny, nx)`` and a volume
+    ``(max(ny, nx), ny, nx)``, next to GENFIRE's Euler angles."""
+    ny, nx = int(shape_yx[0]), int(shape_yx[1])
+    nz = max(ny, nx)
+    path = Path(path)
+    np.savetxt(
+        path, astra_parallel3d_vec(rotations, (nz, ny, nx)), fmt="%.9f",
+        header=(f"ASTRA parallel3d_vec: rayX rayY rayZ dX dY dZ uX uY uZ vX vY vZ, one row per projection; "
+                f"astra.create_vol_geom({ny}, {nx}, {nz}), detector {ny} rows x {nx} columns, projection data "
+                "(rows, n, columns); sample frame, u = image x, v = image y (docs/tomography.md)"),
+    )
+    return path
 
 
 def read_emd_tilt_series(path: str | Path) -> tuple[np.ndarray, np.ndarray, float]:

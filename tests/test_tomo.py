@@ -203,7 +203,9 @@ def test_export_emd_and_genfire(tmp_path, cluster):
     proj, rots, alpha, beta = cluster
     session = write_session(tmp_path / "s1.h5", proj, alpha, beta)
     paths = tomo.export(session, tmp_path / "out", align="com")
-    assert set(paths) == {"emd", "genfire_projections", "genfire_angles"}
+    assert set(paths) == {"emd", "genfire_projections", "genfire_angles", "astra_vectors"}
+    np.testing.assert_allclose(np.loadtxt(paths["astra_vectors"]), tomo.astra_parallel3d_vec(rots, (64, 64, 64)),
+                               atol=1e-8)
 
     with ncempy_emd.fileEMD(paths["emd"]) as emd:
         assert emd.version == (0, 2)
