@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,8 +41,10 @@ class ExportError(ValueError):
 
 def _hyperspy() -> tuple[Any, Any]:
     try:
-        import exspy
-        import hyperspy.api as hs
+        with warnings.catch_warnings():  # exspy imports names HyperSpy 2.x deprecates: noise for our users
+            warnings.simplefilter("ignore")
+            import exspy
+            import hyperspy.api as hs
     except ImportError as e:  # optional dependency
         raise ExportError(
             f"writing .hspy needs HyperSpy and eXSpy ({e.name} is not installed): pip install 'stemlive[io]'"
