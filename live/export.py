@@ -66,10 +66,15 @@ def _uniform(values: np.ndarray, rtol: float = 1e-6) -> tuple[float, float] | No
 
 
 def _axis(name: str, units: str, values: np.ndarray, *, navigate: bool) -> dict[str, Any]:
-    """A HyperSpy axis dict: uniform (offset/scale) where the values allow, else a non-uniform ``axis``."""
+    """A HyperSpy axis dict: uniform (offset/scale) where the values allow, else a non-uniform ``axis``, or an
+    index axis (``"<name> index"``) if the values are not monotonic (the values are then in the metadata)."""
     values = np.asarray(values, float)
     uniform = _uniform(values)
     if uniform is None:
+        step = np.diff(values)
+        if not (np.all(step > 0) or np.all(step < 0)):  # HyperSpy axes must be monotonic: number the points
+            return {"name": f"{name} index", "units": "", "offset": 0.0, "scale": 1.0, "size": int(values.size),
+                    "navigate": navigate}
         return {"name": name, "units": units, "axis": values, "navigate": navigate}
     offset, scale = uniform
     return {"name": name, "units": units, "offset": offset, "scale": scale, "size": int(values.size),
@@ -183,9 +188,8 @@ def eels_signals(session_path: str | Path) -> dict[str, Any]:
         spectrum.metadata.set_item("Acquisition_instrument.TEM.Detector.EELS.frame_number", int(np.max(n_frames)))
     md: dict[str, Any] = {"session": session_md, "dispersion_meV": dispersion, "exposure_ms": exposure_ms,
                           "point_index": points}
-    if points.ndim == 1:
-        x, y = _point_positions(table, points)
-        md["x_nm"], md["y_nm"] = x, y
+    x, y = _point_positions(table, points)  # mean probe position of each point, in the navigation shape
+    md["x_nm"], md["y_nm"] = x.reshape(points.shape), y.reshape(points.shape)
     for name in ("peaks", "interface"):
         if name in res and res[name].dtype.names:
             md[name] = _columns(res[name])
