@@ -130,3 +130,19 @@ def test_cli_refuses_a_session_without_analysis_and_a_directory(tmp_path: Path) 
     folder = _run("export", str(tmp_path), "--format", "hspy", "-o", str(tmp_path / "y.hspy"))
     assert folder.returncode == ExitCode.BAD_INPUT and "Traceback" not in folder.stderr
     assert folder.stderr.strip().splitlines()[-1] == f"stemlive export: {tmp_path}: is a directory, not a session file"
+
+
+def test_navigation_axes_from_probe_positions() -> None:
+    pi = np.repeat(np.arange(4), 2)
+    table = {"point_index": pi, "x_nm": np.repeat([0.0, 1.6, 3.2, 4.8], 2), "y_nm": np.zeros(8)}
+    (ax,) = export.eels_axes("eels_line_scan", table, np.arange(4))
+    assert (ax["name"], ax["offset"], ax["scale"], ax["size"]) == ("position", 0.0, pytest.approx(1.6), 4)
+    table["x_nm"] = np.repeat([0.0, 1.0, 3.0, 6.0], 2)  # uneven steps: a non-uniform axis with the distances
+    (ax,) = export.eels_axes("eels_line_scan", table, np.arange(4))
+    np.testing.assert_allclose(ax["axis"], [0.0, 1.0, 3.0, 6.0])
+    table["x_nm"] = np.repeat([0.0, 2.0, 1.0, 3.0], 2)  # back and forth: HyperSpy needs monotonic axes
+    (ax,) = export.eels_axes("eels_line_scan", table, np.arange(4))
+    assert ax["name"] == "position index" and ax["size"] == 4
+    diagonal = {"point_index": pi, "x_nm": np.repeat([0.0, 3.0, 6.0, 9.0], 2), "y_nm": np.repeat([0, 4, 8, 12.0], 2)}
+    (ax,) = export.eels_axes("eels_line_scan", diagonal, np.arange(4))
+    assert ax["scale"] == pytest.approx(5.0)  # distance along the line, not x
