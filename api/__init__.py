@@ -12,15 +12,30 @@ Functions over numpy arrays or HyperSpy signals, the same analysis code as the l
     stemlive.analyze("session.h5", "analysed.h5", "eels.k=3")
     stemlive.export("analysed.h5", "out.hspy", "hspy")  # eXSpy EELSSpectrum; tilt series: "emd" (Tomviz)
 
-Walk-through: docs/notebook.md. This package only re-exports from ``stemlive.live`` (no Qt, ZeroMQ or Swift).
+Walk-through: docs/notebook.md. This package only re-exports from ``stemlive.live`` (no Qt, ZeroMQ or Swift),
+lazily: importing ``stemlive.live`` (the CLI, the Swift plug-in) does not load the analysis modules.
 """
 
-from stemlive.live import __version__
-from stemlive.live.api import Session, align_and_sum, analyze, load, segment, temperature_map
-from stemlive.live.export import eels_signals, export, tilt_series_signal
-from stemlive.live.importer import import_arrays, import_files, import_signal
+from __future__ import annotations
 
-__all__ = [
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from stemlive.live import __version__
+
+if TYPE_CHECKING:
+    from stemlive.live.api import Session, align_and_sum, analyze, load, segment, temperature_map
+    from stemlive.live.export import eels_signals, export, tilt_series_signal
+    from stemlive.live.importer import import_arrays, import_files, import_signal
+
+_WHERE = {
+    "Session": "api", "align_and_sum": "api", "analyze": "api", "load": "api", "segment": "api",
+    "temperature_map": "api",
+    "eels_signals": "export", "export": "export", "tilt_series_signal": "export",
+    "import_arrays": "importer", "import_files": "importer", "import_signal": "importer",
+}
+
+__all__ = [  # the names of _WHERE (tests/test_api.py checks), spelled out for linters and type checkers
     "Session",
     "__version__",
     "align_and_sum",
@@ -35,3 +50,16 @@ __all__ = [
     "temperature_map",
     "tilt_series_signal",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'stemlive' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"stemlive.live.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
