@@ -49,6 +49,8 @@ ANGLE_UNITS = {"deg": 1.0, "°": 1.0, "degree": 1.0, "degrees": 1.0, "rad": 180.
 TIME_WORDS = ("time", "frame", "sequence", "seq", "exposure")
 TIME_UNITS = ("s", "ms", "us", "µs", "ns", "min", "frame", "frames")
 #: calibrations ``--set`` can give or override; every other key goes into the session's settings
+#: spectra of a lazily read source are read this many bytes at a time
+BLOCK_BYTES = 64 << 20
 CALIBRATION_KEYS = ("exposure_ms", "dwell_us", "pixel_size_nm", "dispersion_meV", "energy_offset_meV", "step_nm",
                     "session_id", "t0")
 
@@ -72,7 +74,7 @@ class Axis:
 class Source:
     """Data read from one file (or given in memory), its axes in array order, and what each axis is."""
 
-    data: np.ndarray
+    data: Any  # a numpy array, or a dask array for a source read lazily (large files stay on disk)
     axes: list[Axis]
     roles: list[str]  # per axis: "sequence" | "navigation" | "signal"
     name: str
@@ -192,7 +194,10 @@ def _read_rsciio(path: Path) -> list[Source]:
     for plugin in plugins:
         try:
             reader = importlib.import_module(plugin["api"]).file_reader
-            items = reader(str(path))
+            try:  # lazily where the reader can: a spectrum-image sequence may not fit in memory
+                items = reader(str(path), lazy=True)
+            except TypeError:
+                items = reader(str(path))
         except Exception as e:  # a reader that does not match raises whatever it meets: try the next one
             errors.append(f"{plugin['name']}: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
             continue
@@ -206,7 +211,8 @@ def _none_usable(path: Path, items: Sequence[Any]) -> list[Source]:
 
 
 def _from_rsciio(item: Mapping[str, Any], path: Path, reader: str) -> Source | None:
-    data = np.asarray(item["data"])
+    data = item["data"]
+    data = data if _is_lazy(data) else np.asarray(data)
     if data.dtype.kind not in "fiu":
         return None
     axes_dicts = list(item.get("axes") or [])
@@ -240,6 +246,10 @@ def _from_rsciio(item: Mapping[str, Any], path: Path, reader: str) -> Source | N
         dwell_us=1e6 * float(dwell) if dwell is not None else None,
         angles_deg=(float(alpha), float(stage.get("tilt_beta", 0.0) or 0.0)) if alpha is not None else None,
     )
+
+
+def _is_lazy(data: Any) -> bool:
+    return type(data).__module__.startswith("dask")
 
 
 def _rsciio_roles(axes: Sequence[Axis], navigate: Sequence[bool]) -> list[str]:
@@ -493,7 +503,7 @@ def _write_eels(sources: Sequence[Source], out: Path, kind: str, options: dict[s
         if block.shape[1:] != first.shape[1:] or (e.scale, e.offset, e.units) != (energy.scale, energy.offset,
                                                                                     energy.units):
             raise ImportInputError(f"{source.name}: points, channels or energy axis differ from {sources[0].name}")
-    data = np.concatenate([b[0] for b in blocks], axis=0)  # (frames, points, channels)
+    data = blocks[0][0] if len(blocks) == 1 else np.concatenate([b[0] for b in blocks], axis=0)  # (F, P, C)
     n_frames, n_points, n_channels = data.shape
     if n_points == 0 or n_frames == 0 or n_channels < 2:
         raise ImportInputError(f"{sources[0].name}: no spectra (shape {data.shape})")
@@ -518,8 +528,14 @@ def _write_eels(sources: Sequence[Source], out: Path, kind: str, options: dict[s
     dt = exposure_ms / 1e3 if math.isfinite(exposure_ms) and exposure_ms > 0 else 1.0
     t0, session = float(start["t"]), start["session"]
     seq = 0
+    # points in blocks of BLOCK_BYTES: a lazy source is read block by block, never whole
+    per_block = max(1, BLOCK_BYTES // max(1, n_frames * n_channels * 4))
+    block, block_start = np.empty((n_frames, 0, n_channels), "<f4"), 0
     with SessionWriter(out, Message(start), commit_interval_s=3600.0) as writer:
         for p in range(n_points):
+            if p >= block_start + block.shape[1]:
+                block_start = p
+                block = np.asarray(data[:, p : p + per_block, :])
             seq += 1
             rows = p * n_frames + np.arange(n_frames)
             header = {
@@ -529,7 +545,7 @@ def _write_eels(sources: Sequence[Source], out: Path, kind: str, options: dict[s
                 "energy_offset_meV": [offset] * n_frames, "t": [t0 + dt * (r + 1) for r in rows.tolist()],
                 "dispersion_meV": dispersion, "exposure_ms": exposure_ms,
             }
-            payload = np.ascontiguousarray(data[:, p, :], dtype="<f4")
+            payload = np.ascontiguousarray(block[:, p - block_start, :], dtype="<f4")
             if n_frames == 1:  # one spectrum: a single-spectrum message, as the acquisition sends it
                 header = {k: (v[0] if isinstance(v, list) else v) for k, v in header.items()}
                 payload = payload[0]
@@ -597,7 +613,7 @@ def _write_tilt_series(sources: Sequence[Source], out: Path, angles: str | Path 
     frame_index = np.arange(n) - starts[tilt_index]
     with SessionWriter(out, Message(start), commit_interval_s=3600.0) as writer:
         for i in range(n):
-            image = np.ascontiguousarray(images[i], dtype="<f4")
+            image = np.ascontiguousarray(np.asarray(images[i]), dtype="<f4")
             writer.append(Message({
                 "proto": "stemlive/1", "type": "frame", "session": session, "seq": i + 1, "t": t0 + dt * (i + 1),
                 "tilt_index": int(tilt_index[i]), "frame_index": int(frame_index[i]),

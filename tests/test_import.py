@@ -154,6 +154,19 @@ def test_swift_and_hyperspy_files_import_to_the_same_session(tmp_path: Path) -> 
     assert np.sqrt(np.mean(pull**2)) <= 1.5, (t_a, true_T, err)
 
 
+def test_large_files_are_read_lazily_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stemlive.live import importer
+
+    hspy = write_hspy(tmp_path / "si.hspy")
+    (source,) = importer.read_file(hspy)
+    assert type(source.data).__module__.startswith("dask")  # nothing read yet
+    monkeypatch.setattr(importer, "BLOCK_BYTES", 2 * NF * 2048 * 4 + 1)  # two positions per read: 4 reads
+    spectra, _ = spectrum_image()
+    with SessionReader(import_files([hspy], tmp_path / "si.h5")) as r:
+        expected = spectra.transpose(1, 2, 0, 3).reshape(-1, spectra.shape[-1]).astype(np.float32)
+        assert np.asarray(r.spectra()).tobytes() == expected.tobytes()
+
+
 def test_single_spectra_lines_and_sequences(tmp_path: Path) -> None:
     spectra, _ = spectrum_image()
     line = spectra[:, 0]  # (frames, points, channels): a line scan with frames
