@@ -322,20 +322,26 @@ def write_emd(
     return path
 
 
+# Tomviz's reconstruction frame for our exported tilt series: its X is the tilt (alpha) axis = our y, and its
+# reconstructions put the beam (at zero tilt) along their second axis: (X, Y, Z) = our (y, z, x), a rotation
+VOLUME_AXES = (1, 0, 2)  # (z, y, x) -> (y, z, x); its own inverse
+
+
 def write_emd_volume(path: str | Path, volume_zyx: np.ndarray, voxel_nm: float, *, algorithm: str = "") -> Path:
-    """Write a reconstruction as EMD v0.2 in Tomviz's layout: ``/data/tomography/data`` ``(x, y, z)`` float32
-    (Tomviz reads the array axes as its X, Y, Z), float32 dims ``x``, ``y``, ``z`` in nm, centred on voxel
-    ``n // 2``."""
+    """Write a reconstruction as EMD v0.2 in Tomviz's layout and frame: ``/data/tomography/data`` float32
+    ``(ny, nz, nx)``, i.e. Tomviz's ``(X, Y, Z)`` = our ``(y, z, x)``: the frame of the volume Tomviz's own
+    reconstructions make from the exported tilt series (tilt axis X, beam along Y at zero tilt), so the two
+    overlay voxel for voxel. Float32 dims ``y``, ``z``, ``x`` in nm, centred on voxel ``n // 2``."""
     path = Path(path)
-    vol = np.ascontiguousarray(np.asarray(volume_zyx, np.float32).transpose(2, 1, 0))
+    vol = np.ascontiguousarray(np.asarray(volume_zyx, np.float32).transpose(VOLUME_AXES))
     with h5py.File(path, "w") as f:
         g = _emd_root(f)
         g.attrs["algorithm"] = algorithm
         g.attrs["voxel_size_nm"] = float(voxel_nm)  # exact (the dims are float32)
-        g.attrs["layout"] = "data[ix, iy, iz] = volume at (x, y, z) of the sample frame"
+        g.attrs["layout"] = "data[iy, iz, ix] = volume at (x, y, z) of the sample frame; Tomviz (X, Y, Z) = (y, z, x)"
         data = g.create_dataset("data", data=vol)
         data.attrs["name"] = "reconstruction"
-        for i, (size, name) in enumerate(zip(vol.shape, "xyz", strict=True), start=1):
+        for i, (size, name) in enumerate(zip(vol.shape, "yzx", strict=True), start=1):
             _f4_dim(g, f"dim{i}", (np.arange(size) - size // 2) * voxel_nm, name, "[n_m]")
         g.create_group("tomviz_scalars")["reconstruction"] = h5py.SoftLink(data.name)
     return path
@@ -347,7 +353,7 @@ def read_emd_volume(path: str | Path) -> tuple[np.ndarray, float]:
         if EMD_GROUP not in f:
             raise TomoInputError(f"{path}: no /{EMD_GROUP} group (not a stemlive/Tomviz EMD)")
         g = f[EMD_GROUP]
-        vol = np.asarray(g["data"][()], np.float32).transpose(2, 1, 0)
+        vol = np.asarray(g["data"][()], np.float32).transpose(VOLUME_AXES)
         x = g["dim1"][()]
         voxel = float(g.attrs.get("voxel_size_nm", x[1] - x[0] if x.size > 1 else 1.0))
     return np.ascontiguousarray(vol), voxel
@@ -498,7 +504,7 @@ def reconstruct(
         ``align``, angles overridden by ``angles``).
     out_dir : path
         Output folder; writes ``<stem>_reconstruction.emd`` (:func:`write_emd_volume`: ``/data/tomography``,
-        ``(x, y, z)``) and, with ``png``, ``<stem>_slices.png``.
+        ``(y, z, x)``) and, with ``png``, ``<stem>_slices.png``.
     n_iter : int
         SIRT iterations.
     thickness_px : int, optional

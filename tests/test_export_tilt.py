@@ -152,7 +152,8 @@ def test_reconstruction_emd_is_in_tomviz_axis_order(tmp_path: Path) -> None:
     path = tomo.write_emd_volume(tmp_path / "v.emd", vol, 0.25)
     ds = load_dataset(path)
     assert ds.tilt_angles is None
-    np.testing.assert_array_equal(ds.active_scalars, vol.transpose(2, 1, 0))  # Tomviz (X, Y, Z)
+    # Tomviz (X, Y, Z) = our (y, z, x): the frame of Tomviz's own reconstructions from the exported tilt series
+    np.testing.assert_array_equal(ds.active_scalars, vol.transpose(1, 0, 2))
     assert ds.spacing == pytest.approx([0.25] * 3)
     back, voxel = tomo.read_emd_volume(path)
     np.testing.assert_array_equal(back, vol)

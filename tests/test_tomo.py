@@ -359,9 +359,9 @@ def test_reconstruct_from_export_writes_volume(tmp_path, cluster):
     import ncempy.io
 
     vol = ncempy.io.read(paths["volume"])
-    assert vol["data"].shape == (32, 32, 16)  # (x, y, z) as Tomviz reads volumes
+    assert vol["data"].shape == (32, 16, 32)  # (y, z, x): Tomviz's (X, Y, Z), see write_emd_volume
     assert vol["pixelUnit"] == ["[n_m]"] * 3
     # directly from the session gives the same volume (no alignment)
     again = tomo.reconstruct(session, tmp_path / "rec2", n_iter=3, thickness_px=16, align="none", png=False)
     volume, _ = tomo.read_emd_volume(again["volume"])
-    np.testing.assert_allclose(volume.transpose(2, 1, 0), vol["data"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(volume.transpose(1, 0, 2), vol["data"], rtol=1e-5, atol=1e-6)
