@@ -36,6 +36,10 @@ def describe(path: str | Path) -> str:
                                              ("arrival order = row order (no seq)", r.stored_seq)) if not stored]
         if rebuilt:
             lines.append("  v1 minimum:  " + "; ".join(rebuilt))
+        source = r.settings.get("source")
+        if isinstance(source, dict) and source.get("files"):  # written by stemlive import
+            readers = ", ".join(str(x) for x in source.get("readers", []))
+            lines.append(f"  imported:    {', '.join(str(f) for f in source['files'])} ({readers})")
         if r.closed_at:
             lines.append(f"  closed:      {r.closed_at}")
         lines += _describe_data(r)

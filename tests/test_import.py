@@ -127,6 +127,8 @@ def test_swift_and_hyperspy_files_import_to_the_same_session(tmp_path: Path) -> 
                 "arrays": import_arrays(spectra, tmp_path / "from_arrays.h5", kind="eels_map", frames_axis=True,
                                         dispersion_meV=0.44, energy_offset_meV=-300.0, step_nm=STEP_NM,
                                         settings={"exposure_ms": 1200.0, "t0": CREATED + "+00:00"})}
+    info = run("info", str(from_ndata))
+    assert info.returncode == 0 and f"imported:    {ndata} (nion swift ndata)" in info.stdout, info.stdout
     reference = session_content(sessions["ndata"])
     assert reference["kind"] == "eels_map" and reference["scan_shape"] == [NY, NX]
     assert reference["dispersion_meV"] == 0.44 and reference["exposure_ms"] == 1200.0  # eV -> meV, s -> ms
