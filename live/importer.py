@@ -467,10 +467,12 @@ def cmd_import(args: Any) -> int:
         raise CLIError(f"{args.out} exists; refusing to overwrite a session file", ExitCode.USAGE)
     try:
         out = import_files(args.files, args.out, kind=args.kind, angles=args.angles, settings=settings)
-    except ImportInputError as e:
-        if args.out.exists():  # nothing half-written stays behind
+    except BaseException as e:
+        if args.out.exists():  # nothing half-written stays behind (the file did not exist before: checked above)
             args.out.unlink()
-        raise CLIError(str(e), ExitCode.BAD_INPUT) from None
+        if isinstance(e, ImportInputError):
+            raise CLIError(str(e), ExitCode.BAD_INPUT) from None
+        raise
     from .session_reader import SessionReader
 
     with SessionReader(out) as r:
