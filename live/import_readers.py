@@ -205,6 +205,8 @@ def _from_rsciio(item: Mapping[str, Any], path: Path, reader: str) -> Source | N
     eels_md = ((tem.get("Detector") or {}).get("EELS")) or {}
     stage = tem.get("Stage") or {}
     exposure = eels_md.get("exposure", tem.get("exposure"))
+    if exposure is None:  # DigitalMicrograph keeps it in its own tags (ImageTags.EELS.Acquisition)
+        exposure = _find(item.get("original_metadata") or {}, ("Exposure (s)",))
     dwell = tem.get("dwell_time", eels_md.get("dwell_time"))
     alpha = stage.get("tilt_alpha")
     return Source(

@@ -202,6 +202,25 @@ def test_swift_sequence_of_spectra_is_one_point_with_frames(tmp_path: Path) -> N
         assert [m.type for m in r.messages()] == ["session_start", "spectrum", "session_end"]  # one batch
 
 
+def test_digitalmicrograph_spectrum_image(tmp_path: Path) -> None:
+    """A DM3 spectrum image (energy in eV, slowest in the file; RosettaSciIO flags it as a navigation axis)."""
+    import dm3_writer
+
+    spectra = spectrum_image()[0][0]  # (ny, nx, channels): one frame per position
+    dm3 = dm3_writer.write_spectrum_image(tmp_path / "si.dm3", spectra, step_nm=STEP_NM, x0_nm=X0_NM,
+                                          energy_offset_eV=-0.3, dispersion_eV=0.00044, exposure_s=1.2)
+    proc = run("import", str(dm3), "-o", str(tmp_path / "si.h5"))
+    assert proc.returncode == 0, proc.stderr
+    with SessionReader(tmp_path / "si.h5") as r:
+        assert r.kind == "eels_map" and r.start_header["settings"]["scan_shape"] == [NY, NX]
+        assert np.asarray(r.spectra()).tobytes() == spectra.reshape(-1, spectra.shape[-1]).tobytes()
+        table = r.spectrum_table()
+        assert r.attrs("eels")["dispersion_meV"] == 0.44 and set(table["energy_offset_meV"]) == {-300.0}
+        np.testing.assert_allclose(table["x_nm"], np.tile(X0_NM + STEP_NM * np.arange(NX), NY))
+        np.testing.assert_allclose(table["y_nm"], np.repeat(STEP_NM * np.arange(NY), NX))
+        assert r.attrs("eels")["exposure_ms"] == 1200.0  # from DM's ImageTags.EELS.Acquisition
+
+
 def test_emd_line_scan(tmp_path: Path) -> None:
     """Berkeley EMD (RosettaSciIO's reader flags no navigation axis: the eV axis is the spectrum)."""
     exspy = pytest.importorskip("exspy")
