@@ -202,15 +202,19 @@ def test_swift_sequence_of_spectra_is_one_point_with_frames(tmp_path: Path) -> N
         assert [m.type for m in r.messages()] == ["session_start", "spectrum", "session_end"]  # one batch
 
 
-def test_digitalmicrograph_spectrum_image(tmp_path: Path) -> None:
-    """A DM3 spectrum image (energy in eV, slowest in the file; RosettaSciIO flags it as a navigation axis)."""
-    import dm3_writer
+@pytest.mark.parametrize("suffix", [".dm3", ".dm4"])
+def test_digitalmicrograph_spectrum_image(suffix: str, tmp_path: Path) -> None:
+    """A DM spectrum image (energy in eV, slowest in the file; RosettaSciIO flags it as a navigation axis)."""
+    import dm_writer
 
     spectra = spectrum_image()[0][0]  # (ny, nx, channels): one frame per position
-    dm3 = dm3_writer.write_spectrum_image(tmp_path / "si.dm3", spectra, step_nm=STEP_NM, x0_nm=X0_NM,
-                                          energy_offset_eV=-0.3, dispersion_eV=0.00044, exposure_s=1.2)
-    proc = run("import", str(dm3), "-o", str(tmp_path / "si.h5"))
-    assert proc.returncode == 0, proc.stderr
+    dm = dm_writer.write_spectrum_image(tmp_path / f"si{suffix}", spectra, step_nm=STEP_NM, x0_nm=X0_NM,
+                                         energy_offset_eV=-0.3, dispersion_eV=0.00044, exposure_s=1.2)
+    if suffix == ".dm3":  # as a user types it
+        proc = run("import", str(dm), "-o", str(tmp_path / "si.h5"))
+        assert proc.returncode == 0, proc.stderr
+    else:
+        import_files([dm], tmp_path / "si.h5")
     with SessionReader(tmp_path / "si.h5") as r:
         assert r.kind == "eels_map" and r.start_header["settings"]["scan_shape"] == [NY, NX]
         assert np.asarray(r.spectra()).tobytes() == spectra.reshape(-1, spectra.shape[-1]).tobytes()
