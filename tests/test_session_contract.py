@@ -51,7 +51,7 @@ def test_v1_minimum_eels_replays_and_is_analysed(tmp_path: Path) -> None:
     temps, errs = res["temperature_K"], res["temperature_err_K"]
     assert temps.shape == (8,) and np.isfinite(temps).all()
     pulls = (temps - 600.0) / errs
-    # measured: all within 4 K of 600 K, pull RMS 0.6 (an independent model: tolerance 2x the analysis' own)
+    # measured: |T - 600 K| <= 5.1 K, pull RMS 0.67 (an independent model: limits with a margin)
     assert np.abs(temps - 600.0).max() < 15.0 and np.sqrt(np.mean(pulls**2)) < 2.0, (temps, errs)
 
 
