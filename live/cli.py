@@ -50,6 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         frame_endpoint=args.frames,
         result_endpoint=args.results,
         allow_remote=args.allow_remote,
+        reserve_bytes=int(args.reserve_mib * 2**20),
+        idle_timeout_s=args.idle_timeout,
     )
     print(f"stemlive serve: frames on {service.frame_endpoint}, results on {service.result_endpoint}, "
           f"sessions into {service.out_dir.resolve()} (Ctrl-C to stop)", flush=True)
@@ -104,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", help="lossless input endpoint to bind (default tcp://127.0.0.1:7710)")
     p.add_argument("--results", help="result PUB endpoint to bind (default tcp://127.0.0.1:7711)")
     p.add_argument("--out", type=Path, default=Path("sessions"), help="folder for session files (default ./sessions)")
+    p.add_argument("--reserve-mib", type=float, default=256.0,
+                   help="free disk space to keep: sessions are refused or closed 'failed' below it (default 256)")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="close a session as aborted after this many seconds without data (default 300)")
     _add_params(p)
     _add_remote(p)
     p.set_defaults(func=cmd_serve)

@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -63,10 +63,76 @@ DEFAULT_LIVENESS = 5
 #: The receiver flushes pending acknowledgements at least this often while it is being polled.
 ACK_INTERVAL_S = 0.05
 _BACKCHANNEL_HWM = 1000
+#: Bytes of whole results the publisher keeps so that missed final results can be asked for again.
+DEFAULT_RESULT_HISTORY_BYTES = 64 * 2**20
 
 
 class TransportError(RuntimeError):
     """The lossless path cannot make progress: blocked send, dead or non-acknowledging service."""
+
+
+def _sibling_endpoint(endpoint: str) -> str:
+    """A free endpoint next to ``endpoint``: same host on another (ephemeral) port, or a suffixed ipc/inproc name."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme == "tcp":
+        return f"tcp://{rest.rpartition(':')[0]}:*"
+    return f"{endpoint}-requests"
+
+
+def _reachable(advertised: str, connected: str) -> str:
+    """The request endpoint a result advertises, with a wildcard host replaced by the host this side connected to."""
+    scheme, _, rest = advertised.partition("://")
+    host, _, port = rest.rpartition(":")
+    if scheme == "tcp" and host in ("0.0.0.0", "*", "[::]", "::"):
+        return f"tcp://{connected.partition('://')[2].rpartition(':')[0]}:{port}"
+    return advertised
+
+
+def _secure_server(sock: zmq.Socket[Any], curve: Any) -> None:
+    if curve is not None:
+        curve.apply_server(sock)
+
+
+def _secure_client(sock: zmq.Socket[Any], curve: Any) -> None:
+    if curve is not None:
+        curve.apply_client(sock)
+
+
+class ResultHistory:
+    """The latest whole result of each (stage, name) of recent sessions, as encoded parts, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._sessions: OrderedDict[str, dict[tuple[str, str], list[bytes]]] = OrderedDict()
+        self._closed: set[str] = set()
+        self._bytes = 0
+
+    def keep(self, session: str, topic: tuple[str, str], parts: list[bytes | memoryview]) -> None:
+        copied = [bytes(p) for p in parts]
+        size = sum(len(p) for p in copied)
+        if size > self.max_bytes:
+            return
+        kept = self._sessions.setdefault(session, {})
+        self._sessions.move_to_end(session)
+        old = kept.pop(topic, None)
+        self._bytes += size - (sum(len(p) for p in old) if old else 0)
+        kept[topic] = copied
+        while self._bytes > self.max_bytes and self._sessions:
+            sid, oldest = next(iter(self._sessions.items()))
+            victim = next(iter(oldest))
+            self._bytes -= sum(len(p) for p in oldest.pop(victim))
+            if not oldest:
+                del self._sessions[sid]
+                self._closed.discard(sid)
+
+    def close(self, session: str) -> None:
+        self._closed.add(session)
+
+    def latest(self) -> str | None:
+        return next(reversed(self._sessions), None)
+
+    def get(self, session: str) -> tuple[list[list[bytes]], bool]:
+        return list(self._sessions.get(session, {}).values()), session in self._closed
 
 
 def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
@@ -128,12 +194,16 @@ def _link_heartbeat(seq: int, **fields: Any) -> list[bytes | memoryview]:
 
 @dataclass
 class Nack:
-    """A rejection reported back by the service: message ``seq`` of ``session`` (None if unreadable)."""
+    """A rejection reported back by the service: message ``seq`` of ``session`` (None if unreadable).
+
+    ``extra`` holds further fields of the nack, e.g. ``owner_session`` and ``owner_age_s`` with code ``busy``.
+    """
 
     session: str | None
     seq: int | None
     code: str
     detail: str
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ============================================================== sender
@@ -157,6 +227,8 @@ class FrameSender:
         are unacknowledged.
     kernel_buffer_bytes : int, optional
         SO_SNDBUF for TCP; None keeps the OS default (Linux autotunes up to ``net.ipv4.tcp_wmem``).
+    curve : stemlive.live.keys.Curve, optional
+        Client keys for a service that requires CURVE authentication (see ``stemlive keys``).
     context : zmq.Context, optional
         Defaults to the process-wide instance.
 
@@ -175,6 +247,7 @@ class FrameSender:
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         liveness: int = DEFAULT_LIVENESS,
         kernel_buffer_bytes: int | None = None,
+        curve: Any = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         self.endpoint = endpoint
@@ -190,6 +263,7 @@ class FrameSender:
         self._last_heard = self._last_sent = self._last_drain = self._pending_since = time.monotonic()
         self._closed = False
         self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        _secure_client(self._sock, curve)
         self._sock.setsockopt(zmq.SNDHWM, high_water_mark)
         self._sock.setsockopt(zmq.RCVHWM, _BACKCHANNEL_HWM)
         if kernel_buffer_bytes is not None:
@@ -341,7 +415,9 @@ class FrameSender:
                 if self._sent.get(sid, -1) <= seq:
                     self._sent.pop(sid, None)  # fully acknowledged: keeps unacknowledged() cheap
             for n in msg.header.get("nacks") or ():
-                nack = Nack(n.get("session"), n.get("seq"), str(n.get("code")), str(n.get("detail")))
+                known = ("session", "seq", "code", "detail")
+                nack = Nack(n.get("session"), n.get("seq"), str(n.get("code")), str(n.get("detail")),
+                            {k: v for k, v in n.items() if k not in known})
                 log.warning("service at %s rejected message %s of session %s: [%s] %s",
                             self.endpoint, nack.seq, nack.session, nack.code, nack.detail)
                 self.nacks.append(nack)
@@ -545,6 +621,7 @@ class FrameReceiver:
         auto_ack: bool = False,
         check_stream: bool = False,
         kernel_buffer_bytes: int | None = None,
+        curve: Any = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         bind = check_bind_endpoint(endpoint, allow_remote)
@@ -554,10 +631,14 @@ class FrameReceiver:
         self.check_stream = check_stream
         self.rejected: Counter[str] = Counter()
         self._peers: dict[bytes, _Peer] = {}
-        self._session_peer: dict[str, bytes] = {}
+        self._session_peer: dict[str, bytes] = {}  # session id -> routing id of the connection that owns it
+        #: Routing id of the connection that sent the message :meth:`recv` returned last.
+        self.last_sender: bytes | None = None
+        self._claim: tuple[str, str | None] | None = None  # (session, owner's previous open session) of that message
         self._silent: set[str] = set()
         self._next_housekeeping = 0.0
         self._sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
+        _secure_server(self._sock, curve)
         self._sock.setsockopt(zmq.RCVHWM, high_water_mark)
         self._sock.setsockopt(zmq.SNDHWM, _BACKCHANNEL_HWM)
         if kernel_buffer_bytes is not None:
@@ -617,10 +698,33 @@ class FrameReceiver:
         if final:
             self._send_to(peer, time.monotonic())
 
-    def reject(self, msg: Message, error: ProtocolError) -> None:
-        """Count, log and report back a message the caller's own checks rejected (e.g. its StreamChecker)."""
-        identity = self._session_peer.get(msg.session)
-        self._reject(self._peers.get(identity) if identity is not None else None, error)
+    def reject(self, msg: Message, error: ProtocolError, *, sender: bytes | None = None) -> None:
+        """Count, log and report back a message the caller's own checks rejected (e.g. its StreamChecker).
+
+        The nack goes to ``sender`` (a routing id), by default to the connection that sent the message
+        :meth:`recv` returned last: always the offender, never the owner of the session id it named. A rejected
+        ``session_start`` gives up the ownership its arrival claimed.
+        """
+        identity = self.last_sender if sender is None else sender
+        peer = self._peers.get(identity) if identity is not None else None
+        if self._claim is not None and msg.type == "session_start" and self._claim[0] == msg.session:
+            sid, previous = self._claim
+            if self._session_peer.get(sid) == identity:
+                del self._session_peer[sid]
+            if peer is not None and peer.open_session == sid:
+                peer.open_session = previous
+            self._claim = None
+        self._reject(peer, error)
+
+    def owner(self, session_id: str) -> bytes | None:
+        """Routing id of the connection that opened ``session_id`` (None if unknown)."""
+        return self._session_peer.get(session_id)
+
+    def notify(self, identity: bytes, **fields: Any) -> None:
+        """Send a link heartbeat with extra ``fields`` (e.g. ``nacks``) to one connection at once."""
+        peer = self._peers.get(identity)
+        if peer is not None:
+            self._send_to(peer, time.monotonic(), **fields)
 
     def keepalive(self) -> None:
         """Send due heartbeats and acknowledgements without reading.
@@ -668,13 +772,25 @@ class FrameReceiver:
 
     def _accept(self, parts: list[zmq.Frame]) -> Message | None:
         peer = self._peer(parts[0].bytes, time.monotonic())
+        self._claim = None
         try:
             msg = decode(parts[1:])
         except ProtocolError as e:
             self._reject(peer, e)
             return None
+        except Exception as e:  # decode raises only ProtocolError by contract; contain a bug all the same
+            log.exception("decoding a message from sender %s failed", peer.identity.hex())
+            self._reject(peer, ProtocolError("internal_error", f"{type(e).__name__}: {e}"))
+            return None
         mtype, sid = msg.type, msg.session
         if mtype == "heartbeat" and sid == LINK_SESSION:
+            return None
+        # A session belongs to the connection that opened it: nobody else may send into it, end it, keep it
+        # alive, or take over its acknowledgements with a duplicate session_start.
+        owner = self._session_peer.get(sid)
+        if owner is not None and owner != peer.identity:
+            self._reject(peer, ProtocolError(
+                "not_owner", f"session {sid[:60]!r} belongs to another connection", session=sid, seq=msg.seq))
             return None
         if peer.checker is not None:
             try:
@@ -682,13 +798,15 @@ class FrameReceiver:
             except ProtocolError as e:
                 self._reject(peer, e)
                 return None
-        if mtype == "session_start":
+        if mtype == "session_start" and owner is None:
+            self._claim = (sid, peer.open_session)
             peer.open_session = sid
             self._session_peer[sid] = peer.identity
         elif mtype == "session_end" and peer.open_session == sid:
             peer.open_session = None
         if self.auto_ack:
             self.acknowledge(sid, msg.seq, final=mtype == "session_end")
+        self.last_sender = peer.identity
         return msg
 
     def _reject(self, peer: _Peer | None, e: ProtocolError) -> None:
@@ -699,7 +817,7 @@ class FrameReceiver:
             log.warning("rejected message from sender %s (session %r, seq %r): [%s] %s (%d so far)",
                         who, e.session, e.seq, e.code, e.detail, n)
         if peer is not None:
-            nack = {"session": e.session, "seq": e.seq, "code": e.code, "detail": e.detail[:500]}
+            nack = {**e.extra, "session": e.session, "seq": e.seq, "code": e.code, "detail": e.detail[:500]}
             self._send_to(peer, time.monotonic(), nacks=[nack])
 
     def _send_to(self, peer: _Peer, now: float, **extra: Any) -> None:
@@ -762,16 +880,32 @@ class ResultPublisher:
         *,
         allow_remote: bool = False,
         high_water_mark: int = DEFAULT_RESULT_HIGH_WATER_MARK,
+        request_endpoint: str | None = None,
+        history_bytes: int = DEFAULT_RESULT_HISTORY_BYTES,
+        curve: Any = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         bind = check_bind_endpoint(endpoint, allow_remote)
+        ctx = context or zmq.Context.instance()
         self._seq: dict[str, int] = {}
         self._topic_seq: dict[tuple[str, str, str], int] = {}
-        self._sock = (context or zmq.Context.instance()).socket(zmq.PUB)
+        self.stream = uuid.uuid4().hex[:12]  # tells subscribers a restarted publisher from a gap
+        self._stream_seq = 0
+        self._sock = ctx.socket(zmq.PUB)
+        _secure_server(self._sock, curve)
         self._sock.setsockopt(zmq.SNDHWM, high_water_mark)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(bind)
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        # Final results can be asked for again on a ROUTER beside the PUB (lossless request/reply).
+        self._history = ResultHistory(history_bytes)
+        self._requests = ctx.socket(zmq.ROUTER)
+        _secure_server(self._requests, curve)
+        self._requests.setsockopt(zmq.LINGER, 0)
+        self._requests.setsockopt(zmq.SNDHWM, 100_000)
+        req = request_endpoint or _sibling_endpoint(self.endpoint)
+        self._requests.bind(check_bind_endpoint(req, allow_remote))
+        self.request_endpoint: str = self._requests.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def publish(self, header_fields: Mapping[str, Any], payload: np.ndarray | None = None) -> int:
         """Publish a ``result`` message; ``session``, ``stage`` and ``name`` are required.
@@ -788,16 +922,56 @@ class ResultPublisher:
         topic = (session, str(header_fields.get("stage", "")), str(header_fields.get("name", "")))
         seq, topic_seq = self._seq.get(session, 0), self._topic_seq.get(topic, 0)
         header = {"type": "result", "t": time.time(), **header_fields, "session": session, "seq": seq,
-                  "topic_seq": topic_seq}
+                  "topic_seq": topic_seq, "stream": self.stream, "stream_seq": self._stream_seq,
+                  "resend": self.request_endpoint}
         parts = encode(header, payload)
         self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)  # PUB drops at HWM, never EAGAIN
+        self._stream_seq += 1
         self._seq[session] = seq + 1
         self._topic_seq[topic] = topic_seq + 1
+        if header_fields.get("index") is None:  # a whole result (not a row): the latest one can be asked for
+            self._history.keep(session, topic[1:], parts)
         return seq
 
+    def session_closed(self, session: str) -> None:
+        """Mark ``session`` closed: a request for its final results then says so (``closed: true``)."""
+        self._history.close(session)
+
+    def serve_requests(self) -> int:
+        """Answer pending result requests without blocking (call it from the publisher's thread).
+
+        A request is one JSON part ``{"session": <id> | null}`` (null: the latest session). The reply is every
+        kept whole result of the session, each as published (same ``stream_seq``), then one JSON part
+        ``{"done": true, "session", "count", "closed", "stream", "last_stream_seq"}``. Returns the requests served.
+        """
+        served = 0
+        while True:
+            try:
+                identity, *body = self._requests.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return served
+            served += 1
+            try:
+                request = json.loads(body[0]) if len(body) == 1 and len(body[0]) < 4096 else None
+            except ValueError:
+                request = None
+            sid = request.get("session") if isinstance(request, dict) else None
+            if sid is None or not isinstance(sid, str):
+                sid = self._history.latest()
+            kept, closed = self._history.get(sid or "")
+            try:
+                for parts in kept:
+                    self._requests.send_multipart([identity, *parts], zmq.NOBLOCK)
+                done = {"done": True, "session": sid, "count": len(kept), "closed": closed, "stream": self.stream,
+                        "last_stream_seq": self._stream_seq - 1, "bad_request": not isinstance(request, dict)}
+                self._requests.send_multipart([identity, json.dumps(done).encode()], zmq.NOBLOCK)
+            except zmq.ZMQError:  # requester gone or flooding: it asks again
+                continue
+
     def close(self) -> None:
-        """Close the socket (undelivered results are dropped)."""
+        """Close the sockets (undelivered results are dropped)."""
         self._sock.close(linger=0)
+        self._requests.close(linger=0)
 
     def __enter__(self) -> ResultPublisher:
         return self
@@ -821,9 +995,11 @@ class ResultSubscriber:
     Attributes
     ----------
     dropped : int
-        Results lost: the sum of gaps in ``topic_seq`` per (session, stage, name), so topic filters do not
-        count as loss. The first result seen of a topic starts its count (joining late is not a loss); a
-        ``topic_seq`` going backwards is taken as a publisher restart.
+        Results lost. Subscribed to everything: exactly the gaps in the publisher's ``stream_seq`` (every result
+        it published since the first one seen, minus those received), including lost results at the end once
+        :meth:`sync` has asked the publisher for its last ``stream_seq``. With topic filters: the sum of gaps in
+        ``topic_seq`` per (session, stage, name), so filtered-out results do not count as loss. Joining late is
+        not a loss; a new ``stream`` id (publisher restart) starts the count again.
     dropped_by_session : collections.Counter
     rejected : collections.Counter
         Malformed messages by code (logged and skipped).
@@ -835,14 +1011,24 @@ class ResultSubscriber:
         topics: Iterable[str] | None = None,
         *,
         high_water_mark: int = 1000,
+        request_endpoint: str | None = None,
+        curve: Any = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.dropped = 0
         self.dropped_by_session: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
+        self.request_endpoint = request_endpoint
+        self._context = context or zmq.Context.instance()
+        self._curve = curve
         self._expected: dict[tuple[str, str, str], int] = {}
-        self._sock = (context or zmq.Context.instance()).socket(zmq.SUB)
+        self._all = topics is None
+        self._stream: str | None = None
+        self._next_stream_seq: int | None = None
+        self._last_session = ""
+        self._sock = self._context.socket(zmq.SUB)
+        _secure_client(self._sock, curve)
         self._sock.setsockopt(zmq.RCVHWM, high_water_mark)
         self._sock.setsockopt(zmq.LINGER, 0)
         for topic in topics if topics is not None else [None]:
@@ -875,15 +1061,77 @@ class ResultSubscriber:
 
     def _count_drops(self, msg: Message) -> None:
         h = msg.header
+        resend = h.get("resend")
+        if isinstance(resend, str) and self.request_endpoint is None:
+            self.request_endpoint = _reachable(resend, self.endpoint)
+        self._last_session = msg.session
+        stream, stream_seq = h.get("stream"), h.get("stream_seq")
+        if self._all and isinstance(stream, str) and type(stream_seq) is int:
+            if stream == self._stream and self._next_stream_seq is not None and stream_seq > self._next_stream_seq:
+                self._lost(msg.session, stream_seq - self._next_stream_seq)
+            if stream != self._stream or self._next_stream_seq is None or stream_seq >= self._next_stream_seq:
+                self._stream, self._next_stream_seq = stream, stream_seq + 1
+            return
         seq = h.get("topic_seq", h["seq"])
         key = (msg.session, h["stage"], h["name"])
         expected = self._expected.get(key)
         if expected is not None and seq > expected:
-            self.dropped += seq - expected
-            self.dropped_by_session[msg.session] += seq - expected
+            self._lost(msg.session, seq - expected)
         elif expected is not None and seq < expected:
             log.info("results %s restarted at %d (publisher restart)", key, seq)
         self._expected[key] = seq + 1
+
+    def _lost(self, session: str, n: int) -> None:
+        self.dropped += n
+        self.dropped_by_session[session] += n
+
+    def _request(self, session: str | None, timeout_s: float) -> tuple[list[Message], dict[str, Any]]:
+        if self.request_endpoint is None:
+            raise TransportError(f"no request endpoint known for results at {self.endpoint}: no result received yet "
+                                 "and none given")
+        sock = self._context.socket(zmq.DEALER)
+        _secure_client(sock, self._curve)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.request_endpoint)
+        try:
+            sock.send(json.dumps({"session": session}).encode())
+            out: list[Message] = []
+            deadline = time.monotonic() + timeout_s
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(int(left * 1000) + 1, zmq.POLLIN):
+                    raise TransportError(f"no answer from {self.request_endpoint} within {timeout_s} s")
+                parts = sock.recv_multipart()
+                if len(parts) == 1 and parts[0].startswith(b'{"done"'):
+                    return out, json.loads(parts[0])
+                try:
+                    out.append(decode(parts))
+                except ProtocolError as e:
+                    self.rejected[e.code] += 1
+        finally:
+            sock.close(linger=0)
+
+    def sync(self, timeout_s: float = 5.0) -> int:
+        """Ask the publisher for its last ``stream_seq`` and count results lost at the end of the stream.
+
+        Results lost after the last one received show no gap until something newer arrives; call this when the
+        stream has gone quiet (e.g. a session ended) to make :attr:`dropped` exact. Returns :attr:`dropped`.
+        """
+        _, done = self._request(self._last_session or None, timeout_s)
+        last = done.get("last_stream_seq")
+        if self._all and done.get("stream") == self._stream and self._next_stream_seq is not None \
+                and type(last) is int and last >= self._next_stream_seq:
+            self._lost(self._last_session, last + 1 - self._next_stream_seq)
+            self._next_stream_seq = last + 1
+        return self.dropped
+
+    def recover(self, session: str | None = None, timeout_s: float = 5.0) -> list[Message]:
+        """Ask the publisher again for the whole (final) results of ``session`` (default: the latest).
+
+        Returns every kept result of the session (the latest of each stage and name), as published.
+        Does not change :attr:`dropped`.
+        """
+        return self._request(session, timeout_s)[0]
 
     def close(self) -> None:
         """Close the socket."""
