@@ -9,12 +9,16 @@ the last look could have used up half of what was left above the reserve, or aft
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import time
 from pathlib import Path
 
 #: Default free space the service keeps on the session disk.
 DEFAULT_RESERVE_BYTES = 256 * 2**20
+#: Default size of the ballast file released when the disk fills up anyway.
+DEFAULT_BALLAST_BYTES = 16 * 2**20
+BALLAST_NAME = ".stemlive-ballast"
 
 
 class DiskFull(OSError):
@@ -55,19 +59,52 @@ class DiskBudget:
         Measure again at least this often while writing (other programs share the disk).
     """
 
-    def __init__(self, folder: Path, reserve_bytes: int = DEFAULT_RESERVE_BYTES, recheck_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+        recheck_s: float = 1.0,
+        ballast_bytes: int = DEFAULT_BALLAST_BYTES,
+    ) -> None:
         self.folder = Path(folder)
         self.reserve_bytes = int(reserve_bytes)
         self.recheck_s = recheck_s
+        self.ballast_bytes = int(ballast_bytes)
+        self.ballast = self.folder / BALLAST_NAME
         self._left = 0
         self._spent = 0
         self._checked = -1e9
         self.free = 0
 
+    def arm(self) -> bool:
+        """Hold ``ballast_bytes`` of the disk in a file of their own (if there is room), for :meth:`release`.
+
+        Should the disk fill up despite the reserve (another program, a wrong reserve), releasing the ballast
+        gives HDF5 the room to flush and close the session file cleanly: a half-flushed HDF5 file handle is what
+        crashed the service before.
+        """
+        if self.ballast_bytes <= 0 or self.ballast.exists():
+            return self.ballast.exists()
+        try:
+            with open(self.ballast, "wb") as f:
+                try:
+                    os.posix_fallocate(f.fileno(), 0, self.ballast_bytes)
+                except (AttributeError, OSError):
+                    f.truncate(self.ballast_bytes)
+                    f.write(b"\0" * min(self.ballast_bytes, 1 << 20))
+            return True
+        except OSError:
+            self.ballast.unlink(missing_ok=True)
+            return False
+
+    def release(self) -> None:
+        """Free the ballast (the disk is full): the open file can then be closed."""
+        self.ballast.unlink(missing_ok=True)
+
     def measure(self) -> int:
         """Ask the file system; returns the bytes left above the reserve (negative when below it)."""
         self.free = shutil.disk_usage(self.folder).free
-        self._left = self.free - self.reserve_bytes
+        self._left = self.free - self.reserve_bytes + (self.ballast_bytes if self.ballast.exists() else 0)
         self._spent = 0
         self._checked = time.monotonic()
         return self._left

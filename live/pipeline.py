@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .config import Params, resolve_params
-from .disk import DEFAULT_RESERVE_BYTES, DiskBudget, is_disk_full
+from .disk import DEFAULT_BALLAST_BYTES, DEFAULT_RESERVE_BYTES, DiskBudget, is_disk_full
 from .protocol import Message, ProtocolError, StreamChecker, json_default
 from .session import SessionWriter
 
@@ -383,6 +383,7 @@ class PipelineService:
         commit_interval_s: float = 0.2,
         idle_timeout_s: float = 300.0,
         reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+        ballast_bytes: int = DEFAULT_BALLAST_BYTES,
         curve: Any = None,
     ) -> None:
         from . import transport
@@ -397,7 +398,7 @@ class PipelineService:
         self.analysis_buffer_bytes = analysis_buffer_bytes
         self.commit_interval_s = commit_interval_s
         self.idle_timeout_s = idle_timeout_s
-        self.disk = DiskBudget(self.out_dir, reserve_bytes)
+        self.disk = DiskBudget(self.out_dir, reserve_bytes, ballast_bytes=ballast_bytes)
         self.curve = curve
         self.stats = ServiceStats()
         self._stop = threading.Event()
@@ -538,6 +539,7 @@ class PipelineService:
                 self._close_open("aborted", self._stop_reason)
             self._queue.put((None, _END))  # type: ignore[arg-type]
             receiver.close()
+            self.disk.release()
 
     def _contained(self, msg: Message | None, fn: Callable[..., None], *args: Any) -> None:
         """Run one step; turn what it raises into a nack to the message's sender, a log line and a count."""
@@ -551,6 +553,8 @@ class PipelineService:
             op = self._open
             in_session = op is not None and (msg is None or msg.session == op.run.session_id)
             code = "disk_full" if is_disk_full(e) else "record_failed" if in_session else "internal_error"
+            if code == "disk_full":
+                self.disk.release()  # room to flush and close the file cleanly
             self.stats.errors[code] += 1
             detail = f"{type(e).__name__}: {e}"[:400]
             self._limited(code, logging.ERROR, "[%s] while handling %s of session %s: %s", code,
@@ -617,6 +621,7 @@ class PipelineService:
 
     def _start_session(self, start: Message, owner: bytes | None) -> None:
         try:
+            self.disk.arm()
             self.disk.check_start()
             path = unique_path(self.out_dir, session_file_name(start))
             run = SessionRun(
@@ -691,6 +696,8 @@ class PipelineService:
                     if not run.closed:
                         run.analyze(msg)
                 except Exception as e:  # a result the file cannot take (disk full...): the message stays recorded
+                    if is_disk_full(e):
+                        self.disk.release()
                     self.stats.errors["analysis_error"] += 1
                     self._limited("analysis_error", logging.ERROR, "analysis of %s seq %s of session %s failed: %s",
                                   msg.type, msg.seq, msg.session, f"{type(e).__name__}: {e}", exc=e)

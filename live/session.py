@@ -419,7 +419,12 @@ class SessionWriter:
         self.commit_every = commit_every
         self.message_counts: dict[str, int] = {"session_start": 1}
         self.status = "recording"
-        self._f = h5py.File(self.path, "x")
+        try:
+            self._f = h5py.File(self.path, "x")
+        except BaseException as e:  # e.g. disk full while creating: no empty file left behind (it did not exist)
+            if not isinstance(e, FileExistsError):  # never remove a file another writer made meanwhile
+                self.path.unlink(missing_ok=True)
+            raise
         try:
             self._write_root(header)
             self._frames = _FrameStore(self._f)

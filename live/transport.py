@@ -418,9 +418,11 @@ class FrameSender:
                 known = ("session", "seq", "code", "detail")
                 nack = Nack(n.get("session"), n.get("seq"), str(n.get("code")), str(n.get("detail")),
                             {k: v for k, v in n.items() if k not in known})
-                log.warning("service at %s rejected message %s of session %s: [%s] %s",
-                            self.endpoint, nack.seq, nack.session, nack.code, nack.detail)
                 self.nacks.append(nack)
+                n_nacks = len(self.nacks)
+                if n_nacks <= 10 or n_nacks & (n_nacks - 1) == 0:  # a flood of nacks logs a few lines
+                    log.warning("service at %s rejected message %s of session %s: [%s] %s (%d so far)",
+                                self.endpoint, nack.seq, nack.session, nack.code, nack.detail, n_nacks)
 
     def _raise_nacks(self, session_id: str) -> None:
         bad = [n for n in self.nacks if n.session in (session_id, None)]
