@@ -55,7 +55,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     print(f"stemlive serve: frames on {service.frame_endpoint}, results on {service.result_endpoint}, "
           f"sessions into {service.out_dir.resolve()} (Ctrl-C to stop)", flush=True)
-    service.serve_forever()
+    why = service.serve_forever()
+    print(f"stemlive serve: stopped by {why}; {service.stats.sessions} session(s) recorded, open ones closed as "
+          "aborted", flush=True)
     return 0
 
 
