@@ -944,7 +944,8 @@ class ResultPublisher:
 
         A request is one JSON part ``{"session": <id> | null}`` (null: the latest session). The reply is every
         kept whole result of the session, each as published (same ``stream_seq``), then one JSON part
-        ``{"done": true, "session", "count", "closed", "stream", "last_stream_seq"}``. Returns the requests served.
+        ``{"done": true, "session", "count", "closed", "stream", "last_stream_seq", "last_seq"}`` (``last_seq``: the
+        session's last result seq, -1 if none). Returns the requests served.
         """
         served = 0
         while True:
@@ -965,7 +966,8 @@ class ResultPublisher:
                 for parts in kept:
                     self._requests.send_multipart([identity, *parts], zmq.NOBLOCK)
                 done = {"done": True, "session": sid, "count": len(kept), "closed": closed, "stream": self.stream,
-                        "last_stream_seq": self._stream_seq - 1, "bad_request": not isinstance(request, dict)}
+                        "last_stream_seq": self._stream_seq - 1, "last_seq": self._seq.get(sid or "", 0) - 1,
+                        "bad_request": not isinstance(request, dict)}
                 self._requests.send_multipart([identity, json.dumps(done).encode()], zmq.NOBLOCK)
             except zmq.ZMQError:  # requester gone or flooding: it asks again
                 continue
@@ -1028,6 +1030,7 @@ class ResultSubscriber:
         self._all = topics is None
         self._stream: str | None = None
         self._next_stream_seq: int | None = None
+        self._next_seq: dict[str, int] = {}  # per session, subscribed to everything
         self._last_session = ""
         self._sock = self._context.socket(zmq.SUB)
         _secure_client(self._sock, curve)
@@ -1069,10 +1072,20 @@ class ResultSubscriber:
         self._last_session = msg.session
         stream, stream_seq = h.get("stream"), h.get("stream_seq")
         if self._all and isinstance(stream, str) and type(stream_seq) is int:
-            if stream == self._stream and self._next_stream_seq is not None and stream_seq > self._next_stream_seq:
-                self._lost(msg.session, stream_seq - self._next_stream_seq)
-            if stream != self._stream or self._next_stream_seq is None or stream_seq >= self._next_stream_seq:
-                self._stream, self._next_stream_seq = stream, stream_seq + 1
+            # the total from the stream-wide seq, each session's share from its own seq: both exact
+            if stream != self._stream:
+                self._stream, self._next_stream_seq, self._next_seq = stream, None, {}
+            if self._next_stream_seq is not None and stream_seq > self._next_stream_seq:
+                self.dropped += stream_seq - self._next_stream_seq
+            if self._next_stream_seq is None or stream_seq >= self._next_stream_seq:
+                self._next_stream_seq = stream_seq + 1
+            expected = self._next_seq.get(msg.session)
+            if expected is not None and msg.seq > expected:
+                self.dropped_by_session[msg.session] += msg.seq - expected
+            if expected is None or msg.seq >= expected:
+                self._next_seq[msg.session] = msg.seq + 1
+                if len(self._next_seq) > 64:  # remember the recent sessions only
+                    del self._next_seq[next(iter(self._next_seq))]
             return
         seq = h.get("topic_seq", h["seq"])
         key = (msg.session, h["stage"], h["name"])
@@ -1113,19 +1126,32 @@ class ResultSubscriber:
         finally:
             sock.close(linger=0)
 
-    def sync(self, timeout_s: float = 5.0) -> int:
-        """Ask the publisher for its last ``stream_seq`` and count results lost at the end of the stream.
+    def sync(self, session: str | None = None, timeout_s: float = 5.0) -> int:
+        """Ask the publisher for its last ``stream_seq`` (and ``session``'s last seq) and count the results lost at
+        the end of the stream.
 
         Results lost after the last one received show no gap until something newer arrives; call this when the
-        stream has gone quiet (e.g. a session ended) to make :attr:`dropped` exact. Returns :attr:`dropped`.
+        stream has gone quiet (e.g. a session ended) to make :attr:`dropped` and ``dropped_by_session[session]``
+        (default: the session of the last result received) exact. Subscribed to everything only; with topic
+        filters nothing changes. Returns :attr:`dropped`.
         """
-        _, done = self._request(self._last_session or None, timeout_s)
-        last = done.get("last_stream_seq")
-        if self._all and done.get("stream") == self._stream and self._next_stream_seq is not None \
-                and type(last) is int and last >= self._next_stream_seq:
-            self._lost(self._last_session, last + 1 - self._next_stream_seq)
+        sid = session or self._last_session
+        _, done = self._request(sid or None, timeout_s)
+        if not self._all or done.get("stream") != self._stream:
+            return self.dropped
+        last, last_seq = done.get("last_stream_seq"), done.get("last_seq")
+        if self._next_stream_seq is not None and type(last) is int and last >= self._next_stream_seq:
+            self.dropped += last + 1 - self._next_stream_seq
             self._next_stream_seq = last + 1
+        expected = self._next_seq.get(sid)
+        if expected is not None and type(last_seq) is int and last_seq >= expected:
+            self.dropped_by_session[sid] += last_seq + 1 - expected
+            self._next_seq[sid] = last_seq + 1
         return self.dropped
+
+    def sessions_seen(self) -> list[str]:
+        """Sessions this subscriber has received results of (subscribed to everything), oldest first."""
+        return list(self._next_seq)
 
     def recover(self, session: str | None = None, timeout_s: float = 5.0) -> list[Message]:
         """Ask the publisher again for the whole (final) results of ``session`` (default: the latest).
@@ -1144,3 +1170,49 @@ class ResultSubscriber:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
+
+
+class ResultRecovery:
+    """Ask again for the whole results a :class:`ResultSubscriber` missed, once its stream has gone quiet.
+
+    Call :meth:`received` for every result read and :meth:`idle` when a read found nothing; ``idle`` returns the
+    recovered results (to apply like received ones) at most once per quiet period: after ``quiet_s`` without
+    results it asks the publisher for its last ``stream_seq`` (:meth:`ResultSubscriber.sync`, which makes the
+    drop count exact), and for each session with new losses fetches its kept whole results
+    (:meth:`ResultSubscriber.recover`). Used by the viewer and the Swift plug-in's result receiver.
+    """
+
+    def __init__(self, subscriber: ResultSubscriber, quiet_s: float = 0.5, timeout_s: float = 1.0) -> None:
+        self.subscriber = subscriber
+        self.quiet_s = quiet_s
+        self.timeout_s = timeout_s
+        self.recovered = 0
+        self._last = time.monotonic()
+        self._pending = False
+        self._handled: dict[str, int] = {}
+
+    def received(self) -> None:
+        """A result was read: the stream is not quiet."""
+        self._last = time.monotonic()
+        self._pending = True
+
+    def idle(self) -> list[Message]:
+        """Results recovered now (empty unless the stream went quiet after losing some)."""
+        if not self._pending or time.monotonic() - self._last < self.quiet_s:
+            return []
+        self._pending = False
+        sub = self.subscriber
+        out: list[Message] = []
+        try:
+            for sid in sub.sessions_seen()[-4:]:  # the recent sessions: their losses at the end become known
+                sub.sync(sid, self.timeout_s)
+            for sid, n in list(sub.dropped_by_session.items()):
+                if n > self._handled.get(sid, 0):
+                    out.extend(sub.recover(sid, self.timeout_s))
+                    self._handled[sid] = n
+        except TransportError as e:
+            log.warning("could not ask %s for missed results: %s", sub.request_endpoint, e)
+        if out:
+            log.info("recovered %d whole result(s) missed on the stream %s", len(out), sub.endpoint)
+        self.recovered += len(out)
+        return out
