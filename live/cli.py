@@ -43,6 +43,14 @@ def _add_remote(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .pipeline import PipelineService, make_params
 
+    curve = None
+    if args.allow_remote and args.keys is None:
+        raise CLIError("--allow-remote needs --keys DIR: a service reachable from the network requires CURVE "
+                       "authentication (create keys with `stemlive keys DIR`)", ExitCode.USAGE)
+    if args.keys is not None:
+        from .keys import Curve
+
+        curve = Curve.server(args.keys)
     params = make_params(args.config, args.overrides)
     service = PipelineService(
         args.out,
@@ -52,6 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_remote=args.allow_remote,
         reserve_bytes=int(args.reserve_mib * 2**20),
         idle_timeout_s=args.idle_timeout,
+        curve=curve,
     )
     print(f"stemlive serve: frames on {service.frame_endpoint}, results on {service.result_endpoint}, "
           f"sessions into {service.out_dir.resolve()} (Ctrl-C to stop)", flush=True)
@@ -112,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="free disk space to keep: sessions are refused or closed 'failed' below it (default 256)")
     p.add_argument("--idle-timeout", type=float, default=300.0,
                    help="close a session as aborted after this many seconds without data (default 300)")
+    p.add_argument("--keys", type=Path, metavar="DIR",
+                   help="CURVE keys from `stemlive keys DIR`: only clients with an authorised key may connect "
+                   "(required with --allow-remote)")
     _add_params(p)
     _add_remote(p)
     p.set_defaults(func=cmd_serve)
@@ -137,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommand with ``add_subcommand(subparsers)``; each is cheap to import (heavy
 # imports such as Qt happen inside the handler).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer", "keys")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -423,6 +423,10 @@ class PipelineService:
         """
         from . import transport
 
+        remote = [ep for ep in (self.frame_endpoint, self.result_endpoint) if not transport.is_loopback(ep)]
+        if self.allow_remote and remote and self.curve is None:
+            raise ValueError(f"refusing to bind {remote[0]} without CURVE keys: a service reachable from the network "
+                             "requires authentication (curve=Curve.server(DIR), `stemlive keys DIR`)")
         # Sockets are created here and handed over to their threads (thread start is a memory barrier, which
         # is what ZeroMQ requires to move a socket between threads); each is used by one thread only after.
         self._receiver = transport.FrameReceiver(self.frame_endpoint, allow_remote=self.allow_remote,

@@ -135,6 +135,15 @@ class ResultHistory:
         return list(self._sessions.get(session, {}).values()), session in self._closed
 
 
+def is_loopback(endpoint: str) -> bool:
+    """Whether binding ``endpoint`` stays on this computer (loopback tcp, ipc, inproc)."""
+    try:
+        check_bind_endpoint(endpoint, allow_remote=False)
+    except ValueError:
+        return False
+    return True
+
+
 def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
     """Refuse to bind anything but loopback unless ``allow_remote`` is set.
 
