@@ -317,6 +317,9 @@ class ServiceStats:
 
 
 _END = object()
+#: Messages queued in the service's receive socket: the sender's own queue (64) holds the rest, so a backlog
+#: costs the acquisition process memory, not the service (memory budget: docs/service.md).
+RECEIVE_HIGH_WATER_MARK = 16
 
 
 class _LimitedLog:
@@ -430,7 +433,7 @@ class PipelineService:
         # Sockets are created here and handed over to their threads (thread start is a memory barrier, which
         # is what ZeroMQ requires to move a socket between threads); each is used by one thread only after.
         self._receiver = transport.FrameReceiver(self.frame_endpoint, allow_remote=self.allow_remote,
-                                                 curve=self.curve)
+                                                 high_water_mark=RECEIVE_HIGH_WATER_MARK, curve=self.curve)
         self.frame_endpoint = self._receiver.endpoint
         self._publisher = transport.ResultPublisher(self.result_endpoint, allow_remote=self.allow_remote,
                                                     curve=self.curve)
