@@ -405,9 +405,10 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. /dev/shm to take the disk out of the figures")
     parser.add_argument("--memory-mib", type=int, default=1024,
                         help="size of the session sent to a real `stemlive serve` for its peak memory (0: skip)")
+    parser.add_argument("--what", choices=("frames", "spectra"), help="only these cases")
     args = parser.parse_args(argv)
     with_file = _has_session_writer()
-    matrix = cases(args.quick, with_file)
+    matrix = [c for c in cases(args.quick, with_file) if args.what in (None, c.what)]
     n_ceiling = 300 if args.quick else 2000
     ceiling = max(storage_ceiling(args.dir, n_ceiling) for _ in range(args.repeat))
     best: dict[int, tuple[float, float]] = {}

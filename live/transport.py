@@ -63,6 +63,8 @@ DEFAULT_LIVENESS = 5
 #: The receiver flushes pending acknowledgements at least this often while it is being polled.
 ACK_INTERVAL_S = 0.05
 _BACKCHANNEL_HWM = 1000
+#: How long ``SessionStream.end`` waits for the service to finish the analysis and close the file.
+DEFAULT_CLOSE_TIMEOUT_S = 600.0
 #: Bytes of whole results the publisher keeps so that missed final results can be asked for again.
 DEFAULT_RESULT_HISTORY_BYTES = 64 * 2**20
 
@@ -559,21 +561,31 @@ class SessionStream:
         """Send an in-session heartbeat (consumes a seq; lets the service see the session is alive)."""
         self._send("heartbeat", {})
 
-    def end(self, status: str = "complete", message: str = "", timeout_s: float | None = None) -> None:
-        """Send ``session_end`` and wait until the service acknowledges that the whole session is recorded.
+    def end(
+        self, status: str = "complete", message: str = "", timeout_s: float | None = None,
+        close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
+    ) -> None:
+        """Send ``session_end`` and wait until the service has recorded the session and closed its file.
+
+        Two waits: every message before the ``session_end`` recorded (``timeout_s``, default the sender's), then
+        the ``session_end`` itself, which the pipeline service acknowledges once the analysis has finished and
+        the file is closed and fsync'ed (``timeout_s`` if given, else ``close_timeout_s``; a dead service is still
+        noticed within the sender's liveness interval).
 
         Raises
         ------
         TransportError
-            If no acknowledgement comes within ``timeout_s`` (default: the sender's), the service is dead, or it
-            rejected any message of this session.
+            If an acknowledgement does not come in time, the service is dead, or it rejected any message of this
+            session.
         """
         fields: dict[str, Any] = {"status": status, "messages": self.seq + 1}
         if message:
             fields["message"] = message
         seq = self._send("session_end", fields)
         self.ended = True
-        self.sender.wait_acknowledged(self.session_id, seq, timeout_s)
+        self.sender.wait_acknowledged(self.session_id, seq - 1, timeout_s)
+        close = close_timeout_s if timeout_s is None else timeout_s
+        self.sender.wait_acknowledged(self.session_id, seq, close)
 
 
 # ============================================================== receiver

@@ -197,7 +197,7 @@ def test_end_times_out_without_acknowledgement(service: Service) -> None:
     with FrameSender(service.receiver.endpoint, heartbeat_interval_s=0.1) as sender:
         s = SessionStream(sender, "tilt_series", {})
         s.start()
-        with pytest.raises(TransportError, match=r"did not acknowledge session .* up to seq 1 within 0\.3 s"):
+        with pytest.raises(TransportError, match=r"did not acknowledge session .* up to seq 0 within 0\.3 s"):
             s.end(timeout_s=0.3)
 
 
