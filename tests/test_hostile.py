@@ -501,3 +501,15 @@ def test_outsider_against_stemlive_serve(serve_process: tuple[Target, Valid], in
 @pytest.mark.parametrize("index", [0, 1, 3, 4], ids=[OWN[i].code for i in [0, 1, 3, 4]])
 def test_own_session_against_stemlive_serve(serve_process: tuple[Target, Valid], index: int) -> None:
     own_case(*serve_process, OWN[index])
+
+
+@pytest.mark.grid
+@pytest.mark.parametrize(("code", "make"), OUTSIDER, ids=[f"{i:03d}-{c}" for i, (c, _) in enumerate(OUTSIDER)])
+def test_every_outsider_against_stemlive_serve(serve_process: tuple[Target, Valid], code: str, make: Make) -> None:
+    outsider_case(*serve_process, code, make)
+
+
+@pytest.mark.grid
+@pytest.mark.parametrize("case", OWN, ids=[f"{i:02d}-{o.code}" for i, o in enumerate(OWN)])
+def test_every_own_session_case_against_stemlive_serve(serve_process: tuple[Target, Valid], case: Own) -> None:
+    own_case(*serve_process, case)
