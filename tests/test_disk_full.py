@@ -74,6 +74,7 @@ def test_disk_full_fails_the_session_not_the_service(small_disk: Path, reserve_m
         with pytest.raises(transport.TransportError, match="disk_full"):
             victim.end(timeout_s=20)
         assert any(n.code == "disk_full" and n.session == victim.session_id for n in sender.nacks)
+        assert svc.stats.errors["disk_full"] >= 1  # contained and counted
         (_, full_path) = svc.wait_for_sessions(2)
         no_empty_files(small_disk)
 
