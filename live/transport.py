@@ -41,6 +41,8 @@ import zmq
 
 from .protocol import (
     LINK_SESSION,
+    MAX_HEADER_BYTES,
+    MAX_PAYLOAD_BYTES,
     PROTO,
     SESSION_KINDS,
     Message,
@@ -626,6 +628,10 @@ class FrameReceiver:
         Leave False when the caller runs its own StreamChecker.
     kernel_buffer_bytes : int, optional
         SO_RCVBUF for TCP; None keeps the OS default (Linux autotunes up to ``net.ipv4.tcp_rmem``).
+    curve : stemlive.live.keys.Curve, optional
+        Server keys: only clients with an authorised key can connect (see ``stemlive keys``).
+    max_message_bytes : int
+        ZMQ_MAXMSGSIZE: a connection sending a larger part is dropped by libzmq before the part is allocated.
 
     Attributes
     ----------
@@ -645,6 +651,7 @@ class FrameReceiver:
         check_stream: bool = False,
         kernel_buffer_bytes: int | None = None,
         curve: Any = None,
+        max_message_bytes: int = MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         bind = check_bind_endpoint(endpoint, allow_remote)
@@ -666,6 +673,9 @@ class FrameReceiver:
         self._sock.setsockopt(zmq.SNDHWM, _BACKCHANNEL_HWM)
         if kernel_buffer_bytes is not None:
             self._sock.setsockopt(zmq.RCVBUF, kernel_buffer_bytes)
+        # A part larger than any valid one drops its connection inside libzmq, before it is allocated: a peer
+        # cannot make the service hold a terabyte (or 600 MiB) it would reject anyway.
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable acks raise instead of vanishing
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting sender takes over its identity
         self._sock.setsockopt(zmq.LINGER, 0)

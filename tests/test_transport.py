@@ -374,3 +374,23 @@ def test_stalled_subscriber_counts_exactly_the_results_it_missed_and_recovers_th
         if "server" in locals():
             server.join()
         pub.close()
+
+
+def test_an_oversized_part_drops_only_its_connection() -> None:
+    """A part above max_message_bytes is never allocated: libzmq drops that peer; other senders go on."""
+    receiver = FrameReceiver("tcp://127.0.0.1:*", max_message_bytes=1 << 20, auto_ack=True)
+    service = Service(receiver)
+    big = zmq.Context.instance().socket(zmq.DEALER)
+    big.setsockopt(zmq.LINGER, 0)
+    try:
+        big.connect(receiver.endpoint)
+        big.send_multipart([b"{}", b"\0" * (2 << 20)])  # 2 MiB: over the limit
+        with FrameSender(receiver.endpoint, timeout_s=10) as sender:
+            s = SessionStream(sender, "tilt_series", {})
+            s.start()
+            s.frame(np.ones((64, 64), np.float32), frame_index=0, **FRAME)
+            s.end(timeout_s=10)
+        assert sum(receiver.rejected.values()) == 0  # the oversized message never reached decode
+    finally:
+        big.close()
+        service.stop()
