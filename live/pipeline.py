@@ -414,6 +414,8 @@ class PipelineService:
         self._open: _Open | None = None
         self._checker = StreamChecker()
         self._replies: deque[tuple[bytes | None, str, int | None, str, str]] = deque()
+        self._owners: dict[str, bytes | None] = {}  # open or finishing sessions -> owner, for analysis warnings
+        self._warnings: deque[tuple[bytes | None, dict[str, Any]]] = deque()
         self._limited = _LimitedLog()
         self.session_closed = threading.Condition()
 
@@ -646,6 +648,7 @@ class PipelineService:
             raise ProtocolError(code, f"session not started: {e}"[:400], session=start.session, seq=0) from e
         now = time.monotonic()
         self._open = _Open(run, owner, now, now)
+        self._owners[run.session_id] = owner
         self.stats.sessions += 1
         log.info("session %s (%s) started: recording to %s", run.session_id, run.kind, path)
 
@@ -664,6 +667,9 @@ class PipelineService:
 
     def _send_replies(self) -> None:
         """Final acknowledgements (or nacks) of sessions the analysis thread has closed."""
+        while self._warnings:  # analysis errors: told to the sender, but its data is recorded (no nack)
+            owner, warning = self._warnings.popleft()
+            self._receiver.notify(owner or b"", warnings=[warning])
         while self._replies:
             owner, sid, end_seq, status, reason = self._replies.popleft()
             if end_seq is None:
@@ -706,8 +712,12 @@ class PipelineService:
                     if is_disk_full(e):
                         self.disk.release()
                     self.stats.errors["analysis_error"] += 1
+                    detail = f"{type(e).__name__}: {e}"[:400]
                     self._limited("analysis_error", logging.ERROR, "analysis of %s seq %s of session %s failed: %s",
-                                  msg.type, msg.seq, msg.session, f"{type(e).__name__}: {e}", exc=e)
+                                  msg.type, msg.seq, msg.session, detail, exc=e)
+                    if self.stats.errors["analysis_error"] <= 1000:  # a bounded number of warnings per service
+                        self._warnings.append((self._owners.get(msg.session), {
+                            "session": msg.session, "seq": msg.seq, "code": "analysis_error", "detail": detail}))
                 finally:
                     size = msg.payload.nbytes if msg.payload is not None else 0
                     with self._queue_cv:
@@ -728,6 +738,7 @@ class PipelineService:
             run.writer.fail(f"{note}; {reason}" if note else reason)
             run.closed = True
         self._publisher.session_closed(run.session_id)
+        self._owners.pop(run.session_id, None)
         self._replies.append((owner, run.session_id, end_seq, run.writer.status, reason))
         with self.session_closed:
             self.stats.sessions_done.append(run.path)

@@ -269,6 +269,8 @@ class FrameSender:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
         self.nacks: list[Nack] = []
+        #: Problems the service reports about recorded messages (e.g. ``analysis_error``): not rejections.
+        self.warnings: list[Nack] = []
         self._acked: dict[str, int] = {}
         self._sent: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -427,6 +429,13 @@ class FrameSender:
                     self._acked[sid] = seq
                 if self._sent.get(sid, -1) <= seq:
                     self._sent.pop(sid, None)  # fully acknowledged: keeps unacknowledged() cheap
+            for w in msg.header.get("warnings") or ():
+                if isinstance(w, dict) and len(self.warnings) < 10_000:
+                    self.warnings.append(Nack(w.get("session"), w.get("seq"), str(w.get("code")),
+                                              str(w.get("detail"))))
+                    if len(self.warnings) <= 10:
+                        log.warning("service at %s: message %s of session %s recorded, but: [%s] %s", self.endpoint,
+                                    w.get("seq"), w.get("session"), w.get("code"), w.get("detail"))
             for n in msg.header.get("nacks") or ():
                 known = ("session", "seq", "code", "detail")
                 nack = Nack(n.get("session"), n.get("seq"), str(n.get("code")), str(n.get("detail")),

@@ -459,3 +459,34 @@ def test_found_a_gap_flood_is_summarised_not_logged_line_by_line(
         message = str(f.attrs["message"])
         assert "6001 seq gap(s)" in message and len(message) < 1000
         assert int(f.attrs["gaps_total"]) == 6001 and len(json.loads(f.attrs["gaps"])) == 1000
+
+
+class UnstorableResultStage(Stage):
+    """A stage bug the stage's own guard cannot see: a result the session file cannot store."""
+
+    name = "unstorable"
+    kinds = frozenset({"tilt_series"})
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def process(self, msg: protocol.Message) -> Iterator[Result]:
+        yield Result(self.name, "../escape", np.zeros(2))
+
+
+def test_an_analysis_error_is_told_to_the_sender_without_failing_its_recorded_session(tmp_path: Path) -> None:
+    svc = PipelineService(tmp_path, {}, frame_endpoint=ANY_PORT, result_endpoint=ANY_PORT,
+                          stage_classes={"counting": CountingStage, "unstorable": UnstorableResultStage})
+    with svc, transport.FrameSender(svc.frame_endpoint, timeout_s=20) as sender:
+        stream = transport.SessionStream(sender, "tilt_series", {})
+        small_tilt_session(stream)  # end() OK: the frames are recorded
+        (path,) = svc.wait_for_sessions(1)
+        deadline = time.monotonic() + 5
+        while len(sender.warnings) < 6 and time.monotonic() < deadline:
+            sender.acknowledged(stream.session_id)  # reads what the service sent
+            time.sleep(0.05)
+        assert svc.stats.errors["analysis_error"] == 6 and svc._error is None
+    assert [w.code for w in sender.warnings] == ["analysis_error"] * 6
+    assert all(w.session == stream.session_id and "escape" in w.detail for w in sender.warnings)
+    assert not sender.nacks
+    with SessionReader(path) as r:
+        assert r.status == "complete" and r.n_frames == 6
+        assert int(r.results("counting")["total"]) == 6
