@@ -513,3 +513,18 @@ def test_every_outsider_against_stemlive_serve(serve_process: tuple[Target, Vali
 @pytest.mark.parametrize("case", OWN, ids=[f"{i:02d}-{o.code}" for i, o in enumerate(OWN)])
 def test_every_own_session_case_against_stemlive_serve(serve_process: tuple[Target, Valid], case: Own) -> None:
     own_case(*serve_process, case)
+
+
+def test_found_a_bad_scan_shape_followed_by_a_spectrum(service: tuple[Target, Valid]) -> None:
+    """Found 1: an eels_map whose settings have scan_shape "abc", followed by a spectrum, stopped the service."""
+    target, valid = service
+    offender = Offender(target.endpoint)
+    try:
+        offender.send(_start("abc-map", kind="eels_map", scan_shape="abc"))
+        offender.send(_s("abc-map", 1))
+        offender.wait_nack("bad_settings")
+        offender.wait_nack("no_session")
+        valid.run()
+        assert not list(target.out_dir.glob("*abc-map*"))
+    finally:
+        offender.close()
