@@ -45,8 +45,28 @@ def secure_server(sock: zmq.Socket[Any], curve: Any) -> None:
 
 
 def secure_client(sock: zmq.Socket[Any], curve: Any) -> None:
+    """Apply client keys: ``curve``, or else those in the folder named by ``$STEMLIVE_KEYS`` (if set)."""
+    if curve is None:
+        curve = client_keys_from_environment()
     if curve is not None:
         curve.apply_client(sock)
+
+
+#: Environment variable naming a folder with ``server.key`` and ``client.key_secret``: every stemlive client
+#: (acquisition, Swift plug-in, viewer, replay) then speaks CURVE to the service.
+KEYS_ENV = "STEMLIVE_KEYS"
+
+
+def client_keys_from_environment() -> Any:
+    """:class:`stemlive.live.keys.Curve` client keys from ``$STEMLIVE_KEYS``, or None when it is not set."""
+    import os
+
+    folder = os.environ.get(KEYS_ENV)
+    if not folder:
+        return None
+    from .keys import Curve
+
+    return Curve.client(folder)
 
 
 def is_loopback(endpoint: str) -> bool:

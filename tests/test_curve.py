@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 
@@ -89,3 +90,26 @@ def test_only_a_client_with_an_authorised_key_can_record(tmp_path: Path) -> None
                         sub.sync(timeout_s=1)
             finally:
                 sub.close()
+
+
+def test_clients_take_their_keys_from_STEMLIVE_KEYS(tmp_path: Path) -> None:
+    """`stemlive replay --to` (like the viewer and the Swift plug-in) speaks CURVE with $STEMLIVE_KEYS set."""
+    keys = create_keys(tmp_path / "keys")
+    plain = PipelineService(tmp_path / "plain", {}, frame_endpoint="tcp://127.0.0.1:*",
+                            result_endpoint="tcp://127.0.0.1:*", stage_classes={})
+    with plain, transport.FrameSender(plain.frame_endpoint, timeout_s=20) as sender:
+        sid = session(sender, timeout_s=20)
+        (source,) = plain.wait_for_sessions(1)
+    secured = PipelineService(tmp_path / "secured", {}, frame_endpoint="tcp://127.0.0.1:*",
+                              result_endpoint="tcp://127.0.0.1:*", stage_classes={}, curve=Curve.server(keys))
+    with secured:
+        env = {**os.environ, "STEMLIVE_KEYS": str(keys)}
+        proc = subprocess.run([sys.executable, "-m", "stemlive.live.cli", "replay", str(source), "--to",
+                               secured.frame_endpoint, "--timeout", "20"], capture_output=True, text=True,
+                              timeout=120, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        (copy,) = secured.wait_for_sessions(1)
+    assert sid in copy.name
+    with h5py.File(source, "r") as a, h5py.File(copy, "r") as b:
+        assert b.attrs["status"] == "complete"
+        assert a["tilt_series/frames"][()].tobytes() == b["tilt_series/frames"][()].tobytes()
