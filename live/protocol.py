@@ -128,7 +128,7 @@ REJECTION_CODES: Mapping[str, str] = {
     "disk_full": "free space below the service's reserve (or the disk is full): the session is closed 'failed'",
     "record_failed": "the recorder could not store a validated message; the session is closed 'failed'",
     "internal_error": "an unexpected error while handling the message (logged by the service, which goes on)",
-    "unauthorized": "reserved: CURVE authentication failed (such peers are dropped by ZeroMQ before any message)",
+    "unauthorized": "CURVE handshake refused (no or unknown key): raised by the sender, the service never sees it",
 }
 
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from .endpoints import DEFAULT_FRAME_ENDPOINT as DEFAULT_FRAME_ENDPOINT
 from .endpoints import DEFAULT_RESULT_ENDPOINT as DEFAULT_RESULT_ENDPOINT
@@ -73,6 +74,8 @@ DEFAULT_LIVENESS = 5
 #: The receiver flushes pending acknowledgements at least this often while it is being polled.
 ACK_INTERVAL_S = 0.05
 _BACKCHANNEL_HWM = 1000
+_HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 #: How long ``SessionStream.end`` waits for the service to finish the analysis and close the file.
 DEFAULT_CLOSE_TIMEOUT_S = 600.0
 
@@ -166,6 +169,10 @@ class FrameSender:
             self._sock.setsockopt(zmq.SNDBUF, kernel_buffer_bytes)
         # A stable identity lets the service keep its per-connection state across TCP reconnects.
         self._sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+        # A refused security handshake (no or unknown CURVE key) only shows as a socket event: watch for it so
+        # that the caller is told "unauthorized" instead of waiting for a timeout.
+        self.handshake_failure: str | None = None
+        self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_FAILURES)
         self._sock.connect(endpoint)
         self._send_link_heartbeat()  # introduces this peer to the service at once
         self._stop = threading.Event()
@@ -254,6 +261,8 @@ class FrameSender:
             pending = self.unacknowledged()
             if pending:
                 log.warning("closing sender to %s with %d unacknowledged messages", self.endpoint, pending)
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
             self._sock.close(linger=int(linger_s * 1000))
 
     def __enter__(self) -> FrameSender:
@@ -335,7 +344,23 @@ class FrameSender:
                 f"service at {self.endpoint} rejected {len(bad)} message(s) of session {session_id!r}: {listed}"
             )
 
+    def _read_monitor(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.handshake_failure = "the service refused this client's key (CURVE authentication)"
+            elif self.handshake_failure is None:
+                self.handshake_failure = ("the security handshake failed: this client's CURVE keys (or their absence) "
+                                          "do not match the service's")
+
     def _check_service_alive(self) -> None:
+        self._read_monitor()
+        if self.handshake_failure is not None:
+            raise TransportError(f"unauthorized: {self.handshake_failure} at {self.endpoint} (see `stemlive keys`, "
+                                 "STEMLIVE_KEYS)")
         if self.heartbeat_interval_s <= 0:
             return
         silent = time.monotonic() - max(self._last_heard, self._pending_since)

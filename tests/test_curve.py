@@ -66,12 +66,12 @@ def test_only_a_client_with_an_authorised_key_can_record(tmp_path: Path) -> None
         # no key at all: the handshake fails, nothing arrives
         with transport.FrameSender(svc.frame_endpoint, timeout_s=2, heartbeat_interval_s=0.2,
                                    liveness=5) as plain:
-            with pytest.raises(transport.TransportError):
+            with pytest.raises(transport.TransportError, match="unauthorized: the security handshake failed"):
                 session(plain, timeout_s=2)
         # a key pair the service does not admit: refused by the ZAP authenticator
         with transport.FrameSender(svc.frame_endpoint, timeout_s=2, heartbeat_interval_s=0.2,
                                    curve=Curve.client(tmp_path / "stranger")) as unknown:
-            with pytest.raises(transport.TransportError):
+            with pytest.raises(transport.TransportError, match="unauthorized: the service refused this client's key"):
                 session(unknown, timeout_s=2)
         assert svc.stats.sessions == 0 and not list(out.glob("*.h5"))
         # the authorised client records
