@@ -119,3 +119,25 @@ def _committed(path: Path) -> tuple[str, str, np.ndarray]:
         t = group["t"][:n]
         n = int(np.argmax(~np.isfinite(t))) if not np.all(np.isfinite(t)) else n
         return str(f.attrs["status"]), str(f.attrs.get("message", "")), group["frames"][:n]
+
+
+def test_a_session_is_refused_when_the_reserve_is_not_free_and_no_file_is_made(tmp_path: Path) -> None:
+    """Runs without root: a reserve larger than the free space makes the disk 'full' for the service."""
+    import shutil
+
+    from stemlive.live.disk import DiskBudget, DiskFull
+
+    free = shutil.disk_usage(tmp_path).free
+    budget = DiskBudget(tmp_path, reserve_bytes=free + 2**30, ballast_bytes=0)
+    with pytest.raises(DiskFull, match="disk full"):
+        budget.check_start()
+
+    svc = PipelineService(tmp_path / "s", {}, frame_endpoint=ANY_PORT, result_endpoint=ANY_PORT, stage_classes={},
+                          reserve_bytes=free + 2**30, ballast_bytes=0)
+    with svc, transport.FrameSender(svc.frame_endpoint, timeout_s=10) as sender:
+        stream = transport.SessionStream(sender, "tilt_series", {})
+        stream.start()
+        with pytest.raises(transport.TransportError, match="disk_full"):
+            sender.wait_acknowledged(stream.session_id, 0, 10)
+        assert svc.stats.errors["disk_full"] == 1 and svc._error is None
+    assert not list((tmp_path / "s").glob("*.h5"))
