@@ -760,10 +760,13 @@ class FrameReceiver:
     def _reject(self, peer: _Peer | None, e: ProtocolError) -> None:
         self.rejected[e.code] += 1
         n = self.rejected[e.code]
-        if n <= 20 or n & (n - 1) == 0:  # rate-limit a flood, keep the first ones and powers of two
+        total = sum(self.rejected.values())
+        # A flood costs a bounded log: the first of every code, up to 5 of each among the first 100 rejections,
+        # then only every power of two of the total.
+        if n == 1 or (n <= 5 and total <= 100) or total & (total - 1) == 0:
             who = peer.identity.hex() if peer is not None else "?"
-            log.warning("rejected message from sender %s (session %r, seq %r): [%s] %s (%d so far)",
-                        who, e.session, e.seq, e.code, e.detail, n)
+            log.warning("rejected message from sender %s (session %r, seq %r): [%s] %s (%d of this code, %d in all)",
+                        who, e.session, e.seq, e.code, e.detail, n, total)
         if peer is not None:
             nack = {**e.extra, "session": e.session, "seq": e.seq, "code": e.code, "detail": e.detail[:500]}
             self._send_to(peer, time.monotonic(), nacks=[nack])

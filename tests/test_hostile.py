@@ -528,3 +528,30 @@ def test_found_a_bad_scan_shape_followed_by_a_spectrum(service: tuple[Target, Va
         assert not list(target.out_dir.glob("*abc-map*"))
     finally:
         offender.close()
+
+
+def test_a_flood_of_hostile_messages_from_many_connections(
+    service: tuple[Target, Valid], caplog: pytest.LogCaptureFixture
+) -> None:
+    """5,000 hostile messages from 20 connections during a valid session: it completes bit for bit, every
+    offender is told, and the log stays short (rate-limited)."""
+    target, valid = service
+    caplog.set_level("WARNING")
+    stream, frames = valid.open()
+    offenders = [Offender(target.endpoint) for _ in range(20)]
+    try:
+        ctx = Ctx(stream.session_id, stream.seq, "flood")
+        kinds = [make for _, make in OUTSIDER if _ != "header_too_large"]
+        for i in range(5000):
+            offenders[i % 20].send(kinds[i % len(kinds)](ctx))
+        for o in offenders:
+            deadline = time.monotonic() + 20
+            while len(o.nacks) < 250 and time.monotonic() < deadline:
+                o.read(0.05)
+            assert len(o.nacks) == 250, len(o.nacks)  # every message of every offender was answered
+        valid.finish(stream, frames)
+    finally:
+        for o in offenders:
+            o.close()
+    rejected_lines = [r for r in caplog.records if "rejected message" in r.getMessage()]
+    assert len(rejected_lines) < 200, len(rejected_lines)
