@@ -596,7 +596,8 @@ class PipelineService:
             return
         if op is None or msg.session != op.run.session_id:
             # a late message filling a gap of a session already closed: nothing left to record it in
-            log.warning("message seq %s of closed session %s not recorded", msg.seq, msg.session)
+            self._limited("late", logging.WARNING, "message seq %s of closed session %s not recorded", msg.seq,
+                          msg.session)
             return
         op.last_seq = max(op.last_seq, msg.seq)
         if msg.type in DATA_TYPES:
