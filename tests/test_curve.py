@@ -14,10 +14,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import zmq
 
 from stemlive.live import transport
 from stemlive.live.keys import Curve, create_keys
 from stemlive.live.pipeline import PipelineService
+
+pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="this libzmq was built without CURVE support")
 
 FIELDS = {"tilt_index": 0, "alpha_deg": 0.0, "beta_deg": 0.0, "pixel_size_nm": 0.1, "dwell_us": 2.0}
 
