@@ -54,6 +54,8 @@ def create_keys(folder: str | Path, client_name: str = "client") -> Path:
 
 
 def _load(path: Path) -> tuple[bytes, bytes | None]:
+    if not zmq.has("curve"):
+        raise ValueError("this libzmq was built without CURVE support: reinstall pyzmq from its wheels")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such key file (create keys with `stemlive keys DIR`)")
     public, secret = zmq.auth.load_certificate(path)
