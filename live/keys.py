@@ -22,13 +22,12 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import zmq
-import zmq.auth
-from zmq.auth.thread import ThreadAuthenticator
+from typing import TYPE_CHECKING, Any
 
 from .exitcodes import CLIError, ExitCode
+
+if TYPE_CHECKING:  # zmq is imported where keys are used: `stemlive` builds its parser from this module
+    import zmq
 
 AUTHORIZED = "authorized_clients"
 
@@ -38,6 +37,8 @@ def create_keys(folder: str | Path, client_name: str = "client") -> Path:
 
     Existing keys are never overwritten (:class:`FileExistsError`).
     """
+    import zmq.auth
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("server", client_name):
@@ -54,6 +55,9 @@ def create_keys(folder: str | Path, client_name: str = "client") -> Path:
 
 
 def _load(path: Path) -> tuple[bytes, bytes | None]:
+    import zmq
+    import zmq.auth
+
     if not zmq.has("curve"):
         raise ValueError("this libzmq was built without CURVE support: reinstall pyzmq from its wheels")
     if not path.is_file():
@@ -62,7 +66,7 @@ def _load(path: Path) -> tuple[bytes, bytes | None]:
     return public, secret
 
 
-_authenticators: dict[int, ThreadAuthenticator] = {}
+_authenticators: dict[int, Any] = {}  # context id -> zmq.auth.thread.ThreadAuthenticator
 _auth_lock = threading.Lock()
 
 
@@ -120,6 +124,8 @@ class Curve:
 
 def _start_authenticator(context: zmq.Context[Any], authorized: Path) -> None:
     """One ZAP authenticator per context, admitting the public keys in ``authorized`` (any client address)."""
+    from zmq.auth.thread import ThreadAuthenticator
+
     with _auth_lock:
         auth = _authenticators.get(id(context))
         if auth is None:
