@@ -62,7 +62,7 @@ class Case:
 
     @property
     def items_per_message(self) -> int:
-        return BATCH if self.path == "batch" else 1
+        return BATCH if self.path in ("batch", "rawbatch") else 1
 
 
 # ------------------------------------------------------------------ sender process
@@ -72,7 +72,7 @@ def _payloads(case: Case) -> list[np.ndarray]:
     rng = np.random.default_rng(0)
     if case.what == "frames":
         return [rng.random(FRAME_SHAPE, dtype=np.float32) for _ in range(4)]
-    shape = (BATCH, N_CHANNELS) if case.path == "batch" else (N_CHANNELS,)
+    shape = (BATCH, N_CHANNELS) if case.path in ("batch", "rawbatch") else (N_CHANNELS,)
     return [rng.random(shape, dtype=np.float32) for _ in range(4)]
 
 
@@ -109,7 +109,7 @@ def _send_stemlive(case: Case, endpoint: str) -> None:
 
 def _sender_main(case: Case, endpoint: str) -> None:
     time.sleep(0.3)  # let the receiver be polling before the clock matters
-    (_send_raw if case.path == "raw" else _send_stemlive)(case, endpoint)
+    (_send_raw if case.path in ("raw", "rawbatch") else _send_stemlive)(case, endpoint)
 
 
 # ------------------------------------------------------------------ receiving side
@@ -170,11 +170,33 @@ class BareRecorder:
         self.file.close()
 
 
+class BareSpectrumRecorder:
+    """The least an HDF5 recording of spectrum batches costs: ``resize`` + one slab write per raw batch."""
+
+    def __init__(self, path: Path) -> None:
+        import h5py
+
+        self.file = h5py.File(path, "x")
+        self.spectra = self.file.create_dataset("spectra", shape=(0, N_CHANNELS), dtype="<f4",
+                                                maxshape=(None, N_CHANNELS), chunks=(BATCH, N_CHANNELS))
+        self.n = 0
+
+    def __call__(self, buffer: Any) -> None:
+        rows = np.frombuffer(buffer, "<f4").reshape(-1, N_CHANNELS)
+        self.spectra.resize(self.n + len(rows), axis=0)
+        self.spectra[self.n : self.n + len(rows)] = rows
+        self.n += len(rows)
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def _receive_raw(case: Case, tmp: Path) -> tuple[float, float, mp.process.BaseProcess]:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     endpoint = _bind(sock, case.transport, tmp)
-    record = BareRecorder(tmp / "bare.h5") if case.sink == "h5" else None
+    bare = BareRecorder if case.what == "frames" else BareSpectrumRecorder
+    record = bare(tmp / "bare.h5") if case.sink == "h5" else None
     proc = mp.get_context("spawn").Process(target=_sender_main, args=(case, endpoint))
     proc.start()
     frame = sock.recv(copy=False)
@@ -222,10 +244,31 @@ def _receive_stemlive(case: Case, tmp: Path) -> tuple[float, float, mp.process.B
     return elapsed, cpu, proc
 
 
+def _receive_service(case: Case, tmp: Path) -> tuple[float, float, mp.process.BaseProcess]:
+    """The whole ``stemlive serve`` receive path (validation, ownership, disk budget, recording, commits,
+    acknowledgements, close + fsync before the final acknowledgement), without analysis stages."""
+    from stemlive.live.pipeline import PipelineService
+
+    endpoint = f"ipc://{tmp}/bench.ipc" if case.transport == "ipc" else "tcp://127.0.0.1:*"
+    svc = PipelineService(tmp / "sessions", {}, frame_endpoint=endpoint, result_endpoint="tcp://127.0.0.1:*",
+                          stage_classes={}, reserve_bytes=0, ballast_bytes=0)
+    with svc:
+        proc = mp.get_context("spawn").Process(target=_sender_main, args=(case, svc.frame_endpoint))
+        proc.start()
+        while svc.stats.messages < 2:  # the session_start and the first data message
+            time.sleep(0.0005)
+        t0, c0 = time.perf_counter(), time.process_time()
+        svc.wait_for_sessions(1, timeout_s=600)
+        elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
+        proc.join(60)
+    return elapsed, cpu, proc
+
+
 def run_case(case: Case, directory: str | None = None) -> tuple[float, float]:
     """Items (frames or spectra) per second for one case, and the receiving process's CPU seconds per item."""
     with tempfile.TemporaryDirectory(prefix="stemlive-bench-", dir=directory) as tmp:
-        receive = _receive_raw if case.path == "raw" else _receive_stemlive
+        receive = (_receive_raw if case.path in ("raw", "rawbatch") else
+                   _receive_service if case.sink == "service" else _receive_stemlive)
         elapsed, cpu, proc = receive(case, Path(tmp))
         proc.join(60)
         if proc.exitcode != 0:
@@ -258,14 +301,92 @@ def cases(quick: bool, with_file: bool) -> list[Case]:
                 Case("frames", "raw", transport, "h5", n_frames),
                 Case("frames", "stemlive", transport, messages=n_frames)]
         if with_file:
-            out.append(Case("frames", "stemlive", transport, "file", n_frames))
+            out += [Case("frames", "stemlive", transport, "file", n_frames),
+                    Case("frames", "stemlive", transport, "service", n_frames)]
     for transport in ("tcp", "ipc"):
         out += [Case("spectra", "raw", transport, messages=n_spectra),
+                Case("spectra", "rawbatch", transport, "h5", max(2, n_spectra // BATCH)),
                 Case("spectra", "single", transport, messages=n_spectra // 2),
                 Case("spectra", "batch", transport, messages=max(2, n_spectra // BATCH))]
         if with_file:
-            out.append(Case("spectra", "batch", transport, "file", max(2, n_spectra // BATCH)))
+            out += [Case("spectra", "batch", transport, "file", max(2, n_spectra // BATCH)),
+                    Case("spectra", "batch", transport, "service", max(2, n_spectra // BATCH))]
     return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _vm(pid: int, field: str) -> int:
+    """A /proc/<pid>/status memory field (VmRSS, VmHWM) in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def service_memory(n_bytes: int, directory: str | None, kind: str = "tilt_series") -> dict[str, float]:
+    """Peak resident memory of a real ``stemlive serve`` (default analysis stages) recording ``n_bytes``.
+
+    The session is sent at full speed by this process (``FrameSender``), so the service's analysis falls behind
+    and its bounded buffer fills: the worst case for memory. Returns MiB figures and the wall time.
+    """
+    import subprocess
+
+    from stemlive.live.transport import FrameSender, SessionStream
+
+    with tempfile.TemporaryDirectory(prefix="stemlive-bench-", dir=directory) as tmp:
+        frames_ep, results_ep = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+        proc = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "serve", "--frames", frames_ep,
+                                 "--results", results_ep, "--out", tmp, "--reserve-mib", "0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            assert proc.stdout is not None
+            proc.stdout.readline()
+            idle = _vm(proc.pid, "VmRSS")
+            rng = np.random.default_rng(0)
+            t0 = time.perf_counter()
+            with FrameSender(frames_ep, timeout_s=600) as sender:
+                if kind == "tilt_series":
+                    yy, xx = np.mgrid[: FRAME_SHAPE[0], : FRAME_SHAPE[1]]
+                    base = (np.sin(xx / 7.0) * np.cos(yy / 5.0)).astype(np.float32)
+                    n = n_bytes // base.nbytes
+                    per_tilt = 32
+                    stream = SessionStream(sender, "tilt_series", {"bench": "memory"})
+                    stream.start()
+                    for i in range(n):
+                        image = np.roll(base, (i % 7, i % 5), axis=(0, 1)) + rng.normal(0, 0.1, FRAME_SHAPE).astype(
+                            np.float32)
+                        stream.frame(image, tilt_index=i // per_tilt, alpha_deg=-60.0 + 4.0 * (i // per_tilt),
+                                     beta_deg=0.0, frame_index=i % per_tilt, pixel_size_nm=0.032, dwell_us=4.0)
+                else:
+                    energy = np.arange(N_CHANNELS) * 0.5 - 50.0
+                    zlp = (1e5 * np.exp(-0.5 * (energy / 8.0) ** 2) + 2e3 * np.exp(
+                        -0.5 * ((energy - 110.0) / 10.0) ** 2) + 50.0).astype(np.float32)
+                    n_points = 40
+                    n = n_bytes // (BATCH * N_CHANNELS * 4)
+                    stream = SessionStream(sender, "eels_line_scan", {"bench": "memory"})
+                    stream.start()
+                    for i in range(n):
+                        batch = rng.poisson(zlp, (BATCH, N_CHANNELS)).astype(np.float32)
+                        point = i % n_points
+                        stream.spectra(batch, point_index=point, frame_index=list(range(
+                            (i // n_points) * BATCH, (i // n_points + 1) * BATCH)), x_nm=1.6 * point,
+                            **SPECTRUM_FIELDS)
+                stream.end(timeout_s=600)
+            elapsed = time.perf_counter() - t0
+            peak = _vm(proc.pid, "VmHWM")
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    return {"idle_mib": idle / 2**20, "peak_mib": peak / 2**20, "seconds": elapsed,
+            "sent_mib": n * (FRAME_SHAPE[0] * FRAME_SHAPE[1] * 4 if kind == "tilt_series"
+                             else BATCH * N_CHANNELS * 4) / 2**20}
 
 
 def _has_session_writer() -> bool:
@@ -282,9 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="best of N runs per case (interleaved)")
     parser.add_argument("--dir", default=None, help="where the files are written (default: the temp directory); "
                         "e.g. /dev/shm to take the disk out of the figures")
+    parser.add_argument("--memory-mib", type=int, default=1024,
+                        help="size of the session sent to a real `stemlive serve` for its peak memory (0: skip)")
+    parser.add_argument("--what", choices=("frames", "spectra"), help="only these cases")
     args = parser.parse_args(argv)
     with_file = _has_session_writer()
-    matrix = cases(args.quick, with_file)
+    matrix = [c for c in cases(args.quick, with_file) if args.what in (None, c.what)]
     n_ceiling = 300 if args.quick else 2000
     ceiling = max(storage_ceiling(args.dir, n_ceiling) for _ in range(args.repeat))
     best: dict[int, tuple[float, float]] = {}
@@ -293,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             rate, cpu = run_case(case, args.dir)
             old = best.get(i, (0.0, np.inf))
             best[i] = (max(old[0], rate), min(old[1], cpu))
-    ref = {(c.what, c.transport, c.sink): best[i][0] for i, c in enumerate(matrix) if c.path == "raw"}
+    ref = {(c.what, c.transport, c.sink): best[i][0] for i, c in enumerate(matrix) if c.path in ("raw", "rawbatch")}
     frame_bytes = int(np.prod(FRAME_SHAPE)) * 4
     where = args.dir or tempfile.gettempdir()
     print(f"files under {where}: os.write of 1 MiB frames {ceiling:,.0f} frames/s "
@@ -304,15 +428,22 @@ def main(argv: list[str] | None = None) -> int:
     for i, case in enumerate(matrix):
         rate, cpu = best[i]
         nbytes = frame_bytes if case.what == "frames" else N_CHANNELS * 4
-        path = {"raw": "raw pyzmq PUSH/PULL", "stemlive": "stemlive", "single": "stemlive single",
-                "batch": f"stemlive batch {BATCH}"}[case.path]
-        path += {"none": "", "file": " -> file", "h5": " -> bare HDF5"}[case.sink]
+        path = {"raw": "raw pyzmq PUSH/PULL", "rawbatch": f"raw pyzmq batch {BATCH}", "stemlive": "stemlive",
+                "single": "stemlive single", "batch": f"stemlive batch {BATCH}"}[case.path]
+        path += {"none": "", "file": " -> file", "h5": " -> bare HDF5", "service": " -> serve"}[case.sink]
         bare = ref.get((case.what, case.transport, "h5"))
-        vs_bare = f"{rate / bare:8.2f}" if case.sink == "file" and bare else f"{'':8}"
+        vs_bare = f"{rate / bare:8.2f}" if case.sink in ("file", "service") and bare else f"{'':8}"
         print(f"{case.what:8} {path:26} {case.transport:9} {rate:10.0f} {rate * nbytes / 1e9:7.2f} "
               f"{rate / ref[(case.what, case.transport, 'none')]:7.2f} {vs_bare} {1e6 * cpu:17.1f} {case.messages:9d}")
     if not with_file:
         print("(stemlive.live.session not importable: no 'into the session file' rows)")
+    if args.memory_mib:
+        print(f"peak memory of `stemlive serve` (default stages) recording and analysing {args.memory_mib} MiB "
+              "sent at full speed (VmHWM of the service process)")
+        for kind in ("tilt_series", "eels_line_scan"):
+            m = service_memory(args.memory_mib * 2**20, args.dir, "tilt_series" if kind == "tilt_series" else "eels")
+            print(f"  {kind:15} idle {m['idle_mib']:6.0f} MiB, peak {m['peak_mib']:6.0f} MiB, {m['sent_mib']:.0f} MiB "
+                  f"in {m['seconds']:.0f} s")
     return 0
 
 

@@ -47,6 +47,14 @@ def _add_remote(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .pipeline import PipelineService, make_params
 
+    curve = None
+    if args.allow_remote and args.keys is None:
+        raise CLIError("--allow-remote needs --keys DIR: a service reachable from the network requires CURVE "
+                       "authentication (create keys with `stemlive keys DIR`)", ExitCode.USAGE)
+    if args.keys is not None:
+        from .keys import Curve
+
+        curve = Curve.server(args.keys)
     params = make_params(args.config, args.overrides)
     service = PipelineService(
         args.out,
@@ -54,10 +62,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         frame_endpoint=args.frames,
         result_endpoint=args.results,
         allow_remote=args.allow_remote,
+        reserve_bytes=int(args.reserve_mib * 2**20),
+        idle_timeout_s=args.idle_timeout,
+        curve=curve,
     )
     print(f"stemlive serve: frames on {service.frame_endpoint}, results on {service.result_endpoint}, "
           f"sessions into {service.out_dir.resolve()} (Ctrl-C to stop)", flush=True)
-    service.serve_forever()
+    why = service.serve_forever()
+    print(f"stemlive serve: stopped by {why}; {service.stats.sessions} session(s) recorded, open ones closed as "
+          "aborted", flush=True)
     return 0
 
 
@@ -118,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", help="lossless input endpoint to bind (default tcp://127.0.0.1:7710)")
     p.add_argument("--results", help="result PUB endpoint to bind (default tcp://127.0.0.1:7711)")
     p.add_argument("--out", type=Path, default=Path("sessions"), help="folder for session files (default ./sessions)")
+    p.add_argument("--reserve-mib", type=float, default=256.0,
+                   help="free disk space to keep: sessions are refused or closed 'failed' below it (default 256)")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="close a session as aborted after this many seconds without data (default 300)")
+    p.add_argument("--keys", type=Path, metavar="DIR",
+                   help="CURVE keys from `stemlive keys DIR`: only clients with an authorised key may connect "
+                   "(required with --allow-remote)")
     _add_params(p)
     _add_remote(p)
     p.set_defaults(func=cmd_serve)
@@ -156,7 +176,7 @@ def _add_quiet(subparsers: argparse._SubParsersAction) -> None:
 
 # Modules that add their own subcommand with ``add_subcommand(subparsers)``; each is cheap to import (heavy
 # imports such as Qt happen inside the handler).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer", "export", "importer")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer", "export", "importer", "keys")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

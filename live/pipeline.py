@@ -11,8 +11,10 @@ import json
 import logging
 import queue
 import re
+import signal
 import threading
 import time
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -22,6 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .config import Params, resolve_params
+from .disk import DEFAULT_BALLAST_BYTES, DEFAULT_RESERVE_BYTES, DiskBudget, is_disk_full
 from .protocol import Message, ProtocolError, StreamChecker, json_default
 from .session import SessionWriter
 
@@ -300,15 +303,47 @@ def analyze_messages(
 
 @dataclass
 class ServiceStats:
-    """Counters of a running service (for logs, tests and the heartbeat)."""
+    """Counters of a running service (for logs, tests and the heartbeat).
+
+    ``errors`` counts contained failures by code (``internal_error``, ``record_failed``, ``disk_full``,
+    ``analysis_error``): each one cost at most its message or its session, never the service.
+    """
 
     sessions: int = 0
     messages: int = 0
     rejected: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
     sessions_done: list[Path] = field(default_factory=list)
 
 
 _END = object()
+#: Messages queued in the service's receive socket: the sender's own queue (64) holds the rest, so a backlog
+#: costs the acquisition process memory, not the service (memory budget: docs/service.md).
+RECEIVE_HIGH_WATER_MARK = 16
+
+
+class _LimitedLog:
+    """Log the first ten events of a kind, then only every power of two (a flood costs a few lines)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def __call__(self, key: str, level: int, text: str, *args: Any, exc: BaseException | None = None) -> None:
+        self.counts[key] += 1
+        n = self.counts[key]
+        if n <= 10 or n & (n - 1) == 0:
+            log.log(level, text + " (%d so far)", *args, n, exc_info=exc if n <= 3 else None)
+
+
+@dataclass
+class _Open:
+    """The session being recorded and the connection that owns it."""
+
+    run: SessionRun
+    owner: bytes | None
+    started: float
+    last_data: float
+    last_seq: int = 0
 
 
 class PipelineService:
@@ -319,12 +354,23 @@ class PipelineService:
     receiver thread
         owns the lossless input socket; validates, records every data message, commits, acknowledges.
     analysis thread
-        owns the result PUB socket; runs the stages on a bounded queue and writes their results.
+        owns the result PUB socket; runs the stages on a bounded queue, writes their results, closes files.
 
     The analysis queue holds at most ``analysis_buffer_bytes`` of payload. When analysis is slower than
     acquisition the backlog grows up to that bound; past it, the receiver stops reading, the sender's
     socket fills and its ``send`` blocks (flow control, never loss). Recording itself is never delayed by
     analysis until the bound is reached.
+
+    Containment: every message is handled inside its own ``try``. A malformed one is rejected with its
+    :data:`~stemlive.live.protocol.REJECTION_CODES` code; any other exception while handling it becomes a nack
+    (``internal_error``, ``record_failed`` or ``disk_full``) to the connection that sent it, is logged
+    (rate-limited) and counted in :attr:`stats`; a session whose file cannot take more data is closed
+    ``failed`` with the reason. The service and every other connection go on.
+
+    Ownership: one session is recorded at a time, owned by the connection (ZeroMQ routing id) that opened it.
+    Another connection's ``session_start`` is refused with ``busy`` (naming the open session and its age); a
+    session that receives no data for ``idle_timeout_s`` is closed ``aborted`` even if heartbeats continue.
+    The ``session_end`` is acknowledged only once the file is closed and fsync'ed.
     """
 
     def __init__(
@@ -335,9 +381,13 @@ class PipelineService:
         frame_endpoint: str | None = None,
         result_endpoint: str | None = None,
         allow_remote: bool = False,
-        analysis_buffer_bytes: int = 512 * 2**20,
+        analysis_buffer_bytes: int = 256 * 2**20,
         stage_classes: Mapping[str, type[Stage]] | None = None,
         commit_interval_s: float = 0.2,
+        idle_timeout_s: float = 300.0,
+        reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+        ballast_bytes: int = DEFAULT_BALLAST_BYTES,
+        curve: Any = None,
     ) -> None:
         from . import transport
 
@@ -350,14 +400,23 @@ class PipelineService:
         self.allow_remote = allow_remote
         self.analysis_buffer_bytes = analysis_buffer_bytes
         self.commit_interval_s = commit_interval_s
+        self.idle_timeout_s = idle_timeout_s
+        self.disk = DiskBudget(self.out_dir, reserve_bytes, ballast_bytes=ballast_bytes)
+        self.curve = curve
         self.stats = ServiceStats()
         self._stop = threading.Event()
+        self._stop_reason = "service stopped"
         self._queue: queue.Queue[tuple[SessionRun, Any]] = queue.Queue()
         self._queued_bytes = 0
         self._queue_cv = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._error: BaseException | None = None
-        self._last_seq = -1
+        self._open: _Open | None = None
+        self._checker = StreamChecker()
+        self._replies: deque[tuple[bytes | None, str, int | None, str, str]] = deque()
+        self._owners: dict[str, bytes | None] = {}  # open or finishing sessions -> owner, for analysis warnings
+        self._warnings: deque[tuple[bytes | None, dict[str, Any]]] = deque()
+        self._limited = _LimitedLog()
         self.session_closed = threading.Condition()
 
     # --- lifecycle ---
@@ -369,11 +428,17 @@ class PipelineService:
         """
         from . import transport
 
+        remote = [ep for ep in (self.frame_endpoint, self.result_endpoint) if not transport.is_loopback(ep)]
+        if self.allow_remote and remote and self.curve is None:
+            raise ValueError(f"refusing to bind {remote[0]} without CURVE keys: a service reachable from the network "
+                             "requires authentication (curve=Curve.server(DIR), `stemlive keys DIR`)")
         # Sockets are created here and handed over to their threads (thread start is a memory barrier, which
         # is what ZeroMQ requires to move a socket between threads); each is used by one thread only after.
-        self._receiver = transport.FrameReceiver(self.frame_endpoint, allow_remote=self.allow_remote)
+        self._receiver = transport.FrameReceiver(self.frame_endpoint, allow_remote=self.allow_remote,
+                                                 high_water_mark=RECEIVE_HIGH_WATER_MARK, curve=self.curve)
         self.frame_endpoint = self._receiver.endpoint
-        self._publisher = transport.ResultPublisher(self.result_endpoint, allow_remote=self.allow_remote)
+        self._publisher = transport.ResultPublisher(self.result_endpoint, allow_remote=self.allow_remote,
+                                                    curve=self.curve)
         self.result_endpoint = self._publisher.endpoint
         self._threads = [
             threading.Thread(target=self._guard(self._receive_loop), name="stemlive-receiver", daemon=True),
@@ -383,8 +448,14 @@ class PipelineService:
             t.start()
         return self
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop after the queued analysis work is done; open sessions are closed as aborted."""
+    @property
+    def request_endpoint(self) -> str:
+        """Where final results can be asked for again (see :class:`~stemlive.live.transport.ResultPublisher`)."""
+        return self._publisher.request_endpoint
+
+    def stop(self, timeout_s: float = 30.0, reason: str = "service stopped") -> None:
+        """Stop after the queued analysis work is done; open sessions are closed as aborted with ``reason``."""
+        self._stop_reason = reason
         self._stop.set()
         for t in self._threads:
             t.join(timeout_s)
@@ -395,18 +466,39 @@ class PipelineService:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def serve_forever(self) -> None:
-        """Run until interrupted (Ctrl-C) or a thread fails."""
+    def serve_forever(self) -> str:
+        """Run until SIGTERM or SIGINT (Ctrl-C) or a thread fails; returns what stopped it.
+
+        On a signal every open session is closed ``aborted`` ("service stopped (SIGTERM)"), its committed
+        data flushed and the file fsync'ed before this returns.
+        """
+        stop = threading.Event()
+        why: list[str] = []
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            why.append(signal.Signals(signum).name)
+            stop.set()
+
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[int(sig)] = signal.signal(sig, on_signal)
         self.start()
         try:
-            while all(t.is_alive() for t in self._threads):
-                time.sleep(0.2)
-        except KeyboardInterrupt:
-            log.info("interrupted; finishing queued analysis")
+            while not stop.wait(0.2) and all(t.is_alive() for t in self._threads):
+                pass
+        except KeyboardInterrupt:  # no handler installed (not the main thread)
+            why.append("SIGINT")
         finally:
-            self.stop()
+            reason = f"service stopped ({why[0]})" if why else "service stopped"
+            if why:
+                log.info("%s: closing open sessions as aborted", why[0])
+            self.stop(reason=reason)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
         if self._error is not None:
             raise self._error
+        return why[0] if why else "stopped"
 
     def wait_for_sessions(self, n: int, timeout_s: float = 60.0) -> list[Path]:
         """Block until ``n`` sessions have been closed (for tests and the demo); returns their files."""
@@ -436,79 +528,158 @@ class PipelineService:
     # --- receiver thread ---
     def _receive_loop(self) -> None:
         receiver = self._receiver
-        checker = StreamChecker()
-        run: SessionRun | None = None
         last_commit = time.monotonic()
         log.info("recording sessions from %s into %s", self.frame_endpoint, self.out_dir)
         try:
             while not self._stop.is_set():
-                msg = receiver.recv(timeout_s=0.1)
+                msg = receiver.recv(timeout_s=0.05)
+                self._send_replies()
                 now = time.monotonic()
-                if run is not None and now - last_commit > self.commit_interval_s:
-                    run.commit()
-                    receiver.acknowledge(run.session_id, self._last_seq)
+                if self._open is not None and now - last_commit > self.commit_interval_s:
                     last_commit = now
-                if run is not None and run.session_id in receiver.silent_sessions():
-                    log.warning("session %s: its sender stopped responding; closing the session as aborted",
-                                run.session_id)
-                    checker.abandon(run.session_id)
-                    self._end_session(run, "aborted", "sender stopped responding", checker)
-                    run = None
-                if msg is None:
-                    continue
-                self.stats.messages += 1
-                try:
-                    checker.check(msg)
-                except ProtocolError as e:
-                    self.stats.rejected += 1
-                    receiver.reject(msg, e)  # logs the reason and tells the sender
-                    continue
-                if msg.type == "heartbeat":
-                    continue
-                if msg.type == "session_start":
-                    run = self._start_session(msg)
-                    self._last_seq = msg.seq
-                    continue
-                if run is None or msg.session != run.session_id:
-                    # a late message filling a gap of a session already closed: nothing left to record it in
-                    log.warning("message seq %s of closed session %s not recorded", msg.seq, msg.session)
-                    continue
-                self._last_seq = max(self._last_seq, msg.seq)
-                if msg.type in DATA_TYPES:
-                    run.record(msg)
-                    self._enqueue(run, msg)
-                elif msg.type == "session_end":
-                    run.commit()
-                    receiver.acknowledge(run.session_id, msg.seq, final=True)
-                    status = str(msg.header.get("status", "complete"))
-                    note = str(msg.header.get("message", ""))
-                    gaps = checker.gaps(run.session_id)
-                    if gaps:
-                        note = (note + "; " if note else "") + f"{len(gaps)} seq gap(s) on the wire: {gaps}"
-                    self._end_session(run, status, note, checker)
-                    run = None
+                    self._contained(None, self._commit_open)
+                if self._open is not None:
+                    self._contained(None, self._check_liveness, now)
+                if msg is not None:
+                    self.stats.messages += 1
+                    self._contained(msg, self._handle, msg)
         finally:
-            if run is not None:
-                self._end_session(run, "aborted", "service stopped during the session", checker)
+            if self._open is not None:
+                self._close_open("aborted", self._stop_reason)
             self._queue.put((None, _END))  # type: ignore[arg-type]
             receiver.close()
+            self.disk.release()
 
-    def _start_session(self, start: Message) -> SessionRun:
-        path = unique_path(self.out_dir, session_file_name(start))
-        run = SessionRun(
-            start,
-            path,
-            self.params,
-            stage_classes=self.stage_classes,
-            publish=self._publish_from_analysis_thread,
-            writer_options={"commit_interval_s": self.commit_interval_s},
-        )
+    def _contained(self, msg: Message | None, fn: Callable[..., None], *args: Any) -> None:
+        """Run one step; turn what it raises into a nack to the message's sender, a log line and a count."""
+        try:
+            fn(*args)
+        except ProtocolError as e:
+            assert msg is not None
+            self.stats.rejected += 1
+            self._receiver.reject(msg, e)  # logs the reason and tells the sender (the connection, not the id)
+        except Exception as e:
+            op = self._open
+            in_session = op is not None and (msg is None or msg.session == op.run.session_id)
+            code = "disk_full" if is_disk_full(e) else "record_failed" if in_session else "internal_error"
+            if code == "disk_full":
+                self.disk.release()  # room to flush and close the file cleanly
+            self.stats.errors[code] += 1
+            detail = f"{type(e).__name__}: {e}"[:400]
+            self._limited(code, logging.ERROR, "[%s] while handling %s of session %s: %s", code,
+                          "housekeeping" if msg is None else f"{msg.type} seq {msg.seq}",
+                          None if msg is None else msg.session, detail, exc=None if code == "disk_full" else e)
+            error = ProtocolError(code, detail, session=None if msg is None else msg.session,
+                                  seq=None if msg is None else msg.seq)
+            if in_session and op is not None:
+                # the file may have taken part of the message: stop here, keep what was committed
+                self._receiver.notify(op.owner or b"", nacks=[{"session": op.run.session_id, "seq": error.seq,
+                                                               "code": code, "detail": detail}])
+                self._close_open("failed", f"{code}: {detail}")
+            elif msg is not None:
+                self._receiver.reject(msg, error)
+
+    def _handle(self, msg: Message) -> None:
+        sender = self._receiver.last_sender
+        op = self._open
+        if msg.type == "session_start" and op is not None and sender != op.owner:
+            age = time.monotonic() - op.started
+            raise ProtocolError(
+                "busy", f"session {op.run.session_id!r} of another connection is being recorded (open for "
+                f"{age:.1f} s); start again when it has ended", session=msg.session, seq=msg.seq,
+                owner_session=op.run.session_id, owner_age_s=round(age, 1))
+        self._checker.check(msg)
+        if msg.type == "heartbeat":
+            return
+        if msg.type == "session_start":
+            self._start_session(msg, sender)
+            return
+        if op is None or msg.session != op.run.session_id:
+            # a late message filling a gap of a session already closed: nothing left to record it in
+            self._limited("late", logging.WARNING, "message seq %s of closed session %s not recorded", msg.seq,
+                          msg.session)
+            return
+        op.last_seq = max(op.last_seq, msg.seq)
+        if msg.type in DATA_TYPES:
+            op.last_data = time.monotonic()
+            self.disk.spend(msg.payload.nbytes + 256 if msg.payload is not None else 256)
+            op.run.record(msg)
+            self._enqueue(op.run, msg)
+        elif msg.type == "session_end":
+            op.run.commit()
+            self._receiver.acknowledge(op.run.session_id, msg.seq - 1)
+            note = str(msg.header.get("message", ""))
+            self._close_open(str(msg.header.get("status", "complete")), note, end_seq=msg.seq)
+
+    def _commit_open(self) -> None:
+        op = self._open
+        assert op is not None
+        op.run.commit()
+        self._receiver.acknowledge(op.run.session_id, op.last_seq)
+
+    def _check_liveness(self, now: float) -> None:
+        op = self._open
+        assert op is not None
+        sid = op.run.session_id
+        if sid in self._receiver.silent_sessions():
+            log.warning("session %s: its sender stopped responding; closing the session as aborted", sid)
+            self._close_open("aborted", "sender stopped responding")
+        elif now - op.last_data > self.idle_timeout_s:
+            log.warning("session %s: no data for %.0f s; closing it as aborted", sid, now - op.last_data)
+            self._close_open("aborted", f"no data for {now - op.last_data:.0f} s (heartbeats alone do not keep a "
+                             "session open)")
+
+    def _start_session(self, start: Message, owner: bytes | None) -> None:
+        try:
+            self.disk.arm()
+            self.disk.check_start()
+            path = unique_path(self.out_dir, session_file_name(start))
+            run = SessionRun(
+                start,
+                path,
+                self.params,
+                stage_classes=self.stage_classes,
+                publish=self._publish_from_analysis_thread,
+                writer_options={"commit_interval_s": self.commit_interval_s},
+            )
+        except Exception as e:
+            self._checker.abandon(start.session)
+            code = "disk_full" if is_disk_full(e) else "record_failed"
+            self.stats.errors[code] += 1
+            raise ProtocolError(code, f"session not started: {e}"[:400], session=start.session, seq=0) from e
+        now = time.monotonic()
+        self._open = _Open(run, owner, now, now)
+        self._owners[run.session_id] = owner
         self.stats.sessions += 1
         log.info("session %s (%s) started: recording to %s", run.session_id, run.kind, path)
-        return run
 
-    def _end_session(self, run: SessionRun, status: str, note: str, checker: StreamChecker) -> None:
-        self._queue.put((run, ("end", status, note, checker.gaps(run.session_id))))
+    def _close_open(self, status: str, note: str, *, end_seq: int | None = None) -> None:
+        """Hand the open session to the analysis thread, which finishes the stages and closes the file."""
+        op, self._open = self._open, None
+        assert op is not None
+        sid = op.run.session_id
+        self._checker.abandon(sid)  # no-op after its session_end; later messages get session_closed
+        gaps = self._checker.gaps(sid)
+        if gaps:
+            missing = sum(b - a + 1 for a, b in gaps)
+            summary = f"{len(gaps)} seq gap(s) on the wire, {missing} message(s) missing; first: {gaps[:10]}"
+            note = (note + "; " if note else "") + summary
+        self._queue.put((op.run, ("end", status, note, gaps, op.owner, end_seq)))
+
+    def _send_replies(self) -> None:
+        """Final acknowledgements (or nacks) of sessions the analysis thread has closed."""
+        while self._warnings:  # analysis errors: told to the sender, but its data is recorded (no nack)
+            owner, warning = self._warnings.popleft()
+            self._receiver.notify(owner or b"", warnings=[warning])
+        while self._replies:
+            owner, sid, end_seq, status, reason = self._replies.popleft()
+            if end_seq is None:
+                continue
+            if reason:
+                self._receiver.notify(owner or b"", nacks=[{"session": sid, "seq": end_seq, "code": "record_failed",
+                                                            "detail": reason[:400]}])
+            else:
+                self._receiver.acknowledge(sid, end_seq, final=True)
 
     def _enqueue(self, run: SessionRun, msg: Message) -> None:
         size = msg.payload.nbytes if msg.payload is not None else 0
@@ -524,26 +695,61 @@ class PipelineService:
     def _analysis_loop(self) -> None:
         try:
             while True:
-                run, item = self._queue.get()
+                try:
+                    run, item = self._queue.get(timeout=0.05)
+                except queue.Empty:
+                    self._serve_requests()
+                    continue
                 if item is _END:
                     break
                 if isinstance(item, tuple) and item[0] == "end":
-                    _, status, note, gaps = item
-                    run.finish(status, message=note, gaps=gaps)
-                    with self.session_closed:
-                        self.stats.sessions_done.append(run.path)
-                        self.session_closed.notify_all()
+                    self._finish(run, *item[1:])
                     continue
                 msg: Message = item
                 try:
-                    run.analyze(msg)
+                    if not run.closed:
+                        run.analyze(msg)
+                except Exception as e:  # a result the file cannot take (disk full...): the message stays recorded
+                    if is_disk_full(e):
+                        self.disk.release()
+                    self.stats.errors["analysis_error"] += 1
+                    detail = f"{type(e).__name__}: {e}"[:400]
+                    self._limited("analysis_error", logging.ERROR, "analysis of %s seq %s of session %s failed: %s",
+                                  msg.type, msg.seq, msg.session, detail, exc=e)
+                    if self.stats.errors["analysis_error"] <= 1000:  # a bounded number of warnings per service
+                        self._warnings.append((self._owners.get(msg.session), {
+                            "session": msg.session, "seq": msg.seq, "code": "analysis_error", "detail": detail}))
                 finally:
                     size = msg.payload.nbytes if msg.payload is not None else 0
                     with self._queue_cv:
                         self._queued_bytes -= size
                         self._queue_cv.notify_all()
+                self._serve_requests()
         finally:
             self._publisher.close()
+
+    def _finish(self, run: SessionRun, status: str, note: str, gaps: Sequence[tuple[int, int]],
+                owner: bytes | None, end_seq: int | None) -> None:
+        reason = ""
+        try:
+            run.finish(status, message=note, gaps=gaps)
+        except Exception as e:
+            reason = f"closing the session file failed: {type(e).__name__}: {e}"
+            log.error("session %s: %s", run.session_id, reason)
+            run.writer.fail(f"{note}; {reason}" if note else reason)
+            run.closed = True
+        self._publisher.session_closed(run.session_id)
+        self._owners.pop(run.session_id, None)
+        self._replies.append((owner, run.session_id, end_seq, run.writer.status, reason))
+        with self.session_closed:
+            self.stats.sessions_done.append(run.path)
+            self.session_closed.notify_all()
+
+    def _serve_requests(self) -> None:
+        try:
+            self._publisher.serve_requests()
+        except Exception as e:
+            self._limited("request_error", logging.ERROR, "result request failed: %s", e, exc=e)
 
     def _publish_from_analysis_thread(self, session_id: str, result: Result) -> None:
         publish_result(self._publisher, session_id, result)

@@ -40,6 +40,12 @@ MESSAGE_TYPES: frozenset[str] = frozenset(
 SESSION_KINDS: frozenset[str] = frozenset({"tilt_series", "eels_line_scan", "eels_map"})
 END_STATUSES: frozenset[str] = frozenset({"complete", "aborted", "failed"})
 SURVEY_WHICH: frozenset[str] = frozenset({"before", "after"})
+#: Session kinds each data type may be recorded in (surveys belong to any kind).
+DATA_KINDS: Mapping[str, frozenset[str]] = {
+    "frame": frozenset({"tilt_series"}),
+    "spectrum": frozenset({"eels_line_scan", "eels_map"}),
+    "survey": SESSION_KINDS,
+}
 HEADER_ONLY_TYPES: frozenset[str] = frozenset({"session_start", "session_end", "heartbeat"})
 #: Allowed payload ``ndim`` per type; ``result`` payloads are optional and may have 0..MAX_NDIM dimensions.
 PAYLOAD_NDIM: Mapping[str, tuple[int, ...]] = {"frame": (2,), "survey": (2,), "spectrum": (1, 2)}
@@ -55,14 +61,21 @@ MAX_INDEX = (1 << 31) - 1  # indices are stored as int32 in session files
 MAX_SEQ = (1 << 63) - 1
 MAX_SESSION_ID_LEN = 128
 MAX_JSON_DEPTH = 32  # nesting of free-form objects (settings, value, attrs)
+#: Largest payload accepted (bytes): one 8192 x 8192 float64 image. The recorder holds one payload at a time.
+MAX_PAYLOAD_BYTES = 1 << 29
+#: Acquisition times must lie in [0, MAX_TIME] Unix seconds (year 2100): a file's dates must stay printable.
+MAX_TIME = 4102444800.0
+#: Largest map a session may declare (settings ``scan_shape``), in probe positions.
+MAX_SCAN_POINTS = 1 << 24
 
 # Header keys written first, in this order: SUB prefix subscriptions on result stage/name rely on it.
 _LEADING_KEYS = ("proto", "type", "stage", "name", "session", "seq", "t")
-_PROTO_RE = re.compile(r"^stemlive/(\d{1,6})(?:\.(\d{1,6}))?$")
-_SESSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$")
+_PROTO_RE = re.compile(r"stemlive/(\d{1,6})(?:\.(\d{1,6}))?")
+_SESSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+_NAME_RE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*")
 # Explicit byte order for multi-byte types; '=' (native) is ambiguous on the wire and refused.
-_DTYPE_RE = re.compile(r"^(?:[<>](?:[iu][248]|f[248])|[<>|]?[iu]1)$")
+_DTYPE_RE = re.compile(r"(?:[<>](?:[iu][248]|f[248])|[<>|]?[iu]1)")
+# All patterns are used with re.fullmatch: "$" in re.match also matches before a trailing newline ("<f4\n").
 
 #: Every code a :class:`ProtocolError` can carry, with its meaning (documented in docs/protocol.md).
 REJECTION_CODES: Mapping[str, str] = {
@@ -80,7 +93,7 @@ REJECTION_CODES: Mapping[str, str] = {
     "unsupported_version": "proto major version is not 1",
     "unknown_type": "type is not one of MESSAGE_TYPES",
     "bad_seq": "seq is negative or above 2**63-1",
-    "bad_time": "t is not a finite, non-negative number of Unix seconds",
+    "bad_time": "t is not a finite number of Unix seconds in [0, MAX_TIME] (year 2100)",
     "bad_session_id": "session id is empty, too long or has characters outside [A-Za-z0-9._:-]",
     "bad_value": "a field is out of range (negative index, non-positive size, non-finite number, bad enum)",
     "unknown_kind": "session_start kind is not one of SESSION_KINDS",
@@ -91,7 +104,8 @@ REJECTION_CODES: Mapping[str, str] = {
     "missing_payload": "no payload part where the type (or the header's dtype) requires one",
     "bad_dtype": "dtype is not an explicit-byte-order numeric int/uint/float string",
     "bad_shape": "shape is not a list of non-negative ints (positive for frames, surveys and spectra)",
-    "shape_too_large": f"shape has more than {MAX_ELEMENTS} elements",
+    "shape_too_large": f"shape has more than {MAX_ELEMENTS} elements (or a dimension that large, even with a 0), "
+    f"or the payload would exceed {MAX_PAYLOAD_BYTES} bytes",
     "bad_ndim": "payload ndim not allowed for the type",
     "payload_size_mismatch": "payload length is not prod(shape) * itemsize",
     "batch_length_mismatch": "a batch spectrum field list length differs from the batch size k",
@@ -103,6 +117,18 @@ REJECTION_CODES: Mapping[str, str] = {
     "session_reused": "session_start for a session id that was already used",
     "duplicate_seq": "seq already received (replay or duplicate)",
     "session_closed": "message after session_end (other than a late arrival filling a known gap)",
+    "bad_settings": "a session_start setting the recorder relies on has the wrong type or range (e.g. scan_shape)",
+    "wrong_kind": "a data type that does not belong to the session kind (a spectrum in a tilt series, a frame in "
+    "an EELS session)",
+    "shape_mismatch": "a frame shape or spectrum channel count differing from the session's first",
+    # issued by the transport and the service (see docs/protocol.md), not by decode/StreamChecker:
+    "not_owner": "message for a session another connection opened (only its owner may send data, heartbeats or "
+    "session_end for it)",
+    "busy": "session_start while another connection's session is being recorded (the detail names it and its age)",
+    "disk_full": "free space below the service's reserve (or the disk is full): the session is closed 'failed'",
+    "record_failed": "the recorder could not store a validated message; the session is closed 'failed'",
+    "internal_error": "an unexpected error while handling the message (logged by the service, which goes on)",
+    "unauthorized": "CURVE handshake refused (no or unknown key): raised by the sender, the service never sees it",
 }
 
 
@@ -119,12 +145,15 @@ class ProtocolError(ValueError):
         The message's session id and seq where they could be read, for acknowledgement back-channels.
     """
 
-    def __init__(self, code: str, detail: str, *, session: str | None = None, seq: int | None = None) -> None:
+    def __init__(
+        self, code: str, detail: str, *, session: str | None = None, seq: int | None = None, **extra: Any
+    ) -> None:
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
         self.session = session
         self.seq = seq
+        self.extra: dict[str, Any] = extra  # JSON fields for the nack (e.g. owner_session, owner_age_s for busy)
 
 
 @dataclass(frozen=True, eq=False)
@@ -253,7 +282,7 @@ def encode(header: Mapping[str, Any], payload: np.ndarray | None = None) -> list
     view: memoryview | None = None
     if payload is not None:
         arr = np.asarray(payload)
-        if not _DTYPE_RE.match(arr.dtype.str):
+        if not _DTYPE_RE.fullmatch(arr.dtype.str):
             _fail("bad_dtype", f"payload dtype {arr.dtype.str!r} is not a numeric int/uint/float", fields)
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
@@ -348,7 +377,10 @@ def decode(parts: Sequence[Any]) -> Message:
     _validate_header(header, None if payload_buf is None else payload_buf.nbytes)
     if payload_buf is None:
         return Message(header, None)
-    arr = np.frombuffer(payload_buf, dtype=np.dtype(header["dtype"])).reshape(header["shape"])
+    try:
+        arr = np.frombuffer(payload_buf, dtype=np.dtype(header["dtype"])).reshape(header["shape"])
+    except (TypeError, ValueError) as e:  # unreachable after the checks above; kept so decode never raises else
+        _fail("bad_shape", f"payload cannot be viewed as {header['dtype']} {header['shape']}: {e}", header)
     arr.flags.writeable = False
     return Message(header, arr)
 
@@ -405,7 +437,7 @@ def _check_finite_tree(h: Mapping[str, Any], name: str, v: Any, depth: int = 0) 
 
 def _check_common(h: Mapping[str, Any]) -> str:
     proto = _get(h, "proto")
-    m = None if proto == PROTO or type(proto) is not str else _PROTO_RE.match(proto)
+    m = None if proto == PROTO or type(proto) is not str else _PROTO_RE.fullmatch(proto)
     if m is None and proto != PROTO:
         _fail("bad_proto", f"proto {str(proto)[:50]!r} is not 'stemlive/<major>[.<minor>]'", h)
     if m is not None and int(m.group(1)) != PROTO_MAJOR:
@@ -432,7 +464,7 @@ _valid_sessions: set[str] = set()  # ids already validated: the regex runs once 
 
 
 def _remember_session(session: str) -> bool:
-    if len(session) > MAX_SESSION_ID_LEN or not _SESSION_RE.match(session):
+    if len(session) > MAX_SESSION_ID_LEN or not _SESSION_RE.fullmatch(session):
         return False
     if len(_valid_sessions) > 4096:
         _valid_sessions.clear()
@@ -443,8 +475,8 @@ def _remember_session(session: str) -> bool:
 def _check_time(h: Mapping[str, Any], t: Any) -> None:
     if type(t) not in (int, float):
         _fail("bad_field_type", f"t must be a number (Unix seconds), got {type(t).__name__}", h)
-    if not (math.isfinite(t) and t >= 0):
-        _fail("bad_time", f"t={t} is not a finite, non-negative Unix time", h)
+    if not (0 <= t <= MAX_TIME):  # False for NaN too
+        _fail("bad_time", f"t={t!r:.30} is not a Unix time in [0, {MAX_TIME:.0f}]", h)
 
 
 def _check_payload_meta(h: Mapping[str, Any], mtype: str, nbytes: int | None) -> None:
@@ -458,14 +490,18 @@ def _check_payload_meta(h: Mapping[str, Any], mtype: str, nbytes: int | None) ->
             _fail("missing_payload", f"{mtype} message without a payload part", h)
         return
     dtype = _check_str(h, "dtype", _get(h, "dtype"))
-    if not _DTYPE_RE.match(dtype):
+    if not _DTYPE_RE.fullmatch(dtype):
         _fail("bad_dtype", f"dtype {dtype[:20]!r} not allowed: numeric int/uint/float with explicit byte order", h)
     shape = _get(h, "shape")
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(type(n) is int and n >= 0 for n in shape):
         _fail("bad_shape", f"shape {str(shape)[:80]} is not a list of at most {MAX_NDIM} non-negative ints", h)
+    # every dimension bounded on its own: [0, 2**70] has no elements but cannot be reshaped to
+    if any(n > MAX_ELEMENTS for n in shape) or math.prod(max(n, 1) for n in shape) > MAX_ELEMENTS:
+        _fail("shape_too_large", f"shape {str(shape)[:80]} exceeds {MAX_ELEMENTS} elements (or has such a dimension)",
+              h)
     count = math.prod(shape)
-    if count > MAX_ELEMENTS:
-        _fail("shape_too_large", f"shape {shape} has {count} elements > {MAX_ELEMENTS}", h)
+    if count * int(dtype[-1]) > MAX_PAYLOAD_BYTES:
+        _fail("shape_too_large", f"shape {shape} x {dtype} needs more than {MAX_PAYLOAD_BYTES} bytes", h)
     allowed = PAYLOAD_NDIM.get(mtype)
     if allowed is not None:
         if len(shape) not in allowed:
@@ -485,6 +521,21 @@ def _check_session_start(h: Mapping[str, Any]) -> None:
     if not isinstance(settings, dict):
         _fail("bad_field_type", f"settings must be an object, got {type(settings).__name__}", h)
     _check_finite_tree(h, "settings", settings)
+    _check_settings(h, kind, settings)
+
+
+def _check_settings(h: Mapping[str, Any], kind: str, settings: Mapping[str, Any]) -> None:
+    """The settings the recorder and the stages rely on; other settings are free-form JSON."""
+    scan_shape = settings.get("scan_shape")
+    if scan_shape is not None:
+        if not (isinstance(scan_shape, list) and len(scan_shape) == 2
+                and all(type(n) is int and 0 < n <= MAX_SCAN_POINTS for n in scan_shape)
+                and scan_shape[0] * scan_shape[1] <= MAX_SCAN_POINTS):
+            _fail("bad_settings", f"settings.scan_shape {str(scan_shape)[:60]} must be [ny, nx] positive ints with "
+                  f"ny * nx <= {MAX_SCAN_POINTS}", h)
+    analysis = settings.get("analysis")
+    if analysis is not None and not isinstance(analysis, dict):
+        _fail("bad_settings", f"settings.analysis must be an object, got {type(analysis).__name__}", h)
 
 
 def _check_frame(h: Mapping[str, Any]) -> None:
@@ -521,7 +572,8 @@ def _check_spectrum(h: Mapping[str, Any]) -> None:
                 _check_int(h, name, x)
     for name in ("x_nm", "y_nm", "energy_offset_meV", "t"):
         v = h[name]
-        if not (all(type(x) in _NUMBER for x in v) and all(map(math.isfinite, v))) or (name == "t" and min(v) < 0):
+        ok = all(type(x) in _NUMBER for x in v) and all(map(math.isfinite, v))
+        if not ok or (name == "t" and not (0 <= min(v) and max(v) <= MAX_TIME)):
             for x in v:
                 _check_time(h, x) if name == "t" else _check_number(h, name, x)
 
@@ -560,7 +612,7 @@ def _check_heartbeat(h: Mapping[str, Any]) -> None:
 def _check_result(h: Mapping[str, Any]) -> None:
     for name in ("stage", "name"):
         v = _check_str(h, name, _get(h, name))
-        if len(v) > 200 or not _NAME_RE.match(v) or any(p in (".", "..") for p in v.split("/")):
+        if len(v) > 200 or not _NAME_RE.fullmatch(v) or any(p in (".", "..") for p in v.split("/")):
             _fail("bad_name", f"result {name} {v[:50]!r} is not a safe path of [A-Za-z0-9_.-] segments", h)
     for name in ("index", "topic_seq"):
         if h.get(name) is not None:
@@ -620,6 +672,9 @@ class SessionState:
     closed: bool = False
     end_status: str | None = None
     declared_messages: int | None = None
+    frame_shape: tuple[int, ...] | None = None
+    n_channels: int | None = None
+    n_gap_warnings: int = 0
 
     @property
     def missing(self) -> int:
@@ -693,15 +748,43 @@ class StreamChecker:
             if self._open is not None:
                 _fail("wrong_session", f"message for session {sid!r} while {self._open.session!r} is open", msg.header)
             _fail("no_session", f"{mtype} for session {sid!r} which has not started", msg.header)
+        if msg.payload is not None:
+            self._check_data(st, msg)
         gap = self._sequence(st, msg)
+        self._note_shape(st, msg)
         if mtype == "session_end" and not st.closed:
             st.end_status = msg.header["status"]
             st.declared_messages = msg.header["messages"]
             self._close(st)
             if st.gaps:
-                log.warning("session %s ended (%s) with %d missing messages in seq ranges %s",
-                            sid, st.end_status, st.missing, st.gaps)
+                log.warning("session %s ended (%s) with %d missing messages in %d seq ranges (first: %s)",
+                            sid, st.end_status, st.missing, len(st.gaps), st.gaps[:5])
         return gap
+
+    @staticmethod
+    def _check_data(st: SessionState, msg: Message) -> None:
+        """Data kind and shape consistency: what the recorder could not store is refused here."""
+        h, payload = msg.header, msg.payload
+        assert payload is not None
+        mtype = h["type"]
+        kinds = DATA_KINDS.get(mtype)
+        if kinds is not None and st.kind not in kinds:
+            _fail("wrong_kind", f"a {mtype} does not belong in a {st.kind} session", h)
+        if mtype == "frame" and st.frame_shape is not None and payload.shape != st.frame_shape:
+            _fail("shape_mismatch", f"frame shape {list(payload.shape)} differs from the session's "
+                  f"{list(st.frame_shape)}", h)
+        if mtype == "spectrum" and st.n_channels is not None and payload.shape[-1] != st.n_channels:
+            _fail("shape_mismatch", f"spectrum has {payload.shape[-1]} channels, the session {st.n_channels}", h)
+
+    @staticmethod
+    def _note_shape(st: SessionState, msg: Message) -> None:
+        payload = msg.payload
+        if payload is None:
+            return
+        if msg.header["type"] == "frame" and st.frame_shape is None:
+            st.frame_shape = tuple(payload.shape)
+        elif msg.header["type"] == "spectrum" and st.n_channels is None:
+            st.n_channels = int(payload.shape[-1])
 
     def _start(self, msg: Message) -> None:
         sid = msg.header["session"]
@@ -729,7 +812,11 @@ class StreamChecker:
             st.gaps.append(gap)
             st.next_seq = seq + 1
             st.received += 1
-            log.warning("session %s: seq gap, messages %d..%d missing (accepted seq %d)", st.session, *gap, seq)
+            st.n_gap_warnings += 1
+            n = st.n_gap_warnings
+            if n <= 10 or n & (n - 1) == 0:  # a flood of gaps logs its first ten and then powers of two
+                log.warning("session %s: seq gap, messages %d..%d missing (accepted seq %d; gap %d of the session)",
+                            st.session, *gap, seq, n)
             return gap
         if not self._fill(st, seq):
             _fail("duplicate_seq", f"seq {seq} of session {st.session!r} already received", msg.header)
@@ -741,7 +828,7 @@ class StreamChecker:
             if a <= seq <= b:
                 st.gaps[i : i + 1] = [g for g in ((a, seq - 1), (seq + 1, b)) if g[0] <= g[1]]
                 st.received += 1
-                log.info("session %s: late seq %d filled a gap", st.session, seq)
+                log.debug("session %s: late seq %d filled a gap", st.session, seq)
                 return True
         return False
 

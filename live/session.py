@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -380,15 +381,29 @@ class SessionWriter:
         self.commit_interval_s = float(commit_interval_s)
         self.commit_every = commit_every
         self.message_counts: dict[str, int] = {"session_start": 1}
-        self._f = h5py.File(self.path, "x")
-        self._write_root(header)
-        self._frames = _FrameStore(self._f)
-        self._spectra = _SpectrumStore(self._f, self.settings)
-        self._surveys_done: list[str] = []
-        self._since_commit = 0
-        self._last_commit = time.monotonic()
         self.status = "recording"
-        self.commit()
+        try:
+            self._f = h5py.File(self.path, "x")
+        except BaseException as e:  # e.g. disk full while creating: no empty file left behind (it did not exist)
+            if not isinstance(e, FileExistsError):  # never remove a file another writer made meanwhile
+                self.path.unlink(missing_ok=True)
+            raise
+        try:
+            self._write_root(header)
+            self._frames = _FrameStore(self._f)
+            self._spectra = _SpectrumStore(self._f, self.settings)
+            self._surveys_done: list[str] = []
+            self._since_commit = 0
+            self._last_commit = time.monotonic()
+            self.commit()
+        except BaseException:  # e.g. disk full: leave no empty or half-made file behind
+            self.status = "failed"
+            try:
+                self._f.close()
+            except Exception:
+                pass
+            self.path.unlink(missing_ok=True)
+            raise
 
     def _write_root(self, header: Mapping[str, Any]) -> None:
         attrs = self._f.attrs
@@ -532,8 +547,10 @@ class SessionWriter:
             self.commit()
             attrs = self._f.attrs
             attrs["closed"] = datetime.now(UTC).isoformat()
-            attrs["message"] = str(message)
-            attrs["gaps"] = _dumps([[int(a) for a in gap] for gap in gaps])
+            attrs["message"] = _bounded(str(message))
+            if len(gaps) > MAX_GAPS_STORED:  # a bounded attribute: the count and the first ranges
+                attrs["gaps_total"] = np.int64(len(gaps))
+            attrs["gaps"] = _dumps([[int(a) for a in gap] for gap in list(gaps)[:MAX_GAPS_STORED]])
             attrs["n_messages"] = np.int64(sum(self.message_counts.values()))
             attrs["message_counts"] = _dumps(self.message_counts)
             attrs["n_frames"] = np.int64(self.n_frames)
@@ -543,6 +560,40 @@ class SessionWriter:
         finally:
             self.status = status
             self._f.close()
+        _fsync(self.path)
+
+    def fail(self, reason: str) -> str:
+        """Close the file as ``failed`` with ``reason`` without raising, also after a write error (disk full).
+
+        Data committed before the error stays readable. If closing the open handle fails (HDF5 after ENOSPC),
+        the file is reopened and only the status and message attributes are written: they fit into space HDF5
+        already allocated for the root attributes or into the service's disk reserve.
+
+        Returns
+        -------
+        str
+            The status the file ends with: ``"failed"``, or ``"recording"`` if even that could not be written
+            (readers then use the committed rows).
+        """
+        if self.closed:
+            return self.status
+        try:
+            self.close("failed", message=reason)
+            return "failed"
+        except Exception as e:  # the handle is closed by close()'s finally; mark the file from a new one
+            log.warning("session %s: closing %s after an error failed (%s); marking it from a new handle",
+                        self.session_id, self.path, e)
+        try:
+            with h5py.File(self.path, "r+") as f:
+                f.attrs["message"] = _bounded(reason)
+                f.attrs["closed"] = datetime.now(UTC).isoformat()
+                f.attrs["status"] = "failed"
+            _fsync(self.path)
+            return "failed"
+        except Exception as e:
+            log.error("session %s: could not mark %s as failed (%s); it stays 'recording' and is readable up to its "
+                      "last committed rows", self.session_id, self.path, e)
+            return "recording"
 
     def _check_open(self) -> None:
         if self.closed:
@@ -558,6 +609,30 @@ class SessionWriter:
             self.close("complete")
         else:
             self.close("failed", message=f"{type(exc).__name__}: {exc}")
+
+
+MAX_GAPS_STORED = 1000
+_MESSAGE_LIMIT = 4096
+
+
+def _bounded(text: str) -> str:
+    """A file's ``message`` attribute stays small: long notes (gap lists) are cut with a marker."""
+    return text if len(text) <= _MESSAGE_LIMIT else text[: _MESSAGE_LIMIT - 20] + " ... (truncated)"
+
+
+def _fsync(path: Path) -> None:
+    """Make a closed file (and its directory entry) durable: acknowledged sessions survive a power loss."""
+    for target, flags in ((path, os.O_RDONLY), (path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))):
+        try:
+            fd = os.open(target, flags)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _check_start(header: Mapping[str, Any]) -> None:

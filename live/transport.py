@@ -8,8 +8,9 @@ Lossless path (acquisition -> service)
     sides exchange link heartbeats to notice a dead peer.
 
 Result stream (service -> Swift, viewers)
-    :class:`ResultPublisher` (PUB, binds) -> :class:`ResultSubscriber` (SUB, connects). Lossy by design: a
-    slow subscriber loses results (counted from seq gaps), the publisher never blocks.
+    :class:`ResultPublisher` (PUB, binds) -> :class:`ResultSubscriber` (SUB, connects), in
+    :mod:`stemlive.live.resultstream` (importable from here too). Lossy by design, with exact loss counts and
+    re-requests of final results.
 
 Threads
     ZeroMQ sockets are not thread-safe. A :class:`FrameReceiver`, :class:`ResultPublisher` and
@@ -23,14 +24,12 @@ The protocol is specified in ``docs/protocol.md``.
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
@@ -38,10 +37,18 @@ from typing import Any
 
 import numpy as np
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
+from .endpoints import DEFAULT_FRAME_ENDPOINT as DEFAULT_FRAME_ENDPOINT
+from .endpoints import DEFAULT_RESULT_ENDPOINT as DEFAULT_RESULT_ENDPOINT
+from .endpoints import TransportError as TransportError
+from .endpoints import check_bind_endpoint as check_bind_endpoint
+from .endpoints import is_loopback as is_loopback
+from .endpoints import secure_client, secure_server
 from .protocol import (
     LINK_SESSION,
-    PROTO,
+    MAX_HEADER_BYTES,
+    MAX_PAYLOAD_BYTES,
     SESSION_KINDS,
     Message,
     ProtocolError,
@@ -50,71 +57,27 @@ from .protocol import (
     encode,
 )
 
+# The result stream lives in resultstream.py; its names stay importable from here.
+from .resultstream import DEFAULT_RESULT_HIGH_WATER_MARK as DEFAULT_RESULT_HIGH_WATER_MARK
+from .resultstream import ResultPublisher as ResultPublisher
+from .resultstream import ResultRecovery as ResultRecovery
+from .resultstream import ResultSubscriber as ResultSubscriber
+from .resultstream import result_topic as result_topic
+
 log = logging.getLogger(__name__)
 
-DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:7710"
-DEFAULT_RESULT_ENDPOINT = "tcp://127.0.0.1:7711"
 #: Messages queued by the sender before ``send`` blocks (64 x 1 MiB frames = 64 MiB).
 DEFAULT_HIGH_WATER_MARK = 64
-DEFAULT_RESULT_HIGH_WATER_MARK = 256
 DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
 #: A peer silent for this many heartbeat intervals is considered dead (sender) or silent (receiver).
 DEFAULT_LIVENESS = 5
 #: The receiver flushes pending acknowledgements at least this often while it is being polled.
 ACK_INTERVAL_S = 0.05
 _BACKCHANNEL_HWM = 1000
-
-
-class TransportError(RuntimeError):
-    """The lossless path cannot make progress: blocked send, dead or non-acknowledging service."""
-
-
-def check_bind_endpoint(endpoint: str, allow_remote: bool) -> str:
-    """Refuse to bind anything but loopback unless ``allow_remote`` is set.
-
-    Parameters
-    ----------
-    endpoint : str
-        ``tcp://host:port`` (port may be ``*`` for an ephemeral port), ``ipc://path`` or ``inproc://name``.
-    allow_remote : bool
-        Allow a non-loopback interface (logged as a warning).
-
-    Returns
-    -------
-    str
-        The endpoint to bind (``localhost`` becomes ``127.0.0.1``, which libzmq can bind).
-
-    Raises
-    ------
-    ValueError
-        For a non-loopback interface without ``allow_remote``, or an unsupported or malformed endpoint.
-    """
-    scheme, sep, rest = endpoint.partition("://")
-    if not sep or not rest:
-        raise ValueError(f"malformed endpoint {endpoint!r}: expected tcp://host:port, ipc://path or inproc://name")
-    if scheme in ("ipc", "inproc"):
-        return endpoint
-    if scheme != "tcp":
-        raise ValueError(f"unsupported transport {scheme!r} in {endpoint!r}: use tcp, ipc or inproc")
-    host, sep, port = rest.rpartition(":")
-    if not sep or not host or not (port in ("*", "!") or (port.isdigit() and 0 < int(port) < 65536)):
-        raise ValueError(f"malformed tcp endpoint {endpoint!r}: expected tcp://host:port")
-    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if bare == "localhost":
-        return f"tcp://127.0.0.1:{port}"
-    try:
-        loopback = ipaddress.ip_address(bare).is_loopback
-    except ValueError:
-        loopback = False  # '*', an interface name or a host name: not provably loopback
-    if loopback:
-        return endpoint
-    if not allow_remote:
-        raise ValueError(
-            f"refusing to bind {endpoint!r}: {host!r} is not a loopback address, so other computers could send to "
-            "or read from it. Bind 127.0.0.1 or pass allow_remote=True (--allow-remote) to accept remote peers."
-        )
-    log.warning("binding %s on non-loopback interface %r: reachable from the network", endpoint, host)
-    return endpoint
+_HANDSHAKE_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                       | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+#: How long ``SessionStream.end`` waits for the service to finish the analysis and close the file.
+DEFAULT_CLOSE_TIMEOUT_S = 600.0
 
 
 def new_session_id() -> str:
@@ -128,12 +91,16 @@ def _link_heartbeat(seq: int, **fields: Any) -> list[bytes | memoryview]:
 
 @dataclass
 class Nack:
-    """A rejection reported back by the service: message ``seq`` of ``session`` (None if unreadable)."""
+    """A rejection reported back by the service: message ``seq`` of ``session`` (None if unreadable).
+
+    ``extra`` holds further fields of the nack, e.g. ``owner_session`` and ``owner_age_s`` with code ``busy``.
+    """
 
     session: str | None
     seq: int | None
     code: str
     detail: str
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # ============================================================== sender
@@ -157,6 +124,8 @@ class FrameSender:
         are unacknowledged.
     kernel_buffer_bytes : int, optional
         SO_SNDBUF for TCP; None keeps the OS default (Linux autotunes up to ``net.ipv4.tcp_wmem``).
+    curve : stemlive.live.keys.Curve, optional
+        Client keys for a service that requires CURVE authentication (see ``stemlive keys``).
     context : zmq.Context, optional
         Defaults to the process-wide instance.
 
@@ -175,6 +144,7 @@ class FrameSender:
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         liveness: int = DEFAULT_LIVENESS,
         kernel_buffer_bytes: int | None = None,
+        curve: Any = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         self.endpoint = endpoint
@@ -183,6 +153,8 @@ class FrameSender:
         self.heartbeat_interval_s = heartbeat_interval_s
         self.liveness = liveness
         self.nacks: list[Nack] = []
+        #: Problems the service reports about recorded messages (e.g. ``analysis_error``): not rejections.
+        self.warnings: list[Nack] = []
         self._acked: dict[str, int] = {}
         self._sent: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -190,12 +162,17 @@ class FrameSender:
         self._last_heard = self._last_sent = self._last_drain = self._pending_since = time.monotonic()
         self._closed = False
         self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
+        secure_client(self._sock, curve)
         self._sock.setsockopt(zmq.SNDHWM, high_water_mark)
         self._sock.setsockopt(zmq.RCVHWM, _BACKCHANNEL_HWM)
         if kernel_buffer_bytes is not None:
             self._sock.setsockopt(zmq.SNDBUF, kernel_buffer_bytes)
         # A stable identity lets the service keep its per-connection state across TCP reconnects.
         self._sock.setsockopt(zmq.ROUTING_ID, uuid.uuid4().bytes)
+        # A refused security handshake (no or unknown CURVE key) only shows as a socket event: watch for it so
+        # that the caller is told "unauthorized" instead of waiting for a timeout.
+        self.handshake_failure: str | None = None
+        self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_FAILURES)
         self._sock.connect(endpoint)
         self._send_link_heartbeat()  # introduces this peer to the service at once
         self._stop = threading.Event()
@@ -284,6 +261,8 @@ class FrameSender:
             pending = self.unacknowledged()
             if pending:
                 log.warning("closing sender to %s with %d unacknowledged messages", self.endpoint, pending)
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
             self._sock.close(linger=int(linger_s * 1000))
 
     def __enter__(self) -> FrameSender:
@@ -340,11 +319,22 @@ class FrameSender:
                     self._acked[sid] = seq
                 if self._sent.get(sid, -1) <= seq:
                     self._sent.pop(sid, None)  # fully acknowledged: keeps unacknowledged() cheap
+            for w in msg.header.get("warnings") or ():
+                if isinstance(w, dict) and len(self.warnings) < 10_000:
+                    self.warnings.append(Nack(w.get("session"), w.get("seq"), str(w.get("code")),
+                                              str(w.get("detail"))))
+                    if len(self.warnings) <= 10:
+                        log.warning("service at %s: message %s of session %s recorded, but: [%s] %s", self.endpoint,
+                                    w.get("seq"), w.get("session"), w.get("code"), w.get("detail"))
             for n in msg.header.get("nacks") or ():
-                nack = Nack(n.get("session"), n.get("seq"), str(n.get("code")), str(n.get("detail")))
-                log.warning("service at %s rejected message %s of session %s: [%s] %s",
-                            self.endpoint, nack.seq, nack.session, nack.code, nack.detail)
+                known = ("session", "seq", "code", "detail")
+                nack = Nack(n.get("session"), n.get("seq"), str(n.get("code")), str(n.get("detail")),
+                            {k: v for k, v in n.items() if k not in known})
                 self.nacks.append(nack)
+                n_nacks = len(self.nacks)
+                if n_nacks <= 10 or n_nacks & (n_nacks - 1) == 0:  # a flood of nacks logs a few lines
+                    log.warning("service at %s rejected message %s of session %s: [%s] %s (%d so far)",
+                                self.endpoint, nack.seq, nack.session, nack.code, nack.detail, n_nacks)
 
     def _raise_nacks(self, session_id: str) -> None:
         bad = [n for n in self.nacks if n.session in (session_id, None)]
@@ -354,7 +344,23 @@ class FrameSender:
                 f"service at {self.endpoint} rejected {len(bad)} message(s) of session {session_id!r}: {listed}"
             )
 
+    def _read_monitor(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.handshake_failure = "the service refused this client's key (CURVE authentication)"
+            elif self.handshake_failure is None:
+                self.handshake_failure = ("the security handshake failed: this client's CURVE keys (or their absence) "
+                                          "do not match the service's")
+
     def _check_service_alive(self) -> None:
+        self._read_monitor()
+        if self.handshake_failure is not None:
+            raise TransportError(f"unauthorized: {self.handshake_failure} at {self.endpoint} (see `stemlive keys`, "
+                                 "STEMLIVE_KEYS)")
         if self.heartbeat_interval_s <= 0:
             return
         silent = time.monotonic() - max(self._last_heard, self._pending_since)
@@ -472,21 +478,31 @@ class SessionStream:
         """Send an in-session heartbeat (consumes a seq; lets the service see the session is alive)."""
         self._send("heartbeat", {})
 
-    def end(self, status: str = "complete", message: str = "", timeout_s: float | None = None) -> None:
-        """Send ``session_end`` and wait until the service acknowledges that the whole session is recorded.
+    def end(
+        self, status: str = "complete", message: str = "", timeout_s: float | None = None,
+        close_timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
+    ) -> None:
+        """Send ``session_end`` and wait until the service has recorded the session and closed its file.
+
+        Two waits: every message before the ``session_end`` recorded (``timeout_s``, default the sender's), then
+        the ``session_end`` itself, which the pipeline service acknowledges once the analysis has finished and
+        the file is closed and fsync'ed (``timeout_s`` if given, else ``close_timeout_s``; a dead service is still
+        noticed within the sender's liveness interval).
 
         Raises
         ------
         TransportError
-            If no acknowledgement comes within ``timeout_s`` (default: the sender's), the service is dead, or it
-            rejected any message of this session.
+            If an acknowledgement does not come in time, the service is dead, or it rejected any message of this
+            session.
         """
         fields: dict[str, Any] = {"status": status, "messages": self.seq + 1}
         if message:
             fields["message"] = message
         seq = self._send("session_end", fields)
         self.ended = True
-        self.sender.wait_acknowledged(self.session_id, seq, timeout_s)
+        self.sender.wait_acknowledged(self.session_id, seq - 1, timeout_s)
+        close = close_timeout_s if timeout_s is None else timeout_s
+        self.sender.wait_acknowledged(self.session_id, seq, close)
 
 
 # ============================================================== receiver
@@ -527,6 +543,10 @@ class FrameReceiver:
         Leave False when the caller runs its own StreamChecker.
     kernel_buffer_bytes : int, optional
         SO_RCVBUF for TCP; None keeps the OS default (Linux autotunes up to ``net.ipv4.tcp_rmem``).
+    curve : stemlive.live.keys.Curve, optional
+        Server keys: only clients with an authorised key can connect (see ``stemlive keys``).
+    max_message_bytes : int
+        ZMQ_MAXMSGSIZE: a connection sending a larger part is dropped by libzmq before the part is allocated.
 
     Attributes
     ----------
@@ -545,6 +565,8 @@ class FrameReceiver:
         auto_ack: bool = False,
         check_stream: bool = False,
         kernel_buffer_bytes: int | None = None,
+        curve: Any = None,
+        max_message_bytes: int = MAX_PAYLOAD_BYTES + MAX_HEADER_BYTES,
         context: zmq.Context[Any] | None = None,
     ) -> None:
         bind = check_bind_endpoint(endpoint, allow_remote)
@@ -554,14 +576,21 @@ class FrameReceiver:
         self.check_stream = check_stream
         self.rejected: Counter[str] = Counter()
         self._peers: dict[bytes, _Peer] = {}
-        self._session_peer: dict[str, bytes] = {}
+        self._session_peer: dict[str, bytes] = {}  # session id -> routing id of the connection that owns it
+        #: Routing id of the connection that sent the message :meth:`recv` returned last.
+        self.last_sender: bytes | None = None
+        self._claim: tuple[str, str | None] | None = None  # (session, owner's previous open session) of that message
         self._silent: set[str] = set()
         self._next_housekeeping = 0.0
         self._sock = (context or zmq.Context.instance()).socket(zmq.ROUTER)
+        secure_server(self._sock, curve)
         self._sock.setsockopt(zmq.RCVHWM, high_water_mark)
         self._sock.setsockopt(zmq.SNDHWM, _BACKCHANNEL_HWM)
         if kernel_buffer_bytes is not None:
             self._sock.setsockopt(zmq.RCVBUF, kernel_buffer_bytes)
+        # A part larger than any valid one drops its connection inside libzmq, before it is allocated: a peer
+        # cannot make the service hold a terabyte (or 600 MiB) it would reject anyway.
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable acks raise instead of vanishing
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting sender takes over its identity
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -617,10 +646,33 @@ class FrameReceiver:
         if final:
             self._send_to(peer, time.monotonic())
 
-    def reject(self, msg: Message, error: ProtocolError) -> None:
-        """Count, log and report back a message the caller's own checks rejected (e.g. its StreamChecker)."""
-        identity = self._session_peer.get(msg.session)
-        self._reject(self._peers.get(identity) if identity is not None else None, error)
+    def reject(self, msg: Message, error: ProtocolError, *, sender: bytes | None = None) -> None:
+        """Count, log and report back a message the caller's own checks rejected (e.g. its StreamChecker).
+
+        The nack goes to ``sender`` (a routing id), by default to the connection that sent the message
+        :meth:`recv` returned last: always the offender, never the owner of the session id it named. A rejected
+        ``session_start`` gives up the ownership its arrival claimed.
+        """
+        identity = self.last_sender if sender is None else sender
+        peer = self._peers.get(identity) if identity is not None else None
+        if self._claim is not None and msg.type == "session_start" and self._claim[0] == msg.session:
+            sid, previous = self._claim
+            if self._session_peer.get(sid) == identity:
+                del self._session_peer[sid]
+            if peer is not None and peer.open_session == sid:
+                peer.open_session = previous
+            self._claim = None
+        self._reject(peer, error)
+
+    def owner(self, session_id: str) -> bytes | None:
+        """Routing id of the connection that opened ``session_id`` (None if unknown)."""
+        return self._session_peer.get(session_id)
+
+    def notify(self, identity: bytes, **fields: Any) -> None:
+        """Send a link heartbeat with extra ``fields`` (e.g. ``nacks``) to one connection at once."""
+        peer = self._peers.get(identity)
+        if peer is not None:
+            self._send_to(peer, time.monotonic(), **fields)
 
     def keepalive(self) -> None:
         """Send due heartbeats and acknowledgements without reading.
@@ -668,13 +720,25 @@ class FrameReceiver:
 
     def _accept(self, parts: list[zmq.Frame]) -> Message | None:
         peer = self._peer(parts[0].bytes, time.monotonic())
+        self._claim = None
         try:
             msg = decode(parts[1:])
         except ProtocolError as e:
             self._reject(peer, e)
             return None
+        except Exception as e:  # decode raises only ProtocolError by contract; contain a bug all the same
+            log.exception("decoding a message from sender %s failed", peer.identity.hex())
+            self._reject(peer, ProtocolError("internal_error", f"{type(e).__name__}: {e}"))
+            return None
         mtype, sid = msg.type, msg.session
         if mtype == "heartbeat" and sid == LINK_SESSION:
+            return None
+        # A session belongs to the connection that opened it: nobody else may send into it, end it, keep it
+        # alive, or take over its acknowledgements with a duplicate session_start.
+        owner = self._session_peer.get(sid)
+        if owner is not None and owner != peer.identity:
+            self._reject(peer, ProtocolError(
+                "not_owner", f"session {sid[:60]!r} belongs to another connection", session=sid, seq=msg.seq))
             return None
         if peer.checker is not None:
             try:
@@ -682,24 +746,29 @@ class FrameReceiver:
             except ProtocolError as e:
                 self._reject(peer, e)
                 return None
-        if mtype == "session_start":
+        if mtype == "session_start" and owner is None:
+            self._claim = (sid, peer.open_session)
             peer.open_session = sid
             self._session_peer[sid] = peer.identity
         elif mtype == "session_end" and peer.open_session == sid:
             peer.open_session = None
         if self.auto_ack:
             self.acknowledge(sid, msg.seq, final=mtype == "session_end")
+        self.last_sender = peer.identity
         return msg
 
     def _reject(self, peer: _Peer | None, e: ProtocolError) -> None:
         self.rejected[e.code] += 1
         n = self.rejected[e.code]
-        if n <= 20 or n & (n - 1) == 0:  # rate-limit a flood, keep the first ones and powers of two
+        total = sum(self.rejected.values())
+        # A flood costs a bounded log: the first of every code, up to 5 of each among the first 100 rejections,
+        # then only every power of two of the total.
+        if n == 1 or (n <= 5 and total <= 100) or total & (total - 1) == 0:
             who = peer.identity.hex() if peer is not None else "?"
-            log.warning("rejected message from sender %s (session %r, seq %r): [%s] %s (%d so far)",
-                        who, e.session, e.seq, e.code, e.detail, n)
+            log.warning("rejected message from sender %s (session %r, seq %r): [%s] %s (%d of this code, %d in all)",
+                        who, e.session, e.seq, e.code, e.detail, n, total)
         if peer is not None:
-            nack = {"session": e.session, "seq": e.seq, "code": e.code, "detail": e.detail[:500]}
+            nack = {**e.extra, "session": e.session, "seq": e.seq, "code": e.code, "detail": e.detail[:500]}
             self._send_to(peer, time.monotonic(), nacks=[nack])
 
     def _send_to(self, peer: _Peer, now: float, **extra: Any) -> None:
@@ -730,167 +799,3 @@ class FrameReceiver:
                 del self._peers[identity]  # long-gone sender without an open session
                 for sid in [s for s, i in self._session_peer.items() if i == identity]:
                     del self._session_peer[sid]
-
-
-# ============================================================== results
-
-
-def result_topic(stage: str, name: str | None = None) -> bytes:
-    """SUB prefix selecting results of ``stage`` (and ``name``): encoders write proto, type, stage, name first."""
-    prefix = f'{{"proto":{json.dumps(PROTO)},"type":"result","stage":{json.dumps(stage)},'
-    if name is not None:
-        prefix += f'"name":{json.dumps(name)},'
-    return prefix.encode("utf-8")
-
-
-class ResultPublisher:
-    """Lossy result stream (PUB, binds). Never blocks; slow subscribers lose messages (they count the gaps).
-
-    Parameters
-    ----------
-    endpoint : str
-        Bind endpoint (loopback unless ``allow_remote``).
-    allow_remote : bool
-        Allow binding a non-loopback interface.
-    high_water_mark : int
-        Messages queued per subscriber before newer ones are dropped for it.
-    """
-
-    def __init__(
-        self,
-        endpoint: str = DEFAULT_RESULT_ENDPOINT,
-        *,
-        allow_remote: bool = False,
-        high_water_mark: int = DEFAULT_RESULT_HIGH_WATER_MARK,
-        context: zmq.Context[Any] | None = None,
-    ) -> None:
-        bind = check_bind_endpoint(endpoint, allow_remote)
-        self._seq: dict[str, int] = {}
-        self._topic_seq: dict[tuple[str, str, str], int] = {}
-        self._sock = (context or zmq.Context.instance()).socket(zmq.PUB)
-        self._sock.setsockopt(zmq.SNDHWM, high_water_mark)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(bind)
-        self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
-
-    def publish(self, header_fields: Mapping[str, Any], payload: np.ndarray | None = None) -> int:
-        """Publish a ``result`` message; ``session``, ``stage`` and ``name`` are required.
-
-        ``seq`` (per session, from 0) and ``topic_seq`` (per session, stage and name, from 0) are assigned here;
-        ``t`` defaults to now. Small values may travel in a JSON ``value`` field instead of a payload.
-
-        Returns
-        -------
-        int
-            The seq assigned.
-        """
-        session = str(header_fields.get("session", ""))
-        topic = (session, str(header_fields.get("stage", "")), str(header_fields.get("name", "")))
-        seq, topic_seq = self._seq.get(session, 0), self._topic_seq.get(topic, 0)
-        header = {"type": "result", "t": time.time(), **header_fields, "session": session, "seq": seq,
-                  "topic_seq": topic_seq}
-        parts = encode(header, payload)
-        self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)  # PUB drops at HWM, never EAGAIN
-        self._seq[session] = seq + 1
-        self._topic_seq[topic] = topic_seq + 1
-        return seq
-
-    def close(self) -> None:
-        """Close the socket (undelivered results are dropped)."""
-        self._sock.close(linger=0)
-
-    def __enter__(self) -> ResultPublisher:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
-
-
-class ResultSubscriber:
-    """Result stream consumer (SUB, connects). Owned by one thread.
-
-    Parameters
-    ----------
-    endpoint : str
-        The publisher's endpoint.
-    topics : iterable of str, optional
-        ``"stage"`` or ``"stage/name"`` filters (see :func:`result_topic`); default: all results.
-    high_water_mark : int
-        Messages queued here before newer ones are dropped.
-
-    Attributes
-    ----------
-    dropped : int
-        Results lost: the sum of gaps in ``topic_seq`` per (session, stage, name), so topic filters do not
-        count as loss. The first result seen of a topic starts its count (joining late is not a loss); a
-        ``topic_seq`` going backwards is taken as a publisher restart.
-    dropped_by_session : collections.Counter
-    rejected : collections.Counter
-        Malformed messages by code (logged and skipped).
-    """
-
-    def __init__(
-        self,
-        endpoint: str = DEFAULT_RESULT_ENDPOINT,
-        topics: Iterable[str] | None = None,
-        *,
-        high_water_mark: int = 1000,
-        context: zmq.Context[Any] | None = None,
-    ) -> None:
-        self.endpoint = endpoint
-        self.dropped = 0
-        self.dropped_by_session: Counter[str] = Counter()
-        self.rejected: Counter[str] = Counter()
-        self._expected: dict[tuple[str, str, str], int] = {}
-        self._sock = (context or zmq.Context.instance()).socket(zmq.SUB)
-        self._sock.setsockopt(zmq.RCVHWM, high_water_mark)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        for topic in topics if topics is not None else [None]:
-            if topic is None:
-                prefix = f'{{"proto":"{PROTO}","type":"result",'.encode()
-            else:
-                stage, _, name = topic.partition("/")
-                prefix = result_topic(stage, name or None)
-            self._sock.setsockopt(zmq.SUBSCRIBE, prefix)
-        self._sock.connect(endpoint)
-
-    def recv(self, timeout_s: float | None = None) -> Message | None:
-        """Next valid result, or None after ``timeout_s`` (None: wait indefinitely)."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._sock.poll(None if left is None else int(left * 1000), zmq.POLLIN):
-                return None
-            parts = self._sock.recv_multipart(copy=False)
-            try:
-                msg = decode(parts)
-                if msg.type != "result":
-                    raise ProtocolError("unexpected_type", f"{msg.type} message on the result stream")
-            except ProtocolError as e:
-                self.rejected[e.code] += 1
-                log.warning("rejected message on result stream %s: [%s] %s", self.endpoint, e.code, e.detail)
-                continue
-            self._count_drops(msg)
-            return msg
-
-    def _count_drops(self, msg: Message) -> None:
-        h = msg.header
-        seq = h.get("topic_seq", h["seq"])
-        key = (msg.session, h["stage"], h["name"])
-        expected = self._expected.get(key)
-        if expected is not None and seq > expected:
-            self.dropped += seq - expected
-            self.dropped_by_session[msg.session] += seq - expected
-        elif expected is not None and seq < expected:
-            log.info("results %s restarted at %d (publisher restart)", key, seq)
-        self._expected[key] = seq + 1
-
-    def close(self) -> None:
-        """Close the socket."""
-        self._sock.close(linger=0)
-
-    def __enter__(self) -> ResultSubscriber:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()

@@ -551,17 +551,33 @@ class ViewerModel:
         """
         n = 0
         deadline = time.monotonic() + budget_s
+        recovery = self._recovery_for(subscriber)
         while n < max_messages:
             msg = subscriber.recv(timeout_s=0)
             if msg is None:
                 break
             self.apply(msg)
             n += 1
+            if recovery is not None:
+                recovery.received()
             if time.monotonic() > deadline:
                 break
+        if n == 0 and recovery is not None:
+            self.apply_all(recovery.idle())  # final results lost on the stream, asked for again
         self.update_dropped(int(getattr(subscriber, "dropped", 0)), getattr(subscriber, "dropped_by_session", None))
         self.last_poll_monotonic = time.monotonic()
         return n
+
+    def _recovery_for(self, subscriber: Subscriber) -> Any:
+        """A :class:`~stemlive.live.transport.ResultRecovery` for a real subscriber (None for test doubles)."""
+        from .transport import ResultRecovery, ResultSubscriber
+
+        if not isinstance(subscriber, ResultSubscriber):
+            return None
+        recovery = getattr(self, "_recovery", None)
+        if recovery is None or recovery.subscriber is not subscriber:
+            recovery = self._recovery = ResultRecovery(subscriber)
+        return recovery
 
     def status_text(self, endpoint: str | None = None) -> str:
         """The status line: endpoint, current session, its contents, counts and losses."""

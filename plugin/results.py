@@ -112,7 +112,7 @@ class ResultsToSwift:
 
     # --- subscriber thread ---
     def _loop(self) -> None:
-        from stemlive.live.transport import ResultSubscriber
+        from stemlive.live.transport import ResultRecovery, ResultSubscriber
 
         try:
             subscriber = ResultSubscriber(self.result_endpoint)
@@ -121,11 +121,15 @@ class ResultsToSwift:
             self.ready.set()
             return
         self.ready.set()
+        recovery = ResultRecovery(subscriber)  # final results lost on the stream are asked for again
+        recovered: list[Any] = []
         try:
             while not self._stop.is_set():
-                msg = subscriber.recv(timeout_s=0.1)
+                msg = recovered.pop() if recovered else subscriber.recv(timeout_s=0.1)
                 if msg is None:
+                    recovered = recovery.idle()[::-1]
                     continue
+                recovery.received()
                 self.received += 1
                 self.dropped = subscriber.dropped
                 header = msg.header

@@ -347,3 +347,146 @@ def test_a_session_can_carry_its_own_analysis_parameters(tmp_path: Path, caplog:
     assert params["counting"]["delay_s"] == 0.0  # the service's own parameters are untouched
     assert session_params(params, start({"analysis": {"counting": {"typo": 1}}})) == params
     assert "analysis settings ignored" in caplog.text and "typo" in caplog.text
+
+
+# ------------------------------------------------------------------ issue 13: ownership, idle sessions, gap floods
+
+FRAME_FIELDS = {"tilt_index": 0, "alpha_deg": 0.0, "beta_deg": 0.0, "pixel_size_nm": 0.1, "dwell_us": 2.0}
+
+
+def intruder(endpoint: str) -> zmq.Socket[Any]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def nack_codes(sock: zmq.Socket[Any], timeout_s: float = 3.0, want: str | None = None) -> list[dict[str, Any]]:
+    nacks: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not (want and any(n["code"] == want for n in nacks)):
+        if sock.poll(50, zmq.POLLIN):
+            nacks.extend(protocol.decode(sock.recv_multipart()).header.get("nacks") or [])
+    return nacks
+
+
+def test_found_another_connection_can_neither_end_nor_feed_nor_take_over_a_session(tmp_path: Path) -> None:
+    svc = PipelineService(tmp_path, {}, frame_endpoint=ANY_PORT, result_endpoint=ANY_PORT,
+                          stage_classes={"counting": CountingStage}, commit_interval_s=0.05)
+    with svc, transport.FrameSender(svc.frame_endpoint, timeout_s=20, heartbeat_interval_s=0.2,
+                                    liveness=5) as sender:
+        svc._receiver.heartbeat_interval_s = 0.2  # the service declares a silent owner dead after 1 s
+        stream = transport.SessionStream(sender, "tilt_series", {})
+        stream.start()
+        sender.wait_acknowledged(stream.session_id, 0, 10)
+        evil = intruder(svc.frame_endpoint)
+        sid, t = stream.session_id, time.time()
+        frame = np.full((8, 8), 7, np.float32)
+        evil.send_multipart(raw_parts({"proto": "stemlive/1", "type": "session_end", "session": sid, "seq": 1,
+                                       "t": t, "status": "complete", "messages": 2}))
+        evil.send_multipart(raw_parts({"proto": "stemlive/1", "type": "frame", "session": sid, "seq": 2, "t": t,
+                                       "frame_index": 0, "dtype": "<f4", "shape": [8, 8], **FRAME_FIELDS},
+                                      frame.tobytes()))
+        evil.send_multipart(raw_parts({"proto": "stemlive/1", "type": "session_start", "session": sid, "seq": 0,
+                                       "t": t, "kind": "tilt_series", "settings": {}}))
+        nacks = nack_codes(evil, want=None, timeout_s=1.0)
+        assert [n["code"] for n in nacks] == ["not_owner"] * 3
+        rng = np.random.default_rng(2)
+        sent = []
+        for i in range(24):  # the owner keeps sending for longer than the service's liveness limit
+            sent.append(rng.random((8, 8), dtype=np.float32))
+            stream.frame(sent[-1], frame_index=i, **FRAME_FIELDS)
+            time.sleep(0.06)
+        stream.end("complete")  # OK: no nack of the intruder's was routed to the owner
+        (path,) = svc.wait_for_sessions(1)
+        evil.close()
+    assert not sender.nacks
+    with SessionReader(path) as r:
+        assert r.status == "complete" and r.n_frames == 24
+        np.testing.assert_array_equal(np.asarray(r.frames()), np.stack(sent))
+
+
+def test_found_heartbeats_alone_do_not_hold_the_service(tmp_path: Path) -> None:
+    svc = PipelineService(tmp_path, {}, frame_endpoint=ANY_PORT, result_endpoint=ANY_PORT,
+                          stage_classes={"counting": CountingStage}, idle_timeout_s=1.0)
+    with svc, transport.FrameSender(svc.frame_endpoint, timeout_s=10) as holder, \
+            transport.FrameSender(svc.frame_endpoint, timeout_s=10) as other:
+        held = transport.SessionStream(holder, "tilt_series", {})
+        t_start = time.monotonic()
+        held.start()
+        holder.wait_acknowledged(held.session_id, 0, 10)
+        waiting = transport.SessionStream(other, "tilt_series", {})
+        waiting.start()
+        with pytest.raises(transport.TransportError, match="busy"):
+            other.wait_acknowledged(waiting.session_id, 0, 5)
+        (busy,) = [n for n in other.nacks if n.code == "busy"]
+        assert busy.extra["owner_session"] == held.session_id and 0 <= busy.extra["owner_age_s"] < 5
+        t0 = time.monotonic()
+        while not svc.stats.sessions_done and time.monotonic() - t0 < 10:
+            held.heartbeat()  # heartbeats alone: the service still closes the session
+            time.sleep(0.1)
+        (aborted,) = svc.wait_for_sessions(1)
+        assert 0.9 < time.monotonic() - t_start < 5
+        small_tilt_session(transport.SessionStream(other, "tilt_series", {}))  # the slot is free again
+        paths = svc.wait_for_sessions(2)
+    with SessionReader(aborted) as r:
+        assert r.status == "aborted" and "no data for" in r.message
+    with SessionReader(paths[1]) as r:
+        assert r.status == "complete" and r.n_frames == 6
+
+
+def test_found_a_gap_flood_is_summarised_not_logged_line_by_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    svc = PipelineService(tmp_path, {}, frame_endpoint=ANY_PORT, result_endpoint=ANY_PORT,
+                          stage_classes={"counting": CountingStage})
+    with svc:
+        sock = intruder(svc.frame_endpoint)
+        t = time.time()
+        sock.send_multipart(raw_parts({"proto": "stemlive/1", "type": "session_start", "session": "gappy", "seq": 0,
+                                       "t": t, "kind": "tilt_series", "settings": {}}))
+        for i in range(6000):  # every other message lost on the wire: 6,000 gaps
+            sock.send_multipart(raw_parts({"proto": "stemlive/1", "type": "heartbeat", "session": "gappy",
+                                           "seq": 2 * i + 2, "t": t}))
+        sock.send_multipart(raw_parts({"proto": "stemlive/1", "type": "session_end", "session": "gappy",
+                                       "seq": 12002, "t": t, "status": "complete", "messages": 12003}))
+        (path,) = svc.wait_for_sessions(1)
+    sock.close()
+    gap_lines = [r for r in caplog.records if "gap" in r.getMessage()]
+    assert len(gap_lines) <= 30, len(gap_lines)
+    with h5py.File(path, "r") as f:
+        message = str(f.attrs["message"])
+        assert "6001 seq gap(s)" in message and len(message) < 1000
+        assert int(f.attrs["gaps_total"]) == 6001 and len(json.loads(f.attrs["gaps"])) == 1000
+
+
+class UnstorableResultStage(Stage):
+    """A stage bug the stage's own guard cannot see: a result the session file cannot store."""
+
+    name = "unstorable"
+    kinds = frozenset({"tilt_series"})
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def process(self, msg: protocol.Message) -> Iterator[Result]:
+        yield Result(self.name, "../escape", np.zeros(2))
+
+
+def test_an_analysis_error_is_told_to_the_sender_without_failing_its_recorded_session(tmp_path: Path) -> None:
+    svc = PipelineService(tmp_path, {}, frame_endpoint=ANY_PORT, result_endpoint=ANY_PORT,
+                          stage_classes={"counting": CountingStage, "unstorable": UnstorableResultStage})
+    with svc, transport.FrameSender(svc.frame_endpoint, timeout_s=20) as sender:
+        stream = transport.SessionStream(sender, "tilt_series", {})
+        small_tilt_session(stream)  # end() OK: the frames are recorded
+        (path,) = svc.wait_for_sessions(1)
+        deadline = time.monotonic() + 5
+        while len(sender.warnings) < 6 and time.monotonic() < deadline:
+            sender.acknowledged(stream.session_id)  # reads what the service sent
+            time.sleep(0.05)
+        assert svc.stats.errors["analysis_error"] == 6 and svc._error is None
+    assert [w.code for w in sender.warnings] == ["analysis_error"] * 6
+    assert all(w.session == stream.session_id and "escape" in w.detail for w in sender.warnings)
+    assert not sender.nacks
+    with SessionReader(path) as r:
+        assert r.status == "complete" and r.n_frames == 6
+        assert int(r.results("counting")["total"]) == 6

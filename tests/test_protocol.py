@@ -230,6 +230,7 @@ CASES: list[tuple[str, Any]] = [
     ("bad_ndim", lambda: raw_array(hdr("frame"), SPEC)),
     ("bad_ndim", lambda: raw_array(hdr("spectrum"), np.zeros((2, 2, 2), np.float32))),
     ("payload_size_mismatch", lambda: raw({**hdr("frame"), "dtype": "<f4", "shape": [3, 4]}, b"\0" * 47)),
+    ("bad_settings", lambda: raw(hdr("session_start", seq=0, settings={"scan_shape": "abc"}))),
     ("batch_length_mismatch", lambda: raw_array(
         hdr("spectrum", point_index=[0, 1, 2], frame_index=[0, 0], x_nm=[0, 0], y_nm=[0, 0],
             energy_offset_meV=[0, 0], t=[T0, T0]), np.zeros((2, 8), np.float32))),
@@ -275,8 +276,10 @@ def test_encode_validates_too() -> None:
 def test_at_least_22_codes_exercised_and_documented() -> None:
     decode_codes = {c for c, _ in CASES}
     stream_codes = {"no_session", "session_already_open", "wrong_session", "bad_start_seq", "session_reused",
-                    "duplicate_seq", "session_closed", "unexpected_type"}
-    assert decode_codes | stream_codes == set(REJECTION_CODES)
+                    "duplicate_seq", "session_closed", "unexpected_type", "wrong_kind", "shape_mismatch"}
+    # issued by the transport and the service: exercised in test_hostile.py, test_disk_full.py, test_curve.py
+    service_codes = {"not_owner", "busy", "disk_full", "record_failed", "internal_error", "unauthorized"}
+    assert decode_codes | stream_codes | service_codes == set(REJECTION_CODES)
     assert len(REJECTION_CODES) >= 22
     doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text(encoding="utf-8")
     missing = [c for c in REJECTION_CODES if f"`{c}`" not in doc]
@@ -422,3 +425,65 @@ def test_stream_abandon() -> None:
     assert c.open_session is None
     assert check_code(c, m("frame", 1)) == "session_closed"
     c.check(m("session_start", 0, session="s2"))
+
+
+# ------------------------------------------------------------------ issue 13 "Found" list, one test per item
+
+
+@pytest.mark.parametrize(("code", "parts"), [
+    ("bad_dtype", raw({**hdr("frame"), "dtype": "<f4\n", "shape": [3, 4]}, IMG.tobytes())),
+    ("shape_too_large", raw({**hdr("result"), "dtype": "<f4", "shape": [0, 2**70]}, b"")),
+    ("shape_too_large", raw({**hdr("result"), "dtype": "<f4", "shape": [0, 2**40]}, b"")),
+    ("shape_too_large", raw({**hdr("frame"), "dtype": "<f8", "shape": [2**20, 2**20]}, b"")),  # 8 TiB
+    ("shape_too_large", raw({**hdr("frame"), "dtype": "<f8", "shape": [16384, 16384]}, b"")),  # 2 GiB > 512 MiB
+    ("bad_time", raw(hdr("session_start", seq=0, t=1e300))),
+    ("bad_time", raw(hdr("session_start", seq=0, t=1e12))),
+    ("bad_time", raw_array(hdr("frame", t=1e300), IMG)),
+    ("bad_settings", raw(hdr("session_start", seq=0, kind="eels_map", settings={"scan_shape": "abc"}))),
+    ("bad_settings", raw(hdr("session_start", seq=0, kind="eels_map", settings={"scan_shape": [0, 3]}))),
+    ("bad_settings", raw(hdr("session_start", seq=0, kind="eels_map", settings={"scan_shape": [2**20, 2**20]}))),
+    ("bad_settings", raw(hdr("session_start", seq=0, settings={"analysis": [1, 2]}))),
+    ("bad_session_id", raw_array(hdr("frame", session="s1\n"), IMG)),
+    ("bad_proto", [json.dumps({**hdr("heartbeat"), "proto": "stemlive/1\n"}).encode()]),
+    ("bad_name", raw(hdr("result", name="temperature\n"))),
+])
+def test_found_messages_that_stopped_the_service_are_rejected(code: str, parts: list[bytes]) -> None:
+    assert code_of(parts) == code
+
+
+def test_found_frame_shape_and_channel_count_must_stay_the_same_within_a_session() -> None:
+    c = StreamChecker()
+    c.check(m("session_start", 0))
+    c.check(m("frame", 1))
+    assert check_code(c, decode(raw_array(hdr("frame", seq=2), np.zeros((4, 3), np.float32)))) == "shape_mismatch"
+    c.check(m("frame", 2))  # the rejection left the state unchanged: seq 2 is still expected
+    e = StreamChecker()
+    e.check(m("session_start", 0, kind="eels_line_scan", settings={}))
+    e.check(m("spectrum", 1))
+    assert check_code(e, decode(raw_array(hdr("spectrum", seq=2), np.zeros(17, np.float32)))) == "shape_mismatch"
+    batch = hdr("spectrum", seq=2, point_index=[0, 1], frame_index=[0, 0], x_nm=[0, 0], y_nm=[0, 0],
+                energy_offset_meV=[0, 0], t=[T0, T0])
+    assert check_code(e, decode(raw_array(batch, np.zeros((2, 15), np.float32)))) == "shape_mismatch"
+    e.check(decode(raw_array(batch, np.zeros((2, 16), np.float32))))
+
+
+def test_found_data_kinds_must_match_the_session_kind() -> None:
+    c = StreamChecker()
+    c.check(m("session_start", 0))  # tilt series
+    assert check_code(c, m("spectrum", 1)) == "wrong_kind"
+    c.check(m("survey", 1))  # surveys belong to any kind
+    e = StreamChecker()
+    e.check(m("session_start", 0, kind="eels_map", settings={"scan_shape": [2, 3]}))
+    assert check_code(e, m("frame", 1)) == "wrong_kind"
+    e.check(m("spectrum", 1))
+
+
+def test_found_gap_flood_logs_a_bounded_number_of_lines(caplog: pytest.LogCaptureFixture) -> None:
+    c = StreamChecker()
+    c.check(m("session_start", 0))
+    with caplog.at_level("WARNING", logger="stemlive.live.protocol"):
+        for i in range(3000):
+            c.check(m("heartbeat", 2 * i + 2))  # every other seq missing
+        c.check(m("session_end", 6002))
+    assert len(c.gaps("s1")) == 3001  # seq 1, 3, ..., 6001
+    assert len(caplog.records) <= 25, len(caplog.records)

@@ -197,7 +197,7 @@ def test_end_times_out_without_acknowledgement(service: Service) -> None:
     with FrameSender(service.receiver.endpoint, heartbeat_interval_s=0.1) as sender:
         s = SessionStream(sender, "tilt_series", {})
         s.start()
-        with pytest.raises(TransportError, match=r"did not acknowledge session .* up to seq 1 within 0\.3 s"):
+        with pytest.raises(TransportError, match=r"did not acknowledge session .* up to seq 0 within 0\.3 s"):
             s.end(timeout_s=0.3)
 
 
@@ -334,3 +334,63 @@ def test_pub_sub_topics_and_small_values() -> None:
         probe.close()
         sub.close()
         pub.close()
+
+
+def test_stalled_subscriber_counts_exactly_the_results_it_missed_and_recovers_the_final_ones() -> None:
+    """Issue 13 Found 6: a stalled subscriber lost 1,229 of 2,509 results, every final one, and counted 0."""
+    pub = ResultPublisher("tcp://127.0.0.1:*", high_water_mark=10)
+    sub = ResultSubscriber(pub.endpoint, high_water_mark=10)
+    stop = threading.Event()
+    try:
+        _connected(pub, sub)
+        n_rows, finals = 2500, [("eels", "labels"), ("eels", "peaks"), ("eels", "temperature_map"),
+                                ("tilt_series", "sums"), ("tilt_series", "total"), ("segment", "labels"),
+                                ("segment", "centres"), ("pipeline", "analysis_finished"), ("eels", "energy_meV")]
+        for i in range(n_rows):  # the subscriber does not read meanwhile (stalled)
+            pub.publish({"session": "s1", "stage": "eels", "name": "sum", "index": i}, np.full(256, i, np.float32))
+        for k, (stage, name) in enumerate(finals):
+            pub.publish({"session": "s1", "stage": stage, "name": name}, np.full(64, k, np.float32))
+        n = n_rows + len(finals)
+        # the publisher's thread answers requests from now on (its sockets move with it)
+        server = threading.Thread(target=lambda: [pub.serve_requests() or time.sleep(0.005)
+                                                  for _ in iter(stop.is_set, True)])
+        server.start()
+        got = []
+        while (m := sub.recv(timeout_s=0.3)) is not None:
+            got.append(m)
+        assert 0 < len(got) < n
+        seen_finals = {(m.header["stage"], m.header["name"]) for m in got} & set(finals)
+        assert len(seen_finals) < len(finals)  # the stall cost final results
+        assert sub.sync() == n - len(got)  # every missed result counted, also those after the last received
+        assert sub.dropped_by_session["s1"] == n - len(got)
+        recovered = sub.recover("s1")
+        assert [(m.header["stage"], m.header["name"]) for m in recovered] == finals
+        for k, m in enumerate(recovered):
+            assert m.payload is not None and np.all(m.payload == k)
+        assert sub.dropped == n - len(got)  # recovery does not change the count
+    finally:
+        stop.set()
+        sub.close()
+        if "server" in locals():
+            server.join()
+        pub.close()
+
+
+def test_an_oversized_part_drops_only_its_connection() -> None:
+    """A part above max_message_bytes is never allocated: libzmq drops that peer; other senders go on."""
+    receiver = FrameReceiver("tcp://127.0.0.1:*", max_message_bytes=1 << 20, auto_ack=True)
+    service = Service(receiver)
+    big = zmq.Context.instance().socket(zmq.DEALER)
+    big.setsockopt(zmq.LINGER, 0)
+    try:
+        big.connect(receiver.endpoint)
+        big.send_multipart([b"{}", b"\0" * (2 << 20)])  # 2 MiB: over the limit
+        with FrameSender(receiver.endpoint, timeout_s=10) as sender:
+            s = SessionStream(sender, "tilt_series", {})
+            s.start()
+            s.frame(np.ones((64, 64), np.float32), frame_index=0, **FRAME)
+            s.end(timeout_s=10)
+        assert sum(receiver.rejected.values()) == 0  # the oversized message never reached decode
+    finally:
+        big.close()
+        service.stop()

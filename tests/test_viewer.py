@@ -428,3 +428,44 @@ def test_window_polls_subscriber(qapp: Any, publisher: ResultPublisher, tmp_path
     finally:
         window.dispose()
         sub.close()
+
+
+def test_model_recovers_final_results_missed_by_a_stalled_viewer() -> None:
+    """A viewer that stalls while a session ends gets its final results by asking the service again."""
+    import threading
+
+    publisher = ResultPublisher(LOOPBACK, high_water_mark=4)
+    sub = connect(publisher, high_water_mark=2)
+    stop = threading.Event()
+    try:
+        model = fresh_model(sub)
+        energy = np.linspace(-50, 250, 301)
+        for p in range(30):
+            emit(publisher, "E", "eels", "sum", eels_spectrum(p, energy), index=p, x_nm=float(p))
+        big = np.zeros((512, 512), np.float32)
+        for _ in range(40):  # the viewer stalls during a flood of 40 MiB: more than every buffer on the way
+            emit(publisher, "E", "eels", "cluster_mean", big)
+        emit(publisher, "E", "eels", "labels", np.arange(300, dtype=np.int32) % 3)
+        emit(publisher, "E", "eels", "peaks", np.array([(0, 110.2), (1, 95.0)],
+                                                       dtype=[("cluster", "<i4"), ("centre_meV", "<f8")]))
+        server = threading.Thread(target=lambda: [publisher.serve_requests() or time.sleep(0.005)
+                                                  for _ in iter(stop.is_set, True)])
+        server.start()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            model.poll(sub)
+            view = model.sessions.get("E")
+            if view is not None and view.labels is not None and view.peaks:
+                break
+            time.sleep(0.02)
+        view = model.sessions.get("E")
+        assert view is not None and view.labels is not None and len(view.labels) == 300
+        assert [p["centre_meV"] for p in view.peaks] == [110.2, 95.0]
+        assert model.dropped == sub.dropped > 0
+        assert model._recovery.recovered >= 2  # labels and peaks came from the request, not the stream
+    finally:
+        stop.set()
+        if "server" in locals():
+            server.join()
+        sub.close()
+        publisher.close()
