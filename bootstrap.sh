@@ -29,10 +29,11 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$sta
 fi
 export PATH="$venv/bin:$PATH"
 
-# Qt needs a few X libraries (and Xvfb for the GUI smoke test); install them where we can (root, apt).
+# Qt needs a few X libraries (and Xvfb + xwininfo for the GUI tests); install them where we can (root, apt).
 ensure_x11() {
     local missing=()
     command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
+    command -v xwininfo >/dev/null 2>&1 || missing+=(x11-utils)
     for lib in libxcb-cursor.so.0 libxkbcommon-x11.so.0 libxcb-icccm.so.4 libxcb-keysyms.so.1 libxcb-image.so.0 \
                libxcb-render-util.so.0 libEGL.so.1 libGL.so.1 libfontconfig.so.1 libdbus-1.so.3; do
         ldconfig -p 2>/dev/null | grep -q "$lib" || missing+=("$lib")
@@ -41,7 +42,7 @@ ensure_x11() {
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "[bootstrap] installing X11 libraries for Qt: ${missing[*]}" >&2
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            xvfb xauth libxcb-cursor0 libxkbcommon-x11-0 libegl1 libgl1 libfontconfig1 libdbus-1-3 \
+            xvfb xauth x11-utils libxcb-cursor0 libxkbcommon-x11-0 libegl1 libgl1 libfontconfig1 libdbus-1-3 \
             libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 \
             libxcb-xinerama0 libxcb-xkb1 fonts-dejavu-core >/dev/null) \
             || echo "[bootstrap] could not install X11 libraries; GUI tests will be skipped" >&2

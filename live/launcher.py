@@ -134,12 +134,52 @@ def ensure_plugin_discoverable() -> Path | None:
 
 
 def run_swift() -> int:
-    """Run the Nion Swift application (PySide6) until its last window closes."""
+    """Run Nion Swift (PySide6) until it quits: File > Quit, closing the last window, or SIGTERM / Ctrl-C.
+
+    ``nionui_app.nionswift.main.main`` builds the application; ``app.run()`` creates the Qt application, starts
+    Swift (the main window, or on a fresh profile the project dialog) and runs the event loop. When Qt quits,
+    Swift stops: profile closed, plug-ins unloaded, hardware sources closed. SIGTERM and SIGINT are turned into
+    Swift's own quit (every window closed as by the user), so a terminal's Ctrl-C or a service manager's stop ends
+    Swift the same way.
+    """
     from nionui_app.nionswift import main as swift_main
 
-    ensure_plugin_discoverable()
-    result = swift_main.main(["nionui_app.nionswift"], {"qt": None})
-    return int(result) if isinstance(result, int) else 0
+    app = swift_main.main(["nionui_app.nionswift"], {"qt": None})
+    original_start = app.start
+
+    def start(*args: Any, **kwargs: Any) -> bool:
+        # the Qt application exists only from here on (app.run() made it): install the quit-on-signal path
+        ok = bool(original_start(*args, **kwargs))
+        _quit_on_signals(app)
+        return ok
+
+    app.start = start
+    app.run()
+    return 0
+
+
+def _quit_on_signals(app: Any) -> None:
+    """Make SIGTERM and SIGINT quit Swift as its Quit menu item does (on the Qt thread, between events)."""
+    import signal
+
+    from PySide6 import QtCore
+
+    def quit_swift() -> None:
+        log.info("stemlive swift: quit requested by a signal")
+        try:
+            app.exit()  # closes every window as the user would; the last one closing quits Qt
+        finally:
+            app.ui.request_quit()  # also when no window is open (e.g. a dialog was the only one)
+
+    def handler(signum: int, frame: Any) -> None:
+        QtCore.QTimer.singleShot(0, quit_swift)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    # Python runs signal handlers only between bytecodes: a light timer lets it do so while Qt waits for events
+    timer = QtCore.QTimer(QtCore.QCoreApplication.instance())
+    timer.timeout.connect(lambda: None)
+    timer.start(200)
 
 
 def cmd_swift(args: argparse.Namespace) -> int:
@@ -157,7 +197,9 @@ def cmd_swift(args: argparse.Namespace) -> int:
     instrument = "real instrument" if args.no_simulator else f"simulated instrument, scenario {args.scenario}"
     print(f"stemlive swift: starting Nion Swift ({instrument})", flush=True)
     try:
-        return run_swift()
+        code = run_swift()
     finally:
         if service is not None:
             service.stop()
+    print(f"stemlive swift: Nion Swift has quit{'; service stopped' if service is not None else ''}", flush=True)
+    return code
