@@ -247,6 +247,35 @@ class AcquisitionModel(Declarative.Handler):
         self.on_finished: Callable[[str], None] | None = None
         self._progress_lock = threading.Lock()
         self._pending_progress: Progress | None = None
+        self.results_receiver: Any = None  # a results.ResultsToSwift: analysis state of the sessions
+        self._following: str | None = None  # the session whose analysis the status line shows
+        self._run_text = ""
+
+    # --- analysis state in the status line ---
+    def follow_results(self, receiver: Any) -> None:
+        """Show the analysis state (problems, "analysing...", finished) that ``receiver`` gets for our sessions."""
+        if self.results_receiver is not None:
+            self.results_receiver.analysis_listeners.remove(self._analysis_changed)
+        self.results_receiver = receiver
+        if receiver is not None:
+            receiver.analysis_listeners.append(self._analysis_changed)
+
+    def _analysis_changed(self, state: Any) -> None:
+        if state.session == self._following:
+            self._show_analysis()
+
+    def _show_analysis(self) -> None:
+        receiver, session = self.results_receiver, self._following
+        if receiver is None or session is None:
+            self.status_text = self._run_text
+            return
+        state = receiver.analysis.get(session)
+        if state is not None:
+            self.status_text = self._run_text + "\n" + state.describe()
+        elif not self.running:
+            self.status_text = self._run_text + "\nAnalysing... (waiting for the service's final results)"
+        else:
+            self.status_text = self._run_text
 
     # --- to override ---
     def build_plan(self) -> Any:
@@ -268,6 +297,7 @@ class AcquisitionModel(Declarative.Handler):
     # --- actions ---
     def check(self) -> PlanCheck | None:
         """Check the plan from the fields; the status line shows the summary or every reason it is refused."""
+        self._following = None
         try:
             plan = self.build_plan()
         except PlanError as e:
@@ -321,7 +351,9 @@ class AcquisitionModel(Declarative.Handler):
         self.control, self.procedure = control, procedure
         self.last_status = self.last_error = None
         self._set_running(True)
-        self.status_text = f"Running on {instrument.describe()}: {check.summary()}"
+        self._following = str(getattr(procedure, "session_id", "")) or None
+        self._run_text = f"Running on {instrument.describe()}: {check.summary()}"
+        self.status_text = self._run_text
         self.progress_text = "starting..."
         self.thread = threading.Thread(target=self._run, args=(procedure, sender), name="stemlive-acquisition",
                                        daemon=True)
@@ -364,6 +396,7 @@ class AcquisitionModel(Declarative.Handler):
         """Abort a running acquisition when the panel closes (the worker finishes on its own)."""
         if self.control is not None and self.running:
             self.control.abort()
+        self.follow_results(None)
         super().close()
 
     # --- button callbacks (Declarative passes the widget) ---
@@ -418,10 +451,11 @@ class AcquisitionModel(Declarative.Handler):
         self.last_status, self.last_error = status, error
         session = getattr(self.procedure, "session_id", "")
         text = {"complete": "Finished", "aborted": "Aborted"}.get(status, "Failed")
-        self.status_text = f"{text} (session {session})" + (f": {error}" if error else "")
+        self._run_text = f"{text} (session {session})" + (f": {error}" if error else "")
         self.control = None
         self.paused = False
         self._set_running(False)
+        self._show_analysis()  # "analysing..." until the service says the final results are out
         if self.on_finished is not None:
             self.on_finished(status)
 
@@ -724,6 +758,7 @@ class _StemlivePanel(Panel.Panel):
         from . import results
 
         self._results = results.attach(document_controller)
+        model.follow_results(self._results)
 
     def close(self) -> None:
         from . import results

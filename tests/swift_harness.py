@@ -41,15 +41,17 @@ def swift_with_simulator(scenario: str = "default", *, usim: bool = False, **con
     panels.register_panels()
     try:
         simulated = SimulatedInstrumentConfiguration(scenario, time_scale=0, **configuration)
-        with run_headless(simulated) as hardware:
-            binding = bind_simulated_devices(simulated)
-            try:
+        binding = None
+        try:
+            with run_headless(simulated) as hardware:
+                binding = bind_simulated_devices(simulated)
                 if usim:
                     with usim_registered():
                         yield hardware
                 else:
                     yield hardware
-            finally:
+        finally:
+            if binding is not None:
                 binding.close()
     finally:
         panels.unregister_panels()

@@ -9,6 +9,7 @@ frame), so these tests check the Swift side independently of the analysis stages
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -322,6 +323,76 @@ def test_eels_line_scan_through_the_panel(document_controller: Any, swift: Any, 
             assert list(f["eels/point_index"][()]) == [0, 0, 1, 1, 2, 2]
     finally:
         panel.close()
+        service.stop()
+
+
+class GatedProblemStage(Stage):
+    """Stand-in EELS stage: its final result is a ``problem``, emitted only once the test opens the gate."""
+
+    name = "eels"
+    kinds = frozenset({"eels_line_scan"})
+    gate = threading.Event()
+
+    def finish(self, status: str) -> Iterable[Result]:
+        assert self.gate.wait(60), "the test never opened the gate"
+        return [Result("eels", "problem", np.zeros(0), attrs={
+            "result": "temperature", "severity": "skipped", "reason": "1000 meV per channel: no phonon window"})]
+
+
+class BrokenStage(Stage):
+    """A stage with a bug: the pipeline reports it as ``stage_error`` and switches it off."""
+
+    name = "segmentation"
+    kinds = frozenset({"eels_line_scan"})
+
+    def process(self, msg: Message) -> Iterable[Result]:
+        raise RuntimeError("k-means did not converge")
+
+
+def test_panel_shows_analysing_and_the_problems_until_the_final_results(document_controller: Any, swift: Any,
+                                                                        tmp_path: Path) -> None:
+    frames, result_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
+    GatedProblemStage.gate.clear()
+    service = PipelineService(tmp_path, {}, frame_endpoint=frames, result_endpoint=result_endpoint,
+                              stage_classes={"eels": GatedProblemStage, "segmentation": BrokenStage}).start()
+    receiver = results.attach(document_controller, result_endpoint)
+    panel = create_panel(document_controller, panels.EELS_PANEL_ID)
+    try:
+        assert panel.model.results_receiver is receiver
+        time.sleep(0.3)  # PUB/SUB slow joiner
+        model = panel.model
+        model.start_text, model.end_text, model.step_text, model.points_text = "0.5, 0.2", "0.5, 0.8", "", "3"
+        model.frames_text, model.exposure_text = "2", "1"
+        model.survey_size_text, model.survey_fov_text, model.survey_after = "64", "20", False
+        model.endpoint = frames
+        assert model.start(), model.status_text
+        pump(document_controller, lambda: not model.running, 90)
+        assert model.last_status == "complete", model.status_text
+        # the stage error arrives during the run; the final results are held back by the gate
+        pump(document_controller, lambda: "k-means did not converge" in model.status_text, 30)
+        time.sleep(0.5)
+        document_controller.periodic()
+        status = model.status_text
+        assert status.startswith("Finished (session"), status
+        assert "Analysing..." in status and "segmentation analysis failed: RuntimeError" in status, status
+        assert "Analysis incomplete" not in status
+        GatedProblemStage.gate.set()
+        pump(document_controller, lambda: "Analysis incomplete" in model.status_text, 30)
+        status = model.status_text
+        assert "Analysing" not in status
+        assert "Analysis incomplete: 2 problem(s)" in status, status
+        assert "temperature skipped: 1000 meV per channel: no phonon window" in status, status
+        (path,) = service.wait_for_sessions(1, timeout_s=30)
+        with h5py.File(path, "r") as f:
+            finished = f["results/pipeline/analysis_finished"]
+            assert finished.attrs["status"] == "incomplete" and int(finished.attrs["problems"]) == 2
+        # a new Check replaces the run's status: later analysis news of that session do not overwrite it
+        model.check()
+        assert model.status_text.startswith("Plan OK"), model.status_text
+    finally:
+        GatedProblemStage.gate.set()
+        panel.close()
+        results.detach(receiver)
         service.stop()
 
 
