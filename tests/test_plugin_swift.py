@@ -235,6 +235,56 @@ def test_eels_results_become_data_items(document_controller: Any) -> None:
     assert list(again.data_items[("s2", "eels/labels")].xdata.data) == [1, -1, -1, 0]
 
 
+def test_result_items_are_calibrated_and_temperatures_have_error_layers(document_controller: Any) -> None:
+    receiver = results.ResultsToSwift(document_controller, free_tcp_endpoint(), start=False)
+    document_model = document_controller.document_model
+    n_ch, step = 16, 1.6
+    receiver.submit(("c", "eels", "energy_meV", None), np.arange(n_ch) * 0.5 - 4.0, {})
+    for i in range(4):  # a line at 30 degrees: the distance along it, not x, is the axis
+        attrs = {"x_nm": 10 + i * step * math.cos(math.pi / 6), "y_nm": 5 + i * step * math.sin(math.pi / 6)}
+        receiver.submit(("c", "eels", "sum", i), np.full(n_ch, 1.0 + i, np.float32), attrs)
+        receiver.submit(("c", "eels", "temperature_K", i), np.array(300.0 + 10 * i), attrs)
+        receiver.submit(("c", "eels", "temperature_err_K", i), np.array(4.0), attrs)
+    receiver.submit(("c", "eels", "labels", None), np.array([0, 0, 1, 1]), {})
+    receiver.submit(("c", "tilt_series", "sums", None), np.ones((2, 8, 8), np.float32), {"pixel_size_nm": 0.032})
+    pump(document_controller, lambda: len(receiver.data_items) >= 5, 5)
+    by_item = {k[1]: v for k, v in receiver.data_items.items() if k[0] == "c"}
+
+    waterfall = by_item["eels/sum"].xdata
+    position, energy = waterfall.dimensional_calibrations
+    assert (position.units, energy.units) == ("nm", "meV")
+    assert position.scale == pytest.approx(step, rel=1e-6) and position.offset == 0
+    assert energy.scale == pytest.approx(0.5) and energy.offset == pytest.approx(-4.0)
+
+    profile = by_item["eels/temperature_K"]
+    assert profile.xdata.intensity_calibration.units == "K"
+    assert profile.xdata.dimensional_calibrations[-1].units == "nm"
+    assert profile.xdata.dimensional_calibrations[-1].scale == pytest.approx(step, rel=1e-6)
+    np.testing.assert_allclose(profile.xdata.data[:, 3], [330.0, 326.0, 334.0])
+    display_item = document_model.get_display_item_for_data_item(profile)
+    assert display_item.display_type == "line_plot"
+    layers = [(layer.data_row, layer.label) for layer in display_item.display_layers]
+    assert layers == [(0, "T"), (1, "T - sigma"), (2, "T + sigma")]
+
+    labels = by_item["eels/labels"].xdata
+    assert labels.dimensional_calibrations[0].units == "nm"
+    assert labels.dimensional_calibrations[0].scale == pytest.approx(step, rel=1e-6)
+
+    for row in (0, 1):
+        calibrations = by_item[f"tilt_series/sums/{row}"].xdata.dimensional_calibrations
+        assert [(c.units, c.scale) for c in calibrations] == [("nm", pytest.approx(0.032))] * 2
+
+    # a map: temperatures as an image in nm (rows 2 nm apart, columns 1 nm apart)
+    for i in range(6):
+        attrs = {"x_nm": float(i % 3), "y_nm": 2.0 * (i // 3), "scan_shape": [2, 3]}
+        receiver.submit(("m", "eels", "temperature_K", i), np.array(300.0 + i), attrs)
+    pump(document_controller, lambda: ("m", "eels/temperature_K") in receiver.data_items, 5)
+    image = receiver.data_items[("m", "eels/temperature_K")].xdata
+    assert image.data_shape == (2, 3)
+    assert [(c.units, c.scale) for c in image.dimensional_calibrations] == [("nm", pytest.approx(2.0)),
+                                                                            ("nm", pytest.approx(1.0))]
+
+
 def test_final_tilt_stack_refreshes_every_tilt(document_controller: Any) -> None:
     receiver = results.ResultsToSwift(document_controller, free_tcp_endpoint(), start=False)
     receiver.submit(("t", "tilt_series", "sums", 0), np.zeros((8, 8), np.float32), {})
