@@ -103,36 +103,6 @@ def start_service(args: argparse.Namespace, env: dict[str, str]) -> Any:
     return service.start()
 
 
-def ensure_plugin_discoverable() -> Path | None:
-    """Make ``nionswift_plugin.stemlive`` visible to Swift's plug-in scan; returns the folder added, if any.
-
-    Swift lists plug-ins with ``pkgutil.iter_modules(nionswift_plugin.__path__)``. A setuptools editable install
-    with ``package_dir`` mappings (``pip install -e .``) imports the package through a meta-path finder that
-    ``iter_modules`` cannot list, so Swift would silently skip the plug-in. In that case a temporary folder with
-    ``nionswift_plugin/stemlive`` linked to the real package is put on ``sys.path``.
-    """
-    import atexit
-    import pkgutil
-    import shutil
-    import sys
-    import tempfile
-
-    import nionswift_plugin
-
-    if any(m.name == "stemlive" for m in pkgutil.iter_modules(list(nionswift_plugin.__path__))):
-        return None
-    import nionswift_plugin.stemlive as plugin
-
-    package_dir = Path(plugin.__file__ or "").resolve().parent
-    root = Path(tempfile.mkdtemp(prefix="stemlive_plugin_path_"))
-    (root / "nionswift_plugin").mkdir()
-    (root / "nionswift_plugin" / "stemlive").symlink_to(package_dir, target_is_directory=True)
-    sys.path.append(str(root))
-    atexit.register(shutil.rmtree, root, True)
-    log.info("stemlive plug-in made discoverable through %s", root)
-    return root
-
-
 def run_swift() -> int:
     """Run Nion Swift (PySide6) until it quits: File > Quit, closing the last window, or SIGTERM / Ctrl-C.
 

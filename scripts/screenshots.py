@@ -289,11 +289,6 @@ from nionui_app.nionswift import main
 
 out_path, after_s, panel_ids = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(",")
 data_timeout_s = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0  # > 0: wait for result data items
-try:
-    from stemlive.live.launcher import ensure_plugin_discoverable
-    ensure_plugin_discoverable()  # an editable install hides nionswift_plugin.stemlive from Swift's scan
-except ImportError as e:
-    print(f"swift: stemlive.live.launcher not available ({e}); relying on Swift's plug-in scan", flush=True)
 app = main.main([], {"qt": None})
 state = {"code": 2, "opened": []}
 

@@ -112,6 +112,56 @@ def test_stemlive_swift_opens_a_window_and_ends_when_swift_quits(xvfb_display: s
         socket.create_connection(("127.0.0.1", frames), timeout=2).close()
 
 
+def _clean_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "QT_QPA_PLATFORM" and not k.startswith("STEMLIVE_")}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"), XDG_DATA_HOME=str(home / ".local/share"))
+    return env
+
+
+def test_the_installed_plugin_is_listed_by_swift_and_is_this_checkout(tmp_path: Path) -> None:
+    """Swift lists plug-ins with ``pkgutil.iter_modules(nionswift_plugin.__path__)`` (PlugInManager.load_plug_ins):
+    the install (the README's ``bootstrap.sh``, i.e. a strict editable install, or ``pip install .``) must put a
+    listable ``nionswift_plugin/stemlive`` folder there, with this checkout's code behind it."""
+    code = ("import os, pkgutil, nionswift_plugin; "
+            "names = [m.name for m in pkgutil.iter_modules(list(nionswift_plugin.__path__))]; "
+            "import nionswift_plugin.stemlive as p; "
+            "print('stemlive' in names, os.path.realpath(p.__file__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=_clean_env(tmp_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listed, path = out.stdout.split()
+    assert listed == "True", "Swift's plug-in scan does not list nionswift_plugin.stemlive"
+    assert Path(path) == (ROOT / "plugin" / "__init__.py").resolve(), path
+
+
+def test_plain_nionswift_loads_the_panels_but_not_the_simulator(xvfb_display: str, tmp_path: Path) -> None:
+    """Nion Swift started the way Nion documents it for PySide6 (``python -m nionswift --ui qt``; the ``nionswift``
+    console script of nionswift 16.16.2 passes ``{"pyqt": None}``, which nionui 10.2.2 rejects, so it cannot start
+    any Swift), with no stemlive settings: the panels load, the simulator does not."""
+    env = dict(_clean_env(tmp_path), DISPLAY=xvfb_display)
+    proc = subprocess.Popen([sys.executable, "-m", "nionswift", "--ui", "qt"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(w[1] > 100 and w[2] > 100 for w in _windows(xvfb_display)):
+                break
+            time.sleep(0.5)
+        time.sleep(1.0)
+    finally:
+        proc.terminate()  # a plain nionswift has no quit-on-signal: its exit status is not ours to test
+        try:
+            out, _ = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+    assert "Plug-in 'nionswift_plugin.stemlive' initialized" in out, out[-3000:]
+    assert "stemlive: could not register the panels" not in out
+    assert "stemlive_scan" not in out and "simulated instrument registered" not in out, \
+        "a plain Swift registered the stemlive simulator"
+    assert "usim_scan_device" in out  # Nion's simulator is the instrument of a plain Swift here
+
+
 def test_screenshots_of_swift_and_the_viewer_during_a_replay(tmp_path: Path) -> None:
     out = tmp_path / "screenshots"
     env = {k: v for k, v in os.environ.items() if k != "QT_QPA_PLATFORM"}  # a real (virtual) display if any
