@@ -22,7 +22,6 @@ import logging
 import os
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,22 @@ from nion.ui import Declarative
 from .acquisition import PlanCheck, PlanError, Progress, RunControl
 from .eels_scan import EELSScanPlan, EELSScanProcedure
 from .eels_scan import check_plan as check_eels_plan
+from .instruments import (
+    DeviceChoice,
+    Instrument,
+    channel_names,
+    default_channel,
+    defaults_for,
+    eels_cameras,
+    find_instrument,
+    instrument_id,
+    load_settings,
+    save_settings,
+    scan_sources,
+    source_id,
+    source_label,
+    stem_controllers,
+)
 from .tilt_series import (
     REFERENCE_TILTS_DEG,
     TiltSeriesPlan,
@@ -46,10 +61,6 @@ log = logging.getLogger(__name__)
 
 TILT_SERIES_PANEL_ID = "stemlive-tilt-series-panel"
 EELS_PANEL_ID = "stemlive-eels-panel"
-
-SIMULATED_INSTRUMENT_ID = "stemlive_stem_controller"
-SIMULATED_SCAN_ID = "stemlive_scan"
-SIMULATED_EELS_ID = "stemlive_eels_camera"
 
 DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:7710"
 ORDERS = ("as_listed", "increasing_tilt")
@@ -105,68 +116,6 @@ def format_point(point: tuple[float, float]) -> str:
 # ----------------------------------------------------------------------------------------------- instrument
 
 
-@dataclass
-class Instrument:
-    """The hardware a procedure drives."""
-
-    stem_controller: Any
-    scan_source: Any
-    camera_source: Any | None = None
-
-    def describe(self) -> str:
-        ids = [str(getattr(self.stem_controller, "instrument_id", type(self.stem_controller).__name__)),
-               str(getattr(self.scan_source, "hardware_source_id", "?"))]
-        if self.camera_source is not None:
-            ids.append(str(getattr(self.camera_source, "hardware_source_id", "?")))
-        return " / ".join(ids)
-
-
-def find_instrument(*, need_camera: bool = False, prefer_simulated: bool | None = None) -> Instrument:
-    """Find the STEM controller, its scan hardware source and (optionally) the EELS camera.
-
-    The stemlive simulated devices (``stemlive_*`` ids) are preferred when they are registered, unless
-    ``STEMLIVE_INSTRUMENT`` is ``none``; otherwise the instrument's own ``scan_controller`` / ``eels_camera`` (or the
-    first scan / EELS camera hardware source) is used.
-
-    Raises
-    ------
-    RuntimeError
-        With a message for the panel when something is missing.
-    """
-    from nion.instrumentation import HardwareSource
-    from nion.utils import Registry
-
-    if prefer_simulated is None:
-        prefer_simulated = os.environ.get("STEMLIVE_INSTRUMENT", "").strip().lower() != "none"
-    controllers = list(Registry.get_components_by_type("stem_controller"))
-    simulated = [c for c in controllers if getattr(c, "instrument_id", None) == SIMULATED_INSTRUMENT_ID]
-    real = [c for c in controllers if c not in simulated]
-    manager = HardwareSource.HardwareSourceManager()
-    if prefer_simulated and simulated:
-        stem = simulated[0]
-        scan = manager.get_hardware_source_for_hardware_source_id(SIMULATED_SCAN_ID)
-        camera = manager.get_hardware_source_for_hardware_source_id(SIMULATED_EELS_ID)
-    else:
-        stem = Registry.get_component("stem_controller") if not real else sorted(
-            real, key=lambda c: int(getattr(c, "priority", 50)), reverse=True)[0]
-        if stem is None:
-            raise RuntimeError("no STEM controller is registered (is the instrument plug-in loaded?)")
-        scan = getattr(stem, "scan_controller", None)
-        camera = getattr(stem, "eels_camera", None)
-        sources = list(manager.hardware_sources)
-        if scan is None:
-            scan = next((s for s in sources if getattr(s, "hardware_source_id", "") != SIMULATED_SCAN_ID
-                         and getattr(s, "features", {}).get("is_scan")), None) or next(
-                (s for s in sources if type(s).__name__.endswith("ScanHardwareSource")), None)
-        if camera is None and need_camera:
-            camera = next((s for s in sources if getattr(s, "features", {}).get("is_eels_camera")), None)
-    if scan is None:
-        raise RuntimeError("no scan device found for the instrument")
-    if need_camera and camera is None:
-        raise RuntimeError("no EELS camera found for the instrument")
-    return Instrument(stem, scan, camera)
-
-
 def make_sender(endpoint: str) -> Any:
     """A :class:`stemlive.live.transport.FrameSender` connected to ``endpoint``."""
     from stemlive.live.transport import FrameSender
@@ -215,8 +164,19 @@ class AcquisitionModel(Declarative.Handler):
     """
 
     step_name = "step"
+    settings_key = "panel"  # where the device choice and the last plan are remembered
+    needs_camera = False
+    plan_fields: tuple[str, ...] = ("endpoint",)  # the fields remembered as "the last plan"
     ui_view: Any = None  # the declarative description, set by the Swift panel
     endpoint = _Field(DEFAULT_FRAME_ENDPOINT)
+    instrument_items = _Field(list[str]())
+    instrument_index = _Field(0)
+    scan_items = _Field(list[str]())
+    scan_index = _Field(0)
+    channel_items = _Field(list[str]())
+    channel_index = _Field(0)
+    camera_items = _Field(list[str]())
+    camera_index = _Field(0)
     status_text = _Field("")
     progress_text = _Field("")
     running = _Field(False)
@@ -250,6 +210,95 @@ class AcquisitionModel(Declarative.Handler):
         self.results_receiver: Any = None  # a results.ResultsToSwift: analysis state of the sessions
         self._following: str | None = None  # the session whose analysis the status line shows
         self._run_text = ""
+
+    # --- device chooser ---
+    def refresh_devices(self, choice: DeviceChoice | None = None) -> None:
+        """List the registered devices and select ``choice`` where it is available, else the defaults (what Nion's
+        panels use: Swift's default STEM controller and its own scan and EELS camera, the HAADF channel)."""
+        choice = choice or self.device_choice
+        self._instruments = stem_controllers()
+        ids = [instrument_id(c) for c in self._instruments]
+        self.instrument_items = ids
+        self.instrument_index = ids.index(choice.instrument) if choice.instrument in ids else 0
+        self._select_devices(choice)
+        self._shown = (int(self.instrument_index), int(self.scan_index))
+
+    def _select_devices(self, choice: DeviceChoice) -> None:
+        stem = self._instruments[self.instrument_index] if self._instruments else None
+        own = defaults_for(stem)
+        self._scans = scan_sources()
+        scan_ids = [source_id(s) for s in self._scans]
+        self.scan_items = [source_label(s) for s in self._scans]
+        scan_id = choice.scan if choice.scan in scan_ids else own.scan
+        self.scan_index = scan_ids.index(scan_id) if scan_id in scan_ids else 0
+        self._select_channel(choice.channel)
+        self._cameras = eels_cameras()
+        camera_ids = [source_id(c) for c in self._cameras]
+        self.camera_items = [source_label(c) for c in self._cameras]
+        camera_id = choice.camera if choice.camera in camera_ids else own.camera
+        self.camera_index = camera_ids.index(camera_id) if camera_id in camera_ids else 0
+
+    def _select_channel(self, name: str | None) -> None:
+        scan = self._scans[self.scan_index] if 0 <= self.scan_index < len(self._scans) else None
+        names = channel_names(scan)
+        self.channel_items = names
+        name = name if name in names else default_channel(scan)
+        self.channel_index = names.index(name) if name in names else 0
+
+    @property
+    def device_choice(self) -> DeviceChoice:
+        """The chosen devices by id (None where nothing is listed)."""
+        def pick(items: list[Any], index: int, key: Callable[[Any], str]) -> str | None:
+            return key(items[index]) if 0 <= index < len(items) else None
+
+        return DeviceChoice(pick(getattr(self, "_instruments", []), int(self.instrument_index), instrument_id),
+                            pick(getattr(self, "_scans", []), int(self.scan_index), source_id),
+                            pick(list(self.channel_items), int(self.channel_index), str),
+                            pick(getattr(self, "_cameras", []), int(self.camera_index), source_id))
+
+    def instrument_changed(self, widget: Any = None, index: int | None = None) -> None:
+        """Another instrument: its own scan, camera and HAADF channel (remembered)."""
+        if index is not None:
+            if index == getattr(self, "_shown", (None,))[0]:
+                return  # the widget following the model (a refresh), not a new choice
+            self.instrument_index = index
+        self._select_devices(DeviceChoice(self.device_choice.instrument))
+        self._shown = (int(self.instrument_index), int(self.scan_index))
+        self.remember_devices()
+
+    def scan_changed(self, widget: Any = None, index: int | None = None) -> None:
+        """Another scan device: its HAADF channel (remembered)."""
+        if index is not None:
+            if index == getattr(self, "_shown", (None, None))[1]:
+                return
+            self.scan_index = index
+        self._select_channel(None)
+        self._shown = (int(self.instrument_index), int(self.scan_index))
+        self.remember_devices()
+
+    def device_changed(self, widget: Any = None, index: int | None = None) -> None:
+        self.remember_devices()
+
+    def refresh_devices_clicked(self, widget: Any = None) -> None:
+        self.refresh_devices()
+
+    def remember_devices(self) -> None:
+        save_settings(self.settings_key, devices=self.device_choice.as_dict())
+
+    def remember_plan(self) -> None:
+        """Keep the fields of the plan (and the devices) for the next run, also after a restart of Swift."""
+        save_settings(self.settings_key, devices=self.device_choice.as_dict(),
+                      plan={name: getattr(self, name) for name in self.plan_fields})
+
+    def restore(self) -> None:
+        """The remembered plan fields and device choice (the defaults where none was remembered)."""
+        remembered = load_settings(self.settings_key)
+        plan = remembered.get("plan")
+        plan = plan if isinstance(plan, dict) else {}
+        for name in self.plan_fields:
+            if name in plan and isinstance(plan[name], type(getattr(self, name))):
+                setattr(self, name, plan[name])
+        self.refresh_devices(DeviceChoice.from_dict(remembered.get("devices")))
 
     # --- analysis state in the status line ---
     def follow_results(self, receiver: Any) -> None:
@@ -287,8 +336,8 @@ class AcquisitionModel(Declarative.Handler):
         raise NotImplementedError
 
     def find_instrument(self) -> Instrument:
-        """The hardware to run on."""
-        raise NotImplementedError
+        """The chosen hardware (the defaults when the chooser was never filled)."""
+        return find_instrument(self.device_choice, need_camera=self.needs_camera)
 
     def make_procedure(self, plan: Any, instrument: Instrument, sender: Any, control: RunControl) -> Any:
         """The procedure object with a ``run() -> status`` method."""
@@ -341,6 +390,7 @@ class AcquisitionModel(Declarative.Handler):
         except Exception as e:
             self.status_text = f"Not started: cannot connect to the service at {self.endpoint}: {e}"
             return False
+        self.remember_plan()
         control = RunControl()
         try:
             procedure = self.make_procedure(plan, instrument, sender, control)
@@ -474,6 +524,9 @@ class TiltSeriesModel(AcquisitionModel):
     """Fields and actions of the Tilt Series panel (see :class:`TiltSeriesPlan` for the meaning of each)."""
 
     step_name = "tilt"
+    settings_key = "tilt_series"
+    plan_fields = ("endpoint", "tilts_text", "frames_text", "size_text", "dwell_text", "fov_text", "settle_text",
+                   "tolerance_text", "order_index", "tracking")
     tilts_text = _Field(write_tilts_csv(REFERENCE_TILTS_DEG))
     frames_text = _Field("10")
     size_text = _Field("512")
@@ -509,14 +562,11 @@ class TiltSeriesModel(AcquisitionModel):
     def check_plan(self, plan: TiltSeriesPlan) -> PlanCheck:
         return check_tilt_plan(plan)
 
-    def find_instrument(self) -> Instrument:
-        return find_instrument()
-
     def make_procedure(self, plan: TiltSeriesPlan, instrument: Instrument, sender: Any,
                        control: RunControl) -> TiltSeriesProcedure:
         return TiltSeriesProcedure(plan, stem_controller=instrument.stem_controller,
                                    scan_source=instrument.scan_source, sender=sender, control=control,
-                                   on_progress=self.on_progress)
+                                   on_progress=self.on_progress, channel=instrument.channel)
 
     # --- CSV ---
     def import_csv(self, path: str | Path) -> bool:
@@ -564,6 +614,11 @@ class EELSModel(AcquisitionModel):
     """Fields and actions of the Vibrational EELS panel (see :class:`EELSScanPlan`)."""
 
     step_name = "point"
+    settings_key = "eels"
+    needs_camera = True
+    plan_fields = ("endpoint", "mode_index", "start_text", "end_text", "points_text", "step_text", "rows_text",
+                   "frames_text", "exposure_text", "survey_fov_text", "survey_size_text", "survey_before",
+                   "survey_after", "tracking_every_text")
     mode_index = _Field(0)
     start_text = _Field("0.5, 0.1")
     end_text = _Field("0.5, 0.9")
@@ -605,14 +660,12 @@ class EELSModel(AcquisitionModel):
     def check_plan(self, plan: EELSScanPlan) -> PlanCheck:
         return check_eels_plan(plan, fov_nm=plan.survey_fov_nm)
 
-    def find_instrument(self) -> Instrument:
-        return find_instrument(need_camera=True)
-
     def make_procedure(self, plan: EELSScanPlan, instrument: Instrument, sender: Any,
                        control: RunControl) -> EELSScanProcedure:
         return EELSScanProcedure(plan, stem_controller=instrument.stem_controller,
                                  scan_source=instrument.scan_source, camera_source=instrument.camera_source,
-                                 sender=sender, control=control, on_progress=self.on_progress)
+                                 sender=sender, control=control, on_progress=self.on_progress,
+                                 channel=instrument.channel)
 
     # --- points from a graphic ---
     def take_from_graphic(self, display_item: Any) -> bool:
@@ -671,6 +724,25 @@ def _labeled(u: Declarative.DeclarativeUI, label: str, field: str, tool_tip: str
                         u.create_stretch(), spacing=4)
 
 
+def _combo(u: Declarative.DeclarativeUI, label: str, field: str, on_changed: str) -> Any:
+    return u.create_row(u.create_label(text=label, width=150),
+                        u.create_combo_box(items_ref=f"@binding({field}_items)",
+                                           current_index=f"@binding({field}_index)",
+                                           on_current_index_changed=on_changed),
+                        u.create_stretch(), spacing=4)
+
+
+def _device_chooser(u: Declarative.DeclarativeUI, camera: bool) -> Any:
+    rows = [_combo(u, _("Instrument"), "instrument", "instrument_changed"),
+            _combo(u, _("Scan device"), "scan", "scan_changed"),
+            _combo(u, _("HAADF channel"), "channel", "device_changed")]
+    if camera:
+        rows.append(_combo(u, _("EELS camera"), "camera", "device_changed"))
+    rows.append(u.create_row(u.create_push_button(text=_("Refresh devices"), on_clicked="refresh_devices_clicked"),
+                             u.create_stretch()))
+    return u.create_column(*rows, spacing=4)
+
+
 def _run_controls(u: Declarative.DeclarativeUI) -> list[Any]:
     buttons = u.create_row(
         u.create_push_button(text=_("Check plan"), on_clicked="check_clicked"),
@@ -710,7 +782,8 @@ def tilt_series_ui() -> Any:
                      u.create_stretch(), spacing=4),
         u.create_check_box(text=_("Track the region between tilts"), checked="@binding(tracking)"),
         spacing=4)
-    return u.create_column(tilts, settings, *_run_controls(u), u.create_stretch(), spacing=8, margin=8)
+    return u.create_column(_device_chooser(u, camera=False), tilts, settings, *_run_controls(u), u.create_stretch(),
+                           spacing=8, margin=8)
 
 
 def eels_ui() -> Any:
@@ -738,7 +811,8 @@ def eels_ui() -> Any:
                      u.create_stretch(), spacing=8),
         _labeled(u, _("Drift tracking every N points"), "tracking_every_text", _("0: off")),
         spacing=4)
-    return u.create_column(geometry, settings, *_run_controls(u), u.create_stretch(), spacing=8, margin=8)
+    return u.create_column(_device_chooser(u, camera=True), geometry, settings, *_run_controls(u),
+                           u.create_stretch(), spacing=8, margin=8)
 
 
 # ----------------------------------------------------------------------------------------------- Swift panels
@@ -753,6 +827,7 @@ class _StemlivePanel(Panel.Panel):
                  ui_description: Any) -> None:
         super().__init__(document_controller, panel_id, title)
         model.ui_view = ui_description
+        model.restore()  # the last plan and device choice, else the defaults
         self.model = model
         self.widget = Declarative.DeclarativeWidget(document_controller.ui, document_controller.event_loop, model)
         from . import results

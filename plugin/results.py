@@ -529,9 +529,9 @@ def attach(document_controller: Any, endpoint: str | None = None,
     endpoint = endpoint or default_result_endpoint()
     with _attach_lock:
         entry = _attached.get(id(document_controller))
-        if entry is None and endpoint is None:
-            return None
         if entry is None:
+            if endpoint is None:
+                return None
             receiver = (factory or ResultsToSwift)(document_controller, endpoint)
             entry = _attached[id(document_controller)] = [receiver, 0]
         entry[1] += 1

@@ -93,8 +93,19 @@ def usim_registered() -> Iterator[Any]:
 
 @contextlib.contextmanager
 def document_controller_for_tests() -> Iterator[Any]:
-    """A headless document controller in a memory-backed profile."""
+    """A headless document controller in a memory-backed profile, with no remembered stemlive panel settings
+    (Swift's application data outlives a test in this process: what a run remembered is removed afterwards)."""
+    from nion.swift.model import ApplicationData
     from nion.swift.test import TestContext
 
-    with TestContext.create_memory_context() as context:
-        yield context.create_document_controller()
+    def forget() -> None:
+        data = ApplicationData.get_data()
+        if data.pop("stemlive", None) is not None:
+            ApplicationData.set_data(data)
+
+    forget()
+    try:
+        with TestContext.create_memory_context() as context:
+            yield context.create_document_controller()
+    finally:
+        forget()

@@ -67,3 +67,79 @@ def test_each_instrument_binds_its_own_devices(both: Any) -> None:
     assert source_id(Registry.get_component("eels_camera_hardware_source")) == "usim_eels_camera"
     # the simulator was asked for in this session: it is Swift's default STEM controller
     assert Registry.get_component("stem_controller") is stemlive
+
+
+@pytest.fixture
+def app_data(tmp_path: Any) -> Iterator[Any]:
+    """Swift's application data in a file of this test (what Swift keeps in nionswift_appdata.json)."""
+    from nion.swift.model import ApplicationData
+
+    before = ApplicationData.get_data()
+    path = tmp_path / "nionswift_appdata.json"
+    ApplicationData.set_file_path(path)
+    try:
+        yield path
+    finally:
+        ApplicationData.set_data(before)
+        ApplicationData.set_file_path(None)  # type: ignore[arg-type]
+
+
+def test_device_chooser_defaults_choice_and_memory(both: Any, app_data: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from nion.swift import Panel
+    from swift_harness import document_controller_for_tests
+
+    from nionswift_plugin.stemlive import panels
+
+    monkeypatch.setenv("STEMLIVE_RESULT_ENDPOINT", "none")
+
+    def open_panel(document_controller: Any) -> Any:
+        return Panel.PanelManager().create_panel_content(document_controller, panels.EELS_PANEL_ID,
+                                                         panels.EELS_PANEL_ID, ["left", "right"], "left", {})
+
+    with document_controller_for_tests() as document_controller:
+        panel = open_panel(document_controller)
+        model = panel.model
+        # the defaults: Swift's default STEM controller (the simulator, asked for here) and its own devices
+        assert model.instrument_items[model.instrument_index] == STEMLIVE_ID
+        assert model.device_choice == plugin.instruments.DeviceChoice(STEMLIVE_ID, "stemlive_scan", "HAADF",
+                                                                      "stemlive_eels_camera")
+        assert set(model.instrument_items) >= {STEMLIVE_ID, USIM_ID}
+        chosen = model.find_instrument()
+        assert chosen.stem_controller is both.instrument and chosen.camera_source is both.eels
+        # choose usim: its own scan, camera and HAADF channel follow
+        model.instrument_changed(None, model.instrument_items.index(USIM_ID))
+        assert model.device_choice == plugin.instruments.DeviceChoice(USIM_ID, "usim_scan_device", "HAADF",
+                                                                      "usim_eels_camera")
+        chosen = model.find_instrument()
+        assert chosen.stem_controller is controllers()[USIM_ID]
+        assert source_id(chosen.scan_source) == "usim_scan_device" and source_id(chosen.camera_source) == \
+            "usim_eels_camera"
+        assert chosen.channel_name == "HAADF" and chosen.channel == 0
+        # a HAADF channel chosen by name
+        model.channel_index = model.channel_items.index("MAADF")
+        model.device_changed(None, model.channel_index)
+        assert model.find_instrument().channel == 1
+        model.exposure_text, model.points_text = "7", "5"
+        model.remember_plan()
+        panel.close()
+
+        stored = json.loads(app_data.read_text())["stemlive"]["eels"]
+        assert stored["devices"] == {"instrument": USIM_ID, "scan": "usim_scan_device", "channel": "MAADF",
+                                     "camera": "usim_eels_camera"}
+        assert stored["plan"]["exposure_text"] == "7" and stored["plan"]["points_text"] == "5"
+
+        again = open_panel(document_controller)  # as after a restart: the panel reads Swift's application data
+        try:
+            assert again.model.device_choice == plugin.instruments.DeviceChoice(USIM_ID, "usim_scan_device",
+                                                                                "MAADF", "usim_eels_camera")
+            assert (again.model.exposure_text, again.model.points_text) == ("7", "5")
+        finally:
+            again.close()
+        # a remembered instrument that is gone: the defaults
+        model = panels.EELSModel()
+        model.refresh_devices(plugin.instruments.DeviceChoice("gone_stem_controller", "gone_scan"))
+        assert model.device_choice.instrument == STEMLIVE_ID and model.device_choice.scan == "stemlive_scan"
+        with pytest.raises(RuntimeError, match="'gone' is not registered"):
+            plugin.instruments.find_instrument(plugin.instruments.DeviceChoice("gone"))
