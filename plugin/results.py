@@ -223,6 +223,10 @@ class ResultsToSwift:
             data_item.set_xdata(xdata)
             if data_item.title != title:
                 data_item.title = title
+        if key[1] == "eels/temperature_K" and xdata.is_collection:
+            display_item = document_model.get_display_item_for_data_item(data_item)
+            if display_item is not None:
+                fit_y_range(display_item, xdata.data)
         return data_item
 
 
@@ -245,6 +249,18 @@ def show_error_band(display_item: Any) -> None:
         else:
             display_item.add_display_layer_for_display_data_channel(channel, **properties)
     display_item.set_display_property("legend_position", "top-right")
+
+
+def fit_y_range(display_item: Any, rows: np.ndarray) -> None:
+    """Zoom a line plot's y axis to its data (Swift's automatic range starts at 0, flattening T +/- sigma)."""
+    finite = np.asarray(rows, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return
+    low, high = float(finite.min()), float(finite.max())
+    margin = max(0.1 * (high - low), 1.0)
+    display_item.set_display_property("y_min", low - margin)
+    display_item.set_display_property("y_max", high + margin)
 
 
 def find_data_item(document_model: Any, session: str, item: str) -> Any:

@@ -265,6 +265,9 @@ def test_result_items_are_calibrated_and_temperatures_have_error_layers(document
     assert display_item.display_type == "line_plot"
     layers = [(layer.data_row, layer.label) for layer in display_item.display_layers]
     assert layers == [(0, "T"), (1, "T - sigma"), (2, "T + sigma")]
+    # the y axis is zoomed to T +/- sigma (Swift's own range would start at 0 K)
+    assert 250 < display_item.get_display_property("y_min") < 296
+    assert 334 < display_item.get_display_property("y_max") < 380
 
     labels = by_item["eels/labels"].xdata
     assert labels.dimensional_calibrations[0].units == "nm"
