@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Modules that add their own subcommand with ``add_subcommand(subparsers)``; each is cheap to import (heavy
 # imports such as Qt happen inside the handler).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer", "acquire")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -342,7 +342,13 @@ def test_tilt_series_through_the_panel_end_to_end(document_controller: Any, swif
             tilt_index = f["tilt_series/tilt_index"][()]
         sums = [d for d in document_model.data_items if "stemlive" in (d.metadata or {})]
         titles = sorted(d.title for d in sums)
-        assert titles == ["Tilt 1 (0, 0) drift-corrected sum", "Tilt 2 (-12.5, 6) drift-corrected sum"]
+        # the titles carry the stage's read-back angles (within the confirm tolerance of the plan's (-12.5, 6))
+        assert [t.split(" (")[0] for t in titles] == ["Tilt 1", "Tilt 2"]
+        assert all(t.endswith(" drift-corrected sum") for t in titles)
+        readback = np.asarray(model.procedure.readback_deg)
+        np.testing.assert_allclose(readback, [(0, 0), (-12.5, 6)], atol=0.05)
+        assert sorted(float(d.metadata["stemlive"]["alpha_deg"]) for d in sums) == pytest.approx(
+            sorted(readback[:, 0]))
         for data_item in sums:
             row = data_item.metadata["stemlive"]["tilt_row"]
             np.testing.assert_allclose(data_item.xdata.data, recorded[tilt_index == row].sum(axis=0), rtol=1e-5)
