@@ -215,7 +215,7 @@ class ResultsToSwift:
             data_item = DataItem.new_data_item(xdata)
             data_item.title = title
             document_model.append_data_item(data_item)
-            if key[1] == "eels/temperature_K" and xdata.is_collection:
+            if _is_error_band(xdata):
                 display_item = document_model.get_display_item_for_data_item(data_item)
                 if display_item is not None:
                     show_error_band(display_item)
@@ -223,7 +223,7 @@ class ResultsToSwift:
             data_item.set_xdata(xdata)
             if data_item.title != title:
                 data_item.title = title
-        if key[1] == "eels/temperature_K" and xdata.is_collection:
+        if _is_error_band(xdata):
             display_item = document_model.get_display_item_for_data_item(data_item)
             if display_item is not None:
                 fit_y_range(display_item, xdata.data)
@@ -249,6 +249,10 @@ def show_error_band(display_item: Any) -> None:
         else:
             display_item.add_display_layer_for_display_data_channel(channel, **properties)
     display_item.set_display_property("legend_position", "top-right")
+
+
+def _is_error_band(xdata: Any) -> bool:
+    return bool(((xdata.metadata or {}).get(METADATA_KEY) or {}).get("error_band"))
 
 
 def fit_y_range(display_item: Any, rows: np.ndarray) -> None:
@@ -457,10 +461,12 @@ class _SessionResults:
             if err is None or err.size != t.size:
                 err = np.full_like(t, np.nan)
             rows = np.stack([t, t - err, t + err]).astype(np.float32)
+            meta[METADATA_KEY]["error_band"] = True  # rows T, T - sigma, T + sigma: one line-plot layer each
+            # plain 2-D data, not a collection: Swift's line plot draws row data_row of each layer only for 2-D data
+            # (for a collection every layer shows the displayed collection index)
             return DataAndMetadata.new_data_and_metadata(
                 rows, intensity_calibration=Calibration.Calibration(units="K"), metadata=meta,
                 dimensional_calibrations=[Calibration.Calibration(), self._line_calibration()],
-                data_descriptor=DataAndMetadata.DataDescriptor(False, 1, 1),
             ), f"EELS temperature profile (K, T and T +/- sigma) {short}"
         if item == "eels/labels" and self.labels is not None:
             labels = self.labels.astype(np.float32)

@@ -265,6 +265,9 @@ def test_result_items_are_calibrated_and_temperatures_have_error_layers(document
     assert display_item.display_type == "line_plot"
     layers = [(layer.data_row, layer.label) for layer in display_item.display_layers]
     assert layers == [(0, "T"), (1, "T - sigma"), (2, "T + sigma")]
+    # what the line plot draws: all three rows (a collection would show one row in every layer)
+    display_values = display_item.display_data_channels[0].get_latest_computed_display_values()
+    assert display_values is not None and display_values.display_data_and_metadata.data_shape == (3, 4)
     # the y axis is zoomed to T +/- sigma (Swift's own range would start at 0 K)
     assert 250 < display_item.get_display_property("y_min") < 296
     assert 334 < display_item.get_display_property("y_max") < 380
