@@ -158,6 +158,7 @@ class AcquisitionModel(Declarative.Handler):
     status_text = _Field("")
     progress_text = _Field("")
     running = _Field(False)
+    checking = _Field(False)
     paused = _Field(False)
     can_start = _Field(True)
     can_pause = _Field(False)
@@ -309,8 +310,9 @@ class AcquisitionModel(Declarative.Handler):
         """The plan from the field values; raises :class:`PlanError` for unreadable fields."""
         raise NotImplementedError
 
-    def check_plan(self, plan: Any) -> PlanCheck:
-        """The plan check shown by Check and required by Start."""
+    def check_plan(self, plan: Any, instrument: Instrument | None = None) -> PlanCheck:
+        """The plan check shown by Check and required by Start; with ``instrument``, tested on it (test frames,
+        stage controls and limits, measured overheads)."""
         raise NotImplementedError
 
     def find_instrument(self) -> Instrument:
@@ -323,7 +325,8 @@ class AcquisitionModel(Declarative.Handler):
 
     # --- actions ---
     def check(self) -> PlanCheck | None:
-        """Check the plan from the fields; the status line shows the summary or every reason it is refused."""
+        """Check the plan from the fields on the chosen instrument (waits for the instrument's test); the status
+        line shows the summary or every reason it is refused."""
         self._following = None
         try:
             plan = self.build_plan()
@@ -331,13 +334,66 @@ class AcquisitionModel(Declarative.Handler):
             self.status_text = f"Cannot read the plan: {e}"
             self.last_check = None
             return None
-        check = self.check_plan(plan)
+        try:
+            instrument: Instrument | None = self.find_instrument()
+        except Exception as e:
+            instrument = None
+            unavailable = str(e)
+        check = self._checked(plan, instrument)
+        if instrument is None:
+            check.notes.append(f"not tested on an instrument: {unavailable}")
+        self._show_check(check)
+        return check
+
+    def _checked(self, plan: Any, instrument: Instrument | None) -> PlanCheck:
+        try:
+            return self.check_plan(plan, instrument)
+        except Exception as e:  # the instrument test failed: a refusal with its reason, not a traceback
+            log.exception("stemlive: plan check failed")
+            check = PlanCheck(duration_s=0.0, dose_e_per_A2=0.0, bytes_on_disk=0)
+            check.problems.append(f"the check failed: {type(e).__name__}: {e}")
+            return check
+
+    def _show_check(self, check: PlanCheck) -> None:
         self.last_check = check
         if check.ok:
             self.status_text = "Plan OK: " + check.summary()
         else:
             self.status_text = "Plan refused:\n- " + "\n- ".join(check.problems)
-        return check
+
+    def check_in_background(self) -> bool:
+        """Check (the button): the instrument's test runs on a worker thread, the UI stays responsive; the status
+        line says "Checking..." until the result is shown. False if a run or a check is already going on."""
+        if self.running or self.checking:
+            return False
+        self._following = None
+        try:
+            plan = self.build_plan()
+        except PlanError as e:
+            self.status_text = f"Cannot read the plan: {e}"
+            self.last_check = None
+            return False
+        try:
+            instrument = self.find_instrument()
+        except Exception:
+            self.check()  # no instrument: the plan-only check, at once, saying why
+            return True
+        self.checking = True
+        self.can_start = False
+        self.status_text = f"Checking the plan on {instrument.describe()}..."
+
+        def work() -> None:
+            check = self._checked(plan, instrument)
+
+            def show() -> None:
+                self.checking = False
+                self._update_buttons()
+                self._show_check(check)
+
+            self.dispatch(show)
+
+        threading.Thread(target=work, name="stemlive-check", daemon=True).start()
+        return True
 
     def start(self) -> bool:
         """Check the plan and, if it is accepted, run the procedure on a worker thread.
@@ -347,6 +403,9 @@ class AcquisitionModel(Declarative.Handler):
         """
         if self.running:
             self.status_text = "An acquisition is already running."
+            return False
+        if self.checking:
+            self.status_text = "A plan check is running: start when it has finished."
             return False
         try:
             plan = self.build_plan()
@@ -429,7 +488,7 @@ class AcquisitionModel(Declarative.Handler):
 
     # --- button callbacks (Declarative passes the widget) ---
     def check_clicked(self, widget: Any = None) -> None:
-        self.check()
+        self.check_in_background()
 
     def start_clicked(self, widget: Any = None) -> None:
         self.start()
@@ -450,6 +509,8 @@ class AcquisitionModel(Declarative.Handler):
             status = str(procedure.run())
         except PlanError as e:
             error = str(e)
+            if getattr(procedure, "status", None) == "not started":
+                status = "refused"  # the instrument's test at Start refused it: nothing was recorded
         except Exception as e:
             log.exception("stemlive acquisition failed")
             error = f"{type(e).__name__}: {e}"
@@ -480,6 +541,9 @@ class AcquisitionModel(Declarative.Handler):
         session = getattr(self.procedure, "session_id", "")
         text = {"complete": "Finished", "aborted": "Aborted"}.get(status, "Failed")
         self._run_text = f"{text} (session {session})" + (f": {error}" if error else "")
+        if status == "refused":
+            self._run_text = f"Not started. Plan refused on the instrument (nothing recorded):\n- {error}"
+            self._following = None
         self.control = None
         self.paused = False
         self._set_running(False)
@@ -492,7 +556,7 @@ class AcquisitionModel(Declarative.Handler):
         self._update_buttons()
 
     def _update_buttons(self) -> None:
-        self.can_start = not self.running
+        self.can_start = not self.running and not self.checking
         self.can_pause = self.running and not self.paused
         self.can_resume = self.running and self.paused
         self.can_abort = self.running

@@ -92,8 +92,8 @@ class TiltSeriesModel(AcquisitionModel):
             session_dir=default_session_dir(),
         )
 
-    def check_plan(self, plan: TiltSeriesPlan) -> PlanCheck:
-        return check_tilt_plan(plan)
+    def check_plan(self, plan: TiltSeriesPlan, instrument: Instrument | None = None) -> PlanCheck:
+        return check_tilt_plan(plan, instrument=instrument)
 
     def make_procedure(self, plan: TiltSeriesPlan, instrument: Instrument, sender: Any,
                        control: RunControl) -> TiltSeriesProcedure:
@@ -190,8 +190,8 @@ class EELSModel(AcquisitionModel):
             session_dir=default_session_dir(),
         )
 
-    def check_plan(self, plan: EELSScanPlan) -> PlanCheck:
-        return check_eels_plan(plan, fov_nm=plan.survey_fov_nm)
+    def check_plan(self, plan: EELSScanPlan, instrument: Instrument | None = None) -> PlanCheck:
+        return check_eels_plan(plan, fov_nm=plan.survey_fov_nm, instrument=instrument)
 
     def make_procedure(self, plan: EELSScanPlan, instrument: Instrument, sender: Any,
                        control: RunControl) -> EELSScanProcedure:

@@ -97,8 +97,14 @@ def test_tilt_panel_builds_plan_from_fields(document_controller: Any) -> None:
         assert (plan.frames_per_tilt, plan.size_px, plan.dwell_us, plan.fov_nm) == (3, 128, 2.5, 8.0)
         assert (plan.settle_s, plan.confirm_tolerance, plan.order, plan.tracking) == (0.5, 2.0, "increasing_tilt",
                                                                                        False)
+        # the button tests the plan on the instrument on a worker thread; Start waits for it
         model.check_clicked(None)
+        assert model.checking and not model.can_start
+        assert model.status_text.startswith("Checking the plan on stemlive_stem_controller / stemlive_scan [HAADF]")
+        assert model.start() is False and "check is running" in model.status_text
+        pump(document_controller, lambda: not model.checking, 60)
         assert model.status_text.startswith("Plan OK"), model.status_text
+        assert model.can_start and model.last_check is not None
         model.frames_text = "three"
         model.check_clicked(None)
         assert "frames per tilt" in model.status_text and "not a number" in model.status_text
