@@ -231,7 +231,7 @@ def check_plan(
         elif peak >= saturation:
             check.problems.append(
                 f"the detector would saturate: brightest pixel about {peak:.3g} counts in {plan.exposure_ms:g} ms "
-                f"(saturation {saturation:.3g} counts per pixel, {source}); use at most {safe_ms:.3g} ms per frame"
+                f"(saturation {saturation:.6g} counts per pixel, {source}); use at most {safe_ms:.3g} ms per frame"
             )
         elif peak >= SATURATION_MARGIN * saturation:
             check.notes.append(f"brightest detector pixel at {100 * peak / saturation:.0f}% of saturation")
@@ -302,31 +302,42 @@ def measure_instrument(plan: EELSScanPlan, stem_controller: Any, scan_source: An
         state.stop_live_scan()
         stem_controller.probe_position = Geometry.FloatPoint(*plan.start)
         state.confirm_parked()
-        test_ms = min(plan.exposure_ms, max(0.01, plan.exposure_ms / 10.0))
-        t0 = time.perf_counter()
-        frame = raw_frame(camera_source, test_ms)
-        raw_s = time.perf_counter() - t0
-        test_peak = float(np.max(frame.data))
-        offset_meV, dispersion_meV = energy_calibration_meV(frame.dimensional_calibrations[-1])
-        units = str(frame.dimensional_calibrations[-1].units)
         saturation, source = plan.saturation_counts, "plan"
         if saturation is None:
             saturation, source = camera_saturation_counts(camera_source), "camera"
         if saturation is None:
             saturation, source = DEFAULT_SATURATION_COUNTS, "16-bit default"
+        # a tenth of the plan's exposure; shorter while the test frame itself saturates (a clipped peak would
+        # understate the counts per ms)
+        test_ms = min(plan.exposure_ms, max(0.001, plan.exposure_ms / 10.0))
+        raw_s = 0.0
+        for _ in range(4):
+            t0 = time.perf_counter()
+            frame = raw_frame(camera_source, test_ms)
+            raw_s += time.perf_counter() - t0
+            test_peak = float(np.max(frame.data))
+            if test_peak < saturation or test_ms <= 0.001:
+                break
+            test_ms = max(0.001, test_ms / 10.0)
+        offset_meV, dispersion_meV = energy_calibration_meV(frame.dimensional_calibrations[-1])
+        units = str(frame.dimensional_calibrations[-1].units)
         k = max(2, min(plan.batch, plan.frames_per_point, 10, int(TEST_SEQUENCE_S * 1e3 / plan.exposure_ms)))
         acquire_spectra(camera_source, plan.exposure_ms, 1)  # warm-up: first-use costs are not the run's
         # each timed sequence at a new probe position, as in the run (a move, and whatever the first frame at a
-        # new position costs: settling on a microscope, a new spectrum in a simulator)
-        (y1, x1), (y2, x2) = plan.end, ((plan.start[0] + plan.end[0]) / 2, (plan.start[1] + plan.end[1]) / 2)
-        t0 = time.perf_counter()
-        stem_controller.probe_position = Geometry.FloatPoint(y1, x1)
-        acquire_spectra(camera_source, plan.exposure_ms, 1)
-        t1 = time.perf_counter()
-        stem_controller.probe_position = Geometry.FloatPoint(y2, x2)
-        spectra = acquire_spectra(camera_source, plan.exposure_ms, k)
-        tk = time.perf_counter() - t1
-        one = t1 - t0
+        # new position costs: settling on a microscope, a new spectrum in a simulator); two pairs, averaged
+        (ya, xa), (yb, xb) = plan.start, plan.end
+        positions = [(ya + f * (yb - ya), xa + f * (xb - xa)) for f in (1.0, 0.5, 0.25, 0.75)]
+        ones, tks = [], []
+        for pair in range(2):
+            t0 = time.perf_counter()
+            stem_controller.probe_position = Geometry.FloatPoint(*positions[2 * pair])
+            acquire_spectra(camera_source, plan.exposure_ms, 1)
+            t1 = time.perf_counter()
+            stem_controller.probe_position = Geometry.FloatPoint(*positions[2 * pair + 1])
+            spectra = acquire_spectra(camera_source, plan.exposure_ms, k)
+            ones.append(t1 - t0)
+            tks.append(time.perf_counter() - t1)
+        one, tk = float(np.mean(ones)), float(np.mean(tks))
         frame_s = max((tk - one) / (k - 1), 0.0)
         overhead_s = max(one - frame_s, 0.0)
         survey_s = 0.0
@@ -345,7 +356,7 @@ def measure_instrument(plan: EELSScanPlan, stem_controller: Any, scan_source: An
             scan_xdata = channel_xdata(scan_source.record_immediate(fp), channel)
             survey_s = time.perf_counter() - t2
         # this test again at Start (warm): what it takes when nothing is done for the first time
-        check_s = raw_s + 2 * one + tk + survey_s
+        check_s = raw_s + 3 * one + 2 * tk + survey_s
         metadata = nion_metadata(stem_controller, scan_source, camera_source, camera_xdata=spectra,
                                  scan_xdata=scan_xdata)
     finally:

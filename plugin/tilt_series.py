@@ -199,11 +199,20 @@ def measure_instrument(plan: TiltSeriesPlan, stem_controller: Any, scan_source: 
                 register_translation(image, image)
                 tracking_s = time.perf_counter() - t1
             if tilt is not None:
+                # a small real move (both axes, 0.5 deg towards zero tilt) and back: a move to where the stage
+                # already is would not show the stage's travel and settling
+                def move(alpha: float, beta: float) -> None:
+                    for control, value in ((STAGE_ALPHA, alpha), (STAGE_BETA, beta)):
+                        if not stem_controller.SetValAndConfirm(control, math.radians(value), plan.confirm_tolerance,
+                                                                int(plan.confirm_timeout_s * 1000)):
+                            raise RuntimeError(f"the stage did not confirm {control} = {value:g} deg "
+                                               f"within {plan.confirm_timeout_s:g} s")
+
+                step = [-0.5 if v > 0 else 0.5 for v in tilt]
                 t2 = time.perf_counter()
-                for control, value in ((STAGE_ALPHA, tilt[0]), (STAGE_BETA, tilt[1])):
-                    stem_controller.SetValAndConfirm(control, math.radians(value), plan.confirm_tolerance,
-                                                     int(plan.confirm_timeout_s * 1000))
-                move_s = time.perf_counter() - t2 + instrument_wall_seconds(stem_controller, plan.settle_s)
+                move(tilt[0] + step[0], tilt[1] + step[1])
+                move(*tilt)
+                move_s = (time.perf_counter() - t2) / 2 + instrument_wall_seconds(stem_controller, plan.settle_s)
             metadata = nion_metadata(stem_controller, scan_source, scan_xdata=xdata)
         finally:
             state.restore()
@@ -211,7 +220,7 @@ def measure_instrument(plan: TiltSeriesPlan, stem_controller: Any, scan_source: 
         has_stage=not missing, missing_controls=missing, tilt_deg=tilt,
         alpha_limits_deg=limits[0] if limits else None, beta_limits_deg=limits[1] if limits else None,
         frame_s=frame_s, move_s=move_s, tracking_s=tracking_s, beam_current_pA=current,
-        check_s=2 * frame_s + tracking_s + move_s, metadata=metadata)
+        check_s=2 * frame_s + tracking_s + 2 * move_s, metadata=metadata)
 
 
 def check_plan(plan: TiltSeriesPlan, *, instrument: Any = None, test: TiltInstrumentTest | None = None) -> PlanCheck:
