@@ -384,7 +384,7 @@ def grab(name):
 
 def shoot():
     for pid in (TILT, EELS):
-        say(f"{pid}: {panel(pid).model.status_text!r}")
+        say(f"{pid}: " + panel(pid).model.status_text.replace("\n", " | "))
     panel(EELS).hide()
     panel(TILT).show()
     say("showing " + show_item(lambda t: "drift-corrected sum" in t))

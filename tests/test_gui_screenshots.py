@@ -1,4 +1,5 @@
-"""The GUI as a user starts it: ``stemlive swift`` under Xvfb, and the screenshot script (into ``tmp_path``).
+"""The GUI as a user starts it: ``stemlive swift`` under Xvfb, and the screenshot script (into ``tmp_path``; a
+``grid`` test, run after the default suite).
 
 ``stemlive swift`` is run exactly as the README types it, as a subprocess with a fresh home folder: its window must
 appear (a fresh profile shows Swift's "Choose Project" dialog), the in-process service must still take connections
@@ -162,6 +163,7 @@ def test_plain_nionswift_loads_the_panels_but_not_the_simulator(xvfb_display: st
     assert "usim_scan_device" in out  # Nion's simulator is the instrument of a plain Swift here
 
 
+@pytest.mark.grid  # several minutes (demo sessions, the viewer, two acquisitions in Swift): after the default suite
 def test_screenshots_of_swift_and_the_viewer_during_a_replay(tmp_path: Path) -> None:
     out = tmp_path / "screenshots"
     env = {k: v for k, v in os.environ.items() if k != "QT_QPA_PLATFORM"}  # a real (virtual) display if any
@@ -170,7 +172,8 @@ def test_screenshots_of_swift_and_the_viewer_during_a_replay(tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     from PIL import Image
 
-    for name in ("viewer.png", "swift.png"):
+    assert "Analysis complete" in proc.stdout, proc.stdout[-3000:]  # the panels said the final results are in
+    for name in ("viewer.png", "swift.png", "swift-eels.png"):
         path = out / name
         assert path.exists(), f"{name} was not written"
         image = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
