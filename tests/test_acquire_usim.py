@@ -312,3 +312,42 @@ def usim_tilt(request: pytest.FixtureRequest, swift: Any) -> Iterator[Any]:
         yield request.getfixturevalue("usim_with_tilt")
     else:
         yield None
+
+
+def test_eels_line_through_the_panel_on_usim(swift: Any, service: PipelineService,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Vibrational EELS panel, usim chosen in its device chooser: Check on the instrument, Start, the same
+    procedure; parked probe at every exposure, camera stopped and probe back afterwards, 1 eV channels recorded."""
+    from nion.swift import Panel
+    from swift_harness import document_controller_for_tests, pump
+
+    from nionswift_plugin.stemlive import panels
+    from nionswift_plugin.stemlive.instruments import DeviceChoice
+
+    monkeypatch.setenv("STEMLIVE_RESULT_ENDPOINT", "none")
+    hw = scripting.find_hardware("usim", need_camera=True)
+    stem, camera = hw.stem_controller, hw.camera_source
+    before_probe = stem.probe_position
+    with document_controller_for_tests() as document_controller:
+        panel = Panel.PanelManager().create_panel_content(document_controller, panels.EELS_PANEL_ID, "eels",
+                                                          ["left"], "left", {})
+        try:
+            model = panel.model
+            model.refresh_devices(DeviceChoice(instrument="usim_stem_controller"))
+            assert model.device_choice.camera == "usim_eels_camera"
+            model.start_text, model.end_text, model.step_text, model.points_text = "0.5, 0.1", "0.5, 0.9", "", "4"
+            model.frames_text, model.exposure_text, model.survey_size_text = "5", "0.2", "128"
+            model.endpoint = service.frame_endpoint
+            with probe_states_during_exposures(camera, stem) as states:
+                assert model.start(), model.status_text
+                pump(document_controller, lambda: not model.running, 300)
+            assert model.last_status == "complete", model.status_text
+        finally:
+            panel.close()
+    assert len(states) >= 20 and set(states) == {"parked"}
+    assert not camera.is_playing and stem.probe_position == before_probe
+    (path,) = service.wait_for_sessions(1, timeout_s=300)
+    with SessionReader(path) as r:
+        assert r.status == "complete" and r.n_spectra == 20
+        assert float(r.attrs("eels")["dispersion_meV"]) == pytest.approx(1000.0)
+        assert r.settings["camera_device"] == "usim_eels_camera"
