@@ -351,3 +351,41 @@ def test_eels_line_through_the_panel_on_usim(swift: Any, service: PipelineServic
         assert r.status == "complete" and r.n_spectra == 20
         assert float(r.attrs("eels")["dispersion_meV"]) == pytest.approx(1000.0)
         assert r.settings["camera_device"] == "usim_eels_camera"
+
+
+@pytest.mark.parametrize("name", INSTRUMENTS)
+def test_abort_leaves_the_instrument_as_it_was(swift: Any, service: PipelineService, name: str) -> None:
+    hw = scripting.find_hardware(name, need_camera=True)
+    stem, scan, camera = hw.stem_controller, hw.scan_source, hw.camera_source
+    from nion.utils import Geometry
+
+    stem.probe_position = Geometry.FloatPoint(0.25, 0.75)  # the user's parked probe
+    before_scan = scan.get_current_frame_parameters().as_dict()
+    before_camera = camera.get_current_frame_parameters().as_dict()
+    settings = dict(EELS_LINE[name], points=20, frames_per_point=20)
+    with real_time(name, swift):
+        run = scripting.start("eels-line", hardware=hw, endpoint=service.frame_endpoint, **settings)
+        assert wait_for(lambda: len(run.procedure.probe_states) >= 2 or run.done.is_set(), 120)
+        run.abort()
+        assert run.wait(120) == "aborted", run.error
+    assert wait_for(lambda: not camera.is_playing)
+    assert camera.get_current_frame_parameters().as_dict() == before_camera
+    after_scan = scan.get_current_frame_parameters().as_dict()
+    assert {k: after_scan[k] for k in before_scan} == before_scan
+    assert stem.probe_position == Geometry.FloatPoint(0.25, 0.75) and stem.probe_state == "parked"
+    assert not scan.is_playing
+    (path,) = service.wait_for_sessions(1, timeout_s=300)
+    with SessionReader(path) as r:
+        assert r.status == "aborted" and 0 < r.n_spectra < 400
+
+
+def test_eels_map_on_usim(swift: Any, service: PipelineService) -> None:
+    hw = scripting.find_hardware("usim", need_camera=True)
+    run = scripting.start("eels-map", hardware=hw, endpoint=service.frame_endpoint, start=[0.4, 0.4],
+                          end=[0.6, 0.6], points=3, rows=2, frames_per_point=3, exposure_ms=0.2, survey_size_px=64)
+    assert run.wait(300) == "complete", run.error
+    (path,) = service.wait_for_sessions(1, timeout_s=300)
+    with SessionReader(path) as r:
+        assert r.kind == "eels_map" and r.status == "complete" and r.n_spectra == 18
+        assert list(r.settings["scan_shape"]) == [2, 3]
+        np.testing.assert_array_equal(np.bincount(r.spectrum_table()["point_index"]), np.full(6, 3))
