@@ -122,6 +122,24 @@ def _stop_simulator() -> None:
         plugin._simulated_instrument = None
 
 
+class StageErrors(logging.Filter):
+    """Turns the pipeline's "analysis stage failed" log records into one line each (no traceback on the console)
+    and keeps them, so that ``acquire`` can print them with the stored problems."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("analysis stage %s failed") and record.exc_info:
+            error = record.exc_info[1]
+            stage = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            self.lines.append(f"{stage} failed: {type(error).__name__}: {' '.join(str(error).split())}")
+            if not logging.getLogger().isEnabledFor(logging.INFO):  # -v keeps the traceback
+                record.exc_info, record.exc_text = None, None
+        return True
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -168,14 +186,19 @@ def cmd_acquire(args: argparse.Namespace) -> int:
             raise CLIError(str(e), ExitCode.USAGE) from None
         service = PipelineService(out, make_params(), frame_endpoint="tcp://127.0.0.1:*",
                                   result_endpoint="tcp://127.0.0.1:*").start()
+        stage_errors = StageErrors()
+        pipeline_log = logging.getLogger("stemlive.live.pipeline")
+        pipeline_log.addFilter(stage_errors)
         try:
-            return _acquire(args, plan, hardware, service, FrameSender, RunControl, scripting, PlanError)
+            return _acquire(args, plan, hardware, service, FrameSender, RunControl, scripting, PlanError,
+                            stage_errors)
         finally:
+            pipeline_log.removeFilter(stage_errors)
             service.stop()
 
 
 def _acquire(args: argparse.Namespace, plan: Any, hardware: Any, service: Any, sender_class: Any,
-             control_class: Any, scripting: Any, plan_error: type[Exception]) -> int:
+             control_class: Any, scripting: Any, plan_error: type[Exception], stage_errors: StageErrors) -> int:
     check = scripting.check(plan, hardware)
     if not check.ok:
         raise CLIError("plan refused: " + "; ".join(" ".join(p.split()) for p in check.problems), ExitCode.USAGE)
@@ -222,7 +245,7 @@ def _acquire(args: argparse.Namespace, plan: Any, hardware: Any, service: Any, s
         raise CLIError(f"the session was not closed: {e}", ExitCode.FAILED) from None
     status = outcome.get("status", "failed")
     print(f"stemlive acquire: {status} in {elapsed:.1f} s (estimated {check.duration_s:.1f} s)", flush=True)
-    problems = read_problems(path)
+    problems = read_problems(path) + stage_errors.lines
     for line in problems:
         print(line, flush=True)
     print(path.resolve(), flush=True)
