@@ -282,6 +282,7 @@ def real_time(name: str, swift: Any) -> Iterator[None]:
         clock.time_scale = scale
 
 
+@pytest.mark.grid  # ~25 s with real-time pacing; CI runs it after the default suite (-m grid)
 @pytest.mark.parametrize("name", INSTRUMENTS)
 @pytest.mark.parametrize("procedure", ["eels-line", "tilt-series"])
 def test_plan_time_estimate_within_20_percent_of_the_run(swift: Any, service: PipelineService, name: str,
