@@ -408,7 +408,11 @@ def nion_metadata(stem_controller: Any, scan_source: Any, camera_source: Any = N
         if camera_xdata is not None:
             camera["calibrations"] = [_calibration_dict(c) for c in camera_xdata.dimensional_calibrations]
             camera["intensity_calibration"] = _calibration_dict(camera_xdata.intensity_calibration)
-            camera["metadata"] = _jsonable(dict(camera_xdata.metadata or {}))
+            metadata = dict(camera_xdata.metadata or {})
+            # make_sequence_data_stream takes the instrument properties from Swift's default STEM controller, which
+            # is another instrument when several are registered: this instrument's own
+            metadata["instrument"] = out["instrument"]
+            camera["metadata"] = _jsonable(metadata)
         out["camera"] = camera
     return out
 

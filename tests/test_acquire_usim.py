@@ -153,6 +153,8 @@ def test_eels_line_parked_probe_nion_stream_and_instrument_restored(
     ok, current_A = stem.TryGetVal("BeamCurrent")
     assert ok and settings["beam_current_pA"] == pytest.approx(current_A * 1e12)
     assert settings["nion"]["camera"]["calibrations"][-1]["units"] == energy.units
+    assert settings["nion"]["instrument_id"] == stem.instrument_id  # this instrument's, with two registered
+    assert settings["nion"]["camera"]["hardware_source_id"] == camera.hardware_source_id
     assert settings["nion"]["scan"]["channels"][0] == "HAADF" and settings["haadf_channel"] == "HAADF"
     assert "frame_parameters" in settings["nion"]["scan"] and settings["nion"]["instrument"]["controls"]
     assert run.check.dose_e_per_A2 > 0
