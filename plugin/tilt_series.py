@@ -247,7 +247,7 @@ def check_plan(plan: TiltSeriesPlan, *, instrument: Any = None, test: TiltInstru
     n_scans = n_tilts * (plan.frames_per_tilt + (1 if plan.tracking else 0))
     if test is not None and test.has_stage:
         n_tracking = max(n_tilts - 1, 0) if plan.tracking else 0
-        duration = (test.check_s + n_tilts * test.move_s + n_tilts * plan.frames_per_tilt * test.frame_s
+        duration = (test.check_s + (n_tilts + 1) * test.move_s + n_tilts * plan.frames_per_tilt * test.frame_s
                     + n_tracking * (test.frame_s + test.tracking_s))
     else:
         duration = n_tilts * (plan.settle_s + plan.frames_per_tilt * plan.frame_time_s())
@@ -398,8 +398,7 @@ class TiltSeriesProcedure(Procedure):
         previous_sum: np.ndarray | None = None
 
         def finish(status: str, message: str) -> None:
-            if status != "complete":
-                self._return_stage(start_tilt)
+            self._return_stage(start_tilt)  # every ending: the stage back at the tilt it was found at
             state.restore()  # scan settings and channels, probe, the user's live scan
             self.stream.end(status, message)
             self.report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, dose, message))

@@ -253,10 +253,15 @@ def test_tilt_series_3x3_on_usim_with_tilt_controls_records_the_readback(
     assert not np.allclose(table["alpha_deg"], np.repeat(np.asarray(TILTS_3)[:, 0], 3))  # not the plan's angles
     assert settings["beam_current_pA"] == pytest.approx(200.0)
     assert settings["nion"]["instrument_id"] == "usim_stem_controller"
+    ok, alpha = hw.stem_controller.TryGetVal("StageOutA")
+    # back at the start (0 deg), within the fixture stage's landing error of 0.01 deg per move (Check and Start
+    # each move 0.5 deg and back; each return lands on the previous read-back + 0.01)
+    assert ok and math.degrees(alpha) == pytest.approx(0.0, abs=0.05)
 
 
 def test_tilt_series_3x3_on_the_stemlive_simulator(swift: Any, service: PipelineService) -> None:
     hw = scripting.find_hardware("stemlive", need_camera=False)
+    start = (math.degrees(hw.stem_controller.stage_target("StageOutA")),)
     run = scripting.start("tilt-series", hardware=hw, endpoint=service.frame_endpoint, **TILT_PLAN)
     assert run.wait(300) == "complete", run.error
     (path,) = service.wait_for_sessions(1, timeout_s=120)
@@ -266,9 +271,9 @@ def test_tilt_series_3x3_on_the_stemlive_simulator(swift: Any, service: Pipeline
     readback = np.asarray(run.procedure.readback_deg)
     np.testing.assert_allclose(table["alpha_deg"], np.repeat(readback[:, 0], 3))
     # the simulated stage's encoder read-back (its own model, not the plan) within the confirm tolerance
-    truth = [math.degrees(hw.stem_controller.stage_target("StageOutA"))]
-    assert truth[0] == pytest.approx(TILTS_3[-1][0])
     np.testing.assert_allclose(readback, TILTS_3, atol=0.05)
+    # and the stage back at the tilt it was found at
+    assert math.degrees(hw.stem_controller.stage_target("StageOutA")) == pytest.approx(start[0])
 
 
 @contextlib.contextmanager
