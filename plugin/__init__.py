@@ -140,6 +140,19 @@ def register_simulated_instrument(force: bool = False) -> typing.Any:
     return configuration
 
 
+def unregister_simulated_instrument() -> None:
+    """Undo :func:`register_simulated_instrument` (headless runners and tests): unregister the simulator's
+    components, close its devices and stop following the registry."""
+    global _simulated_instrument, _binding
+    configuration, binding = _simulated_instrument, _binding
+    _simulated_instrument = _binding = None
+    if configuration is not None:
+        configuration.stop()
+        configuration.close()
+    if binding is not None:
+        binding.close()
+
+
 def register_panels() -> None:
     """Register the "Tilt Series" and "Vibrational EELS" panels (failures are logged, Swift keeps running)."""
     try:

@@ -46,6 +46,22 @@ def test_the_simulator_registers_only_when_asked(value: str | None, monkeypatch:
     assert plugin.simulator_requested()
 
 
+def test_registered_when_asked_and_unregistered_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plug-in's own registration path (``run()`` in Swift; runs before the module's ``both`` fixture registers
+    the simulator): asked for, the simulator is registered with its priority, and
+    :func:`unregister_simulated_instrument` removes all of it again."""
+    monkeypatch.setenv("STEMLIVE_INSTRUMENT", "simulated")
+    monkeypatch.setenv("STEMLIVE_SCENARIO", "default")
+    configuration = plugin.register_simulated_instrument()
+    try:
+        assert configuration is not None and plugin.register_simulated_instrument() is configuration
+        assert controllers()[STEMLIVE_ID] is configuration.instrument
+        assert configuration.instrument.priority == plugin.SIMULATED_INSTRUMENT_PRIORITY
+    finally:
+        plugin.unregister_simulated_instrument()
+    assert STEMLIVE_ID not in controllers() and plugin._simulated_instrument is None and plugin._binding is None
+
+
 @pytest.fixture(scope="module")
 def both() -> Iterator[Any]:
     with swift_with_simulator("default", usim=True) as hardware:
@@ -143,3 +159,4 @@ def test_device_chooser_defaults_choice_and_memory(both: Any, app_data: Any, mon
         assert model.device_choice.instrument == STEMLIVE_ID and model.device_choice.scan == "stemlive_scan"
         with pytest.raises(RuntimeError, match="'gone' is not registered"):
             plugin.instruments.find_instrument(plugin.instruments.DeviceChoice("gone"))
+
