@@ -298,17 +298,22 @@ def test_plan_time_estimate_within_20_percent_of_the_run(swift: Any, service: Pi
     # longer than the must-show line (6 x 10 spectra) so that one scheduler hiccup on a shared machine is not 20 %
     settings = dict(EELS_LINE[name], points=6, frames_per_point=10, batch=10) if procedure == "eels-line" else \
         dict(TILT_PLAN, dwell_us=20.0)
+    if procedure == "eels-line" and name == "stemlive":
+        # exposures, not the simulator's arithmetic, make up the run (as at a microscope)
+        settings["exposure_ms"] = 50.0
     ratios = []
     with real_time(name, swift):
         # one retry: the machine running the suite is shared, and a run of a few seconds can lose 20 % to others
-        for _attempt in range(2):
+        for attempt in range(2):
             run = scripting.start(procedure, hardware=hw, endpoint=service.frame_endpoint, **settings)
             t0 = time.perf_counter()
             assert run.wait(300) == "complete", run.error
             measured = time.perf_counter() - t0
             ratios.append(run.check.duration_s / measured)
+            service.wait_for_sessions(attempt + 1, timeout_s=300)  # its analysis must not load the next Check
             if abs(ratios[-1] - 1.0) <= 0.2:
                 break
+    print(f"{procedure} on {name}: estimate / measured run {[round(r, 3) for r in ratios]}")
     assert abs(ratios[-1] - 1.0) <= 0.2, f"estimate / measured run: {ratios}"
 
 
