@@ -402,3 +402,25 @@ def test_eels_map_on_usim(swift: Any, service: PipelineService) -> None:
         assert r.kind == "eels_map" and r.status == "complete" and r.n_spectra == 18
         assert list(r.settings["scan_shape"]) == [2, 3]
         np.testing.assert_array_equal(np.bincount(r.spectrum_table()["point_index"]), np.full(6, 3))
+
+
+def test_start_refuses_on_the_instrument_too(swift: Any, service: PipelineService, tmp_path: Path) -> None:
+    """A procedure started without a Check (a script, a changed exposure) tests the plan on the instrument at Start:
+    refused, nothing recorded, the instrument as it was."""
+    from stemlive.live.transport import FrameSender
+
+    hw = scripting.find_hardware("usim", need_camera=True)
+    sender = FrameSender(service.frame_endpoint)
+    try:
+        eels = scripting.make_procedure(scripting.make_plan("eels-line", {**EELS_LINE["usim"], "exposure_ms": 50.0}),
+                                        hw, sender)
+        with pytest.raises(PlanError, match=r"would saturate: brightest pixel about .* use at most"):
+            eels.run()
+        tilt = scripting.make_procedure(scripting.make_plan("tilt-series", TILT_PLAN), hw, sender)
+        with pytest.raises(PlanError, match="StageOutA/StageOutB"):
+            tilt.run()
+    finally:
+        sender.close()
+    assert not eels.stream.started and not tilt.stream.started
+    assert not hw.camera_source.is_playing and hw.stem_controller.probe_state == "parked"
+    assert not list((tmp_path / "sessions").glob("*.h5"))
