@@ -144,7 +144,8 @@ class AcquisitionModel(Declarative.Handler):
     step_name = "step"
     settings_key = "panel"  # where the device choice and the last plan are remembered
     needs_camera = False
-    plan_fields: tuple[str, ...] = ("endpoint",)  # the fields remembered as "the last plan"
+    # the fields remembered as "the last plan" (not the endpoint: that comes from `stemlive swift` / the environment)
+    plan_fields: tuple[str, ...] = ()
     ui_view: Any = None  # the declarative description, set by the Swift panel
     endpoint = _Field(DEFAULT_FRAME_ENDPOINT)
     instrument_items = _Field(list[str]())

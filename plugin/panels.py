@@ -58,7 +58,7 @@ class TiltSeriesModel(AcquisitionModel):
 
     step_name = "tilt"
     settings_key = "tilt_series"
-    plan_fields = ("endpoint", "tilts_text", "frames_text", "size_text", "dwell_text", "fov_text", "settle_text",
+    plan_fields = ("tilts_text", "frames_text", "size_text", "dwell_text", "fov_text", "settle_text",
                    "tolerance_text", "order_index", "tracking")
     tilts_text = _Field(write_tilts_csv(REFERENCE_TILTS_DEG))
     frames_text = _Field("10")
@@ -149,7 +149,7 @@ class EELSModel(AcquisitionModel):
     step_name = "point"
     settings_key = "eels"
     needs_camera = True
-    plan_fields = ("endpoint", "mode_index", "start_text", "end_text", "points_text", "step_text", "rows_text",
+    plan_fields = ("mode_index", "start_text", "end_text", "points_text", "step_text", "rows_text",
                    "frames_text", "exposure_text", "survey_fov_text", "survey_size_text", "survey_before",
                    "survey_after", "tracking_every_text")
     mode_index = _Field(0)

@@ -138,6 +138,7 @@ def test_device_chooser_defaults_choice_and_memory(both: Any, app_data: Any, mon
         model.device_changed(None, model.channel_index)
         assert model.find_instrument().channel == 1
         model.exposure_text, model.points_text = "7", "5"
+        model.endpoint = "tcp://10.0.0.9:7710"  # a deployment setting (stemlive swift / environment), not the plan
         model.remember_plan()
         panel.close()
 
@@ -145,12 +146,14 @@ def test_device_chooser_defaults_choice_and_memory(both: Any, app_data: Any, mon
         assert stored["devices"] == {"instrument": USIM_ID, "scan": "usim_scan_device", "channel": "MAADF",
                                      "camera": "usim_eels_camera"}
         assert stored["plan"]["exposure_text"] == "7" and stored["plan"]["points_text"] == "5"
+        assert "endpoint" not in stored["plan"]
 
         again = open_panel(document_controller)  # as after a restart: the panel reads Swift's application data
         try:
             assert again.model.device_choice == plugin.instruments.DeviceChoice(USIM_ID, "usim_scan_device",
                                                                                 "MAADF", "usim_eels_camera")
             assert (again.model.exposure_text, again.model.points_text) == ("7", "5")
+            assert again.model.endpoint == panels.default_frame_endpoint()
         finally:
             again.close()
         # a remembered instrument that is gone: the defaults
