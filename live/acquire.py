@@ -115,11 +115,7 @@ def swift_instrumentation(instrument: str, scenario: str | None) -> Iterator[Non
 def _stop_simulator() -> None:
     import nionswift_plugin.stemlive as plugin
 
-    configuration = getattr(plugin, "_simulated_instrument", None)
-    if configuration is not None:
-        configuration.stop()
-        configuration.close()
-        plugin._simulated_instrument = None
+    plugin.unregister_simulated_instrument()  # nothing to do when it was not registered
 
 
 class StageErrors(logging.Filter):
