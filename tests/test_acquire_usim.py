@@ -424,3 +424,27 @@ def test_start_refuses_on_the_instrument_too(swift: Any, service: PipelineServic
     assert not eels.stream.started and not tilt.stream.started
     assert not hw.camera_source.is_playing and hw.stem_controller.probe_state == "parked"
     assert not list((tmp_path / "sessions").glob("*.h5"))
+
+
+@pytest.mark.parametrize("name", INSTRUMENTS)
+def test_scan_channel_chosen_by_name(swift: Any, name: str) -> None:
+    """The procedures take the channel they were given by name, whichever channels are enabled."""
+    from stemlive.live.transport import FrameSender
+
+    hw = scripting.find_hardware(name, need_camera=False)
+    scan = hw.scan_source
+    names = [scan.get_channel_name(i) for i in range(scan.channel_count)]
+    assert hw.channel == names.index("HAADF")
+    other = scripting.find_hardware(name, need_camera=False, channel_name=names[1])
+    assert other.channel == 1
+    enabled = [scan.get_channel_enabled(i) for i in range(scan.channel_count)]
+    sender = FrameSender("tcp://127.0.0.1:1")  # never used: no session is started
+    try:
+        procedure = scripting.make_procedure(scripting.make_plan("tilt-series", TILT_PLAN), other, sender)
+        xdata, _ = procedure.scan_xdata(procedure.scan_parameters(32, 1.0, 8.0))
+    finally:
+        sender.close()
+        for i, on in enumerate(enabled):
+            scan.set_channel_enabled(i, on)
+    assert xdata.metadata["hardware_source"]["channel_name"] == names[1]
+    assert procedure.stream.settings["haadf_channel"] == names[1]
