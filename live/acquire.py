@@ -5,7 +5,7 @@ instrumentation layer without a window (``HardwareSource.run``, ``camera_base.ru
 named instrument, and runs the same procedure classes the panels run, streaming to a pipeline service in this
 process that records into ``--out``. Exit codes: 0 complete session (analysis problems, if any, printed one line
 each before the path); 2 refused plan or unknown instrument (one line, no session file); 5 acquisition or service
-failure; 130 Ctrl-C (the session is ended as aborted). Every ending puts the instrument back as it was.
+failure (the instrument failing Check's test included); 130 Ctrl-C (the session is ended as aborted). Every ending puts the instrument back as it was.
 """
 
 from __future__ import annotations
@@ -196,6 +196,8 @@ def cmd_acquire(args: argparse.Namespace) -> int:
 def _acquire(args: argparse.Namespace, plan: Any, hardware: Any, service: Any, sender_class: Any,
              control_class: Any, scripting: Any, plan_error: type[Exception], stage_errors: StageErrors) -> int:
     check = scripting.check(plan, hardware)
+    if check.instrument_error:
+        raise CLIError(" ".join(check.instrument_error.split()), ExitCode.FAILED)
     if not check.ok:
         raise CLIError("plan refused: " + "; ".join(" ".join(p.split()) for p in check.problems), ExitCode.USAGE)
     print(f"stemlive acquire: {args.procedure} on {hardware.describe()}: {check.summary()}", flush=True)

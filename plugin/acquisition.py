@@ -40,6 +40,8 @@ class PlanCheck:
     bytes_on_disk: int
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: set when the instrument itself failed the test (an exception, not a refusal of the plan); also in problems
+    instrument_error: str | None = None
 
     @property
     def ok(self) -> bool:

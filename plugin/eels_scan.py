@@ -169,9 +169,10 @@ def check_plan(
             check.problems.append(str(e))
             return check
         except Exception as e:  # the instrument failed the test: refuse with its reason (one line)
-            log.exception("EELS instrument test failed")
+            log.info("EELS instrument test failed", exc_info=True)  # the reason is the refusal; -v: traceback
             check = PlanCheck(duration_s=0.0, dose_e_per_A2=0.0, bytes_on_disk=0)
-            check.problems.append(f"the instrument test failed: {type(e).__name__}: {e}")
+            check.instrument_error = f"the instrument test failed: {type(e).__name__}: {e}"
+            check.problems.append(check.instrument_error)
             return check
     n_points = len(plan.positions_fractional(fov_nm)) if plan.mode in ("line", "map") else 0
     m = plan.frames_per_point

@@ -239,9 +239,10 @@ def check_plan(plan: TiltSeriesPlan, *, instrument: Any = None, test: TiltInstru
             test = measure_instrument(plan, instrument.stem_controller, instrument.scan_source,
                                       channel=int(getattr(instrument, "channel", 0) or 0))
         except Exception as e:  # the instrument failed the test: refuse with its reason (one line)
-            log.exception("tilt-series instrument test failed")
+            log.info("tilt-series instrument test failed", exc_info=True)  # the reason is the refusal; -v: traceback
             check = PlanCheck(duration_s=0.0, dose_e_per_A2=0.0, bytes_on_disk=0)
-            check.problems.append(f"the instrument test failed: {type(e).__name__}: {e}")
+            check.instrument_error = f"the instrument test failed: {type(e).__name__}: {e}"
+            check.problems.append(check.instrument_error)
             return check
     n_tilts = len(plan.tilts_deg)
     n_scans = n_tilts * (plan.frames_per_tilt + (1 if plan.tracking else 0))

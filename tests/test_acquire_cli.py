@@ -107,3 +107,14 @@ def test_ctrl_c_ends_the_session_as_aborted(tmp_path: Path) -> None:
         assert f.attrs["status"] == "aborted"
         assert 0 < f["eels/spectra"].shape[0] < 800
     assert "Traceback" not in err
+
+
+def test_instrument_failure_exits_5(tmp_path: Path) -> None:
+    # the simulated stage cannot confirm a move within 1 us: the instrument fails Check's test move
+    proc = stemlive("acquire", "tilt-series", "--instrument", "stemlive", "--scenario", "default",
+                    "--set", "tilts_deg=[[0,0],[10,0]]", "--set", "size_px=64", "--set", "confirm_timeout_s=1e-6",
+                    "--out", str(tmp_path / "out"), cwd=tmp_path)
+    assert proc.returncode == 5, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "the stage did not confirm StageOutA" in line and "Traceback" not in proc.stderr
+    assert not list((tmp_path / "out").glob("*.h5"))
