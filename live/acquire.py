@@ -5,7 +5,8 @@ instrumentation layer without a window (``HardwareSource.run``, ``camera_base.ru
 named instrument, and runs the same procedure classes the panels run, streaming to a pipeline service in this
 process that records into ``--out``. Exit codes: 0 complete session (analysis problems, if any, printed one line
 each before the path); 2 refused plan or unknown instrument (one line, no session file); 5 acquisition or service
-failure (the instrument failing Check's test included); 130 Ctrl-C (the session is ended as aborted). Every ending puts the instrument back as it was.
+failure (the instrument failing Check's test included); 130 Ctrl-C (the session is ended as
+aborted). Every ending puts the instrument back as it was.
 """
 
 from __future__ import annotations

@@ -295,6 +295,7 @@ class Procedure:
     def scan_xdata(self, frame_parameters: Any) -> tuple[Any, float]:
         """One frame of the HAADF channel (Nion's data and metadata) and its start time."""
         scan = self.scan_source
+        with_channel(frame_parameters, self.channel)
         scan.set_current_frame_parameters(frame_parameters)
         if not scan.get_channel_enabled(self.channel):
             scan.set_channel_enabled(self.channel, True)
@@ -509,6 +510,15 @@ class HardwareState:
                 step()
             except Exception:
                 log.exception("could not %s", what)
+
+
+def with_channel(frame_parameters: Any, channel: int) -> Any:
+    """``frame_parameters`` with scan channel ``channel`` among its enabled channels, where they list them (Nion's
+    frame parameters may carry ``enabled_channel_indexes``, which a recording applies over the channel states)."""
+    indexes = getattr(frame_parameters, "enabled_channel_indexes", None)
+    if indexes is not None and channel not in indexes:
+        frame_parameters.enabled_channel_indexes = sorted([*indexes, channel])
+    return frame_parameters
 
 
 def channel_xdata(xdatas: Any, channel: int, channel_name: str | None = None) -> Any:

@@ -32,6 +32,7 @@ from .acquisition import (
     dose_per_scan_e_per_A2,
     energy_calibration_meV,
     nion_metadata,
+    with_channel,
 )
 
 log = logging.getLogger(__name__)
@@ -351,6 +352,7 @@ def measure_instrument(plan: EELSScanPlan, stem_controller: Any, scan_source: An
             fp.subscan_pixel_size = None
             fp.subscan_fractional_size = None
             fp.subscan_fractional_center = None
+            with_channel(fp, channel)
             if not scan_source.get_channel_enabled(channel):
                 scan_source.set_channel_enabled(channel, True)
             t2 = time.perf_counter()

@@ -4,7 +4,7 @@ In Swift (Window > Python Console), with a pipeline service listening (``stemliv
 
     from nionswift_plugin.stemlive import scripting
     run = scripting.start("eels-line", instrument="usim", frames_per_point=5, points=4, step_nm=None,
-                          exposure_ms=0.2)
+                          exposure_ms=0.2)   # instrument=None: Swift's default instrument
     run.check.summary()   # what Check said on the instrument
     run.wait()            # -> "complete" (blocks; leave it out to keep the console free)
     run.abort()           # stops at the next frame; the instrument is put back as it was
@@ -61,9 +61,9 @@ def registered_instruments() -> list[str]:
             for c in Registry.get_components_by_type("stem_controller")]
 
 
-def find_hardware(name: str, *, need_camera: bool, channel_name: str = "HAADF") -> Hardware:
-    """The STEM controller called ``name`` (``stemlive``, ``usim`` or a registered id) with its own scan device,
-    its HAADF channel (by name) and its own EELS camera.
+def find_hardware(name: str | None, *, need_camera: bool, channel_name: str = "HAADF") -> Hardware:
+    """The STEM controller called ``name`` (``stemlive``, ``usim`` or a registered id; None: Swift's default, the
+    one Nion's own panels use) with its own scan device, its HAADF channel (by name) and its own EELS camera.
 
     Raises
     ------
@@ -72,9 +72,13 @@ def find_hardware(name: str, *, need_camera: bool, channel_name: str = "HAADF") 
     """
     from nion.utils import Registry
 
-    wanted = INSTRUMENT_IDS.get(name, name)
-    stem = next((c for c in Registry.get_components_by_type("stem_controller")
-                 if str(getattr(c, "instrument_id", "")) == wanted), None)
+    if name is None:
+        stem = Registry.get_component("stem_controller")
+        name = str(getattr(stem, "instrument_id", "default"))
+    else:
+        wanted = INSTRUMENT_IDS.get(name, name)
+        stem = next((c for c in Registry.get_components_by_type("stem_controller")
+                     if str(getattr(c, "instrument_id", "")) == wanted), None)
     if stem is None:
         raise LookupError(f"no instrument {name!r} is registered (registered: "
                           f"{', '.join(registered_instruments()) or 'none'})")
@@ -180,10 +184,11 @@ class Run:
         return str(self.procedure.session_id)
 
 
-def start(procedure: str, *, instrument: str = "usim", endpoint: str | None = None,
+def start(procedure: str, *, instrument: str | None = None, endpoint: str | None = None,
           plan: TiltSeriesPlan | EELSScanPlan | None = None, hardware: Hardware | None = None,
           on_progress: Any = None, **settings: Any) -> Run:
-    """Check ``plan`` (or one made from ``settings``) on ``instrument`` and run it on a thread.
+    """Check ``plan`` (or one made from ``settings``) on ``instrument`` (None: Swift's default instrument) and run
+    it on a thread; the service at ``endpoint`` (default ``tcp://127.0.0.1:7710``) records it.
 
     Raises
     ------

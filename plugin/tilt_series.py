@@ -35,6 +35,7 @@ from .acquisition import (
     instrument_sleep,
     instrument_wall_seconds,
     nion_metadata,
+    with_channel,
 )
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,7 @@ def measure_instrument(plan: TiltSeriesPlan, stem_controller: Any, scan_source: 
             fp.subscan_pixel_size = None
             fp.subscan_fractional_size = None
             fp.subscan_fractional_center = None
+            with_channel(fp, channel)
             if not scan_source.get_channel_enabled(channel):
                 scan_source.set_channel_enabled(channel, True)
             channel_xdata(scan_source.record_immediate(fp), channel)  # warm-up: first-use costs are not the run's

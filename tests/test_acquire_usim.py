@@ -438,12 +438,16 @@ def test_scan_channel_chosen_by_name(swift: Any, name: str) -> None:
     other = scripting.find_hardware(name, need_camera=False, channel_name=names[1])
     assert other.channel == 1
     enabled = [scan.get_channel_enabled(i) for i in range(scan.channel_count)]
+    before = scan.get_current_frame_parameters()
     sender = FrameSender("tcp://127.0.0.1:1")  # never used: no session is started
     try:
         procedure = scripting.make_procedure(scripting.make_plan("tilt-series", TILT_PLAN), other, sender)
-        xdata, _ = procedure.scan_xdata(procedure.scan_parameters(32, 1.0, 8.0))
+        fp = procedure.scan_parameters(32, 1.0, 8.0)
+        fp.enabled_channel_indexes = [0]  # what a recording of HAADF alone leaves in the frame parameters
+        xdata, _ = procedure.scan_xdata(fp)
     finally:
         sender.close()
+        scan.set_current_frame_parameters(before)
         for i, on in enumerate(enabled):
             scan.set_channel_enabled(i, on)
     assert xdata.metadata["hardware_source"]["channel_name"] == names[1]
