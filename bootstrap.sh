@@ -15,24 +15,41 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "[bootstrap] creating virtual environment in $venv" >&2
     "$python" -m venv "$venv"
 fi
+# Editable install in setuptools' strict mode: a tree of links to the checkout's files (build/__editable__.*) on
+# sys.path. Unlike the default (an import hook), it is a real folder, so Nion Swift -- which lists the folders of
+# the nionswift_plugin namespace package -- finds the plug-in in a plain `nionswift`, and edits to existing files
+# take effect at once. New or removed source files need the link tree rebuilt: the list of files is part of the stamp.
+sources="$(find . \( -name .git -o -name .venv -o -path "$venv" -o -name build -o -name tests -o -name docs \
+                  -o -name benchmarks -o -name scripts -o -name __pycache__ \) -prune \
+                -o -type f \( -name '*.py' -o -name '*.json' \) -print | LC_ALL=C sort | cksum)"
+log="$venv/install.log"
+install_failed() {
+    tail -n 60 "$log" >&2
+    echo "[bootstrap] installation failed; the whole log is in $log" >&2
+    exit 1
+}
 # Reinstall when the package metadata changed since the last install.
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     echo "[bootstrap] installing stemlive and its dependencies (first run takes a few minutes)" >&2
-    log="$venv/install.log"
-    if ! { "$venv/bin/python" -m pip install --upgrade pip && "$venv/bin/python" -m pip install -e ".[test]"; } \
+    if ! { "$venv/bin/python" -m pip install --upgrade pip \
+            && "$venv/bin/python" -m pip install -e ".[test]" --config-settings editable_mode=strict; } \
             >"$log" 2>&1; then
-        tail -n 60 "$log" >&2
-        echo "[bootstrap] installation failed; the whole log is in $log" >&2
-        exit 1
+        install_failed
     fi
-    touch "$stamp"
+    echo "$sources" >"$stamp"
+elif [ "$(cat "$stamp")" != "$sources" ]; then
+    echo "[bootstrap] source files added or removed: refreshing the editable install's link tree" >&2
+    "$venv/bin/python" -m pip install --no-deps -e . --config-settings editable_mode=strict >"$log" 2>&1 \
+        || install_failed
+    echo "$sources" >"$stamp"
 fi
 export PATH="$venv/bin:$PATH"
 
-# Qt needs a few X libraries (and Xvfb for the GUI smoke test); install them where we can (root, apt).
+# Qt needs a few X libraries (and Xvfb + xwininfo for the GUI tests); install them where we can (root, apt).
 ensure_x11() {
     local missing=()
     command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
+    command -v xwininfo >/dev/null 2>&1 || missing+=(x11-utils)
     for lib in libxcb-cursor.so.0 libxkbcommon-x11.so.0 libxcb-icccm.so.4 libxcb-keysyms.so.1 libxcb-image.so.0 \
                libxcb-render-util.so.0 libEGL.so.1 libGL.so.1 libfontconfig.so.1 libdbus-1.so.3; do
         ldconfig -p 2>/dev/null | grep -q "$lib" || missing+=("$lib")
@@ -41,7 +58,7 @@ ensure_x11() {
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "[bootstrap] installing X11 libraries for Qt: ${missing[*]}" >&2
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            xvfb xauth libxcb-cursor0 libxkbcommon-x11-0 libegl1 libgl1 libfontconfig1 libdbus-1-3 \
+            xvfb xauth x11-utils libxcb-cursor0 libxkbcommon-x11-0 libegl1 libgl1 libfontconfig1 libdbus-1-3 \
             libxcb-icccm4 libxcb-image0 libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-shape0 \
             libxcb-xinerama0 libxcb-xkb1 fonts-dejavu-core >/dev/null) \
             || echo "[bootstrap] could not install X11 libraries; GUI tests will be skipped" >&2

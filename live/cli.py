@@ -176,7 +176,7 @@ def _add_quiet(subparsers: argparse._SubParsersAction) -> None:
 
 # Modules that add their own subcommand with ``add_subcommand(subparsers)``; each is cheap to import (heavy
 # imports such as Qt happen inside the handler).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer", "export", "importer", "keys")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer", "export", "importer", "keys", "acquire")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -103,43 +103,53 @@ def start_service(args: argparse.Namespace, env: dict[str, str]) -> Any:
     return service.start()
 
 
-def ensure_plugin_discoverable() -> Path | None:
-    """Make ``nionswift_plugin.stemlive`` visible to Swift's plug-in scan; returns the folder added, if any.
-
-    Swift lists plug-ins with ``pkgutil.iter_modules(nionswift_plugin.__path__)``. A setuptools editable install
-    with ``package_dir`` mappings (``pip install -e .``) imports the package through a meta-path finder that
-    ``iter_modules`` cannot list, so Swift would silently skip the plug-in. In that case a temporary folder with
-    ``nionswift_plugin/stemlive`` linked to the real package is put on ``sys.path``.
-    """
-    import atexit
-    import pkgutil
-    import shutil
-    import sys
-    import tempfile
-
-    import nionswift_plugin
-
-    if any(m.name == "stemlive" for m in pkgutil.iter_modules(list(nionswift_plugin.__path__))):
-        return None
-    import nionswift_plugin.stemlive as plugin
-
-    package_dir = Path(plugin.__file__ or "").resolve().parent
-    root = Path(tempfile.mkdtemp(prefix="stemlive_plugin_path_"))
-    (root / "nionswift_plugin").mkdir()
-    (root / "nionswift_plugin" / "stemlive").symlink_to(package_dir, target_is_directory=True)
-    sys.path.append(str(root))
-    atexit.register(shutil.rmtree, root, True)
-    log.info("stemlive plug-in made discoverable through %s", root)
-    return root
-
-
 def run_swift() -> int:
-    """Run the Nion Swift application (PySide6) until its last window closes."""
+    """Run Nion Swift (PySide6) until it quits: File > Quit, closing the last window, or SIGTERM / Ctrl-C.
+
+    ``nionui_app.nionswift.main.main`` builds the application; ``app.run()`` creates the Qt application, starts
+    Swift (the main window, or on a fresh profile the project dialog) and runs the event loop. When Qt quits,
+    Swift stops: profile closed, plug-ins unloaded, hardware sources closed. SIGTERM and SIGINT are turned into
+    Swift's own quit (every window closed as by the user), so a terminal's Ctrl-C or a service manager's stop ends
+    Swift the same way.
+    """
     from nionui_app.nionswift import main as swift_main
 
-    ensure_plugin_discoverable()
-    result = swift_main.main(["nionui_app.nionswift"], {"qt": None})
-    return int(result) if isinstance(result, int) else 0
+    app = swift_main.main(["nionui_app.nionswift"], {"qt": None})
+    original_start = app.start
+
+    def start(*args: Any, **kwargs: Any) -> bool:
+        # the Qt application exists only from here on (app.run() made it): install the quit-on-signal path
+        ok = bool(original_start(*args, **kwargs))
+        _quit_on_signals(app)
+        return ok
+
+    app.start = start
+    app.run()
+    return 0
+
+
+def _quit_on_signals(app: Any) -> None:
+    """Make SIGTERM and SIGINT quit Swift as its Quit menu item does (on the Qt thread, between events)."""
+    import signal
+
+    from PySide6 import QtCore
+
+    def quit_swift() -> None:
+        log.info("stemlive swift: quit requested by a signal")
+        try:
+            app.exit()  # closes every window as the user would; the last one closing quits Qt
+        finally:
+            app.ui.request_quit()  # also when no window is open (e.g. a dialog was the only one)
+
+    def handler(signum: int, frame: Any) -> None:
+        QtCore.QTimer.singleShot(0, quit_swift)
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    # Python runs signal handlers only between bytecodes: a light timer lets it do so while Qt waits for events
+    timer = QtCore.QTimer(QtCore.QCoreApplication.instance())
+    timer.timeout.connect(lambda: None)
+    timer.start(200)
 
 
 def cmd_swift(args: argparse.Namespace) -> int:
@@ -157,7 +167,9 @@ def cmd_swift(args: argparse.Namespace) -> int:
     instrument = "real instrument" if args.no_simulator else f"simulated instrument, scenario {args.scenario}"
     print(f"stemlive swift: starting Nion Swift ({instrument})", flush=True)
     try:
-        return run_swift()
+        code = run_swift()
     finally:
         if service is not None:
             service.stop()
+    print(f"stemlive swift: Nion Swift has quit{'; service stopped' if service is not None else ''}", flush=True)
+    return code

@@ -184,6 +184,7 @@ class SessionRun:
         ]
         self.recorded = 0
         self.closed = False
+        self.problems = 0  # "problem" results and stage errors, counted for analysis_finished
         for stage in self.stages:  # the file says how it was analysed
             record = Result(stage.name, "parameters", np.zeros(0, np.int8),
                             attrs={"parameters": json.dumps(stage.params, default=json_default)})
@@ -215,6 +216,9 @@ class SessionRun:
             return
         for stage in list(self.stages):
             self._run_stage(stage, stage.finish, status)
+        # all final results are out: say so (consumers such as Swift stop showing "analysing...")
+        self._emit(Result("pipeline", "analysis_finished", np.zeros(0), attrs={
+            "status": "complete" if self.problems == 0 else "incomplete", "problems": self.problems}))
         with self._lock:
             self.writer.close(status, message=message, gaps=list(gaps))
         self.closed = True
@@ -233,6 +237,8 @@ class SessionRun:
             self._emit(result)
 
     def _emit(self, result: Result, *, store: bool = True) -> None:
+        if result.name in ("problem", "stage_error"):
+            self.problems += 1
         if store and result.store:
             with self._lock:
                 self.writer.write_result(result)

@@ -61,6 +61,7 @@ class TiltSeriesStage(Stage):
         self._sums: list[np.ndarray] = []
         self._alpha: list[float] = []
         self._beta: list[float] = []
+        self._pixel_size_nm: float | None = None
 
     def process(self, msg: Message) -> Iterator[Result]:
         if msg.type != "frame" or msg.payload is None:
@@ -74,6 +75,8 @@ class TiltSeriesStage(Stage):
             self._tilt_first_frame_row = self._frame_row
             self._alpha.append(float(h["alpha_deg"]))
             self._beta.append(float(h["beta_deg"]))
+            if h.get("pixel_size_nm") is not None:
+                self._pixel_size_nm = float(h["pixel_size_nm"])  # the sums' calibration (Swift, exports)
             radius = self.params["search_radius_px"]
             self._acc = drift.TiltAccumulator(
                 msg.payload,
@@ -111,6 +114,8 @@ class TiltSeriesStage(Stage):
         row = self._tilt_row
         attrs = {"tilt_index": self._tilt_key, "n_frames": int(len(result.shifts)),
                  "residual_rms_px": float(result.residual_rms)}
+        if self._pixel_size_nm is not None:
+            attrs["pixel_size_nm"] = self._pixel_size_nm
         yield Result(self.name, "sums", total, index=row, attrs=attrs)
         yield Result(self.name, "tilt_alpha_deg", _scalar(self._alpha[row]), index=row)
         yield Result(self.name, "tilt_beta_deg", _scalar(self._beta[row]), index=row)
@@ -121,7 +126,8 @@ class TiltSeriesStage(Stage):
             return
         yield Result(self.name, "drift_px", np.array(self._drift, dtype=np.float64).reshape(-1, 2),
                      attrs={"convention": "feature at (y, x) in the tilt's first frame is at (y+dy, x+dx)"})
-        yield Result(self.name, "sums", np.stack(self._sums).astype(np.float32))
+        yield Result(self.name, "sums", np.stack(self._sums).astype(np.float32),
+                     attrs={} if self._pixel_size_nm is None else {"pixel_size_nm": self._pixel_size_nm})
         yield Result(self.name, "tilt_alpha_deg", np.array(self._alpha))
         yield Result(self.name, "tilt_beta_deg", np.array(self._beta))
 

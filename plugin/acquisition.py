@@ -40,6 +40,8 @@ class PlanCheck:
     bytes_on_disk: int
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: set when the instrument itself failed the test (an exception, not a refusal of the plan); also in problems
+    instrument_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -209,7 +211,7 @@ class Procedure:
     on_progress
         Called with a :class:`Progress` as the acquisition goes on.
     channel
-        Index of the HAADF channel among the scan device's channels.
+        Index of the HAADF channel among the scan device's channels (see :func:`haadf_channel` to find it by name).
     session_id
         Default: a new one.
     """
@@ -234,6 +236,12 @@ class Procedure:
         settings = dict(settings)
         settings["instrument"] = str(getattr(stem_controller, "instrument_id", type(stem_controller).__name__))
         settings["scan_device"] = str(getattr(scan_source, "hardware_source_id", ""))
+        self.channel_name: str | None = None
+        try:
+            self.channel_name = str(scan_source.get_channel_name(channel))
+        except Exception:  # a scan source without channel names: the index is all there is
+            pass
+        settings["haadf_channel"] = self.channel_name or channel
         self.stream = SessionStream(sender, kind, settings, session_id)
         self.control = control or RunControl()
         self.on_progress = on_progress
@@ -281,13 +289,257 @@ class Procedure:
     def scan(self, frame_parameters: Any) -> tuple[np.ndarray, float]:
         """One HAADF frame and its start time. The frame becomes the scan context, so probe positions given as
         fractions of it land where they were picked."""
-        self.scan_source.set_current_frame_parameters(frame_parameters)
-        t = time.time()
-        xdata = self.scan_source.record_immediate(frame_parameters)[self.channel]
-        if xdata is None:
-            raise RuntimeError("the scan returned no data for the HAADF channel")
+        xdata, t = self.scan_xdata(frame_parameters)
         return np.asarray(xdata.data, dtype=np.float32), t
+
+    def scan_xdata(self, frame_parameters: Any) -> tuple[Any, float]:
+        """One frame of the HAADF channel (Nion's data and metadata) and its start time."""
+        scan = self.scan_source
+        with_channel(frame_parameters, self.channel)
+        scan.set_current_frame_parameters(frame_parameters)
+        if not scan.get_channel_enabled(self.channel):
+            scan.set_channel_enabled(self.channel, True)
+        t = time.time()
+        xdata = channel_xdata(scan.record_immediate(frame_parameters), self.channel, self.channel_name)
+        if xdata is None:
+            raise RuntimeError(f"the scan returned no data for the {self.channel_name or 'HAADF'} channel")
+        return xdata, t
 
     def report(self, progress: Progress) -> None:
         if self.on_progress is not None:
             self.on_progress(progress)
+
+
+# ----------------------------------------------------------------------------------------------- the instrument
+
+
+ENERGY_UNITS_TO_MEV = {"ev": 1000.0, "mev": 1.0, "kev": 1.0e6}
+
+
+def energy_calibration_meV(calibration: Any) -> tuple[float, float]:
+    """``(offset_meV, scale_meV)`` of a Nion energy calibration, converted from the unit it states (eV, meV, keV).
+
+    Raises
+    ------
+    PlanError
+        When the calibration's unit is not an energy unit (the spectra could not be placed on an energy axis).
+    """
+    units = str(getattr(calibration, "units", "") or "").strip()
+    factor = ENERGY_UNITS_TO_MEV.get(units.lower())
+    if factor is None:
+        raise PlanError(f"the EELS camera's energy axis is in {units!r}, not eV or meV: calibrate the spectrometer")
+    return float(calibration.offset) * factor, float(calibration.scale) * factor
+
+
+def beam_current_pA(stem_controller: Any, default_pA: float | None = None) -> float | None:
+    """The probe current the instrument reports (control ``BeamCurrent``, in A), else ``default_pA``."""
+    try:
+        ok, value = stem_controller.TryGetVal("BeamCurrent")
+    except Exception:  # an instrument without the control may raise instead of answering False
+        ok, value = False, None
+    if ok and value is not None and float(value) > 0:
+        return float(value) * 1e12
+    return default_pA
+
+
+def instrument_wall_seconds(stem_controller: Any, seconds: float) -> float:
+    """Wall time of ``seconds`` of instrument time (see :func:`instrument_sleep`)."""
+    clock = getattr(stem_controller, "clock", None)
+    if clock is not None and callable(getattr(clock, "wall_seconds", None)):
+        return float(clock.wall_seconds(seconds))
+    return float(seconds)
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` as plain JSON types (numpy and Nion objects through ``str`` where nothing else fits)."""
+    import json
+
+    from stemlive.live.protocol import json_default
+
+    try:
+        return json.loads(json.dumps(value, default=json_default))
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _calibration_dict(calibration: Any) -> dict[str, Any]:
+    return {"offset": float(calibration.offset), "scale": float(calibration.scale),
+            "units": str(calibration.units or "")}
+
+
+def nion_metadata(stem_controller: Any, scan_source: Any, camera_source: Any = None,
+                  camera_xdata: Any = None, scan_xdata: Any = None) -> dict[str, Any]:
+    """What Nion records with its own data: hardware-source properties (frame parameters, channels, camera
+    settings), calibrations and instrument properties, as JSON for the session's settings (``settings["nion"]``).
+    """
+    from nion.instrumentation import stem_controller as stem_module
+
+    out: dict[str, Any] = {"instrument_id": str(getattr(stem_controller, "instrument_id", ""))}
+    properties: dict[str, Any] = {}
+    try:
+        stem_module.update_instrument_properties(properties, stem_controller,
+                                                 getattr(camera_source, "camera", None) if camera_source else None)
+    except Exception:
+        log.exception("could not read the instrument properties")
+    controls = {}
+    for name in ("BeamCurrent", "EHT", "ConvergenceAngle", "StageOutA", "StageOutB", "StageOutX", "StageOutY",
+                 "StageOutZ", "C10", "ZLPoffset"):
+        try:
+            ok, value = stem_controller.TryGetVal(name)
+        except Exception:
+            ok, value = False, None
+        if ok and value is not None:
+            controls[name] = float(value)
+    out["instrument"] = _jsonable({**properties, "controls": controls})
+    if scan_source is not None:
+        scan: dict[str, Any] = {"hardware_source_id": str(getattr(scan_source, "hardware_source_id", ""))}
+        try:
+            scan["frame_parameters"] = _jsonable(scan_source.get_current_frame_parameters().as_dict())
+            scan["channels"] = [str(scan_source.get_channel_name(i)) for i in range(int(scan_source.channel_count))]
+        except Exception:
+            log.exception("could not read the scan settings")
+        if scan_xdata is not None:
+            scan["calibrations"] = [_calibration_dict(c) for c in scan_xdata.dimensional_calibrations]
+            scan["metadata"] = _jsonable(dict(scan_xdata.metadata or {}))
+        out["scan"] = scan
+    if camera_source is not None:
+        camera: dict[str, Any] = {"hardware_source_id": str(getattr(camera_source, "hardware_source_id", ""))}
+        try:
+            camera["frame_parameters"] = _jsonable(camera_source.get_current_frame_parameters().as_dict())
+        except Exception:
+            log.exception("could not read the camera settings")
+        if camera_xdata is not None:
+            camera["calibrations"] = [_calibration_dict(c) for c in camera_xdata.dimensional_calibrations]
+            camera["intensity_calibration"] = _calibration_dict(camera_xdata.intensity_calibration)
+            metadata = dict(camera_xdata.metadata or {})
+            # make_sequence_data_stream takes the instrument properties from Swift's default STEM controller, which
+            # is another instrument when several are registered: this instrument's own
+            metadata["instrument"] = out["instrument"]
+            camera["metadata"] = _jsonable(metadata)
+        out["camera"] = camera
+    return out
+
+
+def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+class HardwareState:
+    """What a procedure changes on the instrument, saved first and put back at every ending.
+
+    Saved: the scan's frame parameters, enabled channels and whether it was scanning live; the camera's frame
+    parameters and whether it was playing; the probe position. :meth:`restore` stops the camera if the
+    procedure started it, puts the settings back, returns the probe to where it was (``None`` -- Nion's "no
+    position" -- included), and restarts the live scan if the user had one running.
+    """
+
+    def __init__(self, stem_controller: Any, scan_source: Any, camera_source: Any = None) -> None:
+        self.stem_controller = stem_controller
+        self.scan_source = scan_source
+        self.camera_source = camera_source
+        self.scan_parameters = scan_source.get_current_frame_parameters() if scan_source is not None else None
+        self.scan_was_playing = bool(scan_source.is_playing) if scan_source is not None else False
+        self.enabled_channels: list[int] = []
+        if scan_source is not None:
+            self.enabled_channels = [i for i in range(int(scan_source.channel_count))
+                                     if scan_source.get_channel_enabled(i)]
+        self.camera_parameters = camera_source.get_current_frame_parameters() if camera_source is not None else None
+        self.camera_was_playing = bool(camera_source.is_playing) if camera_source is not None else False
+        self.probe_position = stem_controller.probe_position
+        self.probe_state = str(stem_controller.probe_state)
+
+    def stop_live_scan(self, timeout_s: float = 10.0) -> None:
+        """Stop a live scan (at the end of its frame) and confirm the probe is parked.
+
+        Raises
+        ------
+        RuntimeError
+            When the scan does not stop or the instrument does not report the probe parked.
+        """
+        scan = self.scan_source
+        if scan is not None and scan.is_playing:
+            scan.stop_playing()
+            if not _wait(lambda: not scan.is_playing, timeout_s):
+                scan.abort_playing()
+                if not _wait(lambda: not scan.is_playing, timeout_s):
+                    raise RuntimeError("the live scan did not stop")
+        self.confirm_parked(timeout_s)
+
+    def confirm_parked(self, timeout_s: float = 5.0) -> None:
+        """Raise ``RuntimeError`` unless the instrument reports the probe ``parked`` within ``timeout_s``."""
+        stem = self.stem_controller
+        if not _wait(lambda: str(stem.probe_state) == "parked", timeout_s):
+            raise RuntimeError(f"the probe is {stem.probe_state}, not parked, after the live scan was stopped")
+
+    def stop_camera(self, timeout_s: float = 10.0) -> None:
+        """Stop the camera unless the user had it playing before the procedure."""
+        camera = self.camera_source
+        if camera is not None and camera.is_playing and not self.camera_was_playing:
+            camera.stop_playing()
+            if not _wait(lambda: not camera.is_playing, timeout_s):
+                camera.abort_playing()
+
+    def restore(self) -> None:
+        """Put everything back (each step on its own: one failing step does not keep the others from running)."""
+        steps: list[tuple[str, Callable[[], None]]] = []
+        camera, scan, stem = self.camera_source, self.scan_source, self.stem_controller
+        if camera is not None:
+            steps.append(("stop the camera", self.stop_camera))
+            steps.append(("restore the camera settings",
+                          lambda: camera.set_current_frame_parameters(self.camera_parameters)))
+            if self.camera_was_playing:
+                steps.append(("restart the camera", lambda: None if camera.is_playing else camera.start_playing()))
+        if scan is not None:
+            steps.append(("restore the scan settings", lambda: scan.set_current_frame_parameters(self.scan_parameters)))
+
+            def channels() -> None:
+                for i in range(int(scan.channel_count)):
+                    scan.set_channel_enabled(i, i in self.enabled_channels)
+
+            steps.append(("restore the scan channels", channels))
+        steps.append(("return the probe", lambda: setattr(stem, "probe_position", self.probe_position)))
+        if scan is not None and self.scan_was_playing:
+            steps.append(("restart the live scan", lambda: None if scan.is_playing else scan.start_playing()))
+        for what, step in steps:
+            try:
+                step()
+            except Exception:
+                log.exception("could not %s", what)
+
+
+def with_channel(frame_parameters: Any, channel: int) -> Any:
+    """``frame_parameters`` with scan channel ``channel`` among its enabled channels, where they list them (Nion's
+    frame parameters may carry ``enabled_channel_indexes``, which a recording applies over the channel states)."""
+    indexes = getattr(frame_parameters, "enabled_channel_indexes", None)
+    if indexes is not None and channel not in indexes:
+        frame_parameters.enabled_channel_indexes = sorted([*indexes, channel])
+    return frame_parameters
+
+
+def channel_xdata(xdatas: Any, channel: int, channel_name: str | None = None) -> Any:
+    """The data of scan channel ``channel`` (index among all channels) from ``record_immediate``'s list, which
+    holds only the enabled channels: matched by the channel index or name in Nion's metadata."""
+    xdatas = [x for x in xdatas if x is not None]
+    for xdata in xdatas:
+        hardware = dict((xdata.metadata or {}).get("hardware_source", {}))
+        if hardware.get("channel_index") == channel or (channel_name and hardware.get("channel_name") == channel_name):
+            return xdata
+    return xdatas[channel] if channel < len(xdatas) else None
+
+
+def haadf_channel(scan_source: Any, name: str = "HAADF") -> int:
+    """Index of the scan channel called ``name`` (any case), else of the first enabled channel, else 0."""
+    count = int(scan_source.channel_count)
+    names = [str(scan_source.get_channel_name(i) or "") for i in range(count)]
+    for i, n in enumerate(names):
+        if n.lower() == name.lower():
+            return i
+    for i, n in enumerate(names):
+        if name.lower() in n.lower():
+            return i
+    return next((i for i in range(count) if scan_source.get_channel_enabled(i)), 0)

@@ -1,37 +1,37 @@
 """The "Tilt Series" and "Vibrational EELS" panels of the stemlive plug-in.
 
 Each panel is a thin Swift shell (:class:`TiltSeriesPanel`, :class:`EELSPanel`) around a plain-Python model
-(:class:`TiltSeriesModel`, :class:`EELSModel`) that holds the field values as text, builds the acquisition plan
-from them, checks it, and runs the procedure on a worker thread. The models need no Qt and no document: the UI
-thread is reached only through the ``dispatch`` callable they are given (``document_controller.queue_task`` in
-Swift), so the same code is driven by the widgets, by tests and by scripts.
-
-Threads
--------
-UI thread
-    Field edits, Check, Start (plan check, instrument look-up, thread start), Pause / Resume / Abort (flags only).
-worker thread (one per acquisition)
-    Runs ``TiltSeriesProcedure.run`` / ``EELSScanProcedure.run``; its progress callbacks store the latest
-    :class:`~nionswift_plugin.stemlive.acquisition.Progress` and queue one UI update at a time.
+(:class:`TiltSeriesModel`, :class:`EELSModel`, both :class:`~nionswift_plugin.stemlive.model.AcquisitionModel`)
+that holds the field values as text, builds the acquisition plan from them, checks it, and runs the procedure on
+a worker thread (see :mod:`.model` for the threads).
 """
 
 from __future__ import annotations
 
 import gettext
 import logging
-import os
-import threading
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from nion.swift import Panel
 from nion.ui import Declarative
 
-from .acquisition import PlanCheck, PlanError, Progress, RunControl
+from .acquisition import PlanCheck, PlanError, RunControl
 from .eels_scan import EELSScanPlan, EELSScanProcedure
 from .eels_scan import check_plan as check_eels_plan
+from .instruments import Instrument, find_instrument  # noqa: F401 - re-exported for scripts
+from .model import (  # noqa: F401 - re-exported: the panels' public names
+    DEFAULT_FRAME_ENDPOINT,
+    AcquisitionModel,
+    _Field,
+    default_frame_endpoint,
+    default_session_dir,
+    format_point,
+    make_sender,
+    parse_float,
+    parse_int,
+    parse_point,
+)
 from .tilt_series import (
     REFERENCE_TILTS_DEG,
     TiltSeriesPlan,
@@ -47,399 +47,19 @@ log = logging.getLogger(__name__)
 TILT_SERIES_PANEL_ID = "stemlive-tilt-series-panel"
 EELS_PANEL_ID = "stemlive-eels-panel"
 
-SIMULATED_INSTRUMENT_ID = "stemlive_stem_controller"
-SIMULATED_SCAN_ID = "stemlive_scan"
-SIMULATED_EELS_ID = "stemlive_eels_camera"
-
-DEFAULT_FRAME_ENDPOINT = "tcp://127.0.0.1:7710"
 ORDERS = ("as_listed", "increasing_tilt")
 ORDER_LABELS = (_("As listed"), _("Increasing tilt"))
 MODES = ("line", "map")
 MODE_LABELS = (_("Line"), _("Map"))
-
-Dispatch = Callable[[Callable[[], None]], None]
-
-
-def default_frame_endpoint() -> str:
-    """The acquisition endpoint the panels start with: ``STEMLIVE_FRAME_ENDPOINT`` or ``tcp://127.0.0.1:7710``."""
-    return os.environ.get("STEMLIVE_FRAME_ENDPOINT", "").strip() or DEFAULT_FRAME_ENDPOINT
-
-
-def default_session_dir() -> str | None:
-    """Where the service records when it runs on this computer (``STEMLIVE_SESSION_DIR``, set by ``stemlive swift``)."""
-    return os.environ.get("STEMLIVE_SESSION_DIR", "").strip() or None
-
-
-# ----------------------------------------------------------------------------------------------- field parsing
-
-
-def parse_float(text: str, label: str) -> float:
-    """Parse a number typed in a field; raise :class:`PlanError` naming the field."""
-    try:
-        return float(str(text).strip())
-    except ValueError:
-        raise PlanError(f"{label}: {text!r} is not a number") from None
-
-
-def parse_int(text: str, label: str) -> int:
-    """Parse a whole number typed in a field (``"10"`` or ``"10.0"``); raise :class:`PlanError` naming the field."""
-    value = parse_float(text, label)
-    if value != int(value):
-        raise PlanError(f"{label}: {text!r} is not a whole number")
-    return int(value)
-
-
-def parse_point(text: str, label: str) -> tuple[float, float]:
-    """Parse ``"y, x"`` (fractions of the survey image)."""
-    parts = [p for p in str(text).replace(";", ",").split(",") if p.strip()]
-    if len(parts) != 2:
-        raise PlanError(f"{label}: expected 'y, x' as survey fractions, got {text!r}")
-    return parse_float(parts[0], label), parse_float(parts[1], label)
-
-
-def format_point(point: tuple[float, float]) -> str:
-    """``(y, x)`` as the text of a point field."""
-    return f"{point[0]:.4g}, {point[1]:.4g}"
-
-
-# ----------------------------------------------------------------------------------------------- instrument
-
-
-@dataclass
-class Instrument:
-    """The hardware a procedure drives."""
-
-    stem_controller: Any
-    scan_source: Any
-    camera_source: Any | None = None
-
-    def describe(self) -> str:
-        ids = [str(getattr(self.stem_controller, "instrument_id", type(self.stem_controller).__name__)),
-               str(getattr(self.scan_source, "hardware_source_id", "?"))]
-        if self.camera_source is not None:
-            ids.append(str(getattr(self.camera_source, "hardware_source_id", "?")))
-        return " / ".join(ids)
-
-
-def find_instrument(*, need_camera: bool = False, prefer_simulated: bool | None = None) -> Instrument:
-    """Find the STEM controller, its scan hardware source and (optionally) the EELS camera.
-
-    The stemlive simulated devices (``stemlive_*`` ids) are preferred when they are registered, unless
-    ``STEMLIVE_INSTRUMENT`` is ``none``; otherwise the instrument's own ``scan_controller`` / ``eels_camera`` (or the
-    first scan / EELS camera hardware source) is used.
-
-    Raises
-    ------
-    RuntimeError
-        With a message for the panel when something is missing.
-    """
-    from nion.instrumentation import HardwareSource
-    from nion.utils import Registry
-
-    if prefer_simulated is None:
-        prefer_simulated = os.environ.get("STEMLIVE_INSTRUMENT", "").strip().lower() != "none"
-    controllers = list(Registry.get_components_by_type("stem_controller"))
-    simulated = [c for c in controllers if getattr(c, "instrument_id", None) == SIMULATED_INSTRUMENT_ID]
-    real = [c for c in controllers if c not in simulated]
-    manager = HardwareSource.HardwareSourceManager()
-    if prefer_simulated and simulated:
-        stem = simulated[0]
-        scan = manager.get_hardware_source_for_hardware_source_id(SIMULATED_SCAN_ID)
-        camera = manager.get_hardware_source_for_hardware_source_id(SIMULATED_EELS_ID)
-    else:
-        stem = Registry.get_component("stem_controller") if not real else sorted(
-            real, key=lambda c: int(getattr(c, "priority", 50)), reverse=True)[0]
-        if stem is None:
-            raise RuntimeError("no STEM controller is registered (is the instrument plug-in loaded?)")
-        scan = getattr(stem, "scan_controller", None)
-        camera = getattr(stem, "eels_camera", None)
-        sources = list(manager.hardware_sources)
-        if scan is None:
-            scan = next((s for s in sources if getattr(s, "hardware_source_id", "") != SIMULATED_SCAN_ID
-                         and getattr(s, "features", {}).get("is_scan")), None) or next(
-                (s for s in sources if type(s).__name__.endswith("ScanHardwareSource")), None)
-        if camera is None and need_camera:
-            camera = next((s for s in sources if getattr(s, "features", {}).get("is_eels_camera")), None)
-    if scan is None:
-        raise RuntimeError("no scan device found for the instrument")
-    if need_camera and camera is None:
-        raise RuntimeError("no EELS camera found for the instrument")
-    return Instrument(stem, scan, camera)
-
-
-def make_sender(endpoint: str) -> Any:
-    """A :class:`stemlive.live.transport.FrameSender` connected to ``endpoint``."""
-    from stemlive.live.transport import FrameSender
-
-    return FrameSender(endpoint)
-
-
-# ----------------------------------------------------------------------------------------------- observable fields
-
-
-class _Field:
-    """An observable attribute of a :class:`Declarative.Handler`: setting it fires ``property_changed_event``."""
-
-    def __init__(self, default: Any) -> None:
-        self.default = default
-        self.name = ""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self.name = name
-
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
-        if obj is None:
-            return self
-        return obj.__dict__.get("_field_" + self.name, self.default)
-
-    def __set__(self, obj: Any, value: Any) -> None:
-        if obj.__dict__.get("_field_" + self.name, self.default) != value:
-            obj.__dict__["_field_" + self.name] = value
-            obj.notify_property_changed(self.name)
-
-
-# ----------------------------------------------------------------------------------------------- models
-
-
-class AcquisitionModel(Declarative.Handler):
-    """What both panels share: endpoint, status and progress lines, Check / Start / Pause / Resume / Abort.
-
-    Parameters
-    ----------
-    dispatch
-        Runs a callable on the UI thread (``document_controller.queue_task``); the default calls it at once.
-    instrument_provider
-        Returns the :class:`Instrument` (default :func:`find_instrument`).
-    sender_factory
-        Makes a frame sender for an endpoint (default :func:`make_sender`).
-    """
-
-    step_name = "step"
-    ui_view: Any = None  # the declarative description, set by the Swift panel
-    endpoint = _Field(DEFAULT_FRAME_ENDPOINT)
-    status_text = _Field("")
-    progress_text = _Field("")
-    running = _Field(False)
-    paused = _Field(False)
-    can_start = _Field(True)
-    can_pause = _Field(False)
-    can_resume = _Field(False)
-    can_abort = _Field(False)
-
-    def __init__(
-        self,
-        *,
-        dispatch: Dispatch | None = None,
-        instrument_provider: Callable[[], Instrument] | None = None,
-        sender_factory: Callable[[str], Any] | None = None,
-    ) -> None:
-        super().__init__()
-        self.dispatch: Dispatch = dispatch or (lambda fn: fn())
-        self.instrument_provider = instrument_provider
-        self.sender_factory = sender_factory or make_sender
-        self.endpoint = default_frame_endpoint()
-        self.control: RunControl | None = None
-        self.procedure: Any = None
-        self.thread: threading.Thread | None = None
-        self.last_status: str | None = None
-        self.last_error: str | None = None
-        self.last_check: PlanCheck | None = None
-        self.on_finished: Callable[[str], None] | None = None
-        self._progress_lock = threading.Lock()
-        self._pending_progress: Progress | None = None
-
-    # --- to override ---
-    def build_plan(self) -> Any:
-        """The plan from the field values; raises :class:`PlanError` for unreadable fields."""
-        raise NotImplementedError
-
-    def check_plan(self, plan: Any) -> PlanCheck:
-        """The plan check shown by Check and required by Start."""
-        raise NotImplementedError
-
-    def find_instrument(self) -> Instrument:
-        """The hardware to run on."""
-        raise NotImplementedError
-
-    def make_procedure(self, plan: Any, instrument: Instrument, sender: Any, control: RunControl) -> Any:
-        """The procedure object with a ``run() -> status`` method."""
-        raise NotImplementedError
-
-    # --- actions ---
-    def check(self) -> PlanCheck | None:
-        """Check the plan from the fields; the status line shows the summary or every reason it is refused."""
-        try:
-            plan = self.build_plan()
-        except PlanError as e:
-            self.status_text = f"Cannot read the plan: {e}"
-            self.last_check = None
-            return None
-        check = self.check_plan(plan)
-        self.last_check = check
-        if check.ok:
-            self.status_text = "Plan OK: " + check.summary()
-        else:
-            self.status_text = "Plan refused:\n- " + "\n- ".join(check.problems)
-        return check
-
-    def start(self) -> bool:
-        """Check the plan and, if it is accepted, run the procedure on a worker thread.
-
-        Returns False (nothing moved, nothing sent) when the plan is refused, unreadable, already running, or
-        the instrument is missing; the status line says why.
-        """
-        if self.running:
-            self.status_text = "An acquisition is already running."
-            return False
-        try:
-            plan = self.build_plan()
-        except PlanError as e:
-            self.status_text = f"Not started. Cannot read the plan: {e}"
-            return False
-        check = self.check_plan(plan)
-        self.last_check = check
-        if not check.ok:
-            self.status_text = "Not started. Plan refused:\n- " + "\n- ".join(check.problems)
-            return False
-        try:
-            instrument = self.instrument_provider() if self.instrument_provider else self.find_instrument()
-        except Exception as e:
-            self.status_text = f"Not started: {e}"
-            return False
-        try:
-            sender = self.sender_factory(self.endpoint.strip())
-        except Exception as e:
-            self.status_text = f"Not started: cannot connect to the service at {self.endpoint}: {e}"
-            return False
-        control = RunControl()
-        try:
-            procedure = self.make_procedure(plan, instrument, sender, control)
-        except Exception as e:
-            sender.close()
-            self.status_text = f"Not started: {type(e).__name__}: {e}"
-            return False
-        self.control, self.procedure = control, procedure
-        self.last_status = self.last_error = None
-        self._set_running(True)
-        self.status_text = f"Running on {instrument.describe()}: {check.summary()}"
-        self.progress_text = "starting..."
-        self.thread = threading.Thread(target=self._run, args=(procedure, sender), name="stemlive-acquisition",
-                                       daemon=True)
-        self.thread.start()
-        return True
-
-    def pause(self) -> None:
-        """Pause at the next frame boundary."""
-        if self.control is not None and self.running:
-            self.control.pause()
-            self.paused = True
-            self._update_buttons()
-            self.status_text = "Paused (the stage and probe stay where they are)."
-
-    def resume(self) -> None:
-        """Resume a paused acquisition."""
-        if self.control is not None and self.running:
-            self.control.resume()
-            self.paused = False
-            self._update_buttons()
-            self.status_text = "Running."
-
-    def abort(self) -> None:
-        """Abort at the next frame boundary (the session is closed as aborted)."""
-        if self.control is not None and self.running:
-            self.control.abort()
-            self.paused = False
-            self._update_buttons()
-            self.status_text = "Aborting..."
-
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Join the worker thread (tests and scripts); True if it finished."""
-        thread = self.thread
-        if thread is None:
-            return True
-        thread.join(timeout_s)
-        return not thread.is_alive()
-
-    def close(self) -> None:
-        """Abort a running acquisition when the panel closes (the worker finishes on its own)."""
-        if self.control is not None and self.running:
-            self.control.abort()
-        super().close()
-
-    # --- button callbacks (Declarative passes the widget) ---
-    def check_clicked(self, widget: Any = None) -> None:
-        self.check()
-
-    def start_clicked(self, widget: Any = None) -> None:
-        self.start()
-
-    def pause_clicked(self, widget: Any = None) -> None:
-        self.pause()
-
-    def resume_clicked(self, widget: Any = None) -> None:
-        self.resume()
-
-    def abort_clicked(self, widget: Any = None) -> None:
-        self.abort()
-
-    # --- worker thread ---
-    def _run(self, procedure: Any, sender: Any) -> None:
-        status, error = "failed", None
-        try:
-            status = str(procedure.run())
-        except PlanError as e:
-            error = str(e)
-        except Exception as e:
-            log.exception("stemlive acquisition failed")
-            error = f"{type(e).__name__}: {e}"
-        finally:
-            try:
-                sender.close()
-            except Exception:
-                log.exception("could not close the frame sender")
-        self.dispatch(lambda: self._finished(status, error))
-
-    def on_progress(self, progress: Progress) -> None:
-        """Progress callback (worker thread): keep the latest, queue at most one UI update."""
-        with self._progress_lock:
-            queued = self._pending_progress is not None
-            self._pending_progress = progress
-        if not queued:
-            self.dispatch(self._show_progress)
-
-    def _show_progress(self) -> None:
-        with self._progress_lock:
-            progress, self._pending_progress = self._pending_progress, None
-        if progress is not None:
-            self.progress_text = progress.describe(self.step_name)
-
-    def _finished(self, status: str, error: str | None) -> None:
-        self._show_progress()
-        self.last_status, self.last_error = status, error
-        session = getattr(self.procedure, "session_id", "")
-        text = {"complete": "Finished", "aborted": "Aborted"}.get(status, "Failed")
-        self.status_text = f"{text} (session {session})" + (f": {error}" if error else "")
-        self.control = None
-        self.paused = False
-        self._set_running(False)
-        if self.on_finished is not None:
-            self.on_finished(status)
-
-    def _set_running(self, running: bool) -> None:
-        self.running = running
-        self._update_buttons()
-
-    def _update_buttons(self) -> None:
-        self.can_start = not self.running
-        self.can_pause = self.running and not self.paused
-        self.can_resume = self.running and self.paused
-        self.can_abort = self.running
 
 
 class TiltSeriesModel(AcquisitionModel):
     """Fields and actions of the Tilt Series panel (see :class:`TiltSeriesPlan` for the meaning of each)."""
 
     step_name = "tilt"
+    settings_key = "tilt_series"
+    plan_fields = ("tilts_text", "frames_text", "size_text", "dwell_text", "fov_text", "settle_text",
+                   "tolerance_text", "order_index", "tracking")
     tilts_text = _Field(write_tilts_csv(REFERENCE_TILTS_DEG))
     frames_text = _Field("10")
     size_text = _Field("512")
@@ -472,17 +92,14 @@ class TiltSeriesModel(AcquisitionModel):
             session_dir=default_session_dir(),
         )
 
-    def check_plan(self, plan: TiltSeriesPlan) -> PlanCheck:
-        return check_tilt_plan(plan)
-
-    def find_instrument(self) -> Instrument:
-        return find_instrument()
+    def check_plan(self, plan: TiltSeriesPlan, instrument: Instrument | None = None) -> PlanCheck:
+        return check_tilt_plan(plan, instrument=instrument)
 
     def make_procedure(self, plan: TiltSeriesPlan, instrument: Instrument, sender: Any,
                        control: RunControl) -> TiltSeriesProcedure:
         return TiltSeriesProcedure(plan, stem_controller=instrument.stem_controller,
                                    scan_source=instrument.scan_source, sender=sender, control=control,
-                                   on_progress=self.on_progress)
+                                   on_progress=self.on_progress, channel=instrument.channel)
 
     # --- CSV ---
     def import_csv(self, path: str | Path) -> bool:
@@ -530,6 +147,11 @@ class EELSModel(AcquisitionModel):
     """Fields and actions of the Vibrational EELS panel (see :class:`EELSScanPlan`)."""
 
     step_name = "point"
+    settings_key = "eels"
+    needs_camera = True
+    plan_fields = ("mode_index", "start_text", "end_text", "points_text", "step_text", "rows_text",
+                   "frames_text", "exposure_text", "survey_fov_text", "survey_size_text", "survey_before",
+                   "survey_after", "tracking_every_text")
     mode_index = _Field(0)
     start_text = _Field("0.5, 0.1")
     end_text = _Field("0.5, 0.9")
@@ -568,17 +190,15 @@ class EELSModel(AcquisitionModel):
             session_dir=default_session_dir(),
         )
 
-    def check_plan(self, plan: EELSScanPlan) -> PlanCheck:
-        return check_eels_plan(plan, fov_nm=plan.survey_fov_nm)
-
-    def find_instrument(self) -> Instrument:
-        return find_instrument(need_camera=True)
+    def check_plan(self, plan: EELSScanPlan, instrument: Instrument | None = None) -> PlanCheck:
+        return check_eels_plan(plan, fov_nm=plan.survey_fov_nm, instrument=instrument)
 
     def make_procedure(self, plan: EELSScanPlan, instrument: Instrument, sender: Any,
                        control: RunControl) -> EELSScanProcedure:
         return EELSScanProcedure(plan, stem_controller=instrument.stem_controller,
                                  scan_source=instrument.scan_source, camera_source=instrument.camera_source,
-                                 sender=sender, control=control, on_progress=self.on_progress)
+                                 sender=sender, control=control, on_progress=self.on_progress,
+                                 channel=instrument.channel)
 
     # --- points from a graphic ---
     def take_from_graphic(self, display_item: Any) -> bool:
@@ -637,6 +257,25 @@ def _labeled(u: Declarative.DeclarativeUI, label: str, field: str, tool_tip: str
                         u.create_stretch(), spacing=4)
 
 
+def _combo(u: Declarative.DeclarativeUI, label: str, field: str, on_changed: str) -> Any:
+    return u.create_row(u.create_label(text=label, width=150),
+                        u.create_combo_box(items_ref=f"@binding({field}_items)",
+                                           current_index=f"@binding({field}_index)",
+                                           on_current_index_changed=on_changed),
+                        u.create_stretch(), spacing=4)
+
+
+def _device_chooser(u: Declarative.DeclarativeUI, camera: bool) -> Any:
+    rows = [_combo(u, _("Instrument"), "instrument", "instrument_changed"),
+            _combo(u, _("Scan device"), "scan", "scan_changed"),
+            _combo(u, _("HAADF channel"), "channel", "device_changed")]
+    if camera:
+        rows.append(_combo(u, _("EELS camera"), "camera", "device_changed"))
+    rows.append(u.create_row(u.create_push_button(text=_("Refresh devices"), on_clicked="refresh_devices_clicked"),
+                             u.create_stretch()))
+    return u.create_column(*rows, spacing=4)
+
+
 def _run_controls(u: Declarative.DeclarativeUI) -> list[Any]:
     buttons = u.create_row(
         u.create_push_button(text=_("Check plan"), on_clicked="check_clicked"),
@@ -676,7 +315,8 @@ def tilt_series_ui() -> Any:
                      u.create_stretch(), spacing=4),
         u.create_check_box(text=_("Track the region between tilts"), checked="@binding(tracking)"),
         spacing=4)
-    return u.create_column(tilts, settings, *_run_controls(u), u.create_stretch(), spacing=8, margin=8)
+    return u.create_column(_device_chooser(u, camera=False), tilts, settings, *_run_controls(u), u.create_stretch(),
+                           spacing=8, margin=8)
 
 
 def eels_ui() -> Any:
@@ -704,7 +344,8 @@ def eels_ui() -> Any:
                      u.create_stretch(), spacing=8),
         _labeled(u, _("Drift tracking every N points"), "tracking_every_text", _("0: off")),
         spacing=4)
-    return u.create_column(geometry, settings, *_run_controls(u), u.create_stretch(), spacing=8, margin=8)
+    return u.create_column(_device_chooser(u, camera=True), geometry, settings, *_run_controls(u),
+                           u.create_stretch(), spacing=8, margin=8)
 
 
 # ----------------------------------------------------------------------------------------------- Swift panels
@@ -719,11 +360,13 @@ class _StemlivePanel(Panel.Panel):
                  ui_description: Any) -> None:
         super().__init__(document_controller, panel_id, title)
         model.ui_view = ui_description
+        model.restore()  # the last plan and device choice, else the defaults
         self.model = model
         self.widget = Declarative.DeclarativeWidget(document_controller.ui, document_controller.event_loop, model)
         from . import results
 
         self._results = results.attach(document_controller)
+        model.follow_results(self._results)
 
     def close(self) -> None:
         from . import results

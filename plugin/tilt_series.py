@@ -11,6 +11,7 @@ import csv
 import io
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,14 +22,20 @@ import numpy as np
 from stemlive.live.analysis.drift import register_translation
 
 from .acquisition import (
+    HardwareState,
     PlanCheck,
     PlanError,
     Procedure,
     Progress,
     ProgressClock,
+    beam_current_pA,
+    channel_xdata,
     check_disk_space,
     dose_per_scan_e_per_A2,
     instrument_sleep,
+    instrument_wall_seconds,
+    nion_metadata,
+    with_channel,
 )
 
 log = logging.getLogger(__name__)
@@ -58,7 +65,7 @@ class TiltSeriesPlan:
     confirm_timeout_s: float = 30.0
     order: str = "as_listed"  # or "increasing_tilt"
     tracking: bool = True
-    beam_current_pA: float = 17.0
+    beam_current_pA: float | None = None  # None: the instrument's BeamCurrent (17 pA when it reports none)
     alpha_limits_deg: tuple[float, float] = (-35.0, 35.0)
     beta_limits_deg: tuple[float, float] = (-30.0, 30.0)
     max_dose_e_per_A2: float = 1.0e6
@@ -119,16 +126,145 @@ def write_tilts_csv(tilts: Sequence[tuple[float, float]]) -> str:
     return "alpha_deg,beta_deg\n" + "".join(f"{a:g},{b:g}\n" for a, b in tilts)
 
 
-def check_plan(plan: TiltSeriesPlan) -> PlanCheck:
-    """Time, dose and disk estimate of a plan and every reason it cannot run."""
+DEFAULT_BEAM_CURRENT_PA = 17.0  # the reference experiment's, when neither the plan nor the instrument says
+
+
+@dataclass
+class TiltInstrumentTest:
+    """What Check measures on the instrument for a tilt series (wall seconds as the procedure sees them)."""
+
+    has_stage: bool
+    missing_controls: list[str]
+    tilt_deg: tuple[float, float] | None  # the stage's read-back when tested
+    alpha_limits_deg: tuple[float, float] | None  # the instrument's limits, when it reports them
+    beta_limits_deg: tuple[float, float] | None
+    frame_s: float  # one scan at the plan's size and dwell
+    move_s: float  # a stage move to where the stage is (both axes confirmed), plus the settling wait
+    tracking_s: float  # registering one frame to another
+    beam_current_pA: float | None
+    check_s: float = 0.0  # how long this test takes when it runs again at Start
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_limits_deg(stem_controller: Any) -> tuple[tuple[float, float], tuple[float, float]] | None:
+    """The stage's (alpha, beta) tilt limits in degrees, when the instrument reports them
+    (``stage_tilt_limits_deg``); Nion's STEMController interface has no standard for them."""
+    limits = getattr(stem_controller, "stage_tilt_limits_deg", None)
+    if limits is None:
+        return None
+    (a0, a1), (b0, b1) = limits
+    return (float(a0), float(a1)), (float(b0), float(b1))
+
+
+def read_stage_deg(stem_controller: Any) -> tuple[float, float] | None:
+    """The stage tilt read-back (``StageOutA``/``StageOutB``, radians) in degrees; None without the controls."""
+    ok_a, a = stem_controller.TryGetVal(STAGE_ALPHA)
+    ok_b, b = stem_controller.TryGetVal(STAGE_BETA)
+    if not (ok_a and ok_b) or a is None or b is None:
+        return None
+    return math.degrees(float(a)), math.degrees(float(b))
+
+
+def measure_instrument(plan: TiltSeriesPlan, stem_controller: Any, scan_source: Any, *,
+                       channel: int = 0) -> TiltInstrumentTest:
+    """Check the stage controls and limits and measure the scan and stage timings; the instrument is left as it
+    was (scan settings, live scan, probe; the stage is only moved to where it is)."""
+    from nion.utils import Geometry
+
+    missing = [c for c in (STAGE_ALPHA, STAGE_BETA) if not stem_controller.TryGetVal(c)[0]]
+    tilt = read_stage_deg(stem_controller)
+    limits = stage_limits_deg(stem_controller)
+    current = beam_current_pA(stem_controller)
+    frame_s = move_s = tracking_s = 0.0
+    metadata: dict[str, Any] = {}
+    if not missing:
+        state = HardwareState(stem_controller, scan_source)
+        try:
+            state.stop_live_scan()
+            fp = scan_source.get_current_frame_parameters()
+            fp.pixel_size = Geometry.IntSize(plan.size_px, plan.size_px)
+            fp.pixel_time_us = plan.dwell_us
+            fp.fov_nm = plan.fov_nm
+            fp.subscan_pixel_size = None
+            fp.subscan_fractional_size = None
+            fp.subscan_fractional_center = None
+            with_channel(fp, channel)
+            if not scan_source.get_channel_enabled(channel):
+                scan_source.set_channel_enabled(channel, True)
+            channel_xdata(scan_source.record_immediate(fp), channel)  # warm-up: first-use costs are not the run's
+            t0 = time.perf_counter()
+            xdata = channel_xdata(scan_source.record_immediate(fp), channel)
+            frame_s = time.perf_counter() - t0
+            if plan.tracking and xdata is not None:
+                image = np.asarray(xdata.data, np.float32)
+                t1 = time.perf_counter()
+                register_translation(image, image)
+                tracking_s = time.perf_counter() - t1
+            if tilt is not None:
+                # a small real move (both axes, 0.5 deg towards zero tilt) and back: a move to where the stage
+                # already is would not show the stage's travel and settling
+                def move(alpha: float, beta: float) -> None:
+                    for control, value in ((STAGE_ALPHA, alpha), (STAGE_BETA, beta)):
+                        if not stem_controller.SetValAndConfirm(control, math.radians(value), plan.confirm_tolerance,
+                                                                int(plan.confirm_timeout_s * 1000)):
+                            raise RuntimeError(f"the stage did not confirm {control} = {value:g} deg "
+                                               f"within {plan.confirm_timeout_s:g} s")
+
+                step = [-0.5 if v > 0 else 0.5 for v in tilt]
+                t2 = time.perf_counter()
+                move(tilt[0] + step[0], tilt[1] + step[1])
+                move(*tilt)
+                move_s = (time.perf_counter() - t2) / 2 + instrument_wall_seconds(stem_controller, plan.settle_s)
+            metadata = nion_metadata(stem_controller, scan_source, scan_xdata=xdata)
+        finally:
+            state.restore()
+    return TiltInstrumentTest(
+        has_stage=not missing, missing_controls=missing, tilt_deg=tilt,
+        alpha_limits_deg=limits[0] if limits else None, beta_limits_deg=limits[1] if limits else None,
+        frame_s=frame_s, move_s=move_s, tracking_s=tracking_s, beam_current_pA=current,
+        check_s=2 * frame_s + tracking_s + 2 * move_s, metadata=metadata)
+
+
+def check_plan(plan: TiltSeriesPlan, *, instrument: Any = None, test: TiltInstrumentTest | None = None) -> PlanCheck:
+    """Time, dose and disk estimate of a plan and every reason it cannot run.
+
+    Parameters
+    ----------
+    instrument
+        Anything with ``stem_controller`` and ``scan_source`` (and ``channel``): the stage controls and limits
+        are checked there and the timings measured (:func:`measure_instrument`); the instrument is left as it was.
+    test
+        A :class:`TiltInstrumentTest` already taken (the procedure passes its own).
+    """
+    if test is None and instrument is not None:
+        try:
+            test = measure_instrument(plan, instrument.stem_controller, instrument.scan_source,
+                                      channel=int(getattr(instrument, "channel", 0) or 0))
+        except Exception as e:  # the instrument failed the test: refuse with its reason (one line)
+            log.info("tilt-series instrument test failed", exc_info=True)  # the reason is the refusal; -v: traceback
+            check = PlanCheck(duration_s=0.0, dose_e_per_A2=0.0, bytes_on_disk=0)
+            check.instrument_error = f"the instrument test failed: {type(e).__name__}: {e}"
+            check.problems.append(check.instrument_error)
+            return check
     n_tilts = len(plan.tilts_deg)
     n_scans = n_tilts * (plan.frames_per_tilt + (1 if plan.tracking else 0))
-    duration = n_tilts * (plan.settle_s + plan.frames_per_tilt * plan.frame_time_s())
-    if plan.tracking:
-        duration += n_tilts * plan.frame_time_s()
-    dose = n_scans * dose_per_scan_e_per_A2(plan.beam_current_pA, plan.dwell_us, plan.pixel_size_nm)
+    if test is not None and test.has_stage:
+        n_tracking = max(n_tilts - 1, 0) if plan.tracking else 0
+        duration = (test.check_s + (n_tilts + 1) * test.move_s + n_tilts * plan.frames_per_tilt * test.frame_s
+                    + n_tracking * (test.frame_s + test.tracking_s))
+    else:
+        duration = n_tilts * (plan.settle_s + plan.frames_per_tilt * plan.frame_time_s())
+        if plan.tracking:
+            duration += n_tilts * plan.frame_time_s()
+    current = plan.beam_current_pA if plan.beam_current_pA is not None else (
+        test.beam_current_pA if test is not None and test.beam_current_pA else DEFAULT_BEAM_CURRENT_PA)
+    dose = n_scans * dose_per_scan_e_per_A2(current, plan.dwell_us, plan.pixel_size_nm)
     nbytes = n_tilts * plan.frames_per_tilt * plan.size_px**2 * 4
     check = PlanCheck(duration_s=duration, dose_e_per_A2=dose, bytes_on_disk=nbytes)
+    if test is not None and not test.has_stage:
+        check.problems.append(
+            f"the instrument has no {'/'.join(test.missing_controls)} stage tilt control"
+            f"{'s' if len(test.missing_controls) > 1 else ''} ({STAGE_ALPHA}/{STAGE_BETA} are needed to tilt)")
     if n_tilts == 0:
         check.problems.append("the tilt table is empty")
     if plan.frames_per_tilt < 1:
@@ -141,13 +277,23 @@ def check_plan(plan: TiltSeriesPlan) -> PlanCheck:
         check.problems.append("field of view must be positive")
     if plan.order not in ("as_listed", "increasing_tilt"):
         check.problems.append(f"order must be 'as_listed' or 'increasing_tilt', not {plan.order!r}")
+    alpha_limits, beta_limits, source = plan.alpha_limits_deg, plan.beta_limits_deg, "the plan's"
+    if test is not None and test.alpha_limits_deg is not None and test.beta_limits_deg is not None:
+        # the tighter of the instrument's and the plan's limits
+        alpha_limits = (max(alpha_limits[0], test.alpha_limits_deg[0]), min(alpha_limits[1], test.alpha_limits_deg[1]))
+        beta_limits = (max(beta_limits[0], test.beta_limits_deg[0]), min(beta_limits[1], test.beta_limits_deg[1]))
+        source = "the instrument's and the plan's"
+    elif test is not None and test.has_stage:
+        check.notes.append("stage limits from the plan (the instrument reports none)")
     for i, (alpha, beta) in enumerate(plan.tilts_deg):
-        lo, hi = plan.alpha_limits_deg
+        lo, hi = alpha_limits
         if not lo <= alpha <= hi:
-            check.problems.append(f"tilt {i + 1}: alpha {alpha:g} deg is outside the stage limits {lo:g}..{hi:g} deg")
-        lo, hi = plan.beta_limits_deg
+            check.problems.append(f"tilt {i + 1}: alpha {alpha:g} deg is outside the stage limits "
+                                  f"{lo:g}..{hi:g} deg ({source})")
+        lo, hi = beta_limits
         if not lo <= beta <= hi:
-            check.problems.append(f"tilt {i + 1}: beta {beta:g} deg is outside the stage limits {lo:g}..{hi:g} deg")
+            check.problems.append(f"tilt {i + 1}: beta {beta:g} deg is outside the stage limits {lo:g}..{hi:g} deg "
+                                  f"({source})")
     if dose > plan.max_dose_e_per_A2:
         check.problems.append(
             f"total dose {dose:.3g} e/A^2 exceeds the limit {plan.max_dose_e_per_A2:.3g} e/A^2 "
@@ -173,16 +319,19 @@ class TiltSeriesProcedure(Procedure):
         super().__init__(kind="tilt_series", settings=plan.settings(), **kwargs)
         self.plan = plan
         self.tracking_shifts_px: list[tuple[float, float]] = []
+        self.readback_deg: list[tuple[float, float]] = []  # the stage's read-back after each move
+        self.test: TiltInstrumentTest | None = None
+        self.check: PlanCheck | None = None
 
     # --- stage ---
     def _read_tilt_deg(self) -> tuple[float, float]:
-        ok_a, a = self.stem_controller.TryGetVal(STAGE_ALPHA)
-        ok_b, b = self.stem_controller.TryGetVal(STAGE_BETA)
-        if not (ok_a and ok_b):
+        tilt = read_stage_deg(self.stem_controller)
+        if tilt is None:
             raise RuntimeError(f"the instrument has no {STAGE_ALPHA}/{STAGE_BETA} stage controls")
-        return math.degrees(a), math.degrees(b)
+        return tilt
 
-    def _move_stage(self, alpha_deg: float, beta_deg: float) -> None:
+    def _move_stage(self, alpha_deg: float, beta_deg: float) -> tuple[float, float]:
+        """Move, confirm, settle; returns the stage's read-back (alpha, beta) in degrees."""
         for control, value in ((STAGE_ALPHA, alpha_deg), (STAGE_BETA, beta_deg)):
             ok = self.stem_controller.SetValAndConfirm(
                 control, math.radians(value), self.plan.confirm_tolerance, int(self.plan.confirm_timeout_s * 1000)
@@ -192,6 +341,7 @@ class TiltSeriesProcedure(Procedure):
                     f"stage did not confirm {control} = {value:g} deg within {self.plan.confirm_timeout_s:g} s"
                 )
         instrument_sleep(self.stem_controller, self.plan.settle_s)  # mechanical settling after the encoder confirms
+        return self._read_tilt_deg()
 
     def _track(self, reference: np.ndarray, frame_parameters: Any) -> None:
         """Find ``reference`` (the previous tilt's sum) in a new scan and move the scan centre onto it."""
@@ -208,15 +358,42 @@ class TiltSeriesProcedure(Procedure):
         frame_parameters.center_nm = (cy + sy, cx + sx)
         log.info("tracking: region found at (%.2f, %.2f) px; scan centre moved by (%.2f, %.2f) nm", dy, dx, sy, sx)
 
+    def check_plan(self) -> PlanCheck:
+        """The plan check with a fresh test on this procedure's instrument (the Start check)."""
+        self.test = measure_instrument(self.plan, self.stem_controller, self.scan_source, channel=self.channel)
+        self.check = check_plan(self.plan, test=self.test)
+        return self.check
+
     # --- the run ---
     def run(self) -> str:
-        """Acquire the whole series; returns the session status (``complete``, ``aborted`` or ``failed``)."""
-        check = check_plan(self.plan)
-        check.raise_if_refused()
+        """Acquire the whole series; returns the session status (``complete``, ``aborted`` or ``failed``).
+
+        Raises
+        ------
+        PlanError
+            The plan is refused on this instrument (no stage controls, beyond its limits, ...): nothing moved,
+            nothing recorded.
+        """
+        state = HardwareState(self.stem_controller, self.scan_source)
+        try:
+            state.stop_live_scan()
+            check = self.check_plan()
+            check.raise_if_refused()
+        except BaseException:
+            state.restore()
+            raise
+        test = self.test
+        assert test is not None
         start_tilt = self._read_tilt_deg()
+        current = self.plan.beam_current_pA if self.plan.beam_current_pA is not None else (
+            test.beam_current_pA or DEFAULT_BEAM_CURRENT_PA)
+        self.stream.settings["nion"] = test.metadata
+        self.stream.settings["beam_current_pA"] = current
+        self.stream.settings["estimated_duration_s"] = check.duration_s
+        self.stream.settings["start_tilt_deg"] = list(start_tilt)
         self.stream.start()
         clock = ProgressClock(check.duration_s)
-        frame_dose = dose_per_scan_e_per_A2(self.plan.beam_current_pA, self.plan.dwell_us, self.plan.pixel_size_nm)
+        frame_dose = dose_per_scan_e_per_A2(current, self.plan.dwell_us, self.plan.pixel_size_nm)
         dose = 0.0
         tilts = self.plan.ordered_tilts()
         n, m = len(tilts), self.plan.frames_per_tilt
@@ -224,8 +401,8 @@ class TiltSeriesProcedure(Procedure):
         previous_sum: np.ndarray | None = None
 
         def finish(status: str, message: str) -> None:
-            if status != "complete":
-                self._return_stage(start_tilt)
+            self._return_stage(start_tilt)  # every ending: the stage back at the tilt it was found at
+            state.restore()  # scan settings and channels, probe, the user's live scan
             self.stream.end(status, message)
             self.report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, dose, message))
 
@@ -234,7 +411,8 @@ class TiltSeriesProcedure(Procedure):
                 clock.paused_s += self.control.checkpoint()
                 self.report(Progress("moving stage", step, n, 0, m, clock.elapsed(),
                                       clock.remaining((step - 1) / n), dose, f"alpha {alpha:g}, beta {beta:g} deg"))
-                self._move_stage(alpha, beta)
+                alpha_rb, beta_rb = self._move_stage(alpha, beta)
+                self.readback_deg.append((alpha_rb, beta_rb))
                 if self.plan.tracking and previous_sum is not None:
                     self._track(previous_sum, frame_parameters)
                     dose += frame_dose
@@ -243,9 +421,10 @@ class TiltSeriesProcedure(Procedure):
                     clock.paused_s += self.control.checkpoint()
                     image, t = self.scan(frame_parameters)
                     dose += frame_dose
+                    # the angles the stage reports after the move, not the plan's (those are in the settings)
                     self.stream.frame(
-                        image, t=t, tilt_index=tilt_index, alpha_deg=alpha, beta_deg=beta, frame_index=frame_index,
-                        pixel_size_nm=self.plan.pixel_size_nm, dwell_us=self.plan.dwell_us,
+                        image, t=t, tilt_index=tilt_index, alpha_deg=alpha_rb, beta_deg=beta_rb,
+                        frame_index=frame_index, pixel_size_nm=self.plan.pixel_size_nm, dwell_us=self.plan.dwell_us,
                     )
                     tilt_sum = image.astype(np.float64) if tilt_sum is None else tilt_sum + image
                     fraction = ((step - 1) * m + frame_index + 1) / (n * m)

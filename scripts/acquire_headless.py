@@ -3,7 +3,8 @@
 1. Tilt series: 12 reference nominal (alpha, beta) tilts x ``--frames`` HAADF frames of ``--size``^2 pixels at
    4 us; the stage is moved with ``set_control_output(StageOutA/B, radians, {"confirm": True})``.
 2. EELS line scan: ``--points`` probe positions 1.6 nm apart across the interface (x = 0) x ``--eels-frames``
-   spectra of 300 ms (simulated) each, acquired with ``grab_sequence`` (processing=None, rows summed).
+   spectra of 300 ms (simulated) each at the parked probe, through Swift's acquisition data streams
+   (``camera_base.make_sequence_data_stream`` with ``sum_project``, as the procedures take them).
 
 Prints timings (wall and simulated). Saves nothing unless ``--out FILE.npz`` is given.
 
@@ -106,10 +107,10 @@ def eels_line_scan(args: argparse.Namespace, results: dict[str, Any]) -> None:
         scan.record_immediate(survey)
         print(f"survey {survey.fov_nm:.1f} nm: {time.perf_counter() - t0:.2f} s wall")
         fov = float(instrument.scan_context.fov_nm or survey.fov_nm)
+        from nionswift_plugin.stemlive.eels_scan import acquire_spectra
+
         camera = eels.get_current_frame_parameters()
-        camera.exposure_ms = args.exposure_ms
         camera.binning = 1
-        camera.processing = None  # sum_project + grab_sequence asserts in device_kit 23.6; rows summed below
         eels.set_current_frame_parameters(camera)
         xs = (np.arange(args.points) - (args.points - 1) / 2) * args.step_nm
         spectra = []
@@ -117,12 +118,10 @@ def eels_line_scan(args: argparse.Namespace, results: dict[str, Any]) -> None:
         wall0, sim0 = time.perf_counter(), clock.now()
         for index, x_nm in enumerate(xs):
             instrument.probe_position = Geometry.FloatPoint(y=0.5, x=0.5 + x_nm / fov)
+            assert instrument.probe_state == "parked"
             positions.append(instrument.probe_position_nm(instrument.probe_position))
-            eels.grab_sequence_prepare(args.eels_frames)
-            xdatas = eels.grab_sequence(args.eels_frames)
-            assert xdatas and xdatas[0] is not None
-            block = np.asarray(xdatas[0].data, np.float32)
-            spectra.append(block.sum(axis=1) if block.ndim == 3 else block)
+            xdata = acquire_spectra(eels, args.exposure_ms, args.eels_frames)  # sum_project data stream
+            spectra.append(np.asarray(xdata.data, np.float32).reshape(args.eels_frames, -1))
             if index % 10 == 0 or index == len(xs) - 1:
                 print(f"point {index + 1:2d}/{len(xs)} x = {x_nm:6.1f} nm: {args.eels_frames} spectra, "
                       f"{time.perf_counter() - wall0:6.1f} s wall so far")

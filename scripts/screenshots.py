@@ -9,16 +9,18 @@ Steps
    :func:`~stemlive.live.replay.replay_to` when that module exists; otherwise a small simulated tilt series
    (HAADF simulator) and EELS line scan (vibrational EELS simulator) streamed through a
    :class:`~stemlive.live.transport.SessionStream`, as live acquisition would.
-5. Nion Swift with the stemlive panels (``stemlive-tilt-series-panel``, ``stemlive-eels-panel``) in a
-   subprocess that grabs its window; skipped with a message while ``plugin/panels.py`` does not exist.
-6. PNGs in ``docs/screenshots/`` (``viewer.png``, ``swift.png``).
+5. Nion Swift as ``stemlive swift`` starts it (simulated instrument, scenario ``eels_aln_sic``, its own
+   in-process service) in a subprocess that runs a tilt series from the Tilt Series panel and an EELS line scan
+   from the Vibrational EELS panel, waits until both panels say the analysis has finished, and grabs the window
+   with each panel next to its result (a tilt sum in nm per pixel; the temperature profile, T and T +/- sigma).
+6. PNGs in ``docs/screenshots/`` (``viewer.png``, ``swift.png``, ``swift-eels.png``).
 
 Exits non-zero if a window did not open, a screenshot is missing or blank, or the viewer received no results.
 It is a smoke test: no pixel comparison.
 
 Example::
 
-    .venv/bin/python scripts/screenshots.py            # writes docs/screenshots/viewer.png (and swift.png)
+    .venv/bin/python scripts/screenshots.py            # writes docs/screenshots/{viewer,swift,swift-eels}.png
     .venv/bin/python scripts/screenshots.py --skip-swift --out /tmp/shots
 """
 
@@ -42,7 +44,7 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-PANEL_IDS = ("stemlive-tilt-series-panel", "stemlive-eels-panel")
+SWIFT_PNGS = ("swift.png", "swift-eels.png")
 
 
 def log(text: str) -> None:
@@ -283,112 +285,150 @@ def send_sessions(frame_endpoint: str, work: Path, args: argparse.Namespace) -> 
 
 
 SWIFT_BOOTSTRAP = r'''
-import os, sys, time
+# Nion Swift as `stemlive swift` starts it (simulated instrument, in-process service), driven through the panels:
+# a tilt series and an EELS line scan run from the Tilt Series and Vibrational EELS panels; once the panels say the
+# analysis has finished, each panel is grabbed next to its result (a tilt sum in nm, the temperature profile).
+import os, pathlib, sys, time
 from PySide6 import QtCore, QtWidgets
 from nionui_app.nionswift import main
+from stemlive.live.pipeline import PipelineService, make_params
 
-out_path, after_s, panel_ids = sys.argv[1], float(sys.argv[2]), sys.argv[3].split(",")
-data_timeout_s = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0  # > 0: wait for result data items
-try:
-    from stemlive.live.launcher import ensure_plugin_discoverable
-    ensure_plugin_discoverable()  # an editable install hides nionswift_plugin.stemlive from Swift's scan
-except ImportError as e:
-    print(f"swift: stemlive.live.launcher not available ({e}); relying on Swift's plug-in scan", flush=True)
+out_dir, timeout_s = pathlib.Path(sys.argv[1]), float(sys.argv[2])
+TILT, EELS = "stemlive-tilt-series-panel", "stemlive-eels-panel"
+home = pathlib.Path(os.environ["HOME"])
+service = PipelineService(home / "sessions", make_params(overrides=["eels.labels_every=4"]),
+                          frame_endpoint=os.environ["STEMLIVE_FRAME_ENDPOINT"],
+                          result_endpoint=os.environ["STEMLIVE_RESULT_ENDPOINT"]).start()
 app = main.main([], {"qt": None})
-state = {"code": 2, "opened": []}
+state = {"code": 2, "deadline": time.monotonic() + timeout_s}
 
-def show_panels():
-    try:
-        controllers = list(getattr(app, "document_controllers", []))
-        for dc in controllers:
-            if not hasattr(dc, "find_dock_panel"):
-                continue
-            for pid in panel_ids:
-                panel = dc.find_dock_panel(pid)
-                if panel is not None:
-                    panel.show()
-                    state["opened"].append(pid)
-    except Exception as e:
-        print(f"swift: opening panels failed: {e!r}", flush=True)
+def say(text):
+    print(f"swift: {text}", flush=True)
 
-def grab():
-    windows = [w for w in QtWidgets.QApplication.topLevelWidgets() if w.isVisible() and w.width() > 200]
-    if not windows:
-        print("swift: no window opened", flush=True)
-        state["code"] = 3
+def finish(code):
+    state["code"] = code
+    app.exit()
+    app.ui.request_quit()
+
+def later(ms, fn):
+    def guarded():
+        try:
+            fn()
+        except Exception as e:
+            import traceback
+            traceback.print_exc()
+            say(f"failed: {e!r}")
+            finish(6)
+    QtCore.QTimer.singleShot(ms, guarded)
+
+def controller():
+    return next(dc for dc in app.document_controllers if hasattr(dc, "find_dock_panel"))
+
+def panel(pid):
+    p = controller().find_dock_panel(pid)
+    if p is None:
+        raise RuntimeError(f"panel {pid} is not registered (is the plug-in installed?)")
+    return p
+
+def wait(until, then, what):
+    if until():
+        then()
+    elif time.monotonic() > state["deadline"]:
+        say(f"timed out waiting for {what}")
+        finish(5)
     else:
-        main_window = max(windows, key=lambda w: w.width() * w.height())
-        ok = main_window.grab().save(out_path, "PNG")
-        state["code"] = 0 if ok else 4
-        print(f"swift: wrote {out_path} ({main_window.windowTitle()!r}; panels {state['opened']})", flush=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(state["code"])  # Swift's shutdown (profile, hardware threads) is not part of this smoke test
+        later(300, lambda: wait(until, then, what))
+
+def run_tilt_series():
+    p = panel(TILT)
+    p.show()
+    m = p.model
+    m.tilts_text = "0, 0\n-14.3, -22.9\n20.1, 17.1\n"
+    m.frames_text, m.size_text, m.dwell_text, m.fov_text = "4", "192", "2", "8"
+    m.settle_text, m.tracking = "0", False
+    if not m.start():
+        raise RuntimeError(f"tilt series not started: {m.status_text}")
+    say(f"tilt series: {m.status_text}")
+    wait(lambda: not m.running, run_eels, "the tilt series")
+
+def run_eels():
+    p = panel(EELS)
+    p.show()
+    m = p.model
+    m.start_text, m.end_text, m.step_text, m.points_text = "0.5, 0.1", "0.5, 0.9", "3.2", "21"
+    m.frames_text, m.exposure_text = "20", "300"
+    m.survey_size_text, m.survey_fov_text, m.survey_after = "128", "80", False
+    if not m.start():
+        raise RuntimeError(f"EELS not started: {m.status_text}")
+    say(f"EELS: {m.status_text}")
+    done = lambda: not m.running and "Analysis " in m.status_text and "Analysing" not in m.status_text \
+        and "Analysis " in panel(TILT).model.status_text
+    wait(done, shoot, "the final results of both sessions")
+
+def show_item(match):
+    dc = controller()
+    items = [d for d in dc.document_model.data_items if match(d.title or "")]
+    if not items:
+        raise RuntimeError("no matching data item")
+    display_item = dc.document_model.get_display_item_for_data_item(items[-1])
+    dc.workspace_controller.display_panels[0].set_display_panel_display_item(display_item)
+    return items[-1].title
+
+def grab(name):
+    windows = [w for w in QtWidgets.QApplication.topLevelWidgets() if w.isVisible() and w.width() > 200]
+    window = max(windows, key=lambda w: w.width() * w.height())
+    path = out_dir / name
+    if not window.grab().save(str(path), "PNG"):
+        raise RuntimeError(f"could not write {path}")
+    say(f"wrote {path}")
+
+def shoot():
+    for pid in (TILT, EELS):
+        say(f"{pid}: " + panel(pid).model.status_text.replace("\n", " | "))
+    panel(EELS).hide()
+    panel(TILT).show()
+    say("showing " + show_item(lambda t: "drift-corrected sum" in t))
+    later(1500, lambda: (grab("swift.png"), shoot_eels()))
+
+def shoot_eels():
+    panel(TILT).hide()
+    panel(EELS).show()
+    say("showing " + show_item(lambda t: "temperature profile" in t))
+    later(1500, lambda: (grab("swift-eels.png"), finish(0)))
 
 original_start = app.start
 
 def start(*args, **kwargs):
-    # The QApplication exists only once app.run() has created it: schedule the grab from start().
     ok = original_start(*args, **kwargs)
-    print(f"swift: started ({ok})", flush=True)
     if not any(hasattr(dc, "find_dock_panel") for dc in app.document_controllers):
         # a fresh profile asks for a project: close that dialog, create one and open it
         for w in QtWidgets.QApplication.topLevelWidgets():
             if w.isVisible() and "Project" in w.windowTitle():
                 w.close()
-        import pathlib
-        reference = app.profile.create_project(pathlib.Path(os.environ["HOME"]) / "stemlive-smoke", "Smoke")
+        reference = app.profile.create_project(home / "stemlive-screenshots", "Screenshots")
         app.open_project_window(reference)
-    QtCore.QTimer.singleShot(int(0.5 * after_s * 1000), show_panels)
-    if data_timeout_s > 0:
-        deadline = time.monotonic() + after_s + data_timeout_s
-        QtCore.QTimer.singleShot(int(after_s * 1000), lambda: wait_for_data(deadline))
-    else:
-        QtCore.QTimer.singleShot(int(after_s * 1000), grab)
+    later(2000, run_tilt_series)
     return ok
 
-def wait_for_data(deadline, quiet_polls=[0], last=[-1]):
-    # results from the service become data items; grab once they stop arriving (or at the deadline)
-    dcs = [dc for dc in app.document_controllers if hasattr(dc, "document_model")]
-    items = list(dcs[0].document_model.data_items) if dcs else []
-    quiet_polls[0] = quiet_polls[0] + 1 if len(items) == last[0] else 0
-    last[0] = len(items)
-    if items and (quiet_polls[0] >= 6 or time.monotonic() > deadline):
-        sums = [d for d in items if "drift-corrected sum" in (d.title or "")] or items
-        try:
-            dc = dcs[0]
-            display_item = dc.document_model.get_display_item_for_data_item(sums[-1])
-            dc.workspace_controller.display_panels[0].set_display_panel_display_item(display_item)
-        except Exception as e:
-            print(f"swift: could not display a data item: {e!r}", flush=True)
-        print(f"swift: {len(items)} data items from the result stream: {[d.title for d in items][:6]}", flush=True)
-        QtCore.QTimer.singleShot(1500, grab)
-    elif time.monotonic() > deadline:
-        print("swift: no data items arrived from the result stream", flush=True)
-        os._exit(5)
-    else:
-        QtCore.QTimer.singleShot(500, lambda: wait_for_data(deadline))
-
 app.start = start
-app.run()
+try:
+    app.run()
+finally:
+    service.stop()
 sys.exit(state["code"])
 '''
 
 
-def start_swift(out: Path, env: dict[str, str], after_s: float, results_endpoint: str | None,
-                data_timeout_s: float) -> tuple[subprocess.Popen[str], Path]:
-    """Start Nion Swift with the stemlive panels in a subprocess that grabs its window.
-
-    With ``results_endpoint`` the plug-in subscribes to that result stream and the window is grabbed once
-    result data items have arrived (the subprocess exits 5 if none came within ``data_timeout_s``).
-    """
+def start_swift(out: Path, env: dict[str, str], timeout_s: float) -> tuple[subprocess.Popen[str], Path]:
+    """Start Nion Swift with the simulated instrument and an in-process service in a subprocess that runs a tilt
+    series and an EELS line scan from the panels and grabs ``swift.png`` and ``swift-eels.png`` into ``out``."""
     home = Path(tempfile.mkdtemp(prefix="stemlive-swift-home-"))
-    swift_env = dict(env, HOME=str(home), XDG_DATA_HOME=str(home / ".local/share"),
-                     XDG_CONFIG_HOME=str(home / ".config"), STEMLIVE_INSTRUMENT="simulated",
+    swift_env = {k: v for k, v in env.items() if not k.startswith("STEMLIVE_")}
+    swift_env.update(HOME=str(home), XDG_DATA_HOME=str(home / ".local/share"), XDG_CONFIG_HOME=str(home / ".config"),
+                     STEMLIVE_INSTRUMENT="simulated", STEMLIVE_SCENARIO="eels_aln_sic",
                      STEMLIVE_FRAME_ENDPOINT=f"tcp://127.0.0.1:{free_port()}",
-                     STEMLIVE_RESULT_ENDPOINT=results_endpoint or "none")
-    cmd = [sys.executable, "-c", textwrap.dedent(SWIFT_BOOTSTRAP), str(out), str(after_s), ",".join(PANEL_IDS),
-           str(data_timeout_s if results_endpoint else 0.0)]
+                     STEMLIVE_RESULT_ENDPOINT=f"tcp://127.0.0.1:{free_port()}")
+    cmd = [sys.executable, "-c", textwrap.dedent(SWIFT_BOOTSTRAP), str(out), str(timeout_s)]
     proc = subprocess.Popen(cmd, env=swift_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return proc, home
 
@@ -403,9 +443,10 @@ def finish_swift(proc: subprocess.Popen[str], home: Path, timeout_s: float) -> t
         return False, f"Nion Swift did not finish within {timeout_s:.0f} s:\n{out[-2000:]}"
     finally:
         shutil.rmtree(home, ignore_errors=True)
-    tail = "\n".join(out.strip().splitlines()[-15:])
+    lines = [ln for ln in out.strip().splitlines() if ln.startswith("swift:") or "Error" in ln]
+    tail = "\n".join(lines[-15:])
     if proc.returncode != 0:
-        return False, f"Nion Swift exited {proc.returncode}:\n{tail}"
+        return False, f"Nion Swift exited {proc.returncode}:\n{tail}\n{out[-3000:]}"
     return True, tail
 
 
@@ -438,7 +479,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spectra", type=int, default=6, help="spectra per point (default 6)")
     p.add_argument("--speed", type=float, default=float("inf"), help="replay speed of demo sessions (default max)")
     p.add_argument("--viewer-timeout", type=float, default=120.0, help="seconds the viewer may wait at most")
-    p.add_argument("--swift-after", type=float, default=15.0, help="seconds before Swift's window is grabbed")
+    p.add_argument("--swift-timeout", type=float, default=420.0,
+                   help="seconds Swift may take for both runs and their analysis")
     return p.parse_args(argv)
 
 
@@ -474,12 +516,6 @@ def main(argv: list[str] | None = None) -> int:
                      "idle_s=3.0, min_results=10))", results_ep, str(viewer_png), str(args.viewer_timeout)],
                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 )
-                swift = None
-                if not args.skip_swift:
-                    swift_png = args.out / "swift.png"
-                    swift_png.unlink(missing_ok=True)
-                    swift = start_swift(swift_png, env, args.swift_after, results_ep, data_timeout_s=180.0)
-                    time.sleep(args.swift_after)  # Swift up, panels open, subscribed before the replay starts
                 time.sleep(3.0)  # window up and subscribed before the first result (PUB/SUB slow joiner)
                 if viewer.poll() is not None:
                     failures.append(f"the viewer exited early ({viewer.returncode}):\n{viewer.stdout.read()}")
@@ -497,15 +533,19 @@ def main(argv: list[str] | None = None) -> int:
                 log("viewer: " + "\n  ".join(lines[-8 if viewer.returncode == 0 else -60:]))
                 if viewer.returncode != 0:
                     failures.append(f"the viewer exited with status {viewer.returncode}")
-                if swift is not None:
-                    ok, message = finish_swift(*swift, timeout_s=240.0)
+                if not args.skip_swift:  # after the viewer: the two would compete for the CPU
+                    for name in SWIFT_PNGS:
+                        (args.out / name).unlink(missing_ok=True)
+                    swift = start_swift(args.out, env, args.swift_timeout)
+                    ok, message = finish_swift(*swift, timeout_s=args.swift_timeout + 60)
                     log(f"Swift: {message}")
                     if not ok:
                         failures.append(message)
                     else:
-                        problem = check_png(args.out / "swift.png")
-                        if problem:
-                            failures.append(problem)
+                        for name in SWIFT_PNGS:
+                            problem = check_png(args.out / name)
+                            if problem:
+                                failures.append(problem)
         problem = check_png(viewer_png)
         if problem:
             failures.append(problem)

@@ -333,6 +333,12 @@ class StemliveInstrument(UsimInstrumentDevice.Instrument):
         with self._stage_lock:
             return all(ax.readback(t) == ax.target for ax in self._stage.axes.values())
 
+    @property
+    def stage_tilt_limits_deg(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The stage's (alpha, beta) tilt limits in degrees (the scenario's ``stage.limits_deg``, symmetric)."""
+        a, b = (float(v) for v in self.scenario.stage.limits_deg)
+        return (-a, a), (-b, b)
+
     def actual_tilt_deg(self, t_s: float | None = None) -> tuple[float, float]:
         """Actual (alpha, beta) in degrees at ``t_s`` (default now), from the stage model (hysteresis, settling)."""
         with self._stage_lock:

@@ -28,28 +28,84 @@ def pump(document_controller: Any, until: Callable[[], bool], timeout_s: float =
 
 
 @contextlib.contextmanager
-def swift_with_simulator(scenario: str = "default", **configuration: Any) -> Iterator[Any]:
+def swift_with_simulator(scenario: str = "default", *, usim: bool = False, **configuration: Any) -> Iterator[Any]:
     """Swift's test application with the stemlive panels registered and the simulated instrument running headless
-    in fast mode; yields the hardware (``.instrument``, ``.scan``, ``.eels``)."""
+    in fast mode, bound to its own devices as the plug-in binds them; yields the hardware (``.instrument``,
+    ``.scan``, ``.eels``). With ``usim``, Nion's simulator is loaded beside it by its own plug-in entry point."""
     from nion.swift.test import TestContext
 
-    from nionswift_plugin.stemlive import panels
+    from nionswift_plugin.stemlive import bind_simulated_devices, panels
     from stemlive.simulators.devices import SimulatedInstrumentConfiguration, run_headless
 
     setup = TestContext.TestSetup()
     panels.register_panels()
     try:
-        with run_headless(SimulatedInstrumentConfiguration(scenario, time_scale=0, **configuration)) as hardware:
-            yield hardware
+        simulated = SimulatedInstrumentConfiguration(scenario, time_scale=0, **configuration)
+        binding = None
+        try:
+            with run_headless(simulated) as hardware:
+                binding = bind_simulated_devices(simulated)
+                if usim:
+                    with usim_registered():
+                        yield hardware
+                else:
+                    yield hardware
+        finally:
+            if binding is not None:
+                binding.close()
     finally:
         panels.unregister_panels()
         del setup
 
 
+USIM_ID = "usim_stem_controller"
+
+
+@contextlib.contextmanager
+def usim_registered() -> Iterator[Any]:
+    """Nion's usim loaded by its plug-in's ``run()`` (as Swift does); yields its STEM controller.
+
+    usim's own ``stop()`` unregisters whatever ``stem_controller`` and ``camera_module`` components it finds, other
+    instruments' included; this removes only usim's (by instrument id).
+    """
+    from nion.swift import Workspace
+    from nion.utils import Registry
+    from nionswift_plugin import usim
+
+    usim.run()
+    instrument = next(c for c in Registry.get_components_by_type("stem_controller")
+                      if getattr(c, "instrument_id", None) == USIM_ID)
+    try:
+        yield instrument
+    finally:
+        for module in list(Registry.get_components_by_type("camera_module")):
+            if getattr(module, "stem_controller_id", None) == USIM_ID:
+                Registry.unregister_component(module, {"camera_module"})
+        for module in list(Registry.get_components_by_type("scan_module")):
+            if getattr(module, "stem_controller_id", None) == USIM_ID:
+                Registry.unregister_component(module, {"scan_module"})
+        Registry.unregister_component(instrument, {"instrument_controller", "stem_controller"})
+        try:
+            Workspace.WorkspaceManager().unregister_panel("simulator-instrument-panel")
+        except KeyError:
+            pass
+
+
 @contextlib.contextmanager
 def document_controller_for_tests() -> Iterator[Any]:
-    """A headless document controller in a memory-backed profile."""
+    """A headless document controller in a memory-backed profile, with no remembered stemlive panel settings
+    (Swift's application data outlives a test in this process: what a run remembered is removed afterwards)."""
+    from nion.swift.model import ApplicationData
     from nion.swift.test import TestContext
 
-    with TestContext.create_memory_context() as context:
-        yield context.create_document_controller()
+    def forget() -> None:
+        data = ApplicationData.get_data()
+        if data.pop("stemlive", None) is not None:
+            ApplicationData.set_data(data)
+
+    forget()
+    try:
+        with TestContext.create_memory_context() as context:
+            yield context.create_document_controller()
+    finally:
+        forget()

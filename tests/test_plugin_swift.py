@@ -9,6 +9,7 @@ frame), so these tests check the Swift side independently of the analysis stages
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -96,8 +97,14 @@ def test_tilt_panel_builds_plan_from_fields(document_controller: Any) -> None:
         assert (plan.frames_per_tilt, plan.size_px, plan.dwell_us, plan.fov_nm) == (3, 128, 2.5, 8.0)
         assert (plan.settle_s, plan.confirm_tolerance, plan.order, plan.tracking) == (0.5, 2.0, "increasing_tilt",
                                                                                        False)
+        # the button tests the plan on the instrument on a worker thread; Start waits for it
         model.check_clicked(None)
+        assert model.checking and not model.can_start
+        assert model.status_text.startswith("Checking the plan on stemlive_stem_controller / stemlive_scan [HAADF]")
+        assert model.start() is False and "check is running" in model.status_text
+        pump(document_controller, lambda: not model.checking, 60)
         assert model.status_text.startswith("Plan OK"), model.status_text
+        assert model.can_start and model.last_check is not None
         model.frames_text = "three"
         model.check_clicked(None)
         assert "frames per tilt" in model.status_text and "not a number" in model.status_text
@@ -234,6 +241,62 @@ def test_eels_results_become_data_items(document_controller: Any) -> None:
     assert list(again.data_items[("s2", "eels/labels")].xdata.data) == [1, -1, -1, 0]
 
 
+def test_result_items_are_calibrated_and_temperatures_have_error_layers(document_controller: Any) -> None:
+    receiver = results.ResultsToSwift(document_controller, free_tcp_endpoint(), start=False)
+    document_model = document_controller.document_model
+    n_ch, step = 16, 1.6
+    receiver.submit(("c", "eels", "energy_meV", None), np.arange(n_ch) * 0.5 - 4.0, {})
+    for i in range(4):  # a line at 30 degrees: the distance along it, not x, is the axis
+        attrs = {"x_nm": 10 + i * step * math.cos(math.pi / 6), "y_nm": 5 + i * step * math.sin(math.pi / 6)}
+        receiver.submit(("c", "eels", "sum", i), np.full(n_ch, 1.0 + i, np.float32), attrs)
+        receiver.submit(("c", "eels", "temperature_K", i), np.array(300.0 + 10 * i), attrs)
+        receiver.submit(("c", "eels", "temperature_err_K", i), np.array(4.0), attrs)
+    receiver.submit(("c", "eels", "labels", None), np.array([0, 0, 1, 1]), {})
+    receiver.submit(("c", "tilt_series", "sums", None), np.ones((2, 8, 8), np.float32), {"pixel_size_nm": 0.032})
+    pump(document_controller, lambda: len(receiver.data_items) >= 5, 5)
+    by_item = {k[1]: v for k, v in receiver.data_items.items() if k[0] == "c"}
+
+    waterfall = by_item["eels/sum"].xdata
+    position, energy = waterfall.dimensional_calibrations
+    assert (position.units, energy.units) == ("nm", "meV")
+    assert position.scale == pytest.approx(step, rel=1e-6) and position.offset == 0
+    assert energy.scale == pytest.approx(0.5) and energy.offset == pytest.approx(-4.0)
+
+    profile = by_item["eels/temperature_K"]
+    assert profile.xdata.intensity_calibration.units == "K"
+    assert profile.xdata.dimensional_calibrations[-1].units == "nm"
+    assert profile.xdata.dimensional_calibrations[-1].scale == pytest.approx(step, rel=1e-6)
+    np.testing.assert_allclose(profile.xdata.data[:, 3], [330.0, 326.0, 334.0])
+    display_item = document_model.get_display_item_for_data_item(profile)
+    assert display_item.display_type == "line_plot"
+    layers = [(layer.data_row, layer.label) for layer in display_item.display_layers]
+    assert layers == [(0, "T"), (1, "T - sigma"), (2, "T + sigma")]
+    # what the line plot draws: all three rows (a collection would show one row in every layer)
+    display_values = display_item.display_data_channels[0].get_latest_computed_display_values()
+    assert display_values is not None and display_values.display_data_and_metadata.data_shape == (3, 4)
+    # the y axis is zoomed to T +/- sigma (Swift's own range would start at 0 K)
+    assert 250 < display_item.get_display_property("y_min") < 296
+    assert 334 < display_item.get_display_property("y_max") < 380
+
+    labels = by_item["eels/labels"].xdata
+    assert labels.dimensional_calibrations[0].units == "nm"
+    assert labels.dimensional_calibrations[0].scale == pytest.approx(step, rel=1e-6)
+
+    for row in (0, 1):
+        calibrations = by_item[f"tilt_series/sums/{row}"].xdata.dimensional_calibrations
+        assert [(c.units, c.scale) for c in calibrations] == [("nm", pytest.approx(0.032))] * 2
+
+    # a map: temperatures as an image in nm (rows 2 nm apart, columns 1 nm apart)
+    for i in range(6):
+        attrs = {"x_nm": float(i % 3), "y_nm": 2.0 * (i // 3), "scan_shape": [2, 3]}
+        receiver.submit(("m", "eels", "temperature_K", i), np.array(300.0 + i), attrs)
+    pump(document_controller, lambda: ("m", "eels/temperature_K") in receiver.data_items, 5)
+    image = receiver.data_items[("m", "eels/temperature_K")].xdata
+    assert image.data_shape == (2, 3)
+    assert [(c.units, c.scale) for c in image.dimensional_calibrations] == [("nm", pytest.approx(2.0)),
+                                                                            ("nm", pytest.approx(1.0))]
+
+
 def test_final_tilt_stack_refreshes_every_tilt(document_controller: Any) -> None:
     receiver = results.ResultsToSwift(document_controller, free_tcp_endpoint(), start=False)
     receiver.submit(("t", "tilt_series", "sums", 0), np.zeros((8, 8), np.float32), {})
@@ -253,6 +316,10 @@ def test_final_tilt_stack_refreshes_every_tilt(document_controller: Any) -> None
 # ----------------------------------------------------------------------------------------------------- end to end
 
 
+def run_alphas_include_last(model: Any) -> bool:
+    return bool(model.procedure.readback_deg) and abs(model.procedure.readback_deg[-1][0] + 12.5) < 0.05
+
+
 def test_tilt_series_through_the_panel_end_to_end(document_controller: Any, swift: Any, tmp_path: Path) -> None:
     frames, result_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
     service = PipelineService(tmp_path, {}, frame_endpoint=frames, result_endpoint=result_endpoint,
@@ -263,6 +330,7 @@ def test_tilt_series_through_the_panel_end_to_end(document_controller: Any, swif
         assert receiver is not None and receiver.ready.is_set()
         time.sleep(0.3)  # let the subscription reach the publisher (PUB/SUB slow joiner)
         model = panel.model
+        start_alpha = swift.instrument.stage_target("StageOutA")
         model.tilts_text = "0,0\n-12.5,6\n"
         model.frames_text, model.size_text, model.dwell_text, model.fov_text = "2", "64", "1", "8"
         model.settle_text, model.tracking = "0", False
@@ -272,7 +340,9 @@ def test_tilt_series_through_the_panel_end_to_end(document_controller: Any, swif
         pump(document_controller, lambda: not model.running, 90)
         assert model.last_status == "complete", model.status_text
         assert "tilt 2/2, frame 2/2" in model.progress_text
-        assert math.degrees(swift.instrument.stage_target("StageOutA")) == pytest.approx(-12.5)
+        # the series ended at -12.5 deg and returned the stage to where it was found
+        assert swift.instrument.stage_target("StageOutA") == pytest.approx(start_alpha)
+        assert run_alphas_include_last(model)
 
         document_model = document_controller.document_model
 
@@ -288,7 +358,13 @@ def test_tilt_series_through_the_panel_end_to_end(document_controller: Any, swif
             tilt_index = f["tilt_series/tilt_index"][()]
         sums = [d for d in document_model.data_items if "stemlive" in (d.metadata or {})]
         titles = sorted(d.title for d in sums)
-        assert titles == ["Tilt 1 (0, 0) drift-corrected sum", "Tilt 2 (-12.5, 6) drift-corrected sum"]
+        # the titles carry the stage's read-back angles (within the confirm tolerance of the plan's (-12.5, 6))
+        assert [t.split(" (")[0] for t in titles] == ["Tilt 1", "Tilt 2"]
+        assert all(t.endswith(" drift-corrected sum") for t in titles)
+        readback = np.asarray(model.procedure.readback_deg)
+        np.testing.assert_allclose(readback, [(0, 0), (-12.5, 6)], atol=0.05)
+        assert sorted(float(d.metadata["stemlive"]["alpha_deg"]) for d in sums) == pytest.approx(
+            sorted(readback[:, 0]))
         for data_item in sums:
             row = data_item.metadata["stemlive"]["tilt_row"]
             np.testing.assert_allclose(data_item.xdata.data, recorded[tilt_index == row].sum(axis=0), rtol=1e-5)
@@ -322,6 +398,76 @@ def test_eels_line_scan_through_the_panel(document_controller: Any, swift: Any, 
             assert list(f["eels/point_index"][()]) == [0, 0, 1, 1, 2, 2]
     finally:
         panel.close()
+        service.stop()
+
+
+class GatedProblemStage(Stage):
+    """Stand-in EELS stage: its final result is a ``problem``, emitted only once the test opens the gate."""
+
+    name = "eels"
+    kinds = frozenset({"eels_line_scan"})
+    gate = threading.Event()
+
+    def finish(self, status: str) -> Iterable[Result]:
+        assert self.gate.wait(60), "the test never opened the gate"
+        return [Result("eels", "problem", np.zeros(0), attrs={
+            "result": "temperature", "severity": "skipped", "reason": "1000 meV per channel: no phonon window"})]
+
+
+class BrokenStage(Stage):
+    """A stage with a bug: the pipeline reports it as ``stage_error`` and switches it off."""
+
+    name = "segmentation"
+    kinds = frozenset({"eels_line_scan"})
+
+    def process(self, msg: Message) -> Iterable[Result]:
+        raise RuntimeError("k-means did not converge")
+
+
+def test_panel_shows_analysing_and_the_problems_until_the_final_results(document_controller: Any, swift: Any,
+                                                                        tmp_path: Path) -> None:
+    frames, result_endpoint = free_tcp_endpoint(), free_tcp_endpoint()
+    GatedProblemStage.gate.clear()
+    service = PipelineService(tmp_path, {}, frame_endpoint=frames, result_endpoint=result_endpoint,
+                              stage_classes={"eels": GatedProblemStage, "segmentation": BrokenStage}).start()
+    receiver = results.attach(document_controller, result_endpoint)
+    panel = create_panel(document_controller, panels.EELS_PANEL_ID)
+    try:
+        assert panel.model.results_receiver is receiver
+        time.sleep(0.3)  # PUB/SUB slow joiner
+        model = panel.model
+        model.start_text, model.end_text, model.step_text, model.points_text = "0.5, 0.2", "0.5, 0.8", "", "3"
+        model.frames_text, model.exposure_text = "2", "1"
+        model.survey_size_text, model.survey_fov_text, model.survey_after = "64", "20", False
+        model.endpoint = frames
+        assert model.start(), model.status_text
+        pump(document_controller, lambda: not model.running, 90)
+        assert model.last_status == "complete", model.status_text
+        # the stage error arrives during the run; the final results are held back by the gate
+        pump(document_controller, lambda: "k-means did not converge" in model.status_text, 30)
+        time.sleep(0.5)
+        document_controller.periodic()
+        status = model.status_text
+        assert status.startswith("Finished (session"), status
+        assert "Analysing..." in status and "segmentation analysis failed: RuntimeError" in status, status
+        assert "Analysis incomplete" not in status
+        GatedProblemStage.gate.set()
+        pump(document_controller, lambda: "Analysis incomplete" in model.status_text, 30)
+        status = model.status_text
+        assert "Analysing" not in status
+        assert "Analysis incomplete: 2 problem(s)" in status, status
+        assert "temperature skipped: 1000 meV per channel: no phonon window" in status, status
+        (path,) = service.wait_for_sessions(1, timeout_s=30)
+        with h5py.File(path, "r") as f:
+            finished = f["results/pipeline/analysis_finished"]
+            assert finished.attrs["status"] == "incomplete" and int(finished.attrs["problems"]) == 2
+        # a new Check replaces the run's status: later analysis news of that session do not overwrite it
+        model.check()
+        assert model.status_text.startswith("Plan OK"), model.status_text
+    finally:
+        GatedProblemStage.gate.set()
+        panel.close()
+        results.detach(receiver)
         service.stop()
 
 
