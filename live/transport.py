@@ -232,6 +232,10 @@ class FrameSender:
                         f"service at {self.endpoint} did not acknowledge session {session_id!r} up to seq {seq} "
                         f"within {timeout:.1f} s (acknowledged up to {self._acked.get(session_id, -1)})"
                     )
+                # The heartbeat thread cannot take the lock while we wait (e.g. end() waiting minutes for the
+                # final analysis): keep the link alive from here, or the service forgets this idle connection
+                # and with it the session's final acknowledgement.
+                self._heartbeat_if_due()
                 self._sock.poll(int(min(left, self._poll_slice()) * 1000) + 1, zmq.POLLIN)
 
     def wait_recorded(self, timeout_s: float | None = None) -> None:
@@ -273,7 +277,12 @@ class FrameSender:
 
     # ---- internals (call with self._lock held)
     def _poll_slice(self) -> float:
-        return self.heartbeat_interval_s if self.heartbeat_interval_s > 0 else 0.5
+        # a quarter interval, like the heartbeat thread: link heartbeats sent while waiting stay on time
+        return self.heartbeat_interval_s / 4 if self.heartbeat_interval_s > 0 else 0.5
+
+    def _heartbeat_if_due(self) -> None:
+        if self.heartbeat_interval_s > 0 and time.monotonic() - self._last_sent >= self.heartbeat_interval_s:
+            self._send_link_heartbeat()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -390,8 +399,7 @@ class FrameSender:
                 if self._closed:
                     return
                 self._drain()
-                if time.monotonic() - self._last_sent >= interval:
-                    self._send_link_heartbeat()
+                self._heartbeat_if_due()
             finally:
                 self._lock.release()
 

@@ -35,9 +35,11 @@ SPEC = {"dispersion_meV": 0.5, "exposure_ms": 300.0}
 class Service:
     """A FrameReceiver served by its own thread (which owns the socket), recording what it returns."""
 
-    def __init__(self, receiver: FrameReceiver, *, ack: bool = True) -> None:
+    def __init__(self, receiver: FrameReceiver, *, ack: bool = True, end_ack_delay_s: float = 0.0) -> None:
         self.receiver = receiver
         self.ack = ack
+        self.end_ack_delay_s = end_ack_delay_s  # like the pipeline: the session_end is acknowledged after "analysis"
+        self._end_acks: list[tuple[float, str, int]] = []
         self.messages: list[Message] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -46,10 +48,16 @@ class Service:
     def _run(self) -> None:
         while not self._stop.is_set():
             msg = self.receiver.recv(timeout_s=0.02)
+            for due, sid, seq in [e for e in self._end_acks if e[0] <= time.monotonic()]:
+                self._end_acks.remove((due, sid, seq))
+                self.receiver.acknowledge(sid, seq, final=True)
             if msg is None:
                 continue
             self.messages.append(msg)
-            if self.ack:
+            if self.ack and msg.type == "session_end" and self.end_ack_delay_s > 0:
+                self.receiver.acknowledge(msg.session, msg.seq - 1)
+                self._end_acks.append((time.monotonic() + self.end_ack_delay_s, msg.session, msg.seq))
+            elif self.ack:
                 self.receiver.acknowledge(msg.session, msg.seq, final=msg.type == "session_end")
         self.receiver.close()
 
@@ -190,6 +198,27 @@ def test_idle_sender_with_heartbeats_is_not_silent() -> None:
         # ...and the idle sender kept hearing the service: no "not responding" on the next send.
         s.frame(np.zeros((4, 4), np.float32), frame_index=0, **FRAME)
     receiver.close()
+
+
+def test_end_waiting_long_for_the_final_acknowledgement_keeps_the_link_alive() -> None:
+    """end() may wait far longer than the liveness for the service's analysis (the pipeline acknowledges the
+    session_end only once the file is closed): the waiting sender must go on sending link heartbeats, or the
+    service forgets the idle connection (after 10 x liveness), stops heartbeating it and cannot route the final
+    acknowledgement, and the sender reports the service "not responding"."""
+    receiver = FrameReceiver("tcp://127.0.0.1:*", heartbeat_interval_s=0.05, liveness=2)  # forgets after 1 s
+    svc = Service(receiver, end_ack_delay_s=1.5)
+    try:
+        with FrameSender(receiver.endpoint, heartbeat_interval_s=0.05, liveness=2) as sender:
+            s = SessionStream(sender, "tilt_series", {})
+            s.start()
+            s.frame(np.zeros((4, 4), np.float32), frame_index=0, **FRAME)
+            t0 = time.monotonic()
+            s.end(timeout_s=10)  # before the fix: TransportError "not responding" after ~1.1 s
+            waited = time.monotonic() - t0
+            assert sender.acknowledged(s.session_id) == s.seq - 1
+            assert 1.4 < waited < 8, waited
+    finally:
+        svc.stop()
 
 
 def test_end_times_out_without_acknowledgement(service: Service) -> None:
