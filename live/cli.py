@@ -58,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import parse_speed, replay_analyze, replay_to
+    from .replay import parse_speed, replay_analyze, replay_to, report_problems
 
     if (args.to is None) == (args.analyze is None):
         raise SystemExit("stemlive replay: give exactly one of --to ENDPOINT or --analyze OUT.h5")
@@ -68,6 +68,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         params = make_params(args.config, args.overrides)
         out = replay_analyze(args.file, args.analyze, params)
         print(f"analysed {args.file} -> {out}")
+        report_problems(out)  # one line per missing result; exit code INCOMPLETE if any
     else:
         if args.overrides or args.config:
             raise SystemExit("stemlive replay --to: analysis parameters belong to the receiving service")

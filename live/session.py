@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import h5py
 import numpy as np
 
+from .problems import describe_lines as _problem_lines
 from .protocol import json_default
 
 log = logging.getLogger(__name__)
@@ -1103,6 +1104,7 @@ def describe(path: str | Path) -> str:
             lines.append(f"  closed:      {r.closed_at}")
         lines += _describe_data(r)
         lines += _describe_results(r)
+        lines += _problem_lines(r.file)  # analysis status and problems, one line each
         lines.append(f"  file size:   {_size(os.path.getsize(path))}")
     return "\n".join(lines)
 

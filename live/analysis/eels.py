@@ -20,7 +20,7 @@ one per spectrum, ``(..., n_channels)``).  See ``docs/eels-analysis.md`` for the
 from __future__ import annotations
 
 from .eels_alignment import align_spectra, shift_spectra, sum_aligned, xcorr_shifts, zlp_centre
-from .eels_background import power_law_background
+from .eels_background import background_windows, power_law_background
 from .eels_deconvolution import lucy_richardson
 from .eels_pearson7 import PARAM_NAMES, pearson7_model
 from .eels_spill import SignalModel, signal_model
@@ -31,6 +31,7 @@ from .eels_thermometry import (
     log_ratio_bins,
     temperature,
 )
+from .eels_windows import Reach, WindowError, axis_reach, both_sides, clip_window, loss_window, zlp_windows
 from .eels_zlp import ZLPFit, _window_index, fit_zlp_pearson7
 
 __all__ = [
@@ -53,4 +54,12 @@ __all__ = [
     "counting_limit_sigma_T",
     "lucy_richardson",
     "_window_index",
+    "Reach",
+    "WindowError",
+    "axis_reach",
+    "background_windows",
+    "both_sides",
+    "clip_window",
+    "loss_window",
+    "zlp_windows",
 ]

@@ -12,7 +12,8 @@ from numpy.typing import ArrayLike, NDArray
 
 from ._threads import row_blocks, thread_map
 from .eels_pearson7 import _p7_f, pearson7_model
-from .eels_windows import _ROWS, Array, _axis, _floating
+from .eels_windows import _ROWS, Array, Reach, _axis, _floating
+from .eels_windows import reach as reach_of
 
 
 @dataclass
@@ -241,8 +242,12 @@ def _signal_model(
     iterations: int,
     groups: int | ArrayLike | None,
     workers: int | None = None,
+    reach: Reach | None = None,
 ) -> SignalModel:
-    """:func:`signal_model` on ``(k, n)`` spectra with offsets ``(k,)`` and parameters ``(k, 4)``."""
+    """:func:`signal_model` on ``(k, n)`` spectra with offsets ``(k,)`` and parameters ``(k, 4)``.
+
+    ``reach``: the acquired range on each side (default: from the axis); samples beyond it are not used.
+    """
     k = len(p)
     h = coarse * disp
     jn = int(np.ceil(extent_meV / h))
@@ -254,8 +259,13 @@ def _signal_model(
     pz = p.copy()
     pz[:, 1] = 0.0
     lo, hi = signal_range_meV
-    # only the samples in the signal range (both sides) are used: the LR source and data live there
-    cols = np.flatnonzero((np.abs(ax) >= lo) & (np.abs(ax) <= hi))
+    if reach is None:
+        reach = reach_of(off, disp, flat.shape[1], c)
+    # only the samples in the signal range (both sides) that were acquired are used: the LR source and the
+    # data live there (a sample reaches half a coarse step and one interpolation partner beyond its energy)
+    edge = 0.5 * h + disp
+    in_range = (np.abs(ax) >= lo) & (np.abs(ax) <= hi) & (ax <= reach.loss_meV - edge) & (ax >= edge - reach.gain_meV)
+    cols = np.flatnonzero(in_range)
     runs = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1) if cols.size else []
     obs = np.empty((k, cols.size))
 
@@ -275,15 +285,16 @@ def _signal_model(
 
     thread_map(observe, row_blocks(k, _ROWS), workers)
     amp = np.maximum(p[:, 0], 1e-30)
-    if np.ndim(groups) == 0 and groups is not None and 1 < int(groups) < k:  # type: ignore[arg-type]
-        group, n_groups = _similar_groups(obs[:, ax[cols] > 0] / amp[:, None], int(groups))  # type: ignore[arg-type]
+    features = obs[:, ax[cols] > 0]
+    if np.ndim(groups) == 0 and groups is not None and 1 < int(groups) < k and features.shape[1] >= 2:  # type: ignore[arg-type]
+        group, n_groups = _similar_groups(features / amp[:, None], int(groups))  # type: ignore[arg-type]
     else:
         group, n_groups = _groups(groups, k)
     cnt = np.maximum(_group_sum(np.ones((k, 1)), group, n_groups), 1.0)
     obs_g = np.zeros((n_groups, ax.size))
     obs_g[:, cols] = _group_sum(obs, group, n_groups) / np.maximum(_group_sum(amp[:, None], group, n_groups), 1e-30)
     shape_g = _group_sum(p[:, 2:], group, n_groups) / cnt
-    mask = ((np.abs(ax) >= lo) & (np.abs(ax) <= hi)).astype(float)
+    mask = in_range.astype(float)
     nfft = scipy.fft.next_fast_len(2 * ax.size)
     lag = np.arange(nfft)
     lag = np.where(lag < nfft // 2, lag, lag - nfft) * h

@@ -13,11 +13,14 @@ from .eels_deconvolution import lucy_richardson
 from .eels_pearson7 import _p7_f, _p7_fj
 from .eels_resolution import _resolution_offset
 from .eels_spill import signal_model
-from .eels_windows import _ROWS, Array, _axis, _floating
+from .eels_windows import _ROWS, Array, _axis, _floating, both_sides, reach
 from .eels_zlp import ZLPFit, fit_zlp_pearson7
 
 KB_MEV_PER_K = 8.617333262e-2
 """Boltzmann constant in meV / K."""
+
+MIN_BINS = 3
+"""Fewest log-ratio bins for a temperature (a line through the origin and its scatter)."""
 
 
 @dataclass
@@ -57,6 +60,8 @@ class TemperatureResult:
     energy_meV: Array = field(repr=False)
     log_ratio: Array = field(repr=False)
     weights: Array = field(repr=False)
+    window_meV: tuple[float, float] = (0.0, 0.0)
+    """The ``|E - centre|`` window of the log-ratio bins used (after intersecting with the acquired range)."""
 
 
 def _gather_side(flat: Array, pos0: Array, step: int, count: int) -> tuple[Array, Array, NDArray[np.intp]]:
@@ -107,7 +112,14 @@ def log_ratio_bins(
     dict
         ``e`` bin centres (n_bins,), ``L``, ``G`` (signals), ``SL``, ``SG`` (detected counts), ``vL``,
         ``vG`` (their Poisson + read-noise variances), ``ZL``, ``ZG`` (ZLP model) and ``dL``, ``dG``
-        ``(k, n_bins, 4)`` (derivatives of L and G with respect to the ZLP parameters).
+        ``(k, n_bins, 4)`` (derivatives of L and G with respect to the ZLP parameters), ``window`` (the
+        window used: ``window_min_meV`` up to ``window_max_meV`` -- default the next zero-loss window --
+        intersected with the range acquired on both sides).
+
+    Raises
+    ------
+    WindowError
+        If fewer than ``MIN_BINS`` bins or less than half the window remain (the message says why).
     """
     s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
     batch, n = s.shape[:-1], s.shape[-1]
@@ -117,18 +129,14 @@ def log_ratio_bins(
     p = zlp.params.reshape(-1, 4)
     c = p[:, 1]
     b = max(1, int(round(bin_meV / disp)))
-    avail = min(float(np.min((off + disp * (n - 1)) - c)), float(np.min(c - off))) - 2 * disp
+    where = reach(off, disp, n, c)
     upper = window_max_meV
-    if upper is None:
-        upper = (
-            min(w[0] for w in zlp.windows_meV if w[0] > window_min_meV)
-            if any(w[0] > window_min_meV for w in zlp.windows_meV)
-            else avail
-        )
-    upper = min(upper, avail)
-    nb = int(np.floor((upper - window_min_meV) / (b * disp)))
-    if nb < 1:
-        raise ValueError("no energy bins between window_min_meV and window_max_meV")
+    if upper is None:  # up to the next zero-loss window (its signal is not fitted there) or the end of the data
+        starts = [w[0] for w in zlp.windows_meV if w[0] > window_min_meV]
+        upper = min(starts) if starts else min(where.loss_meV, where.gain_meV)
+    lower, upper = both_sides((window_min_meV, float(upper)), where, "the thermometry window",
+                              min_channels=MIN_BINS * b, margin_channels=2.0)
+    nb = int(np.floor((upper - lower) / (b * disp) + 1e-9))
     count = nb * b
     e_pts = window_min_meV + disp * np.arange(count)
     e_bins = e_pts.reshape(nb, b).mean(-1)
@@ -140,7 +148,8 @@ def log_ratio_bins(
     # blocks of spectra (temporaries stay in cache) on parallel threads
     parts = thread_map(rows, row_blocks(max(len(p), 1), _ROWS), workers)  # one block at least (its keys)
     shp = batch + (nb,)
-    out: dict[str, Array] = {"e": np.asarray(e_bins, float), "e_points": np.asarray(e_pts.reshape(nb, b), float)}
+    out: dict[str, Array] = {"e": np.asarray(e_bins, float), "e_points": np.asarray(e_pts.reshape(nb, b), float),
+                             "window": np.array([window_min_meV, window_min_meV + count * disp])}
     for key in parts[0]:
         v = np.concatenate([part[key] for part in parts])
         out[key] = v.reshape(shp + v.shape[2:])
@@ -366,6 +375,7 @@ def temperature(
         energy_meV=e,
         log_ratio=y,
         weights=w,
+        window_meV=(float(d["window"][0]), float(d["window"][1])),
     )
 
 

@@ -13,7 +13,7 @@ from ._threads import row_blocks, thread_map
 from .eels_alignment import zlp_centre
 from .eels_pearson7 import _p7_f, _p7_fj, pearson7_model
 from .eels_spill import SignalModel, _signal_model
-from .eels_windows import Array, _axis, _floating
+from .eels_windows import Array, Reach, _axis, _floating, reach, zlp_windows
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ZLPFit:
     n_iter
         Levenberg-Marquardt iterations used.
     windows_meV
-        The |E - centre| windows fitted.
+        The |E - centre| windows asked for.
     signal
         The resolution-deconvolved phonon signal used to correct the fit windows for signal spilled into
         them (:class:`SignalModel`), or None (``signal_correction=0``).
@@ -44,6 +44,12 @@ class ZLPFit:
     n_iter: int
     windows_meV: tuple[tuple[float, float], ...]
     signal: SignalModel | None = field(default=None, repr=False)
+    loss_windows_meV: tuple[tuple[float, float], ...] = ()
+    """The windows fitted on the loss side: ``windows_meV`` intersected with the acquired range."""
+    gain_windows_meV: tuple[tuple[float, float], ...] = ()
+    """The windows fitted on the gain side."""
+    reach: Reach | None = None
+    """How far the acquired axis reaches on each side of the fitted centres."""
 
     @property
     def errors(self) -> Array:
@@ -56,15 +62,25 @@ class ZLPFit:
 
 
 def _window_index(
-    off: Array, disp: float, centre: Array, n: int, windows: tuple[tuple[float, float], ...]
+    off: Array,
+    disp: float,
+    centre: Array,
+    n: int,
+    windows: tuple[tuple[float, float], ...],
+    gain_windows: tuple[tuple[float, float], ...] | None = None,
 ) -> NDArray[np.intp]:
-    """Channel indices (k, m) of the |E - centre| windows on both sides, same count for every spectrum."""
+    """Channel indices (k, m) of the |E - centre| windows, same count for every spectrum.
+
+    ``windows`` on the loss side and ``gain_windows`` (default: the same) on the gain side.
+    """
     cols = []
     for lo, hi in windows:
         cnt = max(1, int(np.floor((hi - lo) / disp)))
         start_loss = np.ceil((centre + lo - off) / disp).astype(np.intp)
-        start_gain = np.floor((centre - lo - off) / disp).astype(np.intp)
         cols.append(start_loss[:, None] + np.arange(cnt)[None, :])
+    for lo, hi in windows if gain_windows is None else gain_windows:
+        cnt = max(1, int(np.floor((hi - lo) / disp)))
+        start_gain = np.floor((centre - lo - off) / disp).astype(np.intp)
         cols.append(start_gain[:, None] - np.arange(cnt)[None, :])
     idx = np.concatenate(cols, axis=1)
     if idx.min() < 0 or idx.max() >= n:
@@ -230,7 +246,9 @@ def fit_zlp_pearson7(
     spectra
         Counts ``(..., n)``.
     windows_meV
-        ``|E - centre|`` intervals fitted, on the loss and the gain side alike.
+        ``|E - centre|`` intervals fitted, on the loss and the gain side alike; each is intersected with the
+        range acquired on each side (:func:`~.eels_windows.zlp_windows`) and kept where it stays usable;
+        :class:`~.eels_windows.WindowError` (one-line reason) when a window is left on neither side.
     initial
         Optional ``(..., 4)`` or ``(4,)`` starting parameters; default: centre from :func:`zlp_centre`,
         shape from a fit of the mean spectrum, and for more than ``_START_ROWS`` spectra the median shape
@@ -278,11 +296,14 @@ def fit_zlp_pearson7(
     rn2 = float(read_noise_counts) ** 2
     if initial is None:
         centre = off + disp * zlp_centre(np.arange(n, dtype=float), flat, workers=workers)
-        p0 = _initial_from_mean(flat, off, disp, centre, windows_meV, rn2)
     else:
         p0 = np.broadcast_to(np.asarray(initial, float), (k, 4)).copy()
         centre = p0[:, 1]
-    idx = _window_index(off, disp, centre, n, windows_meV)
+    where = reach(off, disp, n, centre)
+    loss_w, gain_w = zlp_windows(tuple((float(a), float(b)) for a, b in windows_meV), where)
+    if initial is None:
+        p0 = _initial_from_mean(flat, off, disp, centre, loss_w, gain_w, rn2)
+    idx = _window_index(off, disp, centre, n, loss_w, gain_w)
     # Poisson weights from the model (no bias towards low counts); the phonon signal spilled into the
     # windows is estimated from the current parameters and removed before each fit.  After the spill model
     # (all spectra), everything runs per block of ``_LM_ROWS`` spectra: windows, spill, weights and the fits,
@@ -367,6 +388,7 @@ def fit_zlp_pearson7(
                 iterations=lr_iterations,
                 groups=signal_groups,
                 workers=workers,
+                reach=where,
             )
             if sig.group_signal is not None and sig.group is not None and sig.scale is not None:
                 gb = sig._convolve(sig.group_signal, sig.kernel_fft)
@@ -395,6 +417,9 @@ def fit_zlp_pearson7(
         n_iter=n_it,
         windows_meV=tuple(windows_meV),
         signal=sig,
+        loss_windows_meV=loss_w,
+        gain_windows_meV=gain_w,
+        reach=where,
     )
 
 
@@ -435,7 +460,13 @@ def _solve_amplitude(x: Array, y: Array, var_sys: Array, p: Array) -> tuple[Arra
 
 
 def _initial_from_mean(
-    flat: Array, off: Array, disp: float, centre: Array, windows: tuple[tuple[float, float], ...], rn2: float
+    flat: Array,
+    off: Array,
+    disp: float,
+    centre: Array,
+    windows: tuple[tuple[float, float], ...],
+    gain_windows: tuple[tuple[float, float], ...],
+    rn2: float,
 ) -> Array:
     """Starting parameters: a fit of the centre-aligned mean spectrum, amplitude scaled per spectrum."""
     k, n = flat.shape
@@ -453,7 +484,7 @@ def _initial_from_mean(
     fwhm = max(2 * disp, disp * (half[-1] - half[0] + 1))
     pm = np.array([[peak, 0.0, fwhm, 1.5]])
     cen = np.zeros(1)
-    ix = _window_index(np.array([e[0]]), disp, cen, n, windows)
+    ix = _window_index(np.array([e[0]]), disp, cen, n, windows, gain_windows)
     y = mean[ix]
     x = np.asarray(e[ix], dtype=np.float64)
     pm, _, _, _, _, _ = _lm(x, y, 1.0 / (np.maximum(y, 1.0) + rn2), pm, max_iter=100, cov=False)
