@@ -116,10 +116,12 @@ def uniform_line(name: str, inst: g.Instrument, *, counts: float, frames: int, n
 
 
 def three_region_line(name: str, inst: g.Instrument | None = None, *, counts: float = REFERENCE_ZLP_PER_FRAME,
-                      frames: int = 200, drop_K: float = 15.0, seed: int = 1, tags: tuple[str, ...] = ()
-                      ) -> Scenario:
+                      frames: int = 200, drop_K: float = 15.0, seed: int = 1, tags: tuple[str, ...] = (),
+                      names: tuple[str, str, str] = ("A", "B", "AB"), thermometry: bool = False) -> Scenario:
     """40 points 1.6 nm apart: material A (points 0-15), an interface (16-25), material B (26-39).
 
+    ``names``: the left, right and interface-only materials (default A, B, AB: peaks in 18-60 meV for the
+    segmentation and peak fits; P, Q with no interface modes for thermometry across an interface).
     The interface mixes A and B by their distance to the boundary (delocalised signal, 3 nm decay) and adds
     the interface-only modes ``AB``; temperatures fall 0.3 K/nm on each side with a ``drop_K`` step at the
     boundary (x = 33.6 nm, 2 nm wide).
@@ -132,15 +134,18 @@ def three_region_line(name: str, inst: g.Instrument | None = None, *, counts: fl
     for i, xi in enumerate(x):
         wb = 1.0 / (1.0 + np.exp(-(xi - xb) / 3.0))
         if region[i] == 0:
-            mats.append((("A", 1.0),))
+            mats.append(((names[0], 1.0),))
         elif region[i] == 2:
-            mats.append((("B", 1.0),))
+            mats.append(((names[1], 1.0),))
         else:
-            mats.append((("A", round(1 - wb, 4)), ("B", round(wb, 4)), ("AB", 0.8)))
+            mix = ((names[0], round(1 - wb, 4)), (names[1], round(wb, 4)))
+            mats.append(mix + (((names[2], 0.8),) if names[2] else ()))
     temps = 320.0 - 0.3 * x - drop_K / (1.0 + np.exp(-(x - xb) / (2.0 / 4.4)))
     return Scenario(name, "eels_line_scan", inst, counts, frames, tuple(mats), tuple(float(t) for t in temps),
                     tuple(int(r) for r in region), tuple(float(v) for v in x), (0.0,) * 40, seed=seed,
-                    segmentation=True, peaks=True, interface_drop_K=drop_K, tags=tags)
+                    segmentation=True, peaks=not thermometry, interface_drop_K=drop_K if thermometry else None,
+                    thermometry=thermometry,
+                    tags=tags)
 
 
 def material_map(name: str, n_materials: int, inst: g.Instrument | None = None, *, shape: tuple[int, int] = (8, 12),
@@ -225,5 +230,7 @@ def grid() -> list[Scenario]:
     out.append(material_map("map2", 2, tags=("map",)))
     out.append(material_map("map3", 3, shape=(8, 12), tags=("map",)))
     out.append(three_region_line("line3_reference", tags=("line",)))
+    out.append(three_region_line("interface_15K", names=("P", "Q", ""), counts=2e8, frames=4, thermometry=True,
+                                 tags=("line", "interface")))
     out.append(usim_like())
     return out
