@@ -233,3 +233,33 @@ def test_replay_of_a_too_narrow_axis_lists_every_missing_result(tmp_path: Path) 
     info = subprocess.run([*cli, "info", str(out)], capture_output=True, text=True, timeout=120)
     assert info.returncode == 0 and "analysis:    incomplete (4 problems)" in info.stdout
     assert all(line in info.stdout for line in lines)
+
+
+def test_usim_like_spectra_give_reasons_not_errors(tmp_path: Path) -> None:
+    """Nion usim's EELS camera: 1 eV per channel, Gaussian zero-loss peak, a plasmon. No vibrational window spans
+    a channel: each result is skipped with that reason (formerly "Singular matrix" and the stage switched off)."""
+    from stemlive.live.problems import problems_in
+
+    rng = np.random.default_rng(0)
+    energy = -20000.0 + 1000.0 * np.arange(256)
+    mu = 1e5 * np.exp(-0.5 * (energy / 500.0) ** 2) + 2e3 * np.exp(-0.5 * ((energy - 15000.0) / 4000.0) ** 2) + 5
+
+    def messages() -> Iterator[Message]:
+        yield Message(header("session_start", 0, 1.0, kind="eels_map", settings={"scan_shape": [2, 3]}), None)
+        for point in range(6):
+            h = header("spectrum", point + 1, 1.0 + point, point_index=[point] * 4, frame_index=list(range(4)),
+                       x_nm=[float(point % 3)] * 4, y_nm=[float(point // 3)] * 4, energy_offset_meV=[-20000.0] * 4,
+                       dispersion_meV=1000.0, exposure_ms=10.0)
+            yield Message(h, rng.poisson(mu, (4, energy.size)).astype(np.float32))
+        yield Message(header("session_end", 7, 8.0, status="complete", messages=8), None)
+
+    out = analyze_messages(messages(), tmp_path / "usim.h5", make_params(),
+                           stage_classes={"eels": registered_stages()["eels"]})
+    found = {p.result: p for p in problems_in(out)}
+    assert set(found) == {"temperature", "segmentation", "peaks"}, found
+    assert found["temperature"].reason == "the zero-loss window 15-30 meV spans 0 channels at 1000 meV per channel " \
+                                          "(needs 3)"
+    assert "spans 0 channels at 1000 meV per channel" in found["segmentation"].reason
+    assert all(p.severity == "skipped" for p in found.values())
+    with SessionReader(out) as r:
+        assert "stage_error" not in r.results("eels") and r.results("eels")["sum"].shape == (2, 3, 256)
