@@ -10,6 +10,7 @@ import pytest
 from corpus import evaluate, generator, scenarios
 from sklearn.metrics import adjusted_rand_score
 
+from stemlive.live import report
 from stemlive.live.analysis import eels, segment
 from stemlive.simulators.eels_model import PHONON_PEAKS, VibrationalEELSSimulator
 
@@ -172,3 +173,17 @@ def test_corpus_line_peaks_without_starting_centres(tmp_path: Path) -> None:
         assert np.all(nearest <= 1.0), (majority, centres, modes)
         found = np.min(np.abs(modes[:, None] - centres[None, :]), axis=1)
         assert np.all(found <= 1.0), (majority, centres, modes)
+    # the report's cluster figure: the model as fitted, re-evaluated from the stored table, on the same data
+    energy = np.asarray(out.results["energy_meV"], float)
+    sums = np.asarray(out.results["sum"], float).reshape(len(labels), -1)
+    fits = report.cluster_fits(energy, sums, labels, peaks, {"peak_window_meV": [18.0, 60.0]})
+    assert sorted(fits) == sorted(np.unique(labels).tolist())
+    for c, fit in fits.items():
+        stored = peaks[peaks["cluster"] == c]  # same peaks within 3 sigma (float32 sums; overlapping pairs move)
+        assert np.all(np.abs(fit.table["centre_meV"] - stored["centre_meV"])
+                      <= np.maximum(0.05, 3 * stored["centre_err_meV"])), (fit.table, stored)
+        loss = fit.energy_meV > 15.0
+        # the model follows the data: 15-60 meV residuals a few per mille of the counts (1e5-3e7 per channel)
+        rel = np.abs(fit.data - fit.model)[loss] / fit.data[loss]
+        assert np.median(rel) < 0.005 and np.max(rel) < 0.08, (c, np.median(rel), np.max(rel))
+    assert (tmp_path / report._fig_clusters(fits, {}, None, tmp_path / "clusters.png")).exists()

@@ -120,6 +120,9 @@ class PeakFit:
         Whether the optimiser converged.
     resolution_fwhm_meV
         Resolution FWHM used for the lower bound of the widths (NaN without a resolution model).
+    baseline
+        The part of ``model`` that is not peaks (zero-loss peak, components, power law): ``data - baseline``
+        shows the peaks.
     """
 
     table: NDArray[np.void]
@@ -131,6 +134,7 @@ class PeakFit:
     criterion: dict[int, float] = field(default_factory=dict)
     converged: bool = True
     resolution_fwhm_meV: float = float("nan")
+    baseline: Array = field(default_factory=lambda: np.zeros(0))
 
 
 # ------------------------------------------------------------------------------------------ the problems
@@ -335,8 +339,10 @@ def _run(
     table = _table(x, cov, n_best, f, cluster, ok)
     if initial is None:  # peaks beyond the window model the tails of modes outside it: not reported
         table = table[table["centre_meV"] <= window[1]]
+    bare = x.copy()
+    bare[f : f + 3 * n_best : 3] = 0.0
     return PeakFit(table, prob.e, prob.y, prob.model(x, n_best), prob.sd, len(table), crit, ok,
-                   prob.resolution_fwhm)
+                   prob.resolution_fwhm, prob.model(bare, n_best))
 
 
 def _zlp_problem(

@@ -139,8 +139,8 @@ class Background:
     def density(self, e: Array) -> Array:
         if self.amplitude == 0.0:
             return np.zeros_like(e)
-        ae = np.maximum(np.abs(e), 1e-6)
-        on = 0.5 * (1 + np.tanh((ae - self.from_meV) / 2.5))
+        ae = np.maximum(np.abs(e), 0.5 * self.from_meV)  # switched off below from_meV: no divergence at 0
+        on = 0.5 * (1 + np.tanh((np.abs(e) - self.from_meV) / 2.5))
         out = self.amplitude * (ae / 50.0) ** (-self.exponent) * on
         return np.where(e > 0, out, 0.0) if self.loss_only else out
 

@@ -143,9 +143,8 @@ def three_region_line(name: str, inst: g.Instrument | None = None, *, counts: fl
     temps = 320.0 - 0.3 * x - drop_K / (1.0 + np.exp(-(x - xb) / (2.0 / 4.4)))
     return Scenario(name, "eels_line_scan", inst, counts, frames, tuple(mats), tuple(float(t) for t in temps),
                     tuple(int(r) for r in region), tuple(float(v) for v in x), (0.0,) * 40, seed=seed,
-                    segmentation=True, peaks=not thermometry, interface_drop_K=drop_K if thermometry else None,
-                    thermometry=thermometry,
-                    tags=tags)
+                    segmentation=not thermometry, peaks=not thermometry, thermometry=thermometry,
+                    interface_drop_K=drop_K if thermometry else None, tags=tags)
 
 
 def material_map(name: str, n_materials: int, inst: g.Instrument | None = None, *, shape: tuple[int, int] = (8, 12),
@@ -166,7 +165,7 @@ def material_map(name: str, n_materials: int, inst: g.Instrument | None = None, 
             ys.append(1.0 * iy)
     return Scenario(name, "eels_map", inst, counts, frames, tuple(mats), tuple(temps), tuple(region), tuple(xs),
                     tuple(ys), scan_shape=shape, seed=seed, thermometry=thermometry, segmentation=True,
-                    tags=tags)
+                    tags=tags, params={"eels": {"k": n_materials}})
 
 
 def usim_like(name: str = "usim_1eV") -> Scenario:
