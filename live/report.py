@@ -311,7 +311,8 @@ def eels_section(key: str, path: Path, figures: Path) -> tuple[dict[str, Any], l
         figs.append(_fig_labels(distance, labels, regions, out.get("ari"), figures / f"{key}_labels.png"))
     if peaks is not None and len(energy) and len(sums) and len(labels) == len(sums):
         fits = cluster_fits(energy, sums, labels, peaks, _stage_params(path))
-        figs.append(_fig_clusters(fits, cluster_region, model, figures / f"{key}_clusters.png"))
+        if fits:  # e.g. no peak in the window: no figure
+            figs.append(_fig_clusters(fits, cluster_region, model, figures / f"{key}_clusters.png"))
     if any(s is not None for s in surveys.values()):
         figs.append(_fig_surveys(surveys, settings, figures / f"{key}_surveys.png"))
     return out, figs
