@@ -164,6 +164,66 @@ def _similar_groups(features: Array, size: int) -> tuple[NDArray[np.intp], int]:
     return group, gid
 
 
+def grouping_by_size(groups: int | ArrayLike | None, k: int) -> bool:
+    """Whether ``groups`` asks for groups of similar spectra of about that size (rather than labels or none)."""
+    return np.ndim(groups) == 0 and groups is not None and 1 < int(groups) < k  # type: ignore[arg-type]
+
+
+EQUIVALENCE_Z = 3.0
+"""Spectra share a group's deconvolution only if the reduced chi-square of their amplitude-normalised signal
+against the group's mean is below ``1 + EQUIVALENCE_Z sqrt(2 / n_samples)`` (consistent with counting noise)."""
+EQUIVALENCE_SHAPE = (0.01, 0.03)
+"""... and their zero-loss FWHM and Pearson VII exponent m within these relative differences of the group's mean
+(the group's resolution function blurs the signal of each member)."""
+
+
+def _equivalent_groups(
+    obs: Array, var: Array, amp: Array, shape: Array, loss: NDArray[np.bool_], size: int, rounds: int = 3
+) -> tuple[NDArray[np.intp], int]:
+    """Groups of about ``size`` spectra shown equivalent for the spill model; the others alone.
+
+    Candidate groups of similar spectra come from :func:`_similar_groups` (principal components of the
+    loss-side signal).  A member stays in its group only if its signal per unit ZLP amplitude ``obs / amp``
+    agrees with the group's mean within its counting noise ``var / amp^2`` (:data:`EQUIVALENCE_Z`) and its
+    resolution shape with the group's (:data:`EQUIVALENCE_SHAPE`); the group's mean is then recomputed from the
+    members kept and the test repeated once.  The rejected spectra are grouped again among themselves
+    (``rounds`` times); what remains is deconvolved one spectrum at a time.  So a map of several materials
+    (or a gradient) never has a spectrum's spill and resolution offset predicted from another material's signal.
+    """
+    k, n_s = obs.shape
+    f = obs / amp[:, None]
+    inv_v = amp[:, None] ** 2 / var
+    limit = 1.0 + EQUIVALENCE_Z * np.sqrt(2.0 / n_s)
+    tol_w, tol_m = EQUIVALENCE_SHAPE
+    final = np.full(k, -1, np.intp)
+    n_final = 0
+    todo = np.arange(k)
+    for _ in range(int(rounds)):
+        if todo.size < 2:
+            break
+        cand, n_cand = _similar_groups(f[todo][:, loss], size)
+        ok = np.ones(todo.size, bool)
+        for _check in range(2):
+            g = np.where(ok, cand, n_cand)  # rejected members in an extra (ignored) group
+            wsum = np.maximum(_group_sum(np.where(ok, amp[todo], 0.0)[:, None], g, n_cand + 1), 1e-300)
+            mean = _group_sum(np.where(ok[:, None], obs[todo], 0.0), g, n_cand + 1) / wsum
+            cnt = _group_sum(ok[:, None].astype(float), g, n_cand + 1)[:, 0]
+            sh = _group_sum(np.where(ok[:, None], shape[todo], 0.0), g, n_cand + 1) / np.maximum(cnt, 1.0)[:, None]
+            # the member is part of the mean: the difference has variance (1 - its weight) var
+            frac = np.clip(amp[todo] / wsum[cand, 0], 0.0, 1.0)
+            chi2 = np.einsum("kn,kn->k", (f[todo] - mean[cand]) ** 2, inv_v[todo]) / n_s / np.maximum(1.0 - frac, 1e-3)
+            rel = np.abs(shape[todo] / np.maximum(sh[cand], 1e-300) - 1.0)
+            ok &= (chi2 <= limit) & (rel[:, 0] <= tol_w) & (rel[:, 1] <= tol_m) & (cnt[cand] >= 2)
+        kept = todo[ok]
+        if kept.size:
+            _, ids = np.unique(cand[ok], return_inverse=True)
+            final[kept] = n_final + ids.reshape(-1)
+            n_final += int(ids.max()) + 1
+        todo = todo[~ok]
+    final[todo] = n_final + np.arange(todo.size)
+    return final, n_final + todo.size
+
+
 def _group_sum(values: Array, group: NDArray[np.intp], n_groups: int) -> Array:
     """Sum of the rows of ``values`` ``(k, m)`` per group -> ``(n_groups, m)``."""
     k = len(group)
@@ -211,8 +271,9 @@ def signal_model(
     groups
         Group size: spectra are grouped by the shape of their signal (:func:`_similar_groups`, the first two
         principal components of the amplitude-normalised loss signal), about ``groups`` per group, whatever
-        their order; or ``(k,)`` labels of the groups (e.g. the regions of a segmentation); ``None`` or 1:
-        one deconvolution per spectrum.
+        their order, and a spectrum stays in its group only if its signal and resolution agree with the
+        group's within the counting noise (:func:`_equivalent_groups`; else it is deconvolved alone); or
+        ``(k,)`` labels of the groups (taken as given); ``None`` or 1: one deconvolution per spectrum.
     """
     s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
     batch, n = s.shape[:-1], s.shape[-1]
@@ -268,6 +329,7 @@ def _signal_model(
     cols = np.flatnonzero(in_range)
     runs = np.split(cols, np.flatnonzero(np.diff(cols) > 1) + 1) if cols.size else []
     obs = np.empty((k, cols.size))
+    var = np.empty((k, cols.size)) if grouping_by_size(groups, k) else None
 
     def observe(rows: slice) -> None:
         done = 0
@@ -279,6 +341,8 @@ def _signal_model(
                 data *= 0.5
             else:
                 data = _interp_uniform(flat[rows], start, coarse, count)
+            if var is not None:  # Poisson variance of the sample: the counts over min(coarse, 2) channels
+                var[rows, done : done + count] = np.maximum(data, 1.0) / min(coarse, 2)
             data -= _p7_f(np.broadcast_to(ax[run], data.shape), pz[rows])
             obs[rows, done : done + count] = data
             done += count
@@ -286,8 +350,8 @@ def _signal_model(
     thread_map(observe, row_blocks(k, _ROWS), workers)
     amp = np.maximum(p[:, 0], 1e-30)
     features = obs[:, ax[cols] > 0]
-    if np.ndim(groups) == 0 and groups is not None and 1 < int(groups) < k and features.shape[1] >= 2:  # type: ignore[arg-type]
-        group, n_groups = _similar_groups(features / amp[:, None], int(groups))  # type: ignore[arg-type]
+    if var is not None and features.shape[1] >= 2:
+        group, n_groups = _equivalent_groups(obs, var, amp, p[:, 2:], ax[cols] > 0, int(groups))  # type: ignore[arg-type]
     else:
         group, n_groups = _groups(groups, k)
     cnt = np.maximum(_group_sum(np.ones((k, 1)), group, n_groups), 1.0)
