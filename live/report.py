@@ -481,14 +481,20 @@ def _fig_labels(distance: np.ndarray, labels: np.ndarray, regions: np.ndarray, a
 
 
 def _stage_params(path: Path) -> dict[str, Any]:
-    """The EELS stage's parameters as recorded with the session's results (``{}`` if absent)."""
+    """The EELS stage's parameters as recorded with the session's results, with the peak window the fits used
+    (``{}`` if absent)."""
     import h5py
 
     with h5py.File(path, "r") as f:
         ds = f.get("results/eels/parameters")
         text = ds.attrs.get("parameters") if ds is not None else None
+        peaks = f.get("results/eels/peaks")
+        used = peaks.attrs.get("peak_window_meV") if peaks is not None else None  # the window actually used
     try:
-        return dict(json.loads(text)) if text else {}
+        out = dict(json.loads(text)) if text else {}
+        if used is not None:
+            out["peak_window_meV"] = json.loads(used) if isinstance(used, str | bytes) else list(np.ravel(used))
+        return out
     except (TypeError, ValueError):
         return {}
 
