@@ -291,6 +291,11 @@ def signal_model(
     )
 
 
+ACCELERATE = True
+"""Lucy-Richardson iterations of the spill model with Biggs-Andrews acceleration (about 3x fewer iterations for
+the same convergence of the resolution offset)."""
+
+
 def _signal_model(
     off: Array,
     disp: float,
@@ -304,6 +309,7 @@ def _signal_model(
     groups: int | ArrayLike | None,
     workers: int | None = None,
     reach: Reach | None = None,
+    accelerate: bool = ACCELERATE,
 ) -> SignalModel:
     """:func:`signal_model` on ``(k, n)`` spectra with offsets ``(k,)`` and parameters ``(k, 4)``.
 
@@ -388,12 +394,28 @@ def _signal_model(
     norm = np.maximum(sub._convolve(np.broadcast_to(ms, os_.shape), sub.kernel_fft), 1e-12)
     u = np.maximum(os_, 1e-9 * np.maximum(o.max(-1, keepdims=True), 1e-30)) * ms
     inv_norm = ms / norm
+    floor = 1e-9 * np.maximum(o.max(-1, keepdims=True), 1e-30) * ms
+    u_prev = g_prev = None
+    y = u
     for _ in range(int(iterations)):
-        est = sub._convolve(u, sub.kernel_fft)
+        est = sub._convolve(y, sub.kernel_fft)
         np.maximum(est, 1e-30, out=est)
         np.divide(os_, est, out=est)
-        u *= sub._convolve(est, sub.kernel_fft)
-        u *= inv_norm
+        new = y * sub._convolve(est, sub.kernel_fft)
+        new *= inv_norm
+        if not accelerate:
+            u = y = new
+            continue
+        # Biggs-Andrews vector extrapolation: the next iterate starts from u + alpha (u - u_prev), alpha from
+        # the correlation of successive LR steps (per group, in [0, 0.95]); positivity kept by a floor
+        g = new - y
+        alpha = np.zeros((len(g), 1), np.float32)
+        if g_prev is not None:
+            num = np.einsum("kn,kn->k", g, g_prev)
+            den = np.maximum(np.einsum("kn,kn->k", g_prev, g_prev), 1e-30)
+            alpha = np.clip(num / den, 0.0, 0.95).astype(np.float32)[:, None]
+        u_prev, u, g_prev = u, new, g
+        y = np.maximum(u + alpha * (u - u_prev), floor).astype(np.float32) if alpha.any() else u
     if sub is not model:
         u_full = np.zeros((n_groups, ax.size), np.float32)
         u_full[:, i0:i1] = u
