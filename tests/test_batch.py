@@ -77,8 +77,8 @@ def test_cli_many_sessions_into_a_folder(sessions: dict[str, Path], tmp_path: Pa
     assert last.startswith("analysed 2 sessions"), proc.stdout
     for name in ("map", "line"):
         single = tmp_path / f"{name}_single.h5"
-        single_proc = subprocess.run([sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions[name]),
-                                      "--analyze", str(single), "--set", "eels.n_peaks=2"], capture_output=True, text=True, timeout=300,
-                                     check=False)
+        cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions[name]), "--analyze", str(single),
+               "--set", "eels.n_peaks=2"]
+        single_proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         assert single_proc.returncode in (0, 4), single_proc.stderr
         _assert_identical(single, out_dir / f"{name}.h5")
