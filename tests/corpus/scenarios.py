@@ -233,3 +233,11 @@ def grid() -> list[Scenario]:
                                  tags=("line", "interface")))
     out.append(usim_like())
     return out
+
+
+def by_name(name: str) -> Scenario:
+    """The grid (or fast) scenario called ``name``."""
+    for s in grid() + fast():
+        if s.name == name:
+            return s
+    raise KeyError(name)
