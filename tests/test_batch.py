@@ -82,3 +82,17 @@ def test_cli_many_sessions_into_a_folder(sessions: dict[str, Path], tmp_path: Pa
         single_proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         assert single_proc.returncode in (0, 4), single_proc.stderr
         _assert_identical(single, out_dir / f"{name}.h5")
+
+
+def test_cli_existing_scheduler(sessions: dict[str, Path], client: object, tmp_path: Path) -> None:
+    """``--scheduler ADDRESS`` uses an existing cluster (here: this test's local one) and leaves it running."""
+    address = client.scheduler.address  # type: ignore[attr-defined]
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions["line"]), "--analyze", str(out_dir),
+           "--scheduler", address, "--set", "eels.n_peaks=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode in (0, 4), proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"analysed 1 sessions into {out_dir}"
+    ref = replay_analyze(sessions["line"], tmp_path / "ref.h5", make_params(overrides=["eels.n_peaks=2"]))
+    _assert_identical(ref, out_dir / "line.h5")
+    assert client.submit(sum, [1, 2]).result() == 3  # type: ignore[attr-defined]
