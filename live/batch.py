@@ -150,7 +150,7 @@ def analyze_map(path: str | Path, out_path: str | Path, params: Params, client: 
 
 def _finish_map(path: Path, out_path: Path, params: Params, parts: list[dict[str, Any]]) -> Path:
     """Record the session into ``out_path`` and finish the EELS stage on the merged per-position state."""
-    status, message = "aborted", "source session was not closed"
+    status, message = "aborted", ""
     with SessionReader(path) as reader:
         msgs = reader.messages()
         start = next(msgs)
@@ -178,7 +178,8 @@ def _finish_map(path: Path, out_path: Path, params: Params, parts: list[dict[str
                         setattr(stage, name, copy.deepcopy(value) if name == "_positions" else value)
                 for result in part["results"]:
                     run._emit(result)  # as the pipeline emits a stage's results
-            run.finish(status, message=message if status != "complete" else "")
+            # as analyze_messages: a recording that never got its session_end is finished as aborted
+            run.finish(status, message=message or ("" if status != "aborted" else "source session was not closed"))
         except BaseException:
             if not run.closed:
                 run.finish("failed", message="batch analysis failed")
