@@ -145,23 +145,24 @@ def _summary(r: types.SimpleNamespace) -> str:
 
 @pytest.mark.parametrize("T", TEMPERATURES)
 def test_temperature_bias(T: float) -> None:
-    """Default method (no LR, resolution-corrected line through the origin): |bias| <= 1 % (measured < 0.1 %)."""
+    """Default method (no LR, resolution-corrected line through the origin): |bias| <= 0.3 % (measured <= 0.016 %)."""
     r = _thermometry(T)
-    assert abs(r.mean - T) <= 0.01 * T, _summary(r)
+    assert abs(r.mean - T) <= 0.003 * T, _summary(r)
 
 
 @pytest.mark.parametrize("T", TEMPERATURES)
 def test_temperature_pull_rms(T: float) -> None:
-    """Honest errors: RMS of (T - T_true) / T_err in [0.7, 1.4] (counting + ZLP covariance)."""
+    """Honest errors: RMS of (T - T_true) / T_err in [0.8, 1.2] (counting + ZLP covariance; measured 1.08-1.16)."""
     r = _thermometry(T)
-    assert 0.7 <= r.pull_rms <= 1.4, _summary(r)
+    assert 0.8 <= r.pull_rms <= 1.2, _summary(r)
 
 
 @pytest.mark.parametrize("T", TEMPERATURES)
 def test_temperature_scatter_vs_counting_limit(T: float) -> None:
-    """Scatter <= 1.5 x k_B T^2 / sqrt(sum E^2 w) of the same bins (measured 1.0-1.1)."""
+    """Scatter <= 1.3 x k_B T^2 / sqrt(sum E^2 w) of the same bins (measured 1.05-1.24 with the zero-loss window
+    from 10 meV; 1.45 at 300 K from 15 meV, where the ZLP tail under the small gain signal was less constrained)."""
     r = _thermometry(T)
-    assert r.std / r.limit <= 1.5, _summary(r)
+    assert r.std / r.limit <= 1.3, _summary(r)
 
 
 def test_temperature_heavy_tailed_resolution() -> None:
@@ -198,8 +199,8 @@ def test_batch_equals_one_spectrum_at_a_time_on_heterogeneous_maps(layout: str) 
 def test_demo_thermometry_dose_has_honest_errors(frames: int) -> None:
     """The demo's thermometry points (eels_aln_sic scenario, 1200 ms frames with energy drift, aligned and summed
     as the stage does) at the demo's dose (50 frames per point) and the reference dose (200, `demo --full`):
-    |bias| <= 0.3 % on both sides of the interface and pooled pull RMS 0.7-1.2 (target 0.8-1.2: measured 0.78 at
-    50 frames, where the AlN side's errors are ~30 % too large, pull 0.69 -- not met; 0.9-1.0 at 200 frames).
+    |bias| <= 0.3 % on both sides of the interface and pooled pull RMS 0.8-1.2 (measured: AlN 0.80, SiC 0.90 at
+    50 frames; 0.95, 0.99 at 200 frames).
     Formerly 1.52 and 2.6: with 30 LR iterations the resolution offset left a log-ratio structure that grows with
     dose (line chi2_red 50-60 at 200 frames, SiC bias -0.026 %)."""
     from stemlive.simulators.scenario import load_scenario
@@ -219,7 +220,7 @@ def test_demo_thermometry_dose_has_honest_errors(frames: int) -> None:
         assert abs(np.mean(t) / truth - 1) <= 0.003, (x, np.mean(t), truth)
         pulls.append((t - truth) / err)
     pull_rms = float(np.sqrt(np.mean(np.concatenate(pulls) ** 2)))
-    assert 0.7 <= pull_rms <= 1.2, [float(np.sqrt(np.mean(p**2))) for p in pulls]
+    assert 0.8 <= pull_rms <= 1.2, [float(np.sqrt(np.mean(p**2))) for p in pulls]
 
 
 def test_temperature_uncorrected_is_biased() -> None:

@@ -229,7 +229,7 @@ def temperature(
     window_min_meV: float = 55.0,
     window_max_meV: float | None = None,
     bin_meV: float = 2.2,
-    zlp_windows_meV: tuple[tuple[float, float], ...] = ((15.0, 30.0), (130.0, 200.0)),
+    zlp_windows_meV: tuple[tuple[float, float], ...] = ((10.0, 30.0), (130.0, 200.0)),
     zlp: ZLPFit | None = None,
     deconvolve: bool = False,
     lr_iterations: int = 5,

@@ -217,7 +217,7 @@ def fit_zlp_pearson7(
     energy_meV: ArrayLike,
     spectra: ArrayLike,
     *,
-    windows_meV: tuple[tuple[float, float], ...] = ((15.0, 30.0), (130.0, 200.0)),
+    windows_meV: tuple[tuple[float, float], ...] = ((10.0, 30.0), (130.0, 200.0)),
     initial: ArrayLike | None = None,
     max_iter: int = 30,
     read_noise_counts: float = 0.0,
