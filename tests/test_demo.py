@@ -2,8 +2,8 @@
 tomography hand-off and the report, checked against the simulator's ground truth.
 
 Measured on the 2-core development machine (small preset, shared, under load): drift RMS error 0.008 px, ARI 1.0,
-temperature bias -0.009 % with pull RMS 0.92 (formerly -0.6 to -1.2 % and 2.2), interface drop 14.90 +- 0.21 K for a
-true 15 K (formerly 19-27 K), MoS2-WSe2 peak-centre MAE 0.30 meV, tomography Pearson r 0.28 (10 SIRT iterations,
+temperature bias -0.005 % with pull RMS 0.92 (formerly -0.6 to -1.2 % and 2.2), interface drop 15.02 +- 0.19 K for a
+true 15 K (formerly 19-27 K), MoS2-WSe2 peak-centre MAE 0.21 meV, tomography Pearson r 0.28 (10 SIRT iterations,
 128^2 px).
 """
 
