@@ -205,6 +205,10 @@ class EELSStage(Stage):
         # spatial order; None finds them from the spectrum (close pairs may then be missed)
         "peak_initial_meV": None,
         "labels_every": 5,  # refresh the live segmentation every N points
+        # a temperature whose log ratio is no line through the origin (reduced chi-square above this) is refused:
+        # the zero-loss or background model does not describe the spectrum (measured: <= 7 where it does,
+        # 120-24,000 with a pseudo-Voigt zero-loss peak or a power-law background under both sides)
+        "max_line_chi2": 25.0,
     }
 
     def __init__(self, params: dict[str, Any]) -> None:
@@ -304,6 +308,15 @@ class EELSStage(Stage):
             self._temp_failed[point] = (
                 f"no gain-side signal above {2:g} sigma in the thermometry window {lo:.0f}-{hi:.0f} meV"
                 if int(t.n_bins) == 0 else f"the log-ratio slope in {lo:.0f}-{hi:.0f} meV is not positive"
+            )
+            return None
+        chi2 = float(t.chi2_red)
+        if chi2 > float(self.params["max_line_chi2"]):
+            lo, hi = t.window_meV
+            self._temp_failed[point] = (
+                f"the log ratio in {lo:.0f}-{hi:.0f} meV is not a line through the origin (chi2_red {chi2:.3g} > "
+                f"{float(self.params['max_line_chi2']):g}): the zero-loss or background model does not describe "
+                f"this spectrum (T would be {temp:.4g} +- {err:.2g} K)"
             )
             return None
         self._temps[point] = (temp, err)
