@@ -52,7 +52,8 @@ def open_client(scheduler: str | None = None, n_workers: int = DEFAULT_WORKERS) 
     if scheduler:
         client = Client(scheduler)
         return client, client.close
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.WARNING)
     client = Client(cluster)
 
     def close() -> None:
@@ -202,18 +203,18 @@ def analyze_files(paths: Sequence[str | Path], out_dir: str | Path, params: Para
     Maps (``eels_map``) are split by rows of positions (:func:`analyze_map`); other sessions are one task each.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    kinds = []
+    for p in paths:  # unreadable input fails here, before any cluster or output exists
+        with SessionReader(p) as reader:
+            kinds.append(reader.kind)
     outs = [output_path(p, out_dir) for p in paths]
     if len({o.name for o in outs}) != len(outs):
         raise ValueError("two input sessions have the same file name; their outputs would collide")
+    out_dir.mkdir(parents=True, exist_ok=True)
     close: Callable[[], None] | None = None
     if client is None:
         client, close = open_client(scheduler, n_workers)
     try:
-        kinds = []
-        for p in paths:
-            with SessionReader(p) as reader:
-                kinds.append(reader.kind)
         singles = {i: client.submit(_whole_session, str(p), str(o), params, pure=False)
                    for i, (p, o, k) in enumerate(zip(paths, outs, kinds, strict=True)) if k != "eels_map"}
         done: list[Path] = []

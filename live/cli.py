@@ -76,7 +76,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.overrides or args.config:
             raise SystemExit("stemlive replay --to: analysis parameters belong to the receiving service")
         if len(files) != 1 or args.scheduler:
-            raise SystemExit("stemlive replay --to: one session file, no --scheduler")
+            raise CLIError("--to sends one session file (no --scheduler)", ExitCode.USAGE)
         n = replay_to(files[0], args.to, speed=parse_speed(args.speed), timeout_s=args.timeout)
         print(f"replayed {n} messages of {files[0]} to {args.to}")
     return 0

@@ -96,3 +96,14 @@ def test_cli_existing_scheduler(sessions: dict[str, Path], client: object, tmp_p
     ref = replay_analyze(sessions["line"], tmp_path / "ref.h5", make_params(overrides=["eels.n_peaks=2"]))
     _assert_identical(ref, out_dir / "line.h5")
     assert client.submit(sum, [1, 2]).result() == 3  # type: ignore[attr-defined]
+
+
+def test_cli_missing_input_fails_before_any_cluster(sessions: dict[str, Path], tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions["line"]), str(tmp_path / "missing.h5"),
+           "--analyze", str(out_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.h5" in lines[0], proc.stderr
+    assert not out_dir.exists()
