@@ -35,7 +35,7 @@ def curve_fit_zlp(
     energy: np.ndarray,
     spectrum: np.ndarray,
     p0: np.ndarray,
-    windows: tuple[tuple[float, float], ...] = ((15.0, 30.0), (130.0, 200.0)),
+    windows: tuple[tuple[float, float], ...] = ((10.0, 30.0), (130.0, 200.0)),
     blurred_signal: tuple[eels.SignalModel, np.ndarray] | None = None,
 ) -> np.ndarray:
     """The same Pearson VII fit as eels.fit_zlp_pearson7 (spill model, two passes) for one spectrum, with curve_fit.

@@ -75,27 +75,56 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import parse_speed, replay_analyze, replay_to
+    from .replay import parse_speed, replay_analyze, replay_to, report_problems
 
     if (args.to is None) == (args.analyze is None):
-        raise CLIError("give exactly one of --to ENDPOINT or --analyze OUT.h5", ExitCode.USAGE)
+        raise CLIError("give exactly one of --to ENDPOINT or --analyze OUT.h5|OUTDIR", ExitCode.USAGE)
+    files = list(args.file)
     if args.analyze is not None:
         from .pipeline import make_params
 
         params = make_params(args.config, args.overrides)
-        out = replay_analyze(args.file, args.analyze, params)
-        print(f"analysed {args.file} -> {out}")
+        if _batch_form(files, args.analyze, args.scheduler):
+            return _replay_batch(files, args.analyze, params, args.scheduler, args.workers)
+        out = replay_analyze(files[0], args.analyze, params)
+        print(f"analysed {files[0]} -> {out}")
+        report_problems(out)  # one line per missing result; exit code INCOMPLETE if any
     else:
         if args.overrides or args.config:
             raise CLIError("--to: analysis parameters belong to the receiving service", ExitCode.USAGE)
+        if len(files) != 1 or args.scheduler:
+            raise CLIError("--to sends one session file (no --scheduler)", ExitCode.USAGE)
         from .transport import TransportError
 
         speed = parse_speed(args.speed)
         try:
-            n = replay_to(args.file, args.to, speed=speed, timeout_s=args.timeout)
+            n = replay_to(files[0], args.to, speed=speed, timeout_s=args.timeout)
         except TransportError as e:
             raise CLIError(f"{args.to}: {e}", ExitCode.FAILED) from None
-        print(f"replayed {n} messages of {args.file} to {args.to}")
+        print(f"replayed {n} messages of {files[0]} to {args.to}")
+    return 0
+
+
+def _batch_form(files: list[Path], out: Path, scheduler: str | None) -> bool:
+    """Many files, an output folder or a scheduler: the Dask batch form (``live/batch.py``)."""
+    return len(files) > 1 or scheduler is not None or out.is_dir() or out.suffix.lower() not in {".h5", ".hdf5"}
+
+
+def _replay_batch(files: list[Path], out_dir: Path, params: dict, scheduler: str | None, workers: int) -> int:
+    from .batch import analyze_files
+    from .problems import problems_in
+
+    outs = analyze_files(files, out_dir, params, scheduler=scheduler, n_workers=workers)
+    missing = 0
+    for src, out in zip(files, outs, strict=True):
+        print(f"analysed {src} -> {out}")
+        for problem in problems_in(out):
+            print(f"{out.name}: {problem.line()}")
+            missing += 1
+    print(f"analysed {len(outs)} sessions into {out_dir}")
+    if missing:
+        raise CLIError(f"{missing} analysis result(s) could not be produced (listed above; stored under "
+                       "/results/<stage>/problems)", ExitCode.INCOMPLETE)
     return 0
 
 
@@ -143,11 +172,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("replay", help="replay a recorded session over the wire or through the pipeline")
-    p.add_argument("file", type=Path, help="session file (.h5)")
+    p.add_argument("file", type=Path, nargs="+", help="session file(s) (.h5); several need --analyze OUTDIR")
     p.add_argument("--to", metavar="ENDPOINT", help="send to a running service, e.g. tcp://127.0.0.1:7710")
     p.add_argument("--speed", default="max", help="1 = original timing, N = N times faster, max = no pauses")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds a blocked send may wait (default 60)")
-    p.add_argument("--analyze", type=Path, metavar="OUT.h5", help="run the analysis in-process into OUT.h5")
+    p.add_argument("--analyze", type=Path, metavar="OUT.h5|OUTDIR",
+                   help="run the analysis into OUT.h5 (one file, in-process) or into OUTDIR (one output per "
+                        "file, on a Dask cluster; maps split by rows of points)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="Dask scheduler of an existing cluster for --analyze OUTDIR (default: a local cluster)")
+    p.add_argument("--workers", type=int, default=2, help="workers of the local Dask cluster (default 2)")
     _add_params(p)
     p.set_defaults(func=cmd_replay)
 

@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from . import problems as problems_
 from .config import Params, resolve_params
 from .disk import DEFAULT_BALLAST_BYTES, DEFAULT_RESERVE_BYTES, DiskBudget, is_disk_full
 from .protocol import Message, ProtocolError, StreamChecker, json_default
@@ -158,6 +159,9 @@ class SessionRun:
     Recording (:meth:`record`) and analysis (:meth:`analyze`, :meth:`finish`) may run on different threads; a
     lock serialises access to the file. A failing stage is logged, reported as a ``stage_error`` result and
     switched off for the rest of the session: analysis errors never cost recorded data.
+
+    ``problem`` results (a result that could not be produced, :mod:`stemlive.live.problems`) are published and
+    kept in ``/results/<stage>/problems``; :meth:`finish` ends with ``pipeline/analysis_finished``.
     """
 
     def __init__(
@@ -184,7 +188,7 @@ class SessionRun:
         ]
         self.recorded = 0
         self.closed = False
-        self.problems = 0  # "problem" results and stage errors, counted for analysis_finished
+        self.problems: dict[str, list[problems_.Problem]] = {}
         for stage in self.stages:  # the file says how it was analysed
             record = Result(stage.name, "parameters", np.zeros(0, np.int8),
                             attrs={"parameters": json.dumps(stage.params, default=json_default)})
@@ -216,9 +220,7 @@ class SessionRun:
             return
         for stage in list(self.stages):
             self._run_stage(stage, stage.finish, status)
-        # all final results are out: say so (consumers such as Swift stop showing "analysing...")
-        self._emit(Result("pipeline", "analysis_finished", np.zeros(0), attrs={
-            "status": "complete" if self.problems == 0 else "incomplete", "problems": self.problems}))
+        self._emit(self.analysis_finished())
         with self._lock:
             self.writer.close(status, message=message, gaps=list(gaps))
         self.closed = True
@@ -232,21 +234,40 @@ class SessionRun:
             self.stages.remove(stage)
             error = Result(stage.name, "stage_error", np.zeros(0), attrs={"error": f"{type(e).__name__}: {e}"})
             self._emit(error, store=False)
+            self._emit(Result(stage.name, "problem", np.zeros(0), attrs={
+                "result": "stage", "severity": "failed",
+                "reason": f"the {stage.name} stage stopped: {type(e).__name__}: {e}"}))
             return
         for result in results:
             self._emit(result)
 
+    def analysis_finished(self) -> Result:
+        """``pipeline/analysis_finished``: ``complete`` when no result is missing, else ``incomplete``."""
+        n = sum(len(v) for v in self.problems.values())
+        return Result(problems_.FINISHED_STAGE, problems_.FINISHED_NAME, np.zeros(0),
+                      attrs={"status": "incomplete" if n else "complete", "problems": n})
+
     def _emit(self, result: Result, *, store: bool = True) -> None:
-        if result.name in ("problem", "stage_error"):
-            self.problems += 1
-        if store and result.store:
-            with self._lock:
-                self.writer.write_result(result)
+        if result.name == "problem":  # kept as the stage's problem table (rewritten: a few rows)
+            found = self.problems.setdefault(result.stage, [])
+            last = problems_.Problem.from_attrs(result.stage, result.attrs)
+            found.append(last)
+            log.info("session %s: %s", self.session_id, last.line())
+            self._store(Result(result.stage, "problems", problems_.table(found),
+                               attrs={"columns": "result, severity, reason"}))
+            result = Result(result.stage, "problem", np.zeros(0), store=False,
+                            attrs={"result": last.result, "severity": last.severity, "reason": last.reason})
+        elif store and result.store:
+            self._store(result)
         if self._publish is not None:
             try:
                 self._publish(self.session_id, result)
             except Exception:  # viewers are best-effort
                 log.exception("could not publish result %s/%s", result.stage, result.name)
+
+    def _store(self, result: Result) -> None:
+        with self._lock:
+            self.writer.write_result(result)
 
 
 def analyze_messages(

@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .config import Params
+from .exitcodes import CLIError, ExitCode
 from .pipeline import analyze_messages
+from .problems import problems_in
 from .protocol import Message
 from .session import SessionReader
 
@@ -117,3 +119,22 @@ def replay_analyze(path: str | Path, out_path: str | Path, params: Params) -> Pa
     with SessionReader(path) as reader:
         reader.require_data()
         return analyze_messages(reader.messages(), out_path, params)
+
+
+def report_problems(out_path: str | Path, print_line: Callable[[str], None] = print) -> None:
+    """Print each analysis problem stored in ``out_path`` (one line each); if any, raise ``INCOMPLETE``.
+
+    Raises
+    ------
+    CLIError
+        With :attr:`ExitCode.INCOMPLETE` when at least one result could not be produced.
+    """
+    found = problems_in(out_path)
+    for problem in found:
+        print_line(problem.line())
+    if found:
+        raise CLIError(
+            f"{len(found)} analysis result(s) could not be produced (listed above; stored in {out_path} "
+            "under /results/<stage>/problems)",
+            ExitCode.INCOMPLETE,
+        )

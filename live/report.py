@@ -309,9 +309,10 @@ def eels_section(key: str, path: Path, figures: Path) -> tuple[dict[str, Any], l
                                      figures / f"{key}_temperature.png"))
     if len(labels) == len(points) and len(labels):
         figs.append(_fig_labels(distance, labels, regions, out.get("ari"), figures / f"{key}_labels.png"))
-    if "cluster_mean" in res and len(energy):
-        figs.append(_fig_clusters(energy, np.asarray(res["cluster_mean"], float), peaks, cluster_region, model,
-                                  figures / f"{key}_clusters.png"))
+    if peaks is not None and len(energy) and len(sums) and len(labels) == len(sums):
+        fits = cluster_fits(energy, sums, labels, peaks, _stage_params(path))
+        if fits:  # e.g. no peak in the window: no figure
+            figs.append(_fig_clusters(fits, cluster_region, model, figures / f"{key}_clusters.png"))
     if any(s is not None for s in surveys.values()):
         figs.append(_fig_surveys(surveys, settings, figures / f"{key}_surveys.png"))
     return out, figs
@@ -479,35 +480,85 @@ def _fig_labels(distance: np.ndarray, labels: np.ndarray, regions: np.ndarray, a
     return _save(fig, path).name
 
 
-def _fig_clusters(energy: np.ndarray, means: np.ndarray, peaks: np.ndarray | None, cluster_region: Mapping[int, int],
-                  model: Mapping[str, Any] | None, path: Path) -> str:
-    fig = _figure(8, 4)
-    ax = fig.subplots()
-    lo, hi = (15.0, 70.0) if (model or {}).get("system") == "mos2_wse2" else (15.0, 140.0)
-    m = (energy >= lo) & (energy <= hi)
-    offset = 0.0
-    step = float(np.nanmax(np.abs(means[:, m]))) * 0.6 if means.size else 1.0
+def _stage_params(path: Path) -> dict[str, Any]:
+    """The EELS stage's parameters as recorded with the session's results, with the peak window the fits used
+    (``{}`` if absent)."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        ds = f.get("results/eels/parameters")
+        text = ds.attrs.get("parameters") if ds is not None else None
+        peaks = f.get("results/eels/peaks")
+        used = peaks.attrs.get("peak_window_meV") if peaks is not None else None  # the window actually used
+    try:
+        out = dict(json.loads(text)) if text else {}
+        if used is not None:
+            out["peak_window_meV"] = json.loads(used) if isinstance(used, str | bytes) else list(np.ravel(used))
+        return out
+    except (TypeError, ValueError):
+        return {}
+
+
+def cluster_fits(energy: np.ndarray, sums: np.ndarray, labels: np.ndarray, peaks: np.ndarray,
+                 params: Mapping[str, Any]) -> dict[int, Any]:
+    """The stage's peak fit of each cluster mean, re-evaluated from its table: ``{cluster: PeakFit}``.
+
+    The fit starts from the stored peaks (height, centre, FWHM) on the same data (cluster mean of the sums,
+    neighbouring cluster means as components for an interior cluster of a line) with the stage's window, so it
+    returns the model as fitted (convolved with the resolution, zero-loss peak included) and the data it was
+    fitted to.
+    """
+    from .analysis import segment
+
+    k = int(labels.max()) + 1 if labels.size else 0
+    means = segment.cluster_means(sums, labels, k)
+    window = tuple(params.get("peak_window_meV", (18.0, 60.0)))
+    out: dict[int, Any] = {}
+    for c in range(k):
+        rows = np.atleast_1d(peaks)[np.atleast_1d(peaks)["cluster"] == c]
+        if not len(rows) or not np.all(np.isfinite(means[c])):
+            continue
+        sigma = rows["fwhm_meV"] / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+        initial = np.column_stack([rows["area"] / (sigma * math.sqrt(2 * math.pi)), rows["centre_meV"],
+                                   rows["fwhm_meV"]])
+        comps = means[[c - 1, c + 1]] if 0 < c < k - 1 else None
+        try:
+            out[c] = segment.fit_peaks(energy, means[c], len(rows), initial=initial, cluster=c,
+                                       window_meV=(float(window[0]), float(window[1])), components=comps)
+        except (ValueError, RuntimeError, np.linalg.LinAlgError):
+            continue
+    return out
+
+
+def _fig_clusters(fits: Mapping[int, Any], cluster_region: Mapping[int, int], model: Mapping[str, Any] | None,
+                  path: Path) -> str:
+    """Per cluster: the data the peaks were fitted to, the model as fitted (resolution-convolved, ZLP tail
+    included) and the normalised residuals below."""
+    fig = _figure(8, 6)
+    ax, axr = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     sim = (model or {}).get("peaks_meV", {})
-    for c, mean in enumerate(means):
+    offset = 0.0
+    for c, fit in sorted(fits.items()):
         region = cluster_region.get(c)
         name = REGION_NAMES[region] if region is not None else "?"
-        line = ax.plot(energy[m], mean[m] + offset, lw=1, label=f"cluster {c} ({name})")[0]
-        if peaks is not None:
-            model_sum = np.zeros(m.sum())
-            for p in np.atleast_1d(peaks):
-                if int(p["cluster"]) == c:
-                    s = float(p["fwhm_meV"]) / 2.3548
-                    if s > 0:
-                        model_sum += float(p["area"]) / (s * math.sqrt(2 * math.pi)) * np.exp(
-                            -0.5 * ((energy[m] - float(p["centre_meV"])) / s) ** 2)
-            ax.plot(energy[m], model_sum + offset, "--", color=line.get_color(), lw=0.8)
+        m = fit.energy_meV >= 12.0  # the loss side of the fitted range
+        e, y, mod = fit.energy_meV[m], (fit.data - fit.baseline)[m], (fit.model - fit.baseline)[m]
+        scale = float(np.nanmax(np.abs(y))) or 1.0
+        line = ax.plot(e, y / scale + offset, ".", ms=2, label=f"cluster {c} ({name}): data")[0]
+        ax.plot(e, mod / scale + offset, "-", color=line.get_color(), lw=1,
+                label=f"model as fitted ({fit.n_peaks} peaks{'' if fit.converged else ', NOT converged'})")
+        for p in fit.table:
+            ax.plot([p["centre_meV"]] * 2, [offset, offset + 0.1], color=line.get_color(), lw=1)
         for s in sim.get(name, []):
-            ax.plot([s, s], [offset - 0.08 * step, offset], color=line.get_color(), lw=1.5)
-        offset += step
-    ax.set_xlabel("energy loss (meV)")
-    ax.set_ylabel("background-subtracted counts (offset)")
-    ax.set_title("Mean spectrum per cluster: data (solid), 5-Gaussian fit (dashed), simulated centres (ticks)")
-    ax.legend(fontsize=8)
+            ax.plot([s, s], [offset - 0.08, offset], color="k", lw=1.5)
+        axr.plot(e, (fit.data - fit.model)[m] / fit.sigma[m], ".", ms=2, color=line.get_color())
+        offset += 1.1
+    ax.set_ylabel("counts - ZLP and components (/ max, offset)")
+    ax.set_title("Cluster means minus the fitted ZLP: data (dots), model as fitted (line)")
+    ax.legend(fontsize=7)
+    axr.axhline(0.0, color="k", lw=0.5)
+    axr.set_xlabel("energy loss (meV)")
+    axr.set_ylabel("(data - model) / sigma")
     return _save(fig, path).name
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .problems import describe_lines as _problem_lines
 from .session_format import SURVEYS
 from .session_format import iso as _iso
 from .session_reader import SessionReader, validate
@@ -44,6 +45,7 @@ def describe(path: str | Path) -> str:
             lines.append(f"  closed:      {r.closed_at}")
         lines += _describe_data(r)
         lines += _describe_results(r)
+        lines += _problem_lines(r.file)  # analysis status and problems, one line each
         lines.append(f"  file size:   {_size(os.path.getsize(path))}")
     return "\n".join(lines)
 

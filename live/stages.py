@@ -144,14 +144,41 @@ def segment_spectra(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Background-subtract summed spectra and cluster them with correlation k-means in ``window_meV``.
 
-    Returns ``(labels, background-subtracted spectra)``.
+    Both windows are intersected with the acquired axis first (:func:`segmentation_windows`; raises
+    :class:`~stemlive.live.analysis.eels.WindowError` when one is left too narrow).  Returns ``(labels,
+    background-subtracted spectra)``.
     """
-    background, _ = eels.power_law_background(energy_meV, sums, windows_meV=background_windows_meV)
-    corrected = sums - background
-    lo, hi = window_meV
+    window, background = segmentation_windows(energy_meV, window_meV, background_windows_meV)
+    bg, _ = eels.power_law_background(energy_meV, sums, windows_meV=background)
+    corrected = sums - bg
+    lo, hi = window
     mask = (energy_meV >= lo) & (energy_meV <= hi)
     labels, _centroids, _inertia = segment.kmeans_correlation(corrected[:, mask], k, n_restarts=n_restarts, seed=seed)
     return np.asarray(labels), corrected
+
+
+MIN_SEGMENT_CHANNELS = 5
+"""Fewest channels of the segmentation window (the correlation of shorter spectra says little)."""
+
+
+def segmentation_windows(
+    energy_meV: np.ndarray, window_meV: tuple[float, float], background_windows_meV: tuple[tuple[float, float], ...]
+) -> tuple[tuple[float, float], tuple[tuple[float, float], ...]]:
+    """The segmentation and background windows intersected with the acquired axis (ZLP at 0 meV)."""
+    where = eels.axis_reach(energy_meV)
+    window = eels.loss_window((float(window_meV[0]), float(window_meV[1])), where, "the segmentation window",
+                              min_channels=MIN_SEGMENT_CHANNELS)
+    return window, eels.background_windows(energy_meV, background_windows_meV)
+
+
+def _lists(windows: Iterable[Iterable[float]]) -> list[list[float]]:
+    """Windows as JSON-friendly lists of rounded floats (result attributes)."""
+    return [[round(float(v), 3) for v in w] for w in windows]
+
+
+def _first(failures: dict[int, str]) -> str:
+    point = min(failures)
+    return f"point {point}: {failures[point]}"
 
 
 @register_stage
@@ -159,14 +186,16 @@ class EELSStage(Stage):
     """Per probe position: align the frames for energy drift and sum; temperature; then k-means and peak fits.
 
     Frames of one probe position arrive consecutively; a spectrum with a new ``point_index`` closes the
-    previous position.
+    previous position.  Temperature, segmentation, peak fits and the interface fit are independent steps:
+    one that cannot run (a window the acquired range leaves too narrow, a failed fit) is reported as a
+    ``problem`` result (``attrs``: result, severity ``skipped`` | ``failed``, reason) and the others go on.
     """
 
     name = "eels"
     kinds = frozenset({"eels_line_scan", "eels_map"})
     defaults: ClassVar[dict[str, Any]] = {
         "align_method": "xcorr",
-        "zlp_windows_meV": [[15.0, 30.0], [130.0, 200.0]],
+        "zlp_windows_meV": [[10.0, 30.0], [130.0, 200.0]],
         "background_windows_meV": [[16.0, 20.0], [60.0, 70.0]],
         "window_min_meV": 55.0,
         "window_max_meV": None,
@@ -182,6 +211,10 @@ class EELSStage(Stage):
         # spatial order; None finds them from the spectrum (close pairs may then be missed)
         "peak_initial_meV": None,
         "labels_every": 5,  # refresh the live segmentation every N points
+        # a temperature whose log ratio is no line through the origin (reduced chi-square above this) is refused:
+        # the zero-loss or background model does not describe the spectrum (measured: <= 7 where it does,
+        # 120-24,000 with a pseudo-Voigt zero-loss peak or a power-law background under both sides)
+        "max_line_chi2": 25.0,
     }
 
     def __init__(self, params: dict[str, Any]) -> None:
@@ -194,6 +227,14 @@ class EELSStage(Stage):
         self._j0 = 0
         self._sums: dict[int, np.ndarray] = {}
         self._temps: dict[int, tuple[float, float]] = {}
+        self._temp_skipped: dict[int, str] = {}  # point -> why its temperature was not measured (windows)
+        self._temp_failed: dict[int, str] = {}  # point -> why its temperature fit failed
+        self._temp_windows: dict[str, Any] = {}
+
+    def problem(self, result: str, reason: str, severity: str = "skipped") -> Result:
+        """A ``problem`` result: ``result`` (e.g. "temperature") could not be produced, for ``reason`` (one line)."""
+        return Result(self.name, "problem", np.zeros(0),
+                      attrs={"result": result, "severity": severity, "reason": reason})
 
     def start(self, start: Message) -> Iterable[Result]:
         settings = start.header.get("settings") or {}
@@ -228,27 +269,74 @@ class EELSStage(Stage):
         )
         summed = self._on_common_axis(energy, summed)
         self._sums[point] = summed
-        assert self._energy is not None
-        t = eels.temperature(
-            self._energy, summed,
-            window_min_meV=float(self.params["window_min_meV"]),
-            window_max_meV=self.params["window_max_meV"],
-            zlp_windows_meV=tuple(tuple(w) for w in self.params["zlp_windows_meV"]),
-            deconvolve=bool(self.params["deconvolve"]),
-            lr_iterations=int(self.params["lr_iterations"]),
-        )
-        temp, err = float(t.T_K), float(t.T_err_K)
-        self._temps[point] = (temp, err)
         attrs: dict[str, Any] = {"n_frames": int(len(frames)), "x_nm": self._positions[point][0],
                                  "y_nm": self._positions[point][1]}
         if self._scan_shape:
             attrs["scan_shape"] = self._scan_shape  # lets viewers draw a map while it fills
         yield Result(self.name, "sum", summed.astype(np.float32), index=point, attrs=attrs)
-        yield Result(self.name, "temperature_K", _scalar(temp), index=point, attrs=attrs)
-        yield Result(self.name, "temperature_err_K", _scalar(err), index=point, attrs=attrs)
+        temp = self._temperature(point, summed)
+        if temp is not None:
+            t_attrs = {**attrs, **self._temp_windows}
+            yield Result(self.name, "temperature_K", _scalar(temp[0]), index=point, attrs=t_attrs)
+            yield Result(self.name, "temperature_err_K", _scalar(temp[1]), index=point, attrs=t_attrs)
         every = int(self.params["labels_every"])
         if every > 0 and len(self._sums) >= max(2 * int(self.params["k"]), 2) and len(self._sums) % every == 0:
             yield from self._segmentation(final=False)
+
+    def _temperature(self, point: int, summed: np.ndarray) -> tuple[float, float] | None:
+        """The point's temperature and error, or None (the reason is kept for the session's problems)."""
+        assert self._energy is not None
+        self._temps[point] = (np.nan, np.nan)
+        try:
+            t = eels.temperature(
+                self._energy, summed,
+                window_min_meV=float(self.params["window_min_meV"]),
+                window_max_meV=self.params["window_max_meV"],
+                zlp_windows_meV=tuple(tuple(w) for w in self.params["zlp_windows_meV"]),
+                deconvolve=bool(self.params["deconvolve"]),
+                lr_iterations=int(self.params["lr_iterations"]),
+            )
+        except eels.WindowError as e:
+            self._temp_skipped[point] = str(e)
+            return None
+        except Exception as e:  # noqa: BLE001  (one point's fit never stops the others)
+            log.warning("temperature of point %d failed: %s", point, e)
+            self._temp_failed[point] = f"{type(e).__name__}: {e}"
+            return None
+        temp, err = float(t.T_K), float(t.T_err_K)
+        self._temp_windows = {
+            "zlp_windows_loss_meV": _lists(t.zlp.loss_windows_meV),
+            "zlp_windows_gain_meV": _lists(t.zlp.gain_windows_meV),
+            "thermometry_window_meV": _lists([t.window_meV])[0],
+        }
+        if not (np.isfinite(temp) and np.isfinite(err)):
+            lo, hi = t.window_meV
+            self._temp_failed[point] = (
+                f"no gain-side signal above {2:g} sigma in the thermometry window {lo:.0f}-{hi:.0f} meV"
+                if int(t.n_bins) == 0 else f"the log-ratio slope in {lo:.0f}-{hi:.0f} meV is not positive"
+            )
+            return None
+        chi2 = float(t.chi2_red)
+        if chi2 > float(self.params["max_line_chi2"]):
+            lo, hi = t.window_meV
+            self._temp_failed[point] = (
+                f"the log ratio in {lo:.0f}-{hi:.0f} meV is not a line through the origin (chi2_red {chi2:.3g} > "
+                f"{float(self.params['max_line_chi2']):g}): the zero-loss or background model does not describe "
+                f"this spectrum (T would be {temp:.4g} +- {err:.2g} K)"
+            )
+            return None
+        self._temps[point] = (temp, err)
+        return temp, err
+
+    def _temperature_problems(self) -> Iterator[Result]:
+        n = len(self._temps)
+        skipped, failed = self._temp_skipped, self._temp_failed
+        if skipped and len(skipped) == n and len(set(skipped.values())) == 1:
+            yield self.problem("temperature", next(iter(skipped.values())))
+        elif skipped:
+            yield self.problem("temperature", f"skipped at {len(skipped)} of {n} points ({_first(skipped)})")
+        if failed:
+            yield self.problem("temperature", f"failed at {len(failed)} of {n} points ({_first(failed)})", "failed")
 
     def _on_common_axis(self, energy: np.ndarray, summed: np.ndarray) -> np.ndarray:
         """The first position fixes the axis; later sums (ZLP at 0 by construction) are moved onto it."""
@@ -267,18 +355,34 @@ class EELSStage(Stage):
         points, sums = self._stacked()
         k = int(self.params["k"])
         if len(points) < k:
+            if final:
+                reason = f"{len(points)} points for k = {k} clusters"
+                yield self.problem("segmentation", reason)
+                yield self.problem("peaks", f"no segmentation ({reason})")
             return
-        labels, corrected = segment_spectra(
-            self._energy, sums, k=k,
-            window_meV=tuple(self.params["segment_window_meV"]),
-            background_windows_meV=tuple(tuple(w) for w in self.params["background_windows_meV"]),
-            n_restarts=int(self.params["n_restarts"]), seed=int(self.params["seed"]),
-        )
+        window = (float(self.params["segment_window_meV"][0]), float(self.params["segment_window_meV"][1]))
+        background = tuple((float(a), float(b)) for a, b in self.params["background_windows_meV"])
+        try:
+            used, used_bg = segmentation_windows(self._energy, window, background)
+            labels, corrected = segment_spectra(
+                self._energy, sums, k=k, window_meV=used, background_windows_meV=used_bg,
+                n_restarts=int(self.params["n_restarts"]), seed=int(self.params["seed"]),
+            )
+        except Exception as e:  # noqa: BLE001  (independent steps: the other results go on)
+            if final:
+                severity = "skipped" if isinstance(e, eels.WindowError) else "failed"
+                reason = str(e) if severity == "skipped" else f"{type(e).__name__}: {e}"
+                if severity == "failed":
+                    log.warning("segmentation failed: %s", reason)
+                yield self.problem("segmentation", reason, severity)
+                yield self.problem("peaks", f"no segmentation ({reason})")
+            return
         out = labels.astype(np.int32).reshape(shape if shape is not None else (-1,))
-        yield Result(self.name, "labels", out, attrs={"points": points.tolist(), "final": final})
+        attrs = {"segment_window_meV": _lists([used])[0], "background_windows_meV": _lists(used_bg)}
+        yield Result(self.name, "labels", out, attrs={"points": points.tolist(), "final": final, **attrs})
         if not final:
             return
-        yield Result(self.name, "cluster_mean", np.asarray(segment.cluster_means(corrected, labels, k)))
+        yield Result(self.name, "cluster_mean", np.asarray(segment.cluster_means(corrected, labels, k)), attrs=attrs)
         yield from self._peak_table(sums, labels, k)
 
     def _initial_centres(self, cluster: int) -> list[float] | None:
@@ -294,9 +398,18 @@ class EELSStage(Stage):
 
         Clusters are numbered in spatial order along a line, so an interior cluster (an interface) lies between
         its neighbours: their mean spectra enter its fit as components with free weights, for the delocalised
-        signal of both sides that an interface spectrum contains.
+        signal of both sides that an interface spectrum contains.  The fit covers ``+-window`` (both sides).
         """
         assert self._energy is not None
+        n_peaks = int(self.params["n_peaks"])
+        try:
+            window = eels.both_sides(
+                (float(self.params["peak_window_meV"][0]), float(self.params["peak_window_meV"][1])),
+                eels.axis_reach(self._energy), "the peak window", min_channels=max(8, 3 * n_peaks),
+            )
+        except eels.WindowError as e:
+            yield self.problem("peaks", str(e))
+            return
         means = np.asarray(segment.cluster_means(sums, labels, k))
         line = self._scan_shape is None
         tables = []
@@ -305,28 +418,31 @@ class EELSStage(Stage):
             components = means[neighbours] if len(neighbours) == 2 else None
             try:
                 tables.append(segment.fit_gaussians(
-                    self._energy, means[cluster], int(self.params["n_peaks"]),
-                    window_meV=tuple(self.params["peak_window_meV"]), cluster=cluster,
+                    self._energy, means[cluster], n_peaks,
+                    window_meV=window, cluster=cluster,
                     initial=self._initial_centres(cluster), components=components,
                 ))
-            except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:
+            except Exception as e:  # noqa: BLE001  (one cluster's fit never removes the others)
                 log.warning("peak fit of cluster %d failed: %s", cluster, e)
+                yield self.problem("peaks", f"cluster {cluster}: {type(e).__name__}: {e}", "failed")
         if tables:
-            yield Result(self.name, "peaks", np.concatenate(tables))
+            yield Result(self.name, "peaks", np.concatenate(tables), attrs={"peak_window_meV": _lists([window])[0]})
 
     def _interface(self) -> Iterator[Result]:
         points = np.array(sorted(self._temps))
         temps = np.array([self._temps[p] for p in points]).reshape(-1, 2)
         finite = np.isfinite(temps).all(axis=1)
         if finite.sum() < 8:  # e.g. no phonon signal in the thermometry window: no profile to fit
+            yield self.problem("interface", f"{int(finite.sum())} of {len(points)} points have a temperature (needs 8)")
             return
         xy = np.array([self._positions[p] for p in points])
         distance = np.hypot(*(xy - xy[0]).T)  # along the line from its first point
         distance, temps = distance[finite], temps[finite]
         try:
             fit = interface.fit_interface_profile(distance, temps[:, 0], temps[:, 1])
-        except (RuntimeError, ValueError, np.linalg.LinAlgError) as e:
+        except Exception as e:  # noqa: BLE001  (independent steps)
             log.warning("interface fit failed: %s", e)
+            yield self.problem("interface", f"{type(e).__name__}: {e}", "failed")
             return
         table = np.array(
             [(fit.interface_x_nm, fit.drop_K, fit.drop_err_K, fit.width_nm, fit.width_err_nm,
@@ -347,8 +463,10 @@ class EELSStage(Stage):
         if self._scan_shape and int(np.prod(self._scan_shape)) == len(points):
             shape = tuple(self._scan_shape)
         yield Result(self.name, "sum", sums.reshape(*shape, -1).astype(np.float32))
-        yield Result(self.name, "temperature_K", temps[:, 0].reshape(shape))
-        yield Result(self.name, "temperature_err_K", temps[:, 1].reshape(shape))
+        # NaN where no temperature was measured (the problems say why)
+        yield Result(self.name, "temperature_K", temps[:, 0].reshape(shape), attrs=self._temp_windows)
+        yield Result(self.name, "temperature_err_K", temps[:, 1].reshape(shape), attrs=self._temp_windows)
+        yield from self._temperature_problems()
         yield Result(self.name, "point_index", points.reshape(shape).astype(np.int32))
         yield from self._segmentation(final=True, shape=shape)
         if len(shape) == 1:

@@ -1,10 +1,10 @@
 """``stemlive demo --small`` end to end: acquisition through the plug-in procedures, the pipeline service, the
 tomography hand-off and the report, checked against the simulator's ground truth.
 
-Measured on the 2-core development machine (small preset, about 70 s): drift RMS error 0.008 px, ARI 1.0 on both
-lines, temperature bias -0.6 to -1.2 % with pull RMS 2.2 (the LR estimator's known excess scatter), interface
-drop 19-27 K for a true 15 K (the SiC side reads 7-15 K low: material-dependent thermometry bias), MoS2-WSe2
-peak-centre MAE 1.5 meV, tomography Pearson r about 0.2 (10 SIRT iterations, 128^2 px).
+Measured on the 2-core development machine (small preset, shared, under load): drift RMS error 0.008 px, ARI 1.0,
+temperature bias -0.005 % with pull RMS 0.92 (formerly -0.6 to -1.2 % and 2.2), interface drop 15.02 +- 0.19 K for a
+true 15 K (formerly 19-27 K), MoS2-WSe2 peak-centre MAE 0.21 meV, tomography Pearson r 0.28 (10 SIRT iterations,
+128^2 px).
 """
 
 from __future__ import annotations
@@ -49,10 +49,10 @@ def test_demo_numbers_against_truth(demo_run):
     assert h["drift_rms_error_px"] < 0.1
     assert h["sharpness_gain"] > 0.98  # within-tilt drift of the small preset is < 0.1 px: no blur to undo
     assert h["ari"] >= 0.8
-    assert abs(h["temperature_bias_percent"]) < 3.0
-    assert h["temperature_pull_rms"] < 4.0
+    assert abs(h["temperature_bias_percent"]) <= 0.3
+    assert 0.8 <= h["temperature_pull_rms"] <= 1.2  # honest errors (issue 12)
     assert h["interface_drop_true_K"] == 15.0
-    assert 5.0 < h["interface_drop_K"] < 40.0  # see the module docstring: biased high, reported as measured
+    assert abs(h["interface_drop_K"] - 15.0) <= 3.0
     assert h["peak_centre_mae_meV"] < 3.0
     assert h["tomo_correlation"] > 0.1
     thermo = report["sections"]["eels_thermometry"]

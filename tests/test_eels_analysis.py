@@ -145,29 +145,82 @@ def _summary(r: types.SimpleNamespace) -> str:
 
 @pytest.mark.parametrize("T", TEMPERATURES)
 def test_temperature_bias(T: float) -> None:
-    """Default method (no LR, resolution-corrected line through the origin): |bias| <= 1 % (measured < 0.1 %)."""
+    """Default method (no LR, resolution-corrected line through the origin): |bias| <= 0.3 % (measured <= 0.016 %)."""
     r = _thermometry(T)
-    assert abs(r.mean - T) <= 0.01 * T, _summary(r)
+    assert abs(r.mean - T) <= 0.003 * T, _summary(r)
 
 
 @pytest.mark.parametrize("T", TEMPERATURES)
 def test_temperature_pull_rms(T: float) -> None:
-    """Honest errors: RMS of (T - T_true) / T_err in [0.7, 1.4] (counting + ZLP covariance)."""
+    """Honest errors: RMS of (T - T_true) / T_err in [0.8, 1.2] (counting + ZLP covariance; measured 1.08-1.16)."""
     r = _thermometry(T)
-    assert 0.7 <= r.pull_rms <= 1.4, _summary(r)
+    assert 0.8 <= r.pull_rms <= 1.2, _summary(r)
 
 
 @pytest.mark.parametrize("T", TEMPERATURES)
 def test_temperature_scatter_vs_counting_limit(T: float) -> None:
-    """Scatter <= 1.5 x k_B T^2 / sqrt(sum E^2 w) of the same bins (measured 1.0-1.1)."""
+    """Scatter <= 1.3 x k_B T^2 / sqrt(sum E^2 w) of the same bins (measured 1.05-1.24 with the zero-loss window
+    from 10 meV; 1.45 at 300 K from 15 meV, where the ZLP tail under the small gain signal was less constrained)."""
     r = _thermometry(T)
-    assert r.std / r.limit <= 1.5, _summary(r)
+    assert r.std / r.limit <= 1.3, _summary(r)
 
 
 def test_temperature_heavy_tailed_resolution() -> None:
     """The correction does not rely on the simulator's tail: Pearson VII m = 1.5 (infinite variance) at 600 K."""
     r = _thermometry(600.0, m=1.5)
     assert abs(r.mean - 600.0) <= 0.01 * 600.0 and 0.7 <= r.pull_rms <= 1.4, _summary(r)
+
+
+@pytest.mark.parametrize("layout", ["two_materials", "across_the_interface"])
+def test_batch_equals_one_spectrum_at_a_time_on_heterogeneous_maps(layout: str) -> None:
+    """A 96-pixel map of AlN and SiC pixels in random order (or positions spread across the interface: mixed
+    signals and a temperature step): the batch (grouped spill model, groups only of spectra shown equivalent)
+    gives every pixel's temperature within 0.1 sigma of fitting that spectrum alone (formerly up to 13 sigma,
+    pull RMS 4.4); pull RMS against the truth <= 1.2."""
+    rng = np.random.default_rng(1)
+    x = np.where(rng.random(96) < 0.5, -20.0, 20.0) if layout == "two_materials" else rng.uniform(-8.0, 8.0, 96)
+    sim = VibrationalEELSSimulator("aln_sic", seed=5)
+    spectra, truths = sim.spectra(x_nm=x, t_s=np.arange(x.size) * 1.2)
+    truth = np.asarray(truths["temperature_K"]).ravel()
+    batch = eels.temperature(E_AXIS, spectra)
+    one = [eels.temperature(E_AXIS, spectra[i : i + 1]) for i in range(x.size)]
+    t_one = np.array([r.T_K[0] for r in one])
+    err_one = np.array([r.T_err_K[0] for r in one])
+    diff = (batch.T_K - t_one) / err_one
+    pull = (batch.T_K - truth) / batch.T_err_K
+    summary = f"max |batch - one| {np.max(np.abs(diff)):.3f} sigma, pull RMS {np.sqrt(np.mean(pull**2)):.2f}"
+    assert np.max(np.abs(diff)) <= 0.1, summary
+    assert np.sqrt(np.mean(pull**2)) <= 1.2, summary
+    assert np.max(batch.zlp.signal.group) + 1 < x.size, "no spectra grouped at all"  # type: ignore[union-attr]
+
+
+@pytest.mark.grid
+@pytest.mark.parametrize("frames", [50, 200])
+def test_demo_thermometry_dose_has_honest_errors(frames: int) -> None:
+    """The demo's thermometry points (eels_aln_sic scenario, 1200 ms frames with energy drift, aligned and summed
+    as the stage does) at the demo's dose (50 frames per point) and the reference dose (200, `demo --full`):
+    |bias| <= 0.3 % on both sides of the interface and pooled pull RMS 0.8-1.2 (measured: AlN 0.80, SiC 0.90 at
+    50 frames; 0.95, 0.99 at 200 frames).
+    Formerly 1.52 and 2.6: with 30 LR iterations the resolution offset left a log-ratio structure that grows with
+    dose (line chi2_red 50-60 at 200 frames, SiC bias -0.026 %)."""
+    from stemlive.simulators.scenario import load_scenario
+
+    scenario = load_scenario("eels_aln_sic")
+    sim = VibrationalEELSSimulator(scenario, seed=frames)
+    rng = np.random.default_rng(frames)
+    pulls = []
+    for x in (-8.0, 8.0):  # AlN, SiC
+        frames_, truths = sim.spectra(x_nm=np.full(30 * frames, x), exposure_ms=1200.0,
+                                      t_s=np.arange(30 * frames) * 1.2, rng=rng)
+        truth = float(np.asarray(truths["temperature_K"]).ravel()[0])
+        energy, sums, _ = eels.sum_aligned(frames_.reshape(30, frames, -1), dispersion_meV=DISP)
+        res = [eels.temperature(energy, sums[i : i + 1]) for i in range(30)]
+        t = np.array([r.T_K[0] for r in res])
+        err = np.array([r.T_err_K[0] for r in res])
+        assert abs(np.mean(t) / truth - 1) <= 0.003, (x, np.mean(t), truth)
+        pulls.append((t - truth) / err)
+    pull_rms = float(np.sqrt(np.mean(np.concatenate(pulls) ** 2)))
+    assert 0.8 <= pull_rms <= 1.2, [float(np.sqrt(np.mean(p**2))) for p in pulls]
 
 
 def test_temperature_uncorrected_is_biased() -> None:

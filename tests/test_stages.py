@@ -141,3 +141,125 @@ def test_the_file_records_the_analysis_parameters(tmp_path: Path) -> None:
     with h5py.File(out) as f:
         recorded = json.loads(f["results/tilt_series/parameters"].attrs["parameters"])
     assert recorded == params["tilt_series"] and recorded["search_radius_px"] == 1.5
+
+
+# ------------------------------------------------------------------------------------------- windows and problems
+def aln_line_messages(
+    n_points: int, n_frames: int, lo_meV: float, hi_meV: float, truth: list[float] | None = None
+) -> Iterator[Message]:
+    """An AlN/SiC line scan acquired on the energy range ``lo_meV .. hi_meV`` (0.44 meV per channel);
+    ``truth`` receives each point's temperature."""
+    disp = 0.44
+    sim = VibrationalEELSSimulator({"system": "aln_sic", "energy_offset_meV": lo_meV,
+                                    "n_channels": int((hi_meV - lo_meV) / disp) + 1}, seed=7)
+    x = np.linspace(-12.0, 12.0, n_points)
+    seq, t = 0, 1.0e9
+    yield Message(header("session_start", seq, t, kind="eels_line_scan", settings={"points": n_points}), None)
+    rng = np.random.default_rng(3)
+    for point in range(n_points):
+        times = t + np.arange(n_frames) * 1.2
+        spectra, tr = sim.spectra(x_nm=np.full(n_frames, x[point]), exposure_ms=1200.0, t_s=times - 1.0e9, rng=rng)
+        if truth is not None:
+            truth.append(float(np.asarray(tr["temperature_K"]).ravel()[0]))
+        seq += 1
+        h = header("spectrum", seq, 0.0, point_index=[point] * n_frames, frame_index=list(range(n_frames)),
+                   x_nm=[float(x[point])] * n_frames, y_nm=[0.0] * n_frames,
+                   energy_offset_meV=[lo_meV] * n_frames, dispersion_meV=disp, exposure_ms=1200.0)
+        h["t"] = times.tolist()
+        yield Message(h, spectra.astype(np.float32))
+        t = float(times[-1]) + 1.2
+    seq += 1
+    yield Message(header("session_end", seq, t, status="complete", messages=seq + 1), None)
+
+
+def test_windows_adapt_to_an_asymmetric_axis(tmp_path: Path) -> None:
+    """-120..+276 meV: the gain side has no zero-loss tail window (130-200 meV), the loss side keeps it; the
+    thermometry window ends where the gain side does. Every point gets a temperature; the windows are recorded."""
+    import json
+
+    from stemlive.live.problems import problems_in
+
+    truth: list[float] = []
+    out = analyze_messages(aln_line_messages(12, 3, -120.0, 276.0, truth), tmp_path / "asym.h5", make_params(),
+                           stage_classes={"eels": registered_stages()["eels"]})
+    with SessionReader(out) as r:
+        res = r.results("eels")
+        attrs = r.result_attrs("eels", "temperature_K")
+    temps, errs = res["temperature_K"], res["temperature_err_K"]
+    assert np.all(np.isfinite(temps)) and np.all((errs > 0) & (errs < 30)), (temps, errs)
+    assert np.all(np.abs(temps - truth) < 4 * errs + 1.0), (temps - truth, errs)
+    assert json.loads(attrs["zlp_windows_loss_meV"]) == [[10.0, 30.0], [130.0, 200.0]]
+    assert json.loads(attrs["zlp_windows_gain_meV"]) == [[10.0, 30.0]]
+    lo, hi = json.loads(attrs["thermometry_window_meV"])
+    assert lo == 55.0 and 110.0 < hi <= 119.0, hi
+    assert "labels" in res and "peaks" in res
+    assert all(p.result != "temperature" for p in problems_in(out)), problems_in(out)
+
+
+def test_replay_of_a_too_narrow_axis_lists_every_missing_result(tmp_path: Path) -> None:
+    """-30..+35 meV leaves every window too narrow: `stemlive replay --analyze` (a real process) prints one
+    line per missing result, exits INCOMPLETE (4), and the output file holds the reasons."""
+    import subprocess
+    import sys
+
+    from stemlive.live.exitcodes import ExitCode
+    from stemlive.live.problems import problems_in
+    from stemlive.live.session import SessionWriter
+
+    raw = tmp_path / "narrow.h5"
+    messages = list(aln_line_messages(10, 2, -30.0, 35.0))
+    with SessionWriter(raw, messages[0]) as writer:
+        for msg in messages[1:-1]:
+            writer.append(msg)
+    out = tmp_path / "narrow_analysed.h5"
+    cli = [sys.executable, "-m", "stemlive.live.cli"]
+    proc = subprocess.run([*cli, "replay", str(raw), "--analyze", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == ExitCode.INCOMPLETE, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("eels/")]
+    assert [line.split()[0] for line in lines] == ["eels/temperature", "eels/segmentation", "eels/peaks",
+                                                   "eels/interface"], proc.stdout
+    assert ("the zero-loss tail window 130-200 meV is too narrow on both sides: loss side ends at +35 meV (0 meV "
+            "left), gain side at -30 meV (0 meV left)") in lines[0]
+    assert "the segmentation window 18-60 meV has" in lines[1]
+    assert "could not be produced" in proc.stderr.strip().splitlines()[-1]
+    stored = problems_in(out)
+    assert [p.line() for p in stored] == lines
+    assert all(p.severity == "skipped" for p in stored)
+    with SessionReader(out) as r:
+        finished = r.result_attrs("pipeline", "analysis_finished")
+        assert finished["status"] == "incomplete" and int(finished["problems"]) == 4
+        assert r.results("eels")["sum"].shape[0] == 10  # the sums are there all the same
+    info = subprocess.run([*cli, "info", str(out)], capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0 and "analysis:    incomplete (4 problems)" in info.stdout
+    assert all(line in info.stdout for line in lines)
+
+
+def test_usim_like_spectra_give_reasons_not_errors(tmp_path: Path) -> None:
+    """Nion usim's EELS camera: 1 eV per channel, Gaussian zero-loss peak, a plasmon. No vibrational window spans
+    a channel: each result is skipped with that reason (formerly "Singular matrix" and the stage switched off)."""
+    from stemlive.live.problems import problems_in
+
+    rng = np.random.default_rng(0)
+    energy = -20000.0 + 1000.0 * np.arange(256)
+    mu = 1e5 * np.exp(-0.5 * (energy / 500.0) ** 2) + 2e3 * np.exp(-0.5 * ((energy - 15000.0) / 4000.0) ** 2) + 5
+
+    def messages() -> Iterator[Message]:
+        yield Message(header("session_start", 0, 1.0, kind="eels_map", settings={"scan_shape": [2, 3]}), None)
+        for point in range(6):
+            h = header("spectrum", point + 1, 1.0 + point, point_index=[point] * 4, frame_index=list(range(4)),
+                       x_nm=[float(point % 3)] * 4, y_nm=[float(point // 3)] * 4, energy_offset_meV=[-20000.0] * 4,
+                       dispersion_meV=1000.0, exposure_ms=10.0)
+            yield Message(h, rng.poisson(mu, (4, energy.size)).astype(np.float32))
+        yield Message(header("session_end", 7, 8.0, status="complete", messages=8), None)
+
+    out = analyze_messages(messages(), tmp_path / "usim.h5", make_params(),
+                           stage_classes={"eels": registered_stages()["eels"]})
+    found = {p.result: p for p in problems_in(out)}
+    assert set(found) == {"temperature", "segmentation", "peaks"}, found
+    assert found["temperature"].reason == "the zero-loss window 10-30 meV spans 0 channels at 1000 meV per channel " \
+                                          "(needs 3)"
+    assert "spans 0 channels at 1000 meV per channel" in found["segmentation"].reason
+    assert all(p.severity == "skipped" for p in found.values())
+    with SessionReader(out) as r:
+        assert "stage_error" not in r.results("eels") and r.results("eels")["sum"].shape == (2, 3, 256)

@@ -1,0 +1,104 @@
+"""Benchmark: a large EELS map analysed in-process against on a 2-worker local Dask cluster (live/batch.py).
+
+Usage: ``python benchmarks/eels_dask.py [--size 256] [--channels 2048] [--workers 2] [--rows-per-task 16]``.
+
+Writes a two-material map (one 2048-channel spectrum per point, corpus generator of tests/corpus, temperature
+gradient across x) as a session file in a temporary folder, then times, in the same run, ``replay --analyze``
+in-process and :func:`stemlive.live.batch.analyze_files` (maps split by rows of points; cluster start-up
+included and reported separately), and checks that both give the same arrays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from corpus import generator  # noqa: E402
+
+from stemlive.live import batch  # noqa: E402
+from stemlive.live.pipeline import make_params  # noqa: E402
+from stemlive.live.protocol import Message  # noqa: E402
+from stemlive.live.replay import replay_analyze  # noqa: E402
+from stemlive.live.session import SessionWriter  # noqa: E402
+
+
+def write_map(path: Path, size: int, channels: int, seed: int = 0) -> None:
+    """``size x size`` points, materials P | Q (left/right halves), 300-360 K across x, 2e8 e per spectrum."""
+    inst = generator.Instrument(0.44, -300.0, channels, generator.ZeroLoss(), generator.Background(), 0.002)
+    rng = np.random.default_rng(seed)
+    temps = np.round(300.0 + 60.0 * np.arange(size) / max(1, size - 1))  # 1 K steps: cached expected spectra
+    mean = {(m, t): generator.expected_counts(inst, {m: 1.0}, float(t), 2e8).astype(np.float64)
+            for m in ("P", "Q") for t in np.unique(temps)}
+    settings = {"scan_shape": [size, size], "dispersion_meV": 0.44, "exposure_ms": 10.0}
+    start = Message({"proto": "stemlive/1", "type": "session_start", "session": "bench", "seq": 0, "t": 0.0,
+                     "kind": "eels_map", "settings": settings}, None)
+    with SessionWriter(path, start) as w:
+        for iy in range(size):
+            mu = np.stack([mean[("P" if ix < size // 2 else "Q", temps[ix])] for ix in range(size)])
+            rows = rng.poisson(mu).astype(np.float32)
+            pts = [iy * size + ix for ix in range(size)]
+            header = {"proto": "stemlive/1", "type": "spectrum", "session": "bench", "seq": iy + 1,
+                      "t": [0.01 * p for p in pts], "point_index": pts, "frame_index": [0] * size,
+                      "x_nm": [float(ix) for ix in range(size)], "y_nm": [float(iy)] * size,
+                      "energy_offset_meV": [-300.0] * size, "dispersion_meV": 0.44, "exposure_ms": 10.0}
+            w.append(Message(header, rows))
+
+
+def _arrays(path: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    with h5py.File(path, "r") as f:
+        f["results"].visititems(lambda n, o: out.update({n: o[()]}) if isinstance(o, h5py.Dataset) else None)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--channels", type=int, default=2048)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rows-per-task", type=int, default=16)
+    args = ap.parse_args()
+    # the live segmentation refresh (every 5 points, a k-means over all points so far) is for live viewing:
+    # off in both runs (the batch workers never run it)
+    params = make_params(overrides=["eels.k=2", "eels.labels_every=0"])
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp)
+        src = d / "map.h5"
+        t0 = time.perf_counter()
+        write_map(src, args.size, args.channels)
+        print(f"wrote {args.size}x{args.size} x {args.channels} channels: {time.perf_counter() - t0:.1f} s", flush=True)
+
+        t0, c0 = time.perf_counter(), time.process_time()
+        replay_analyze(src, d / "in_process.h5", params)
+        t_in, c_in = time.perf_counter() - t0, time.process_time() - c0
+        print(f"in-process replay --analyze: {t_in:.1f} s wall, {c_in:.1f} s CPU", flush=True)
+
+        t0 = time.perf_counter()
+        client, close = batch.open_client(n_workers=args.workers)
+        t_start = time.perf_counter() - t0
+        try:
+            t0 = time.perf_counter()
+            out = batch.analyze_files([src], d / "batch", params, client=client, rows_per_task=args.rows_per_task)[0]
+            t_batch = time.perf_counter() - t0
+        finally:
+            close()
+        print(f"Dask, {args.workers} local workers: {t_batch:.1f} s wall (+ {t_start:.1f} s cluster start-up); "
+              f"in-process / Dask = {t_in / t_batch:.2f}", flush=True)
+        a, b = _arrays(d / "in_process.h5"), _arrays(out)
+        same = sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")
+                                              if a[k].dtype.names is None else a[k].tobytes() == b[k].tobytes()
+                                              for k in a)
+        print(f"identical results: {same}")
+
+
+if __name__ == "__main__":
+    main()

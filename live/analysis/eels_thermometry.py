@@ -1,0 +1,401 @@
+"""Detailed-balance thermometry: ``log(I_loss(E) / I_gain(E)) = E / (k_B T)`` with the zero-loss peak
+subtracted, the resolution offset removed and the zero-loss fit's covariance propagated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ._threads import row_blocks, thread_map
+from .eels_deconvolution import lucy_richardson
+from .eels_pearson7 import _p7_f, _p7_fj
+from .eels_resolution import _resolution_offset
+from .eels_spill import signal_model
+from .eels_windows import _ROWS, Array, _axis, _floating, both_sides, reach
+from .eels_zlp import ZLPFit, fit_zlp_pearson7
+
+KB_MEV_PER_K = 8.617333262e-2
+"""Boltzmann constant in meV / K."""
+
+MIN_BINS = 3
+"""Fewest log-ratio bins for a temperature (a line through the origin and its scatter)."""
+
+
+@dataclass
+class TemperatureResult:
+    """Detailed-balance temperatures of many spectra (arrays of the batch shape).
+
+    Attributes
+    ----------
+    T_K
+        Temperature from the slope of the line through the origin, ``T = 1 / (k_B slope)``.
+    T_err_K
+        Total one-sigma error: counting (Poisson of every detected electron) and the ZLP fit's
+        covariance propagated through the slope, in quadrature.
+    T_err_counting_K, T_err_zlp_K
+        The two parts.
+    slope_per_meV, slope_err_per_meV
+        ``1 / (k_B T)`` and its error.
+    chi2_red
+        Reduced chi-square of the line fit.
+    n_bins
+        Bins used.
+    zlp
+        The ZLP fit.
+    energy_meV, log_ratio, weights
+        Bin centres ``(n_bins,)``, ``log(L/G)`` and weights ``(..., n_bins)`` (0 = excluded bin).
+    """
+
+    T_K: Array
+    T_err_K: Array
+    T_err_counting_K: Array
+    T_err_zlp_K: Array
+    slope_per_meV: Array
+    slope_err_per_meV: Array
+    chi2_red: Array
+    n_bins: NDArray[np.int64]
+    zlp: ZLPFit
+    energy_meV: Array = field(repr=False)
+    log_ratio: Array = field(repr=False)
+    weights: Array = field(repr=False)
+    window_meV: tuple[float, float] = (0.0, 0.0)
+    """The ``|E - centre|`` window of the log-ratio bins used (after intersecting with the acquired range)."""
+
+
+def _gather_side(flat: Array, pos0: Array, step: int, count: int) -> tuple[Array, Array, NDArray[np.intp]]:
+    """Channels ``floor(pos0) + step * i`` (i = 0..count) and the fractional part of ``pos0``."""
+    base = np.floor(pos0).astype(np.intp)
+    frac = pos0 - base
+    idx = base[:, None] + step * np.arange(count + 1)[None, :]
+    return np.take_along_axis(flat, np.clip(idx, 0, flat.shape[1] - 1), axis=1).astype(float), frac, idx
+
+
+def _bin_interp(v: Array, frac: Array, step: int, nb: int, b: int) -> tuple[Array, Array]:
+    """Bin sums of the linear interpolation ``(1 - f) v_i + f v_(i+step)`` over ``b`` samples per bin.
+
+    ``v`` holds channels ``base + step * i`` for step=+1 (interpolate towards +1) or step=-1 (then the
+    interpolation partner of sample i is the previous channel, i.e. ``v_(i-1)``; handled by the caller
+    passing the reversed fraction).  Returns the bin sums and the sum-of-squared-coefficients weights
+    needed for the variance (as sums over channels with those coefficients).
+    """
+    k = v.shape[0]
+    core = v[:, : nb * b].reshape(k, nb, b).sum(-1)
+    first = v[:, 0 : nb * b : b]
+    after = v[:, b : nb * b + 1 : b]
+    f = frac[:, None]
+    sums = core + f * (after - first)
+    var = core - first + (1 - f) ** 2 * first + f**2 * after
+    return sums, var
+
+
+def log_ratio_bins(
+    energy_meV: ArrayLike,
+    spectra: ArrayLike,
+    zlp: ZLPFit,
+    *,
+    window_min_meV: float = 55.0,
+    window_max_meV: float | None = None,
+    bin_meV: float = 2.2,
+    read_noise_counts: float = 0.0,
+    workers: int | None = None,
+) -> dict[str, Array]:
+    """Loss and gain signals in energy bins ``|E - centre|`` with ZLP subtracted, variances, derivatives.
+
+    The loss side is sampled at ``centre + e`` and the gain side at ``centre - e`` (linear interpolation
+    between channels, the same for data and model), summed in bins of ``bin_meV``.  Blocks of spectra run
+    on ``workers`` threads (default: one per CPU).
+
+    Returns
+    -------
+    dict
+        ``e`` bin centres (n_bins,), ``L``, ``G`` (signals), ``SL``, ``SG`` (detected counts), ``vL``,
+        ``vG`` (their Poisson + read-noise variances), ``ZL``, ``ZG`` (ZLP model) and ``dL``, ``dG``
+        ``(k, n_bins, 4)`` (derivatives of L and G with respect to the ZLP parameters), ``window`` (the
+        window used: ``window_min_meV`` up to ``window_max_meV`` -- default the next zero-loss window --
+        intersected with the range acquired on both sides).
+
+    Raises
+    ------
+    WindowError
+        If fewer than ``MIN_BINS`` bins or less than half the window remain (the message says why).
+    """
+    s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
+    batch, n = s.shape[:-1], s.shape[-1]
+    off, disp = _axis(energy_meV, n, batch)
+    flat = s.reshape(-1, n)
+    off = off.reshape(-1)
+    p = zlp.params.reshape(-1, 4)
+    c = p[:, 1]
+    b = max(1, int(round(bin_meV / disp)))
+    where = reach(off, disp, n, c)
+    upper = window_max_meV
+    if upper is None:  # up to the next zero-loss window (its signal is not fitted there) or the end of the data
+        starts = [w[0] for w in zlp.windows_meV if w[0] > window_min_meV]
+        upper = min(starts) if starts else min(where.loss_meV, where.gain_meV)
+    lower, upper = both_sides((window_min_meV, float(upper)), where, "the thermometry window",
+                              min_channels=MIN_BINS * b, margin_channels=2.0)
+    nb = int(np.floor((upper - lower) / (b * disp) + 1e-9))
+    count = nb * b
+    e_pts = window_min_meV + disp * np.arange(count)
+    e_bins = e_pts.reshape(nb, b).mean(-1)
+    rn2 = float(read_noise_counts) ** 2
+
+    def rows(sl: slice) -> dict[str, Array]:
+        return _log_ratio_rows(flat[sl], off[sl], p[sl], disp, window_min_meV, nb, b, rn2)
+
+    # blocks of spectra (temporaries stay in cache) on parallel threads
+    parts = thread_map(rows, row_blocks(max(len(p), 1), _ROWS), workers)  # one block at least (its keys)
+    shp = batch + (nb,)
+    out: dict[str, Array] = {"e": np.asarray(e_bins, float), "e_points": np.asarray(e_pts.reshape(nb, b), float),
+                             "window": np.array([window_min_meV, window_min_meV + count * disp])}
+    for key in parts[0]:
+        v = np.concatenate([part[key] for part in parts])
+        out[key] = v.reshape(shp + v.shape[2:])
+    return out
+
+
+def _log_ratio_rows(
+    flat: Array, off: Array, p: Array, disp: float, window_min_meV: float, nb: int, b: int, rn2: float
+) -> dict[str, Array]:
+    """:func:`log_ratio_bins` for spectra ``flat`` ``(k, n)`` with offsets ``(k,)``, ZLP parameters ``(k, 4)``."""
+    c = p[:, 1]
+    count = nb * b
+    # loss: positions (c + e - off) / disp increasing by 1 per sample
+    posL = (c + window_min_meV - off) / disp
+    vL_raw, fL, iL = _gather_side(flat, posL, +1, count)
+    # gain: positions (c - e - off) / disp decreasing by 1 per sample; interpolate between floor and floor+1
+    posG = (c - window_min_meV - off) / disp
+    baseG = np.floor(posG).astype(np.intp)
+    fG = posG - baseG
+    # with u_i = channel baseG + 1 - i, the gain sample is (1 - g) u_i + g u_(i+1) with g = 1 - fG
+    vG_raw, _, iG = _gather_side(flat, (baseG + 1.0).astype(np.float64), -1, count)
+    gG = 1.0 - fG
+    SL, varL = _bin_interp(vL_raw, fL, 1, nb, b)
+    SG, varG = _bin_interp(vG_raw, gG, 1, nb, b)
+    varL = varL + rn2 * _coef2(fL, nb, b)
+    varG = varG + rn2 * _coef2(gG, nb, b)
+    # model at the same channels, same interpolation (float32, cache-blocked: rounding 6e-8 of a ZLP tail)
+    ZL = _bin_sums(_p7_f(off[:, None] + disp * iL, p), fL, nb, b)
+    ZG = _bin_sums(_p7_f(off[:, None] + disp * iG, p), gG, nb, b)
+    # derivatives (for the ZLP covariance only): smooth across a bin, so b x the Jacobian at the bin centre
+    # (the bin's points are pos +- (j b + i), i = 0..b-1, on the loss / gain side)
+    mid = b * np.arange(nb) + 0.5 * (b - 1)
+    dZL = b * _p7_fj((off[:, None] + disp * (posL[:, None] + mid)).astype(np.float32), p)[1].transpose(0, 2, 1)
+    dZG = b * _p7_fj((off[:, None] + disp * (posG[:, None] - mid)).astype(np.float32), p)[1].transpose(0, 2, 1)
+    # moving the centre moves the data sampling points too: d(data)/dc = slope of the detected spectrum;
+    # the ZLP part of that slope is exact (the model's), so the data sampling cancels the model's
+    # centre derivative for the ZLP and only the signal's own slope (neglected) would remain.
+    dZL[..., 1] = 0.0
+    dZG[..., 1] = 0.0
+    return {
+        "SL": SL,
+        "SG": SG,
+        "vL": varL,
+        "vG": varG,
+        "ZL": ZL,
+        "ZG": ZG,
+        "L": SL - ZL,
+        "G": SG - ZG,
+        "dL": -dZL,
+        "dG": -dZG,
+    }
+
+
+def _bin_sums(v: Array, frac: Array, nb: int, b: int) -> Array:
+    """Bin sums (``(..., nb)``) of the linear interpolation of ``v`` ``(..., nb b + 1)`` (as :func:`_bin_interp`).
+
+    ``frac`` broadcasts against ``v.shape[:-1]``.
+    """
+    first = v[..., 0 : nb * b : b]
+    core = first.copy()
+    for j in range(1, b):  # strided adds: faster than a reshape copy and a sum over a short axis
+        core += v[..., j : nb * b : b]
+    after = v[..., b : nb * b + 1 : b]
+    core += frac[..., None] * (after - first)
+    return core
+
+
+def _coef2(f: Array, nb: int, b: int) -> Array:
+    """Sum of squared interpolation coefficients per bin (for read noise)."""
+    return (b - 1 + (1 - f) ** 2 + f**2)[:, None] * np.ones(nb)
+
+
+def temperature(
+    energy_meV: ArrayLike,
+    spectra: ArrayLike,
+    *,
+    window_min_meV: float = 55.0,
+    window_max_meV: float | None = None,
+    bin_meV: float = 2.2,
+    zlp_windows_meV: tuple[tuple[float, float], ...] = ((10.0, 30.0), (130.0, 200.0)),
+    zlp: ZLPFit | None = None,
+    deconvolve: bool = False,
+    lr_iterations: int = 5,
+    read_noise_counts: float = 0.0,
+    min_snr: float = 2.0,
+    bias_correction: bool = True,
+    scale_by_chi2: bool | None = None,
+    resolution_correction: bool | None = None,
+    lr_correction_iterations: int = 30,
+    workers: int | None = None,
+) -> TemperatureResult:
+    """Temperature from detailed balance, ``log(I_loss(E) / I_gain(E)) = E / (k_B T)``.
+
+    Steps: Pearson VII ZLP fit (:func:`fit_zlp_pearson7`, unless ``zlp`` is given), ZLP subtracted from
+    both sides, loss and gain signals binned at ``|E - centre|`` from ``window_min_meV`` to
+    ``window_max_meV`` (default: the start of the next ZLP-fit window, 130 meV, or the end of the data),
+    then a weighted least-squares line through the origin.
+
+    Weights ``w = 1 / (var(L)/L^2 + var(G)/G^2)`` with the variances of all detected counts in the bins and
+    L, G from a first pass split of L + G by the first slope (so the weights do not correlate with the
+    noise of y); ``y`` gets the second-order correction ``var(L)/(2L^2) - var(G)/(2G^2)`` of the log bias.
+    Bins where the expected gain signal is below ``min_snr`` standard deviations are dropped.
+
+    Resolution correction (default on unless ``deconvolve``): the instrument blurs loss and gain alike,
+    which offsets ``log(L/G)`` from ``E / k_B T`` by a deterministic, shape-dependent amount (several %
+    in the slope at 10-12 meV resolution).  The loss signal is deconvolved once (:func:`signal_model`,
+    masked LR with the fitted ZLP; reused from ``zlp.signal``), a detailed-balance source at the current
+    slope is blurred with the fitted resolution, its offset ``c_i = log(L_c,i / G_c,i) - slope E_i`` in
+    the same bins is subtracted from ``y`` and the line through the origin refitted (3 times).  Noise enters
+    the offset only through the smooth, high-count loss side, so the scatter stays at the counting limit.
+
+    The slope's error adds the counting error ``1 / sqrt(sum w E^2)`` and the ZLP fit's covariance
+    propagated through the slope (``J C J^T`` with ``J = d slope / d params``) in quadrature.
+
+    Parameters
+    ----------
+    scale_by_chi2
+        Multiply the counting variance by ``max(1, chi2_red)`` of the line fit (Birge ratio); default on
+        with ``deconvolve`` (LR correlates and amplifies the noise, which the Poisson weights ignore).
+    deconvolve
+        Run :func:`lucy_richardson` (``lr_iterations``) on the ZLP-subtracted signal (clipped at 0) with
+        the fitted ZLP as PSF first (the reference's optional step; off by default).  The errors are then
+        those of the raw data (an approximation).
+    resolution_correction
+        Remove the resolution offset of the log-ratio as above (default: ``not deconvolve``).
+    lr_correction_iterations
+        LR iterations of :func:`signal_model` when ``zlp.signal`` is absent.
+    workers
+        Threads for the blocks of spectra (default: one per CPU); the result does not depend on it.
+    """
+    s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
+    batch, n = s.shape[:-1], s.shape[-1]
+    if zlp is None:
+        zlp = fit_zlp_pearson7(
+            energy_meV, s, windows_meV=zlp_windows_meV, read_noise_counts=read_noise_counts, workers=workers
+        )
+    work = s
+    if deconvolve:
+        off, disp = _axis(energy_meV, n, batch)
+        e = off[..., None] + disp * np.arange(n)
+        psf = zlp.model(e)
+        sig = lucy_richardson(
+            np.maximum(s - psf, 1e-3),
+            psf,
+            iterations=lr_iterations,
+            centre_channels=((zlp.params[..., 1] - off) / disp),
+        )
+        work = psf + sig
+    d = log_ratio_bins(
+        energy_meV,
+        work,
+        zlp,
+        window_min_meV=window_min_meV,
+        window_max_meV=window_max_meV,
+        bin_meV=bin_meV,
+        read_noise_counts=read_noise_counts,
+        workers=workers,
+    )
+    e = d["e"]
+    L, G, vL, vG = d["L"], d["G"], d["vL"], d["vG"]
+    # pass 1: observed weights
+    ok = (L > 0) & (G > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.where(ok, np.log(np.where(ok, L / np.where(ok, G, 1), 1)), 0.0)
+        w = np.where(ok, 1.0 / (vL / np.where(ok, L, 1) ** 2 + vG / np.where(ok, G, 1) ** 2), 0.0)
+    slope = (w * e * y).sum(-1) / np.maximum((w * e * e).sum(-1), 1e-300)
+    slope = np.clip(slope, 1.0 / (KB_MEV_PER_K * 1e5), 1.0 / (KB_MEV_PER_K * 1.0))
+    # pass 2: model-based signals from L + G and the first slope
+    tot = L + G
+    ex = np.exp(slope[..., None] * e)
+    Lh = tot * ex / (1.0 + ex)
+    Gh = tot / (1.0 + ex)
+    good = ok & (Lh > 0) & (Gh > min_snr * np.sqrt(np.maximum(vG, 1e-300)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.log(np.where(good, L, 1.0) / np.where(good, G, 1.0))
+        rl = vL / np.where(good, Lh, 1.0) ** 2
+        rg = vG / np.where(good, Gh, 1.0) ** 2
+    if bias_correction:
+        y = y + 0.5 * (rl - rg)
+    w = np.where(good, 1.0 / (rl + rg), 0.0)
+    y = np.where(good, y, 0.0)
+    swee = np.maximum((w * e * e).sum(-1), 1e-300)
+    slope = (w * e * y).sum(-1) / swee
+    offset = np.zeros_like(y)
+    if resolution_correction is None:
+        resolution_correction = not deconvolve
+    if resolution_correction:
+        signal = zlp.signal
+        if signal is None:
+            signal = signal_model(energy_meV, s, zlp.params, iterations=lr_correction_iterations)
+        offset = _resolution_offset(signal, d["e_points"], slope.reshape(-1), iterations=3, y=y.reshape(-1, e.size),
+                                    w=w.reshape(-1, e.size), e=e)
+        offset = offset.reshape(y.shape)
+        slope = (w * e * (y - offset)).sum(-1) / swee
+    y = np.where(good, y - offset, 0.0)
+    nbin = good.sum(-1)
+    resid = y - slope[..., None] * e
+    chi2_red = (w * resid**2).sum(-1) / np.maximum(nbin - 1, 1)
+    var_count = 1.0 / swee
+    if scale_by_chi2 is None:
+        scale_by_chi2 = deconvolve
+    if scale_by_chi2:
+        var_count = var_count * np.maximum(1.0, chi2_red)
+    # ZLP covariance through the slope: dy/dp = dL/dp / L - dG/dp / G
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dy = d["dL"] / np.where(good, Lh, 1.0)[..., None] - d["dG"] / np.where(good, Gh, 1.0)[..., None]
+    jb = ((w * e)[..., None] * dy).sum(-2) / swee[..., None]
+    var_zlp = np.einsum("...i,...ij,...j->...", jb, zlp.cov, jb)
+    var = var_count + var_zlp
+    slope_safe = np.where(slope > 0, slope, np.nan)
+    T = 1.0 / (KB_MEV_PER_K * slope_safe)
+    conv = 1.0 / (KB_MEV_PER_K * slope_safe**2)
+    return TemperatureResult(
+        T_K=T,
+        T_err_K=np.sqrt(var) * conv,
+        T_err_counting_K=np.sqrt(var_count) * conv,
+        T_err_zlp_K=np.sqrt(np.maximum(var_zlp, 0)) * conv,
+        slope_per_meV=slope,
+        slope_err_per_meV=np.sqrt(var),
+        chi2_red=chi2_red,
+        n_bins=nbin,
+        zlp=zlp,
+        energy_meV=e,
+        log_ratio=y,
+        weights=w,
+        window_meV=(float(d["window"][0]), float(d["window"][1])),
+    )
+
+
+def counting_limit_sigma_T(
+    energy_meV: ArrayLike,
+    loss: ArrayLike,
+    gain: ArrayLike,
+    var_loss: ArrayLike,
+    var_gain: ArrayLike,
+    temperature_K: ArrayLike,
+) -> Array:
+    """Counting-statistics limit of the temperature error of a line-through-origin fit.
+
+    ``sigma_T = k_B T^2 / sqrt(sum_i E_i^2 w_i)``, ``w_i = 1 / (var(L_i)/L_i^2 + var(G_i)/G_i^2)``, with
+    ``L_i``, ``G_i`` the (expected) background-subtracted loss and gain signals and the variances counting
+    every detected electron in the channel or bin.  Sums over the last axis.
+    """
+    e = np.asarray(energy_meV, float)
+    L = np.asarray(loss, float)
+    G = np.asarray(gain, float)
+    w = 1.0 / (np.asarray(var_loss, float) / L**2 + np.asarray(var_gain, float) / G**2)
+    T = np.asarray(temperature_K, float)
+    return KB_MEV_PER_K * T**2 / np.sqrt((e**2 * w).sum(-1))

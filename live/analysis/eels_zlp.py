@@ -1,0 +1,514 @@
+"""Zero-loss-peak fit: a batched, weighted Levenberg-Marquardt fit of a Pearson VII in ``|E - centre|``
+windows on both sides, corrected for the phonon signal spilled into them."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from ._threads import row_blocks, thread_map
+from .eels_alignment import zlp_centre
+from .eels_pearson7 import _p7_f, _p7_fj, pearson7_model
+from .eels_spill import SignalModel, _signal_model
+from .eels_windows import Array, Reach, _axis, _floating, reach, zlp_windows
+
+
+@dataclass
+class ZLPFit:
+    """Pearson VII fits of the zero-loss peak of many spectra.
+
+    Attributes
+    ----------
+    params
+        ``(..., 4)``: amplitude (counts per channel at the peak), centre_meV, fwhm_meV, m.
+    cov
+        ``(..., 4, 4)`` covariance (inverse of the weighted normal matrix, scaled by sqrt(max(1, chi2_red))
+        when ``scale_covariance``).
+    chi2_red
+        Reduced chi-square of the fit in the windows.
+    n_iter
+        Levenberg-Marquardt iterations used.
+    windows_meV
+        The |E - centre| windows asked for.
+    signal
+        The resolution-deconvolved phonon signal used to correct the fit windows for signal spilled into
+        them (:class:`SignalModel`), or None (``signal_correction=0``).
+    """
+
+    params: Array
+    cov: Array
+    chi2_red: Array
+    n_iter: int
+    windows_meV: tuple[tuple[float, float], ...]
+    signal: SignalModel | None = field(default=None, repr=False)
+    loss_windows_meV: tuple[tuple[float, float], ...] = ()
+    """The windows fitted on the loss side: ``windows_meV`` intersected with the acquired range."""
+    gain_windows_meV: tuple[tuple[float, float], ...] = ()
+    """The windows fitted on the gain side."""
+    reach: Reach | None = None
+    """How far the acquired axis reaches on each side of the fitted centres."""
+
+    @property
+    def errors(self) -> Array:
+        """One-sigma parameter errors ``(..., 4)``."""
+        return np.sqrt(np.maximum(np.diagonal(self.cov, axis1=-2, axis2=-1), 0.0))
+
+    def model(self, energy_meV: ArrayLike) -> Array:
+        """The fitted ZLP on an energy axis (broadcast ``(..., n)``)."""
+        return pearson7_model(energy_meV, self.params)  # type: ignore[return-value]
+
+
+def _window_index(
+    off: Array,
+    disp: float,
+    centre: Array,
+    n: int,
+    windows: tuple[tuple[float, float], ...],
+    gain_windows: tuple[tuple[float, float], ...] | None = None,
+) -> NDArray[np.intp]:
+    """Channel indices (k, m) of the |E - centre| windows, same count for every spectrum.
+
+    ``windows`` on the loss side and ``gain_windows`` (default: the same) on the gain side.
+    """
+    cols = []
+    for lo, hi in windows:
+        cnt = max(1, int(np.floor((hi - lo) / disp)))
+        start_loss = np.ceil((centre + lo - off) / disp).astype(np.intp)
+        cols.append(start_loss[:, None] + np.arange(cnt)[None, :])
+    for lo, hi in windows if gain_windows is None else gain_windows:
+        cnt = max(1, int(np.floor((hi - lo) / disp)))
+        start_gain = np.floor((centre - lo - off) / disp).astype(np.intp)
+        cols.append(start_gain[:, None] - np.arange(cnt)[None, :])
+    idx = np.concatenate(cols, axis=1)
+    if idx.min() < 0 or idx.max() >= n:
+        raise ValueError("ZLP fit windows run off the energy axis")
+    return idx
+
+
+def _normal_j(jac: Array, wt: Array, r: Array | None = None) -> tuple[Array, Array | None]:
+    """Weighted normal matrix ``(k, 4, 4)`` (and gradient ``(k, 4)``) from a Jacobian ``(k, 4, n)``."""
+    jw = jac * wt[:, None, :]
+    # einsum, not matmul: the (4, n) x (n, 4) products are too small for BLAS, whose threads only add
+    # overhead (and contend on a shared machine)
+    h = np.einsum("kin,kjn->kij", jw, jac)
+    g = None if r is None else np.einsum("kin,kn->ki", jw, r)
+    return h, g
+
+
+def _lm(
+    x: Array,
+    y: Array,
+    wt: Array,
+    p0: Array,
+    *,
+    max_iter: int,
+    tol: float = 1e-6,
+    lam0: float = 1e-3,
+    init: tuple[Array, Array] | None = None,
+    cov: bool = True,
+) -> tuple[Array, Array | None, Array, int, Array, Array]:
+    """Batched Levenberg-Marquardt for the Pearson VII.
+
+    Returns params, normal matrix (float64, for the covariance; None with ``cov=False``, e.g. a first pass
+    whose result is refitted), chi2, iterations, and the model ``(k, n)`` and float32 Jacobian
+    ``(k, 4, n)`` at the returned params; ``init`` = (model, Jacobian) at ``p0`` when already known
+    (a refit with other weights starts where the previous fit ended).
+
+    ``lam0`` is the initial damping (relative to the normal matrix's diagonal): 1e-3 from a rough start;
+    from a start near the optimum 1e-5, since the amplitude, FWHM and m are strongly correlated and a
+    damping of 1e-3 shrinks the steps along their poorly determined combination for several iterations.
+
+    Only the spectra that have not converged (relative chi-square change of the last step below ``tol``)
+    are carried to the next iteration.  The model and Jacobian are evaluated once per iteration, at
+    the trial point (kept when the step is accepted).
+    """
+    p = p0.copy()
+    k = len(p)
+    # model and Jacobian in float32 (rounding 6e-8 relative, far below the Poisson noise of any count);
+    # residuals, chi-square and the solve in float64
+    x32 = x.astype(np.float32)
+    if init is None:
+        f, jac = _p7_fj(x32, p)
+    else:
+        f, jac = init[0], init[1].copy()
+    r = y - f
+    chi2 = np.einsum("kn,kn->k", wt * r, r)
+    # state of the active (not yet converged) spectra, compacted when some converge
+    act = np.arange(k)
+    xa, ya, wa, w32a = x32, y, wt, wt.astype(np.float32)
+    pa, ja, ra, chi2a = p.copy(), jac, r, chi2.copy()
+    lam = np.full(k, lam0)
+    it = 0
+    eye = np.eye(4)
+
+    def retire(finished: NDArray[np.bool_]) -> NDArray[np.bool_]:
+        """Store the finished spectra's results; compact the active state to the others (returned mask)."""
+        nonlocal act, xa, ya, wa, w32a, pa, ja, ra, chi2a, lam
+        fin = act[finished]
+        p[fin], chi2[fin], jac[fin], r[fin] = pa[finished], chi2a[finished], ja[finished], ra[finished]
+        keep = ~finished
+        act = act[keep]
+        xa, ya, wa, w32a = xa[keep], ya[keep], wa[keep], w32a[keep]
+        pa, ja, ra, chi2a, lam = pa[keep], ja[keep], ra[keep], chi2a[keep], lam[keep]
+        return keep
+
+    for n_it in range(1, max_iter + 1):
+        it = n_it
+        jw = ja * w32a[:, None, :]
+        h = np.matmul(jw, ja.transpose(0, 2, 1)).astype(float)
+        g = np.matmul(jw, ra.astype(np.float32)[:, :, None]).astype(float)
+        diag = np.einsum("kii->ki", h)
+        h += (lam[:, None] * np.maximum(diag, 1e-300))[:, :, None] * eye
+        dp = np.linalg.solve(h, g)[..., 0]
+        # converged already where the (nearly undamped) Gauss-Newton step predicts a chi2 decrease
+        # ``dp . g`` below tol / 2: the model need not be evaluated there again
+        flat_ = (lam < 1e-2) & (np.einsum("ki,ki->k", dp, g[..., 0]) < 0.5 * tol * chi2a)
+        if flat_.any():
+            dp = dp[retire(flat_)]
+            if act.size == 0:
+                break
+        pt = pa + dp
+        np.maximum(pt[:, 0], 1e-3 * pa[:, 0], out=pt[:, 0])
+        np.minimum(np.maximum(pt[:, 2], 0.2 * pa[:, 2]), 5.0 * pa[:, 2], out=pt[:, 2])
+        np.minimum(np.maximum(pt[:, 3], 0.55), 200.0, out=pt[:, 3])
+        ft32, jt = _p7_fj(xa, pt)
+        ft = ft32.astype(float)
+        # the amplitude is linear: re-solve it exactly (removes its strong correlation with FWHM and m)
+        wf = wa * ft
+        sc = np.einsum("kn,kn->k", wf, ya) / np.maximum(np.einsum("kn,kn->k", wf, ft), 1e-300)
+        sc = np.where(sc > 0, sc, 1.0)
+        pt[:, 0] *= sc
+        ft *= sc[:, None]
+        jt[:, 1:] *= sc.astype(np.float32)[:, None, None]  # d/da does not depend on a
+        rt = np.subtract(ya, ft, out=ft)
+        chi2t = np.einsum("kn,kn->k", wa * rt, rt)
+        acc = chi2t <= chi2a
+        rel = np.abs(chi2a - chi2t) / np.maximum(chi2a, 1e-300)
+        if acc.all():
+            pa, chi2a, ra, ja = pt, chi2t, rt, jt
+        else:
+            pa[acc] = pt[acc]
+            chi2a[acc] = chi2t[acc]
+            ra[acc] = rt[acc]
+            ja[acc] = jt[acc]
+        lam = np.where(acc, np.maximum(lam / 5.0, 1e-7), lam * 5.0)
+        # converged: a step (accepted or not) changes chi2 by less than tol (rounding of the float32 model)
+        done = (rel < tol) | (lam > 1e8)
+        if done.any():
+            retire(done)
+            if act.size == 0:
+                break
+    if act.size:
+        p[act], chi2[act], jac[act], r[act] = pa, chi2a, ja, ra
+    h_cov = _normal_j(jac.astype(float), wt)[0] if cov else None  # the covariance from a float64 normal matrix
+    return p, h_cov, chi2, it, y - r, jac
+
+
+_LM_ROWS = 256
+"""Spectra per block of the batched Levenberg-Marquardt (the spectra are independent; blocks keep the
+``(rows, 4, n)`` Jacobians and temporaries in cache instead of streaming them from memory every iteration,
+and few enough numpy calls per spectrum that their overhead does not dominate)."""
+
+
+def fit_zlp_pearson7(
+    energy_meV: ArrayLike,
+    spectra: ArrayLike,
+    *,
+    windows_meV: tuple[tuple[float, float], ...] = ((10.0, 30.0), (130.0, 200.0)),
+    initial: ArrayLike | None = None,
+    max_iter: int = 30,
+    read_noise_counts: float = 0.0,
+    scale_covariance: bool = True,
+    signal_correction: int = 2,
+    signal_range_meV: tuple[float, float] = (40.0, 130.0),
+    lr_iterations: int = 40,
+    tol: float = 3e-5,
+    spill_uncertainty: float = 0.5,
+    signal_groups: int | ArrayLike | None = 16,
+    workers: int | None = None,
+    reweight_tol: float = 0.05,
+) -> ZLPFit:
+    """Fit a symmetric Pearson VII to the zero-loss peak in ``|E - centre|`` windows on both sides.
+
+    A batched Levenberg-Marquardt over blocks of spectra (normal equations ``(k, 4, 4)`` solved with
+    ``np.linalg.solve``).  Weights are Poisson, ``1 / (model + read_noise^2)``: a first fit weighted by
+    the starting model, then a refit weighted by that fit's model (no bias towards low counts) -- for a
+    large batch (shared starting shape, see ``initial``) only where those weights differ from the first
+    fit's by more than ``reweight_tol``: elsewhere the refit would move the parameters by < 0.1 sigma.
+
+    Parameters
+    ----------
+    energy_meV
+        Uniform energy axis ``(n,)`` or ``(..., n)``, ZLP near 0 up to drift.
+    spectra
+        Counts ``(..., n)``.
+    windows_meV
+        ``|E - centre|`` intervals fitted, on the loss and the gain side alike; each is intersected with the
+        range acquired on each side (:func:`~.eels_windows.zlp_windows`) and kept where it stays usable;
+        :class:`~.eels_windows.WindowError` (one-line reason) when a window is left on neither side.
+    initial
+        Optional ``(..., 4)`` or ``(4,)`` starting parameters; default: centre from :func:`zlp_centre`,
+        shape from a fit of the mean spectrum, and for more than ``_START_ROWS`` spectra the median shape
+        of that many evenly spaced spectra fitted first (with the spill correction), amplitude re-solved
+        per spectrum: the fits then converge in 2-3 iterations.
+    read_noise_counts
+        Gaussian read noise added to the Poisson variance.
+    scale_covariance
+        Multiply the covariance by ``sqrt(max(1, chi2_red))`` (half the Birge ratio's power: calibrated on the
+        demo's thermometry at 50 and 200 frames per point, where chi2_red of the windows is 3.5-7 from
+        residuals of the spill model rather than of the zero-loss shape; the full ratio overstates the
+        temperature error (pull RMS 0.81 on AlN at 50 frames), none understates it (1.39 on SiC at 200)).
+    signal_correction
+        Number of refits after removing from the windows the phonon signal spilled into them by the
+        resolution function: the signal in ``signal_range_meV`` (both sides) is deconvolved
+        (:func:`signal_model`, ``lr_iterations`` masked Lucy-Richardson iterations with the fitted ZLP) and
+        blurred again; its part outside the range is subtracted from the windows (0 = plain fit).  With 1 the
+        spill model is computed once, at the starting parameters -- for a batch the shape of the mean
+        spectrum, alone the spectrum's own: results then depend on the company a spectrum is fitted in (up to
+        0.25 sigma).  The default 2 recomputes it at the first fit's parameters: batch and one spectrum at a
+        time agree within 0.01 sigma (same grouping).
+    spill_uncertainty
+        Relative systematic error of that spill estimate, added to the channel variances (``(f spill)^2``):
+        window channels dominated by spilled signal (loss side above 130 meV next to a 116 meV mode) then
+        carry little weight instead of biasing the width.
+    lr_iterations
+        Lucy-Richardson iterations of the final spill model (earlier rounds: at most 30).  It is also the
+        deconvolved signal of the temperature's resolution offset: 30 iterations leave a structure in the
+        log ratio that grows with dose (line chi2_red 50-60 at 200 x 1200 ms, bias -0.026 % on SiC, pull RMS
+        2.1).  40 iterations with Biggs-Andrews acceleration (:data:`~.eels_spill.ACCELERATE`; about as
+        converged as 150 plain ones): line chi2_red 1.1-2, |bias| <= 0.01 %.  More (80) deconvolves a single
+        noisy spectrum further than its group: batch and one-at-a-time then differ by up to 0.13 sigma.
+    signal_groups
+        Spectra that share one deconvolution of the spill model (:func:`signal_model` ``groups``): a group
+        size (default 16: spectra grouped by signal shape, and kept in a group only where shown equivalent,
+        :func:`~.eels_spill._equivalent_groups`), ``(k,)`` labels, or None (one per spectrum).
+    tol
+        Convergence threshold (relative chi-square change) of the Levenberg-Marquardt iterations.  At 3e-5
+        (chi-square ~400: a change of ~0.01) the parameters lie within 0.1 sigma of full convergence, 0.03
+        sigma RMS (measured on a 10,000-spectrum map against tol = 1e-7).
+    workers
+        Threads fitting blocks of spectra side by side (default: one per CPU); the result does not depend on it.
+    reweight_tol
+        Largest relative change of any window channel's weight for which a spectrum of a large batch is not
+        refitted (0: always refit).  At 0.05 about 2 % of a 10,000-spectrum map is refitted; parameters
+        differ from always refitting by <= 0.07 sigma, their errors by <= 2 %.
+
+    Returns
+    -------
+    ZLPFit
+    """
+    s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
+    batch, n = s.shape[:-1], s.shape[-1]
+    off, disp = _axis(energy_meV, n, batch)
+    flat = s.reshape(-1, n)
+    off = off.reshape(-1)
+    k = flat.shape[0]
+    rn2 = float(read_noise_counts) ** 2
+    if initial is None:
+        centre = off + disp * zlp_centre(np.arange(n, dtype=float), flat, workers=workers)
+    else:
+        p0 = np.broadcast_to(np.asarray(initial, float), (k, 4)).copy()
+        centre = p0[:, 1]
+    where = reach(off, disp, n, centre)
+    loss_w, gain_w = zlp_windows(tuple((float(a), float(b)) for a, b in windows_meV), where)
+    if initial is None:
+        p0 = _initial_from_mean(flat, off, disp, centre, loss_w, gain_w, rn2)
+    idx = _window_index(off, disp, centre, n, loss_w, gain_w)
+    # Poisson weights from the model (no bias towards low counts); the phonon signal spilled into the
+    # windows is estimated from the current parameters and removed before each fit.  After the spill model
+    # (all spectra), everything runs per block of ``_LM_ROWS`` spectra: windows, spill, weights and the fits,
+    # so that no (k, window) temporaries are allocated (first-touch page faults cost more than the arithmetic).
+    sc = int(signal_correction)
+    fits_per_model = [2] if sc <= 1 else [1] * sc  # refits per spill model (2 passes at least)
+    p = p0.copy()
+    h = np.empty((k, 4, 4))
+    chi2 = np.empty(k)
+    sig: SignalModel | None = None
+    n_it = 0
+    good_start = False
+
+    def block(rows: slice | NDArray[np.intp], p_at: Array, gb: Array | None, full: Array | None) -> tuple[
+        Array, Array, Array
+    ]:
+        """Energies, spill-corrected counts and systematic variance of the windows of ``rows``."""
+        ix = idx[rows]
+        xb = off[rows, None] + disp * ix
+        yb = np.take_along_axis(flat[rows], ix, axis=1).astype(float)
+        if sig is None:
+            return xb, yb, np.full(yb.shape, rn2)
+        if gb is not None:
+            # sampled from the blurred group signals (small, in cache), scaled by each amplitude
+            assert sig.group is not None and sig.scale is not None
+            spill = sig.sample(gb, xb - p_at[rows, 1:2], rows=sig.group[rows]) * sig.scale[rows, None]
+        else:
+            assert full is not None
+            spill = sig.sample(full[rows], xb - p_at[rows, 1:2])
+        yb -= spill
+        # the spill model is uncertain (its blur depends on the fitted width itself): channels it dominates
+        # are down-weighted by a relative systematic error ``spill_uncertainty``
+        spill *= spill_uncertainty
+        spill *= spill
+        spill += rn2
+        return xb, yb, spill
+
+    def fit_rows(
+        sl: slice, *, p_at: Array, gb: Array | None, full: Array | None, start_amp: bool, n_fit: int, good_start: bool
+    ) -> NDArray[np.int_]:
+        """Fit the spectra ``sl``: independent of every other block (blocks run on parallel threads)."""
+        its = np.zeros(n_fit, int)
+        xb, yb, vb = block(sl, p_at, gb, full)
+        pb = p_at[sl].copy()
+        model: tuple[Array, Array] | None = None
+        if start_amp:  # shared shape: amplitude re-solved; model and Jacobian there reused by the fit
+            pb[:, 0], model = _solve_amplitude(xb, yb, vb, pb)
+        wt = 1.0 / (np.maximum(_p7_f(xb, pb) if model is None else model[0], 1e-3) + vb)
+        pb, _, chi2b, its[0], fb, jb = _lm(
+            xb, yb, wt, pb, max_iter=max_iter, tol=tol, lam0=1e-5 if good_start else 1e-3, init=model, cov=False
+        )
+        if n_fit > 1:
+            # refit weighted by the fit's own model (no bias towards low counts), where the weights moved
+            wt_fit = 1.0 / (np.maximum(fb, 1e-3) + vb)
+            if start_amp:
+                redo = np.flatnonzero(np.max(np.abs(wt_fit / wt - 1.0), axis=1) > reweight_tol)
+            else:
+                redo = np.arange(len(pb))
+            if redo.size:
+                pr, _, chi2b[redo], its[1], fr, jr = _lm(
+                    xb[redo], yb[redo], wt_fit[redo], pb[redo], max_iter=max_iter, tol=tol, lam0=1e-5,
+                    init=(fb[redo], jb[redo]), cov=False,
+                )
+                pb[redo], fb[redo], jb[redo], wt[redo] = pr, fr, jr, wt_fit[redo]
+        h[sl] = _normal_j(jb.astype(float), wt)[0]  # the covariance from a float64 normal matrix
+        chi2[sl] = chi2b
+        p[sl] = pb
+        return its
+
+    for i_model, n_fit in enumerate(fits_per_model):
+        p_at = p.copy()  # the spill of this round is sampled around these centres
+        gb = full = None
+        if sc > 0:
+            sig = _signal_model(
+                off,
+                disp,
+                flat,
+                p_at,
+                signal_range_meV=signal_range_meV,
+                extent_meV=210.0,
+                coarse=3,
+                # earlier rounds only start the fit: the final spill model (also the temperature's resolution
+                # offset) is the one that must be deconvolved fully
+                iterations=lr_iterations if i_model == len(fits_per_model) - 1 else min(int(lr_iterations), 30),
+                groups=signal_groups,
+                workers=workers,
+                reach=where,
+            )
+            if sig.group_signal is not None and sig.group is not None and sig.scale is not None:
+                gb = sig._convolve(sig.group_signal, sig.kernel_fft)
+            else:
+                full = sig.blurred()
+        start_amp = False
+        if i_model == 0 and initial is None and k > _START_ROWS:
+            sub = np.unique(np.linspace(0, k - 1, _START_ROWS).round().astype(np.intp))
+            p_at[:, 2:] = _shared_shape(*block(sub, p_at, gb, full), p_at[sub], max_iter=max_iter, tol=tol)
+            start_amp = good_start = True
+        fit = functools.partial(
+            fit_rows, p_at=p_at, gb=gb, full=full, start_amp=start_amp, n_fit=n_fit, good_start=good_start
+        )
+        its = np.max(thread_map(fit, row_blocks(k, _LM_ROWS), workers), axis=0)
+        n_it += int(its.sum())
+        good_start = True
+    dof = max(1, idx.shape[1] - 4)
+    chi2_red = chi2 / dof
+    cov = np.linalg.inv(h + 1e-300 * np.eye(4))
+    if scale_covariance:
+        cov = cov * np.sqrt(np.maximum(1.0, chi2_red))[:, None, None]
+    return ZLPFit(
+        params=p.reshape(batch + (4,)),
+        cov=np.asarray(cov, dtype=np.float64).reshape(batch + (4, 4)),
+        chi2_red=chi2_red.reshape(batch),
+        n_iter=n_it,
+        windows_meV=tuple(windows_meV),
+        signal=sig,
+        loss_windows_meV=loss_w,
+        gain_windows_meV=gain_w,
+        reach=where,
+    )
+
+
+_START_ROWS = 64
+"""Spectra (evenly spaced) whose individual fits give the shared starting shape of a large batch."""
+
+
+def _shared_shape(x: Array, y: Array, var_sys: Array, p0: Array, *, max_iter: int, tol: float) -> Array:
+    """Starting shape of a large batch: the median (FWHM, m) of a few spectra fitted individually.
+
+    The ZLP shape is an instrument property that varies little across a map, so every spectrum starts from
+    the median shape of ``_START_ROWS`` evenly spaced spectra fitted first (same windows, weights and spill
+    correction; ``x``, ``y``, ``var_sys``, ``p0`` are theirs), its centre from ``zlp_centre`` and its amplitude
+    re-solved linearly (:func:`_solve_amplitude`); the full fit then needs 2-3 iterations instead of ~15
+    from the shape of the (uncorrected) mean spectrum.
+    """
+    wt = 1.0 / (np.maximum(_p7_f(x, p0), 1e-3) + var_sys)
+    ps = _lm(x, y, wt, p0, max_iter=max_iter, tol=tol, cov=False)[0]
+    return np.median(ps[:, 2:], axis=0)
+
+
+def _solve_amplitude(x: Array, y: Array, var_sys: Array, p: Array) -> tuple[Array, tuple[Array, Array]]:
+    """Weighted least-squares amplitude of the Pearson VII shape ``p`` (weights from its model at ``p``).
+
+    Returns the amplitudes ``(k,)`` and the model ``(k, n)`` with its float32 Jacobian ``(k, 4, n)`` at
+    ``p`` with those amplitudes (the starting point of the fit, as :func:`_lm`'s ``init``).
+    """
+    unit = p.copy()
+    unit[:, 0] = 1.0
+    f32, jac = _p7_fj(x.astype(np.float32), unit)
+    f = f32.astype(float)
+    wf = f / (np.maximum(f * p[:, :1], 1e-3) + var_sys)
+    amp = np.einsum("kn,kn->k", wf, y) / np.maximum(np.einsum("kn,kn->k", wf, f), 1e-300)
+    amp = np.where(amp > 0, amp, p[:, 0])
+    f *= amp[:, None]
+    jac[:, 1:] *= amp.astype(np.float32)[:, None, None]  # d/da does not depend on a
+    return amp, (f, jac)
+
+
+def _initial_from_mean(
+    flat: Array,
+    off: Array,
+    disp: float,
+    centre: Array,
+    windows: tuple[tuple[float, float], ...],
+    gain_windows: tuple[tuple[float, float], ...],
+    rn2: float,
+) -> Array:
+    """Starting parameters: a fit of the centre-aligned mean spectrum, amplitude scaled per spectrum."""
+    k, n = flat.shape
+    c_ch = (centre - off) / disp
+    ref_ch = float(np.round(np.median(c_ch)))
+    sel = np.abs(c_ch - ref_ch) < 0.5 * n
+    # integer-channel alignment is enough for a starting point
+    use = np.flatnonzero(sel)[:256]
+    roll = np.round(c_ch[use] - ref_ch).astype(np.intp)
+    idx = np.clip(np.arange(n)[None, :] + roll[:, None], 0, n - 1)
+    mean = np.take_along_axis(flat[use], idx, axis=1).mean(axis=0, dtype=float)
+    e = disp * (np.arange(n) - ref_ch)
+    peak = float(mean[int(ref_ch)])
+    half = np.nonzero(mean >= 0.5 * peak)[0]
+    fwhm = max(2 * disp, disp * (half[-1] - half[0] + 1))
+    pm = np.array([[peak, 0.0, fwhm, 1.5]])
+    cen = np.zeros(1)
+    ix = _window_index(np.array([e[0]]), disp, cen, n, windows, gain_windows)
+    y = mean[ix]
+    x = np.asarray(e[ix], dtype=np.float64)
+    pm, _, _, _, _, _ = _lm(x, y, 1.0 / (np.maximum(y, 1.0) + rn2), pm, max_iter=100, cov=False)
+    i_max = np.clip(np.round(c_ch).astype(np.intp), 0, n - 1)
+    amp = np.take_along_axis(flat, i_max[:, None], axis=1)[:, 0].astype(float)
+    scale = amp / max(float(np.asarray(pearson7_model(np.zeros((1, 1)), pm))[0, 0]), 1e-30)
+    p0 = np.empty((k, 4))
+    p0[:, 0] = pm[0, 0] * scale
+    p0[:, 1] = centre
+    p0[:, 2] = pm[0, 2]
+    p0[:, 3] = pm[0, 3]
+    return p0

@@ -1,0 +1,229 @@
+"""Batch analysis of recorded sessions on a Dask cluster: ``stemlive replay FILE... --analyze OUTDIR``.
+
+The same stage code as live and ``replay --analyze`` runs on the workers, and the results are identical to the
+in-process ones (the same arrays, bit for bit):
+
+* a session that is not an EELS map is one task: :func:`~stemlive.live.replay.replay_analyze` on a worker;
+* an EELS map is split by rows of probe positions: each task runs the EELS stage's per-position step (align
+  and sum the frames, temperature) over its rows, reading them from the session file itself, with the common
+  energy axis of the whole map fixed beforehand (the first position's, as in-process); the client then records
+  the session into the output file and finishes the stage (segmentation, peak fits, problems) on the merged
+  per-position state, through the same pipeline code as in-process.
+
+Without a scheduler address a :class:`distributed.LocalCluster` with 2 single-threaded worker processes is
+started (and stopped afterwards); with one, an existing cluster is used (its workers must see the session
+files and the output folder at the same paths).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .config import Params
+from .pipeline import Result, SessionRun, session_params
+from .protocol import Message
+from .session import SessionReader
+
+log = logging.getLogger(__name__)
+
+__all__ = ["analyze_files", "analyze_map", "map_rows", "output_path", "open_client"]
+
+DEFAULT_WORKERS = 2
+
+
+def output_path(source: str | Path, out_dir: str | Path) -> Path:
+    """``OUTDIR/<name of the source>``; an existing file is never overwritten."""
+    out = Path(out_dir) / Path(source).name
+    if out.exists():
+        raise FileExistsError(f"{out} exists; refusing to overwrite a session file")
+    return out
+
+
+def open_client(scheduler: str | None = None, n_workers: int = DEFAULT_WORKERS) -> tuple[Any, Callable[[], None]]:
+    """A Dask client: of an existing scheduler, or of a new local cluster. Returns ``(client, close)``."""
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        client = Client(scheduler)
+        return client, client.close
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.WARNING)
+    client = Client(cluster)
+
+    def close() -> None:
+        client.close()
+        cluster.close()
+
+    return client, close
+
+
+# ----------------------------------------------------------------------------------------------- maps
+def _eels_stage(params: Params, start: Message) -> Any:
+    from .pipeline import registered_stages
+
+    cls = registered_stages()["eels"]
+    return cls(session_params(params, start).get("eels", {}))
+
+
+def _point_messages(reader: SessionReader, points: Sequence[int]) -> Iterator[Message]:
+    """One spectrum message per probe position in ``points`` (its frames in recorded order)."""
+    table = reader.spectrum_table()
+    calib = {k: (v.item() if isinstance(v, np.generic) else v) for k, v in reader.attrs("eels").items()
+             if k in ("dispersion_meV", "exposure_ms")}
+    spectra = reader.file["eels/spectra"]
+    wanted = np.isin(table["point_index"], np.asarray(points))
+    rows = np.nonzero(wanted)[0]
+    if not rows.size:
+        return
+    block = np.asarray(spectra[int(rows[0]) : int(rows[-1]) + 1])[rows - rows[0]]
+    pidx = table["point_index"][rows]
+    for p in points:
+        sel = np.nonzero(pidx == p)[0]
+        if not sel.size:
+            continue
+        r = rows[sel]
+        header = {"type": "spectrum", "session": reader.session_id, **calib,
+                  **{c: table[c][r].tolist() for c in ("point_index", "frame_index", "x_nm", "y_nm",
+                                                        "energy_offset_meV", "t")}}
+        yield Message(header, block[sel])
+
+
+def map_rows(path: str | Path, points: Sequence[int], params: Params, energy_meV: np.ndarray | None
+             ) -> dict[str, Any]:
+    """Worker task: the EELS stage's per-position step over ``points`` of the session at ``path``.
+
+    ``energy_meV`` is the map's common axis (None: this task holds the first position, which fixes it).
+    Returns the stage's per-position results and state for :func:`analyze_map` to merge.
+    """
+    with SessionReader(path) as reader:
+        start = Message(dict(reader.start_header), None)
+        stage = _eels_stage(params, start)
+        stage.params = {**stage.params, "labels_every": 0}  # the live segmentation refresh is not per-row work
+        list(stage.start(start))
+        stage._energy = None if energy_meV is None else np.asarray(energy_meV)
+        results: list[Result] = []
+        for msg in _point_messages(reader, points):
+            results.extend(stage.process(msg))
+        for p in list(stage._open):
+            results.extend(stage._close_point(p))
+    state = {name: getattr(stage, name) for name in _STATE}
+    return {"results": results, "state": state}
+
+
+# the per-position state of the EELS stage that its final step reads
+_STATE = ("_dispersion", "_positions", "_energy", "_sums", "_temps", "_temp_skipped", "_temp_failed",
+          "_temp_windows")
+
+
+def _row_chunks(points: np.ndarray, scan_shape: Sequence[int] | None, rows_per_task: int) -> list[list[int]]:
+    nx = int(scan_shape[1]) if scan_shape else max(1, len(points))
+    per = max(1, int(rows_per_task)) * nx
+    return [points[i : i + per].tolist() for i in range(0, len(points), per)]
+
+
+def analyze_map(path: str | Path, out_path: str | Path, params: Params, client: Any, *,
+                rows_per_task: int = 8) -> Path:
+    """Analyse an EELS map split by rows of positions on ``client``'s cluster into ``out_path``."""
+    path, out_path = Path(path), Path(out_path)
+    with SessionReader(path) as reader:
+        points = np.unique(reader.spectrum_table()["point_index"])
+        order = reader.spectrum_table()["point_index"]
+        first_seen = np.unique(order, return_index=True)[1]
+        points = order[np.sort(first_seen)]  # arrival order: the first position fixes the axis
+        shape = reader.settings.get("scan_shape")
+    if not len(points):
+        from .replay import replay_analyze
+
+        return replay_analyze(path, out_path, params)
+    head = map_rows(path, [int(points[0])], params, None)
+    energy = head["state"]["_energy"]
+    chunks = _row_chunks(points, shape, rows_per_task)
+    futures = [client.submit(map_rows, str(path), chunk, params, energy, pure=False) for chunk in chunks]
+    parts = client.gather(futures)
+    return _finish_map(path, out_path, params, parts)
+
+
+def _finish_map(path: Path, out_path: Path, params: Params, parts: list[dict[str, Any]]) -> Path:
+    """Record the session into ``out_path`` and finish the EELS stage on the merged per-position state."""
+    status, message = "aborted", ""
+    with SessionReader(path) as reader:
+        msgs = reader.messages()
+        start = next(msgs)
+        run = SessionRun(start, out_path, params)
+        try:
+            for msg in msgs:
+                if msg.type == "session_end":
+                    status = str(msg.header.get("status", "complete"))
+                    message = str(msg.header.get("message", ""))
+                    break
+                run.record(msg)
+                if msg.type != "spectrum":
+                    run.analyze(msg)
+            stage = next(s for s in run.stages if s.name == "eels")
+            for part in parts:
+                for name in _STATE:
+                    value = part["state"][name]
+                    current = getattr(stage, name)
+                    if isinstance(current, dict) and name != "_temp_windows":
+                        current.update(value)
+                    elif name == "_temp_windows":
+                        if value:
+                            setattr(stage, name, value)
+                    elif value is not None:
+                        setattr(stage, name, copy.deepcopy(value) if name == "_positions" else value)
+                for result in part["results"]:
+                    run._emit(result)  # as the pipeline emits a stage's results
+            # as analyze_messages: a recording that never got its session_end is finished as aborted
+            run.finish(status, message=message or ("" if status != "aborted" else "source session was not closed"))
+        except BaseException:
+            if not run.closed:
+                run.finish("failed", message="batch analysis failed")
+            raise
+    return out_path
+
+
+# --------------------------------------------------------------------------------------------- sessions
+def _whole_session(path: str, out_path: str, params: Params) -> str:
+    from .replay import replay_analyze
+
+    return str(replay_analyze(path, out_path, params))
+
+
+def analyze_files(paths: Sequence[str | Path], out_dir: str | Path, params: Params, *,
+                  scheduler: str | None = None, client: Any = None, rows_per_task: int = 8,
+                  n_workers: int = DEFAULT_WORKERS) -> list[Path]:
+    """Analyse session files on a Dask cluster into ``out_dir`` (one output file per input, same name).
+
+    Maps (``eels_map``) are split by rows of positions (:func:`analyze_map`); other sessions are one task each.
+    """
+    out_dir = Path(out_dir)
+    kinds = []
+    for p in paths:  # unreadable input fails here, before any cluster or output exists
+        with SessionReader(p) as reader:
+            kinds.append(reader.kind)
+    outs = [output_path(p, out_dir) for p in paths]
+    if len({o.name for o in outs}) != len(outs):
+        raise ValueError("two input sessions have the same file name; their outputs would collide")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    close: Callable[[], None] | None = None
+    if client is None:
+        client, close = open_client(scheduler, n_workers)
+    try:
+        singles = {i: client.submit(_whole_session, str(p), str(o), params, pure=False)
+                   for i, (p, o, k) in enumerate(zip(paths, outs, kinds, strict=True)) if k != "eels_map"}
+        done: list[Path] = []
+        for i, (p, o, k) in enumerate(zip(paths, outs, kinds, strict=True)):
+            if k == "eels_map":
+                done.append(analyze_map(p, o, params, client, rows_per_task=rows_per_task))
+            else:
+                done.append(Path(singles[i].result()))
+        return done
+    finally:
+        if close is not None:
+            close()

@@ -1,0 +1,109 @@
+"""Batch analysis on a Dask cluster (live/batch.py): identical results to the in-process replay."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from corpus import scenarios
+
+from stemlive.live import batch
+from stemlive.live.pipeline import analyze_messages, make_params
+from stemlive.live.replay import replay_analyze
+
+
+def _results(path: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f["results"].visititems(lambda name, obj: out.update({name: obj[()]}) if isinstance(obj, h5py.Dataset)
+                                else None)
+    return out
+
+
+def _assert_identical(a: Path, b: Path) -> None:
+    ra, rb = _results(a), _results(b)
+    assert sorted(ra) == sorted(rb)
+    for name in ra:
+        x, y = ra[name], rb[name]
+        assert x.dtype == y.dtype and x.shape == y.shape, name
+        if x.dtype.names is None and x.dtype.kind == "f":
+            np.testing.assert_array_equal(x, y, err_msg=name)  # NaN == NaN here
+        else:
+            assert x.tobytes() == y.tobytes(), name
+
+
+@pytest.fixture(scope="module")
+def sessions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A two-material 4x6 map (2 frames per point) and a short line, recorded from the corpus generator."""
+    d = tmp_path_factory.mktemp("raw")
+    out = {}
+    specs = {"map": scenarios.material_map("map", 2, shape=(4, 6), counts=1e8, frames=2),
+             "line": scenarios.uniform_line("line", scenarios.instrument(), counts=2e8, frames=2, n_points=8)}
+    for name, sc in specs.items():
+        # record the raw session (no analysis stages) as an acquisition would
+        out[name] = analyze_messages(sc.messages(), d / f"{name}.h5", make_params(), stage_classes={})
+    return out
+
+
+@pytest.fixture(scope="module")
+def client():  # type: ignore[no-untyped-def]
+    c, close = batch.open_client(n_workers=2)
+    yield c
+    close()
+
+
+def test_map_split_by_rows_identical_to_in_process(sessions: dict[str, Path], client: object,
+                                                   tmp_path: Path) -> None:
+    params = make_params(overrides=["eels.n_peaks=2"])
+    ref = replay_analyze(sessions["map"], tmp_path / "ref.h5", params)
+    out = batch.analyze_map(sessions["map"], tmp_path / "batch.h5", params, client, rows_per_task=2)
+    _assert_identical(ref, out)
+    assert np.isfinite(_results(out)["eels/temperature_K"]).all()
+
+
+def test_cli_many_sessions_into_a_folder(sessions: dict[str, Path], tmp_path: Path) -> None:
+    """As a user types it: two sessions into OUTDIR on a local 2-worker cluster; the outputs equal the
+    single-file form's; the exit code is 0 (or 4, INCOMPLETE, with one line per missing result)."""
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions["map"]), str(sessions["line"]),
+           "--analyze", str(out_dir), "--set", "eels.n_peaks=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode in (0, 4), proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("analysed 2 sessions"), proc.stdout
+    for name in ("map", "line"):
+        single = tmp_path / f"{name}_single.h5"
+        cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions[name]), "--analyze", str(single),
+               "--set", "eels.n_peaks=2"]
+        single_proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+        assert single_proc.returncode in (0, 4), single_proc.stderr
+        _assert_identical(single, out_dir / f"{name}.h5")
+
+
+def test_cli_existing_scheduler(sessions: dict[str, Path], client: object, tmp_path: Path) -> None:
+    """``--scheduler ADDRESS`` uses an existing cluster (here: this test's local one) and leaves it running."""
+    address = client.scheduler.address  # type: ignore[attr-defined]
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions["line"]), "--analyze", str(out_dir),
+           "--scheduler", address, "--set", "eels.n_peaks=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode in (0, 4), proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"analysed 1 sessions into {out_dir}"
+    ref = replay_analyze(sessions["line"], tmp_path / "ref.h5", make_params(overrides=["eels.n_peaks=2"]))
+    _assert_identical(ref, out_dir / "line.h5")
+    assert client.submit(sum, [1, 2]).result() == 3  # type: ignore[attr-defined]
+
+
+def test_cli_missing_input_fails_before_any_cluster(sessions: dict[str, Path], tmp_path: Path) -> None:
+    out_dir = tmp_path / "out"
+    cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions["line"]), str(tmp_path / "missing.h5"),
+           "--analyze", str(out_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.h5" in lines[0], proc.stderr
+    assert not out_dir.exists()

@@ -1,0 +1,43 @@
+"""The whole EELS robustness grid (issue 12), ``-m grid``: at every grid point each expected result is produced
+or comes with a stated reason (published and stored), never an exception, never silence.
+
+The figures of every scenario against the stated tolerances (tests/corpus/evaluate.py) are tabulated in
+docs/eels-corpus.md by scripts/eels_corpus_table.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from corpus import evaluate, scenarios
+
+pytestmark = pytest.mark.grid
+
+
+@pytest.mark.parametrize("scenario", scenarios.grid(), ids=lambda s: s.name)
+def test_grid_results_or_reasons(scenario: scenarios.Scenario, tmp_path: Path) -> None:
+    out = evaluate.run(scenario, tmp_path)
+    assert not out.violations, (out.violations, out.status)
+    assert out.figures["analysis_finished"] == ("incomplete" if out.problems else "complete"), out.figures
+
+
+# Thermometry scenarios that do not meet the targets yet (measured at 3af30f3, docs/eels-corpus.md): listed so
+# that the others are held to them; remove a name when it is met.
+NOT_MET = {
+    "disp_2": "pull RMS 0.41 (errors 2.4x too large at 2 meV per channel)",
+    "axis_-500_500": "pull RMS 0.74",
+    "res_15": "scatter 1.58x the counting limit",
+    "dose_1e+07": "scatter 1.32x the counting limit",
+    "zlp_pseudo_voigt": "bias +46 %: Lorentzian tails outside the Pearson VII zero-loss model",
+    "background_power_law": "bias +559 %: a symmetric power law outside the zero-loss model",
+}
+
+
+@pytest.mark.parametrize("scenario", [s for s in scenarios.grid() if s.thermometry and s.name not in NOT_MET],
+                         ids=lambda s: s.name)
+def test_grid_thermometry_targets(scenario: scenarios.Scenario, tmp_path: Path) -> None:
+    """|bias| <= 0.3 % (+ 2 SEM), scatter <= 1.3x the counting limit, pull RMS 0.8-1.2, ARI >= 0.95 where
+    segmentation is expected, a 15 K interface drop within +-3 K."""
+    out = evaluate.run(scenario, tmp_path)
+    assert not out.violations and not out.misses, (out.misses, out.figures)
