@@ -24,11 +24,14 @@ __all__ = [
     "temperature_map",
 ]
 
-_EELS_DEFAULTS: dict[str, Any] = {
-    "zlp_windows_meV": ((15.0, 30.0), (130.0, 200.0)),
-    "background_windows_meV": ((16.0, 20.0), (60.0, 70.0)),
-    "segment_window_meV": (18.0, 60.0),
-}
+def _stage_default(name: str) -> Any:
+    """The EELS stage's default for ``name`` as nested tuples: notebook and pipeline use the same windows."""
+    from .stages import EELSStage
+
+    def tuples(v: Any) -> Any:
+        return tuple(tuples(x) for x in v) if isinstance(v, list | tuple) else v
+
+    return tuples(EELSStage.defaults[name])
 
 
 @dataclass
@@ -213,7 +216,7 @@ def temperature_map(spectra: Any, energy_meV: Any = None, **params: Any) -> Any:
     over the navigation axes with the squared standard error as ``metadata.Signal.Noise_properties.variance``.
     """
     data, energy = _spectra_energy(spectra, energy_meV)
-    params.setdefault("zlp_windows_meV", _EELS_DEFAULTS["zlp_windows_meV"])
+    params.setdefault("zlp_windows_meV", _stage_default("zlp_windows_meV"))
     flat = data.reshape(-1, data.shape[-1])
     # one spectrum at a time, as the pipeline does: a batch would share one zero-loss shape between all points
     fits = [eels.temperature(energy, row, **params) for row in flat]
@@ -255,8 +258,8 @@ def segment(spectra: Any, energy_meV: Any = None, *, k: int = 3, n_restarts: int
     flat = data.reshape(-1, data.shape[-1])
     labels, _ = segment_spectra(
         energy, flat, k=k,
-        window_meV=tuple(window_meV or _EELS_DEFAULTS["segment_window_meV"]),  # type: ignore[arg-type]
-        background_windows_meV=tuple(background_windows_meV or _EELS_DEFAULTS["background_windows_meV"]),
+        window_meV=tuple(window_meV or _stage_default("segment_window_meV")),  # type: ignore[arg-type]
+        background_windows_meV=tuple(background_windows_meV or _stage_default("background_windows_meV")),
         n_restarts=n_restarts, seed=seed,
     )
     labels = np.asarray(labels, np.int32).reshape(data.shape[:-1])

@@ -440,6 +440,9 @@ class EELSStage(Stage):
         distance, temps = distance[finite], temps[finite]
         try:
             fit = interface.fit_interface_profile(distance, temps[:, 0], temps[:, 1])
+        except ValueError as e:  # the line's geometry allows no profile (e.g. too few points on one side)
+            yield self.problem("interface", f"no interface profile on this line: {e}")
+            return
         except Exception as e:  # noqa: BLE001  (independent steps)
             log.warning("interface fit failed: %s", e)
             yield self.problem("interface", f"{type(e).__name__}: {e}", "failed")

@@ -6,7 +6,6 @@ Each run works in tmp_path (nothing is written into the source tree or the worki
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import subprocess
@@ -43,10 +42,8 @@ def test_eels_line_on_usim(tmp_path: Path) -> None:
         assert f["eels/spectra"].shape[0] == 20
         assert float(f["eels"].attrs["dispersion_meV"]) == pytest.approx(1000.0)  # usim's 1 eV per channel
     assert "Traceback" not in proc.stdout
-    # usim's 1 eV channels leave no temperature: the reason is printed (issue 12 stores it as a problem)
+    # usim's 1 eV channels leave no temperature: the reason is printed (stored as an analysis problem)
     reasons = [line for line in lines[:-1] if line.startswith("eels/temperature")]
-    if not reasons and importlib.util.find_spec("stemlive.live.problems") is None:
-        pytest.xfail("needs issue 12 analysis problems")
     assert len(reasons) == 1 and ("skipped" in reasons[0] or "failed" in reasons[0]), lines
 
 

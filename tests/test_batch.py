@@ -12,6 +12,7 @@ import pytest
 from corpus import scenarios
 
 from stemlive.live import batch
+from stemlive.live.exitcodes import ExitCode
 from stemlive.live.pipeline import analyze_messages, make_params
 from stemlive.live.replay import replay_analyze
 
@@ -103,7 +104,7 @@ def test_cli_missing_input_fails_before_any_cluster(sessions: dict[str, Path], t
     cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions["line"]), str(tmp_path / "missing.h5"),
            "--analyze", str(out_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == ExitCode.BAD_INPUT, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing.h5" in lines[0], proc.stderr
     assert not out_dir.exists()

@@ -17,6 +17,7 @@ import v1_writer
 
 from stemlive.live.cli import main
 from stemlive.live.exitcodes import ExitCode
+from stemlive.live.problems import problems_in
 from stemlive.live.session import SessionFormatError, SessionReader, describe
 
 STEMLIVE = [sys.executable, "-m", "stemlive.live.cli"]
@@ -44,7 +45,9 @@ def test_v1_minimum_eels_replays_and_is_analysed(tmp_path: Path) -> None:
     assert "v1 minimum:  session_start rebuilt" in describe(src)
 
     out = tmp_path / "analysed.h5"
-    assert main(["replay", str(src), "--analyze", str(out)]) == 0
+    # a uniform 8-point line has no interface to fit: that one result is missing (exit 4), the rest is there
+    assert main(["replay", str(src), "--analyze", str(out)]) == ExitCode.INCOMPLETE
+    assert [(p.stage, p.result) for p in problems_in(out)] == [("eels", "interface")]
     with SessionReader(out) as r:
         res = r.results("eels")
         assert r.status == "complete" and r.spectra().shape == (32, 1024)
