@@ -145,12 +145,12 @@ def analyze_map(path: str | Path, out_path: str | Path, params: Params, client: 
     energy = head["state"]["_energy"]
     chunks = _row_chunks(points, shape, rows_per_task)
     futures = [client.submit(map_rows, str(path), chunk, params, energy, pure=False) for chunk in chunks]
-    parts = client.gather(futures)
-    return _finish_map(path, out_path, params, parts)
+    return _finish_map(path, out_path, params, lambda: client.gather(futures))
 
 
-def _finish_map(path: Path, out_path: Path, params: Params, parts: list[dict[str, Any]]) -> Path:
-    """Record the session into ``out_path`` and finish the EELS stage on the merged per-position state."""
+def _finish_map(path: Path, out_path: Path, params: Params, gather: Callable[[], list[dict[str, Any]]]) -> Path:
+    """Record the session into ``out_path`` (while the workers compute) and finish the EELS stage on the merged
+    per-position state (``gather`` waits for the workers' parts)."""
     status, message = "aborted", ""
     with SessionReader(path) as reader:
         msgs = reader.messages()
@@ -166,7 +166,7 @@ def _finish_map(path: Path, out_path: Path, params: Params, parts: list[dict[str
                 if msg.type != "spectrum":
                     run.analyze(msg)
             stage = next(s for s in run.stages if s.name == "eels")
-            for part in parts:
+            for part in gather():
                 for name in _STATE:
                     value = part["state"][name]
                     current = getattr(stage, name)
