@@ -21,7 +21,7 @@ from stemlive.simulators.sample import AtomSet
 from stemlive.simulators.scenario import Scenario
 from stemlive.simulators.stage import StageModel
 
-__all__ = ["REFERENCE_TILTS_DEG", "TiltSums", "simulate_tilt_sums"]
+__all__ = ["REFERENCE_TILTS_DEG", "TiltSums", "atoms_in_all_fields", "compare_model", "simulate_tilt_sums", "true_vacancies"]
 
 REFERENCE_TILTS_DEG: tuple[tuple[float, float], ...] = (
     (0.0, 0.0), (-14.3, -22.9), (-14.3, 17.1), (20.1, 17.1), (20.1, -20.1), (12.6, -12.6),
@@ -95,3 +95,87 @@ def simulate_tilt_sums(scenario: Scenario, *, tilts_deg: Sequence[tuple[float, f
         offsets.append((np.asarray(st.fov_shift_nm) - centre) / pixel_size_nm)
     return TiltSums(np.stack(sums), np.asarray(tilts_deg, float), np.asarray(actual), np.asarray(offsets),
                     float(pixel_size_nm), sim.atoms)
+
+
+def atoms_in_all_fields(ts: TiltSums, margin_px: float = 4.0) -> np.ndarray:
+    """Mask of the true atoms that project inside every image with ``margin_px`` to spare."""
+    from stemlive.simulators.stage import rotation_matrix
+
+    ny, nx = ts.sums.shape[1:]
+    px_A = 10.0 * ts.pixel_size_nm
+    inside = np.ones(len(ts.atoms), bool)
+    for k, (alpha, beta) in enumerate(ts.actual_deg):
+        lab = ts.atoms.positions_A @ rotation_matrix(alpha, beta).T
+        rc = lab[:, [1, 0]] / px_A + np.array([(ny - 1) / 2.0, (nx - 1) / 2.0]) + ts.centre_offset_px[k]
+        inside &= ((rc[:, 0] > margin_px) & (rc[:, 0] < ny - 1 - margin_px) & (rc[:, 1] > margin_px)
+                   & (rc[:, 1] < nx - 1 - margin_px))
+    return inside
+
+
+def true_vacancies(scenario: Scenario) -> np.ndarray:
+    """Sample-frame positions ``(m, 3)`` (Angstrom) of the empty chalcogen sites of the scenario's sample.
+
+    The sample built without vacancies draws the same random numbers, so its extra atoms are the vacancies.
+    """
+    import dataclasses
+
+    full = dataclasses.replace(scenario.sample, vacancy_fraction=0.0).atoms()
+    real = scenario.sample.atoms()
+    if not len(real):
+        return full.positions_A
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(real.positions_A).query(full.positions_A)
+    return full.positions_A[d > 1e-6]
+
+
+def compare_model(ts: TiltSums, scenario: Scenario, positions_A: np.ndarray, species: np.ndarray,
+                  vacancies_A: np.ndarray, *, match_A: float = 0.8, margin_px: float = 4.0) -> dict[str, float]:
+    """Accuracy of a 3D atomic model against the truth, over the atoms inside every image.
+
+    The model's frame is translated onto the truth (its origin is the metals' centroid): median offset of the
+    model metals to their nearest true metals, with shrinking pairing distances. RMSDs are in pm; ``found`` is the fraction of true atoms (in every field) with a model
+    atom within ``match_A``; vacancy precision/recall pair flagged and true empty sites within ``match_A``.
+    """
+    from scipy.spatial import cKDTree
+
+    truth = ts.atoms.positions_A
+    inall = atoms_in_all_fields(ts, margin_px)
+    metal = np.isin(ts.atoms.species, ["Mo", "W"])
+    model = np.asarray(positions_A, float)
+    m_metal = np.isin(np.asarray(species), ["Mo", "W"])
+    off = truth[metal].mean(axis=0) - model[m_metal].mean(axis=0)
+    for bound in (2.0, 1.0, 0.5, 0.5):
+        d, i = cKDTree(truth[metal]).query(model[m_metal] + off, distance_upper_bound=bound)
+        ok = np.isfinite(d)
+        if ok.any():
+            off = off + np.median(truth[metal][i[ok]] - (model[m_metal][ok] + off), axis=0)
+    d, i = cKDTree(model + off).query(truth, distance_upper_bound=match_A)
+    found = np.isfinite(d) & inall
+    diff = truth[found] - (model[i[found]] + off)
+    mt = metal[found]
+    out = {
+        "atoms_in_field": float(inall.sum()), "found_fraction": float(found.sum() / max(inall.sum(), 1)),
+        "metal_z_rmsd_pm": 100 * float(np.sqrt(np.mean(diff[mt, 2] ** 2))),
+        "chalcogen_z_rmsd_pm": 100 * float(np.sqrt(np.mean(diff[~mt, 2] ** 2))),
+        "inplane_rmsd_pm": 100 * float(np.sqrt(np.mean((diff[:, :2] ** 2).sum(axis=1)))),
+        "metal_inplane_rmsd_pm": 100 * float(np.sqrt(np.mean((diff[mt, :2] ** 2).sum(axis=1)))),
+        "chalcogen_inplane_rmsd_pm": 100 * float(np.sqrt(np.mean((diff[~mt, :2] ** 2).sum(axis=1)))),
+        "species_correct_fraction": float(np.mean(ts.atoms.species[found] == np.asarray(species)[i[found]])),
+        "model_atoms": float(len(model)),
+    }
+    vac_true = true_vacancies(scenario)
+    # true vacancies inside every field: those whose nearest true atom is in every field
+    if len(vac_true):
+        _, near = cKDTree(truth).query(vac_true)
+        vac_true = vac_true[inall[near]]
+    flagged = np.asarray(vacancies_A, float).reshape(-1, 3) + off
+    if len(flagged):
+        _, near = cKDTree(truth).query(flagged)
+        flagged = flagged[inall[near]]
+    tp_flag = (cKDTree(vac_true).query(flagged)[0] < match_A).sum() if len(vac_true) and len(flagged) else 0
+    tp_true = (cKDTree(flagged).query(vac_true)[0] < match_A).sum() if len(vac_true) and len(flagged) else 0
+    out.update({"vacancies_true": float(len(vac_true)), "vacancies_flagged": float(len(flagged)),
+                "vacancy_precision": float(tp_flag / len(flagged)) if len(flagged) else float("nan"),
+                "vacancy_recall": float(tp_true / len(vac_true)) if len(vac_true) else float("nan")})
+    return out

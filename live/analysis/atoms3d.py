@@ -13,9 +13,11 @@ Steps (:func:`build_model`):
 1. start model: metals from the calibration (3D), chalcogen columns of the reference projection lifted to two
    atoms at the local metal height ``+- h``;
 2. refine heights and positions of all atoms;
-3. vacancies: for every chalcogen the local R1 factor ``sum |data - model| / sum |data|`` over its pixels in all
-   projections is computed with the atom present and with it removed; an atom whose removal lowers R1 is a
-   vacancy;
+3. vacancies: two Gaussians that settled on one atom (both start atoms of a half-empty site, or an empty
+   site's chalcogen that drifted onto a neighbour) are merged and the emptied chalcogen is a candidate; then for every chalcogen the local R1 factor ``sum |data - model| / sum |data|`` over its pixels in all
+   projections is computed with the atom present and with it removed; an atom whose removal lowers R1 (or with
+   less than 35 % of a light chalcogen's height, or more than 2.5 h from the metal plane) is a vacancy, placed
+   at the mirror image of its site partner about the local metal plane;
 4. species from the heights (two classes per sublattice, split at the Otsu threshold of the log heights when the
    two clusters differ by more than a factor 1.6, e.g. Mo/W and S/Se);
 5. per-element heights and widths fixed from the classified atoms, positions refined again; standard errors
@@ -357,6 +359,7 @@ def build_model(sums: np.ndarray, geometry: Geometry, metals_A: np.ndarray, chal
     """
     data = np.asarray(sums, float)
     pos, sub, _site = start_model(metals_A, chalcogen_px, geometry, reference, chalcogen_height_A)
+    start = pos.copy()
     bg0 = np.array([np.percentile(d, 1.0) for d in data])
     # start heights: the reference image at the projected position, halved for the two chalcogens of a column
     uv = geometry.project(pos)[reference]
@@ -366,10 +369,52 @@ def build_model(sums: np.ndarray, geometry: Geometry, metals_A: np.ndarray, chal
     pos, h, _err, bg, _chi2 = refine_atoms(data, geometry, pos, h0, sigma_px, fit_height=True, tile_A=tile_A,
                                            sweeps=sweeps, background=bg0)
     radius = int(np.ceil(3.0 * sigma_px))
+    # a site with one chalcogen: its two start atoms may both settle on the one present (half height each);
+    # merge such pairs and mark the mirror position (about the local metal plane) as the empty one
+    n_sites = len(chalcogen_px)
+    n_met = int((sub == METAL).sum())
+    top, bot = n_met + np.arange(n_sites), n_met + n_sites + np.arange(n_sites)
+    metals = pos[:n_met]
+    _, nb = cKDTree(metals[:, :2]).query(pos[top, :2], k=min(3, n_met))
+    z_loc = metals[np.atleast_2d(nb.T).T, 2].mean(axis=1)
+    # two chalcogen Gaussians on one atom (the pair of a half-empty site, or an empty site's atom that drifted
+    # onto a neighbour): merge them; the emptied atom is a vacancy candidate
+    chal0 = np.flatnonzero(sub == CHALCOGEN)
+    close = cKDTree(pos).query_pairs(0.35 * chalcogen_height_A)
+    pairs = {(int(i), int(j)) for i, j in close if sub[i] == CHALCOGEN or sub[j] == CHALCOGEN}
+    collapsed = (pos[top, 2] - pos[bot, 2]) < chalcogen_height_A  # a site's pair closer than h in z
+    pairs |= {(int(a), int(b)) for a, b in zip(top[collapsed], bot[collapsed], strict=True)}
+    merged_away: list[int] = []
+    for a, b in sorted(pairs):
+        if h[a] <= 0 or h[b] <= 0:
+            continue
+        if sub[a] == METAL or sub[b] == METAL:  # a chalcogen Gaussian on a metal: the metal takes it
+            keep_i, gone_i = (a, b) if sub[a] == METAL else (b, a)
+        else:
+            keep_i, gone_i = (a, b) if h[a] >= h[b] else (b, a)
+        ha, hb = h[keep_i], h[gone_i]
+        pos[keep_i] = (pos[keep_i] * ha + pos[gone_i] * hb) / (ha + hb)
+        h[keep_i], h[gone_i] = ha + hb, 0.0
+        merged_away.append(int(gone_i))
     model = render_projections(pos, h, sigma_px, geometry, bg, radius)
     chal = np.flatnonzero(sub == CHALCOGEN)
     r1p, r1a = local_r1(data, model, geometry, pos[chal], np.maximum(h[chal], 0.0), sigma_px, radius)
-    vacant = chal[(r1a <= r1p) | (h[chal] <= 0)]
+    # besides the R1 test: a Gaussian with a small fraction of a light chalcogen's height, or one that left the
+    # layer, describes noise
+    light = np.percentile(h[chal][h[chal] > 0], 25) if np.any(h[chal] > 0) else 0.0
+    _, nb_c = cKDTree(metals[:, :2]).query(pos[chal, :2], k=min(3, n_met))
+    off_layer = np.abs(pos[chal, 2] - metals[np.atleast_2d(nb_c.T).T, 2].mean(axis=1)) > 2.5 * chalcogen_height_A
+    vacant = chal[(r1a <= r1p) | (h[chal] <= 0.35 * light) | off_layer]
+    # an empty site is where its partner's mirror image is (an atom fitted to nothing may have wandered off)
+    partner = np.empty(len(pos), int)
+    partner[top], partner[bot] = bot, top
+    site_of = np.empty(len(pos), int)
+    site_of[top], site_of[bot] = np.arange(n_sites), np.arange(n_sites)
+    vac_pos = start[vacant].copy()
+    has_partner = ~np.isin(partner[vacant], vacant)
+    mirror = pos[partner[vacant]].copy()
+    mirror[:, 2] = 2 * z_loc[site_of[vacant]] - mirror[:, 2]
+    vac_pos[has_partner] = mirror[has_partner]
     keep = np.setdiff1d(np.arange(len(pos)), vacant)
     species = np.empty(len(pos), dtype="<U2")
     m_idx = np.flatnonzero(sub == METAL)
@@ -388,4 +433,4 @@ def build_model(sums: np.ndarray, geometry: Geometry, metals_A: np.ndarray, chal
                                              tile_A=tile_A, sweeps=1, background=bg)
     model = render_projections(pos_k, h_el, sigma_px, geometry, bg, radius)
     r1 = float(np.abs(data - model).sum() / np.abs(data - bg[:, None, None]).sum())
-    return AtomModel(pos_k, err[:, -3:], sp_k, sub_k, h_raw, pos[vacant], r1p, r1a, r1, sig_el)
+    return AtomModel(pos_k, err[:, -3:], sp_k, sub_k, h_raw, vac_pos, r1p, r1a, r1, sig_el)
