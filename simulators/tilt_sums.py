@@ -21,7 +21,8 @@ from stemlive.simulators.sample import AtomSet
 from stemlive.simulators.scenario import Scenario
 from stemlive.simulators.stage import StageModel
 
-__all__ = ["REFERENCE_TILTS_DEG", "TiltSums", "atoms_in_all_fields", "compare_model", "simulate_tilt_sums", "true_vacancies"]
+__all__ = ["REFERENCE_TILTS_DEG", "TiltSums", "atoms_in_all_fields", "compare_model", "simulate_tilt_sums",
+           "true_vacancies"]
 
 REFERENCE_TILTS_DEG: tuple[tuple[float, float], ...] = (
     (0.0, 0.0), (-14.3, -22.9), (-14.3, 17.1), (20.1, 17.1), (20.1, -20.1), (12.6, -12.6),
@@ -134,7 +135,8 @@ def compare_model(ts: TiltSums, scenario: Scenario, positions_A: np.ndarray, spe
     """Accuracy of a 3D atomic model against the truth, over the atoms inside every image.
 
     The model's frame is translated onto the truth (its origin is the metals' centroid): median offset of the
-    model metals to their nearest true metals, with shrinking pairing distances. RMSDs are in pm; ``found`` is the fraction of true atoms (in every field) with a model
+    model metals to their nearest true metals, with shrinking pairing distances. RMSDs are in pm; ``found`` is
+    the fraction of true atoms (in every field) with a model
     atom within ``match_A``; vacancy precision/recall pair flagged and true empty sites within ``match_A``.
     """
     from scipy.spatial import cKDTree

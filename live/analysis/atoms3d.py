@@ -14,7 +14,8 @@ Steps (:func:`build_model`):
    atoms at the local metal height ``+- h``;
 2. refine heights and positions of all atoms;
 3. vacancies: two Gaussians that settled on one atom (both start atoms of a half-empty site, or an empty
-   site's chalcogen that drifted onto a neighbour) are merged and the emptied chalcogen is a candidate; then for every chalcogen the local R1 factor ``sum |data - model| / sum |data|`` over its pixels in all
+   site's chalcogen that drifted onto a neighbour) are merged and the emptied chalcogen is a candidate; then
+   for every chalcogen the local R1 factor ``sum |data - model| / sum |data|`` over its pixels in all
    projections is computed with the atom present and with it removed; an atom whose removal lowers R1 (or with
    less than 35 % of a light chalcogen's height, or more than 2.5 h from the metal plane) is a vacancy, placed
    at the mirror image of its site partner about the local metal plane;
@@ -377,9 +378,8 @@ def build_model(sums: np.ndarray, geometry: Geometry, metals_A: np.ndarray, chal
     metals = pos[:n_met]
     _, nb = cKDTree(metals[:, :2]).query(pos[top, :2], k=min(3, n_met))
     z_loc = metals[np.atleast_2d(nb.T).T, 2].mean(axis=1)
-    # two chalcogen Gaussians on one atom (the pair of a half-empty site, or an empty site's atom that drifted
-    # onto a neighbour): merge them; the emptied atom is a vacancy candidate
-    chal0 = np.flatnonzero(sub == CHALCOGEN)
+    # two Gaussians on one atom (the pair of a half-empty site, or an empty site's chalcogen that drifted onto a
+    # neighbour): merge them; the emptied chalcogen is a vacancy candidate
     close = cKDTree(pos).query_pairs(0.35 * chalcogen_height_A)
     pairs = {(int(i), int(j)) for i, j in close if sub[i] == CHALCOGEN or sub[j] == CHALCOGEN}
     collapsed = (pos[top, 2] - pos[bot, 2]) < chalcogen_height_A  # a site's pair closer than h in z
