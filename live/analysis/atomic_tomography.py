@@ -23,7 +23,7 @@ import numpy as np
 from . import atoms3d, columns, tilt_calibration
 from .reconstruct import stage_rotation
 
-__all__ = ["AtomicTomography", "geometry_of", "reconstruct_atoms", "refit_metals"]
+__all__ = ["AtomicTomography", "geometry_of", "reconstruct_atoms", "refit_metals", "running_update"]
 
 FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
@@ -142,3 +142,37 @@ def reconstruct_atoms(sums: np.ndarray, nominal_alpha_deg: np.ndarray, nominal_b
                                     sigma, chalcogen_height_A=chalcogen_height_A, tile_A=tile_A)
         times["atoms"] = time.perf_counter() - t0
     return AtomicTomography(cal2, cal1, cols, model, times)
+
+
+def running_update(columns_so_far: list[columns.Columns], images: list[np.ndarray], alpha_deg: list[float],
+                   beta_deg: list[float], pixel_A: float, *, probe_fwhm_A: float = 1.3,
+                   chalcogen_height_A: float = 1.6) -> tuple[columns.Columns, tilt_calibration.Calibration | None]:
+    """Live step: fit the columns of a new tilt's sum and calibrate over all tilts so far (3 or more).
+
+    ``images`` are the sums of all tilts so far (the new one last), ``columns_so_far`` the column fits of the
+    earlier ones (extended in place); ``alpha_deg``/``beta_deg`` hold the nominal angles of all tilts. The
+    calibration is the two-pass one of :func:`reconstruct_atoms` (steps 2 and 3). Returns the new columns and the
+    calibration (None with fewer than 3 tilts).
+    """
+    image = images[-1]
+    if pixel_A <= 0:
+        raise ValueError("no pixel size in the frame header")
+    k = len(columns_so_far)
+    rot = stage_rotation(alpha_deg[k], beta_deg[k])
+    off = chalcogen_height_A * np.array([rot[1, 2], rot[0, 2]]) / pixel_A
+    cols = columns.find_columns(np.asarray(image, float), pixel_size_A=pixel_A, probe_fwhm_A=probe_fwhm_A,
+                                chalcogen_offset_px=off)
+    columns_so_far.append(cols)
+    if len(columns_so_far) < 3:
+        return cols, None
+    obs = tilt_calibration.MetalObservations([c.position[c.is_metal] for c in columns_so_far],
+                                             [c.position_err[c.is_metal] for c in columns_so_far],
+                                             [c.intensity[c.is_metal] for c in columns_so_far])
+    n = len(columns_so_far)
+    cal = tilt_calibration.calibrate_tilts(obs, np.asarray(alpha_deg[:n]), np.asarray(beta_deg[:n]), pixel_A,
+                                           np.asarray(image).shape)
+    ref = columns_so_far[cal.reference]
+    sigma = probe_fwhm_A / FWHM_PER_SIGMA / pixel_A
+    metal_px, metal_err = refit_metals(np.stack(images[:n]), cal, ref.position[~ref.is_metal], sigma,
+                                       chalcogen_height_A)
+    return cols, tilt_calibration.recalibrate(cal, metal_px, metal_err)
