@@ -143,3 +143,22 @@ def test_tilt_series_stage_publishes_columns_and_running_calibration(tmp_path):
     assert np.abs(err).max() < 1.0 < np.abs(ts.nominal_deg - ts.actual_deg).max()
     assert np.abs(err - err.mean(axis=0)).max() < 0.2
     assert np.all(final[:, 2:] > 0)
+
+
+def test_demo_atoms_step_compares_with_the_simulated_stage(small_session, tmp_path):
+    """The demo's atoms step on a session with the simulator's truth file next to it (angles vs actual)."""
+    import shutil
+
+    from stemlive.live.demo import make_config, run_atoms_step
+    from stemlive.simulators.truth import GroundTruth
+
+    session, ts = small_session
+    copy = shutil.copy(session, tmp_path / "demo.h5")
+    truth = GroundTruth()
+    for k, ((na, nb), (aa, ab)) in enumerate(zip(ts.nominal_deg, ts.actual_deg, strict=True)):
+        truth.add("tilt", index=k, nominal_alpha_deg=na, nominal_beta_deg=nb, actual_alpha_deg=aa, actual_beta_deg=ab)
+    truth.write_next_to(copy)
+    out = run_atoms_step(Path(copy), tmp_path, make_config("full"))
+    assert out["atoms_n"] > 150 and Path(out["atoms_structure_png"]).exists()
+    assert out["atoms_angle_error_max_deg"] < 0.5 < out["atoms_nominal_error_max_deg"]
+    assert "skipped" in run_atoms_step(Path(copy), tmp_path, make_config("small"))["atoms"]
