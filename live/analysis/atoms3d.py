@@ -272,8 +272,12 @@ def refine_atoms(sums: np.ndarray, geometry: Geometry, positions_A: np.ndarray, 
             cov = block_covariance(blocks, chi2)
             err[idx] = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
             ind1, val1, _, _, _ = windows(pos[idx], h[idx], idx)
-            own1 = np.bincount(np.searchsorted(pix, ind1[ind1 >= 0]), val1[ind1 >= 0], len(pix))
-            model[pix] = others + own1
+            ok1 = ind1 >= 0
+            loc1 = np.clip(np.searchsorted(pix, ind1[ok1]), 0, len(pix) - 1)
+            in_pix = pix[loc1] == ind1[ok1]
+            model[pix] = others + np.bincount(loc1[in_pix], val1[ok1][in_pix], len(pix))
+            # the old windows lay inside ``pix``; a moved atom may now also reach pixels outside it
+            np.add.at(model, ind1[ok1][~in_pix], val1[ok1][~in_pix])
     final = full_model(pos, h)
     chi2 = float((((flat - final) * w) ** 2).sum() / max(len(flat) - npar * n, 1))
     return pos, h, err, bg, chi2
