@@ -18,7 +18,9 @@ Steps (:func:`build_model`):
    for every chalcogen the local R1 factor ``sum |data - model| / sum |data|`` over its pixels in all
    projections is computed with the atom present and with it removed; an atom whose removal lowers R1 (or with
    less than 35 % of a light chalcogen's height, or more than 2.5 h from the metal plane) is a vacancy, placed
-   at the mirror image of its site partner about the local metal plane;
+   at the mirror image of its site partner about the local metal plane; finally the comparison is repeated at
+   that position with an atom of the partner's element (present vs absent): if it lowers R1 the site is kept
+   occupied (its Gaussian had wandered off), with the median chalcogen error as its (approximate) error;
 4. species from the heights (two classes per sublattice, split at the Otsu threshold of the log heights when the
    two clusters differ by more than a factor 1.6, e.g. Mo/W and S/Se);
 5. per-element heights and widths fixed from the classified atoms, positions refined again; standard errors
@@ -435,6 +437,24 @@ def build_model(sums: np.ndarray, geometry: Geometry, metals_A: np.ndarray, chal
         sig_el[str(name)] = float(sigma_px)
     pos_k, _h, err, bg, _chi2 = refine_atoms(data, geometry, pos_k, h_el, sigma_px, fit_height=False,
                                              tile_A=tile_A, sweeps=1, background=bg)
+    # the present/absent comparison at each empty site itself: an atom of the partner's element there, does it
+    # lower the local R1? Then the site is occupied after all (its Gaussian had wandered off)
+    if len(vac_pos):
+        partner_sp = np.where(has_partner, species[partner[vacant]], chalcogen_names[0])
+        h_try = np.array([np.median(h_el[sp_k == s_]) if np.any(sp_k == s_) else np.median(h_el) for s_ in partner_sp])
+        model_try = render_projections(np.concatenate([pos_k, vac_pos]), np.concatenate([h_el, h_try]), sigma_px,
+                                       geometry, bg, radius)
+        r1_with, r1_without = local_r1(data, model_try, geometry, vac_pos, h_try, sigma_px, radius)
+        occupied = r1_with < r1_without
+        if occupied.any():
+            pos_k = np.concatenate([pos_k, vac_pos[occupied]])
+            sp_k = np.concatenate([sp_k, partner_sp[occupied]])
+            sub_k = np.concatenate([sub_k, np.full(int(occupied.sum()), CHALCOGEN)])
+            h_raw = np.concatenate([h_raw, h_try[occupied]])
+            h_el = np.concatenate([h_el, h_try[occupied]])
+            typical = np.nanmedian(err[sub_k[: len(err)] == CHALCOGEN], axis=0) if np.any(sub_k == CHALCOGEN) else 0.1
+            err = np.concatenate([err, np.tile(typical, (int(occupied.sum()), 1))])
+            vac_pos = vac_pos[~occupied]
     model = render_projections(pos_k, h_el, sigma_px, geometry, bg, radius)
     r1 = float(np.abs(data - model).sum() / np.abs(data - bg[:, None, None]).sum())
     return AtomModel(pos_k, err[:, -3:], sp_k, sub_k, h_raw, vac_pos, r1p, r1a, r1, sig_el)
