@@ -137,7 +137,8 @@ def compare_model(ts: TiltSums, scenario: Scenario, positions_A: np.ndarray, spe
     The model's frame is translated onto the truth (its origin is the metals' centroid): median offset of the
     model metals to their nearest true metals, with shrinking pairing distances. RMSDs are in pm; ``found`` is
     the fraction of true atoms (in every field) with a model
-    atom within ``match_A``; vacancy precision/recall pair flagged and true empty sites within ``match_A``.
+    atom within ``match_A``; vacancy precision/recall pair flagged and true empty sites on the same site (in-plane
+    within ``match_A``) and the same side of the layer (z within 1.5 A, half the X-X separation).
     """
     from scipy.spatial import cKDTree
 
@@ -175,8 +176,16 @@ def compare_model(ts: TiltSums, scenario: Scenario, positions_A: np.ndarray, spe
     if len(flagged):
         _, near = cKDTree(truth).query(flagged)
         flagged = flagged[inall[near]]
-    tp_flag = (cKDTree(vac_true).query(flagged)[0] < match_A).sum() if len(vac_true) and len(flagged) else 0
-    tp_true = (cKDTree(flagged).query(vac_true)[0] < match_A).sum() if len(vac_true) and len(flagged) else 0
+    def same_site(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """For each of ``a``: a point of ``b`` on the same chalcogen site (in-plane within ``match_A``) and the
+        same side of the layer (z within half the X-X separation, 1.5 A)."""
+        if not len(a) or not len(b):
+            return np.zeros(len(a), bool)
+        near = cKDTree(b[:, :2]).query_ball_point(a[:, :2], match_A)
+        return np.array([any(abs(b[j, 2] - p[2]) < 1.5 for j in js) for p, js in zip(a, near, strict=True)])
+
+    tp_flag = int(same_site(flagged, vac_true).sum())
+    tp_true = int(same_site(vac_true, flagged).sum())
     out.update({"vacancies_true": float(len(vac_true)), "vacancies_flagged": float(len(flagged)),
                 "vacancy_precision": float(tp_flag / len(flagged)) if len(flagged) else float("nan"),
                 "vacancy_recall": float(tp_true / len(vac_true)) if len(vac_true) else float("nan")})

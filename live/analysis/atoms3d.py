@@ -242,6 +242,8 @@ def refine_atoms(sums: np.ndarray, geometry: Geometry, positions_A: np.ndarray, 
         for idx in _tiles(pos[:, :2], tile_A):
             ind0, val0, _, _, _ = windows(pos[idx], h[idx], idx)
             pix = np.unique(ind0[ind0 >= 0])
+            if not len(pix):  # atoms outside every image
+                continue
             own0 = np.bincount(np.searchsorted(pix, ind0[ind0 >= 0]), val0[ind0 >= 0], len(pix))
             others = model[pix] - own0
             target, wt = flat[pix], w[pix]

@@ -349,7 +349,9 @@ def calibrate_tilts(metals: MetalObservations, nominal_alpha_deg: np.ndarray, no
     match_fraction : float
         Pairing tolerance as a fraction of the metal spacing.
     rounds : int
-        Match-calibrate rounds.
+        Match-calibrate rounds after the first, which pairs only metals within 30 % of the field size (at least
+        25 A) of the
+        centre.
     min_projections : int
         Metals seen in fewer projections are left out.
     max_nfev : int
@@ -377,7 +379,11 @@ def calibrate_tilts(metals: MetalObservations, nominal_alpha_deg: np.ndarray, no
     idx = np.full((len(r), n), -1)
     idx[:, ref] = np.arange(len(r))
     rms, errors = np.nan, np.zeros((n, 6))
-    for rnd in range(rounds):
+    # the first round pairs only the central metals: with nominal angles the predicted positions far from the
+    # centre are off by several pixels (wrong pairs there spoil the first solve)
+    radius0 = max(0.3 * min(shape) * pixel_A, 25.0)
+    central = np.hypot(r[:, 0] - r[:, 0].mean(), r[:, 1] - r[:, 1].mean()) < radius0
+    for rnd in range(rounds + 1):
         rot = rotation_from_angles(*np.degrees(ang).T)
         for k in order:
             if k == ref:
@@ -388,11 +394,16 @@ def calibrate_tilts(metals: MetalObservations, nominal_alpha_deg: np.ndarray, no
                 t[k] = t[k] + point_set_shift(pred, w_ref, meas, np.asarray(metals.intensity[k], float), shape)
                 pred = project_points(r, rot[k], t[k], pixel_A)
             idx[:, k] = _match(pred, meas, match_fraction * spacing)
-            if rnd == 0:  # refine the shift on the matches before the solve
-                ok = idx[:, k] >= 0
+            if rnd == 0:  # refine the shift on the central matches before the solve
+                ok = (idx[:, k] >= 0) & central
                 if ok.any():
                     t[k] = t[k] + np.median(meas[idx[ok, k]] - pred[ok], axis=0)
                     idx[:, k] = _match(project_points(r, rot[k], t[k], pixel_A), meas, match_fraction * spacing)
+                idx[~central, k] = -1
+        if rnd == 0:
+            idx[~central, ref] = -1
+        elif rnd == 1:
+            idx[:, ref] = np.arange(len(r))
         seen = (idx >= 0).sum(axis=1) >= min_projections
         if seen.sum() < 10:
             raise ValueError(f"only {int(seen.sum())} metal columns matched in >= {min_projections} projections")
