@@ -644,6 +644,11 @@ def write_report(out_dir: str | Path, sessions: Mapping[str, str | Path], tomo: 
     if tomo and tomo.get("png") and Path(tomo["png"]).exists():
         shutil.copy(tomo["png"], figures / "reconstruction_slices.png")
         figs["tomography"] = ["reconstruction_slices.png"]
+    for key in ("atoms_structure_png", "atoms_strain_png"):  # `stemlive tomo atoms` figures (issue 14)
+        if tomo and tomo.get(key) and Path(tomo[key]).exists():
+            name = f"atomic_model_{key.split('_')[1]}.png"
+            shutil.copy(tomo[key], figures / name)
+            figs.setdefault("tomography", []).append(name)
     report = {"headline": _headline(sections, tomo), "sections": sections, "tomography": dict(tomo or {}),
               "timings": dict(timings or {}), "config": dict(config or {}),
               "sessions": {k: str(v) for k, v in sessions.items()}}

@@ -618,7 +618,7 @@ def save_slices_png(
 
 # ---------------------------------------------------------------------------------------------- command line
 def add_subcommand(subparsers: Any) -> None:
-    """Register ``stemlive tomo export|reconstruct``."""
+    """Register ``stemlive tomo export|reconstruct|atoms``."""
     p = subparsers.add_parser("tomo", help="tomography hand-off: export a tilt series, reference reconstruction")
     sub = p.add_subparsers(dest="tomo_command", metavar="ACTION", required=True)
     e = sub.add_parser("export", help="write the aligned per-tilt sums as Berkeley EMD and GENFIRE inputs")
@@ -639,6 +639,9 @@ def add_subcommand(subparsers: Any) -> None:
     r.add_argument("--scheduler", help="Dask scheduler address for windowed reconstruction (default: local)")
     r.add_argument("--no-png", action="store_true", help="do not save slice images")
     r.set_defaults(func=_cmd_reconstruct)
+    from . import atoms  # ``tomo atoms``: calibrated angles and the 3D atomic model (issue 14)
+
+    atoms.add_parser(sub)
 
 
 def _default_out(path: Path, out: Path | None) -> Path:
