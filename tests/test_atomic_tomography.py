@@ -129,7 +129,7 @@ def test_atomic_model_small_field(small):
     assert np.all(np.isfinite(m.position_err_A)) and np.median(m.position_err_A[:, 2]) < 0.1
 
 
-@pytest.mark.grid
+@pytest.mark.reference  # > 15 min on 2 cores: run by hand (-m reference), not in CI
 @pytest.mark.xfail(reason="at 512^2 the largest-offset tilt (nominal -14.3, 17.1) is still mispaired in the first "
                           "calibration round: 6 of 12 tilts within 0.05 deg (docs/benchmarks.md)", strict=False)
 def test_reference_size_angles_and_atoms():
