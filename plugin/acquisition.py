@@ -277,14 +277,7 @@ class Procedure:
 
     def scan_parameters(self, size_px: int, dwell_us: float, fov_nm: float) -> Any:
         """The scan's current frame parameters with a full (no subscan) square frame of the given settings."""
-        fp = self.scan_source.get_current_frame_parameters()
-        fp.pixel_size = (size_px, size_px)
-        fp.pixel_time_us = dwell_us
-        fp.fov_nm = fov_nm
-        fp.subscan_pixel_size = None
-        fp.subscan_fractional_size = None
-        fp.subscan_fractional_center = None
-        return fp
+        return full_frame_parameters(self.scan_source, size_px, dwell_us, fov_nm)
 
     def scan(self, frame_parameters: Any) -> tuple[np.ndarray, float]:
         """One HAADF frame and its start time. The frame becomes the scan context, so probe positions given as
@@ -510,6 +503,26 @@ class HardwareState:
                 step()
             except Exception:
                 log.exception("could not %s", what)
+
+
+def full_frame_parameters(scan_source: Any, size_px: int, dwell_us: float, fov_nm: float,
+                          channel: int | None = None) -> Any:
+    """The scan's current frame parameters with a full (no subscan) square frame of the given settings.
+
+    With ``channel``, only that channel is acquired and it is enabled on the scan device.
+    """
+    fp = scan_source.get_current_frame_parameters()
+    fp.pixel_size = (size_px, size_px)
+    fp.pixel_time_us = dwell_us
+    fp.fov_nm = fov_nm
+    fp.subscan_pixel_size = None
+    fp.subscan_fractional_size = None
+    fp.subscan_fractional_center = None
+    if channel is not None:
+        with_channel(fp, channel)
+        if not scan_source.get_channel_enabled(channel):
+            scan_source.set_channel_enabled(channel, True)
+    return fp
 
 
 def with_channel(frame_parameters: Any, channel: int) -> Any:

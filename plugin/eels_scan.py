@@ -31,8 +31,8 @@ from .acquisition import (
     check_disk_space,
     dose_per_scan_e_per_A2,
     energy_calibration_meV,
+    full_frame_parameters,
     nion_metadata,
-    with_channel,
 )
 
 log = logging.getLogger(__name__)
@@ -345,16 +345,8 @@ def measure_instrument(plan: EELSScanPlan, stem_controller: Any, scan_source: An
         survey_s = 0.0
         scan_xdata = None
         if plan.survey_before or plan.survey_after:
-            fp = scan_source.get_current_frame_parameters()
-            fp.pixel_size = Geometry.IntSize(plan.survey_size_px, plan.survey_size_px)
-            fp.pixel_time_us = plan.survey_dwell_us
-            fp.fov_nm = plan.survey_fov_nm
-            fp.subscan_pixel_size = None
-            fp.subscan_fractional_size = None
-            fp.subscan_fractional_center = None
-            with_channel(fp, channel)
-            if not scan_source.get_channel_enabled(channel):
-                scan_source.set_channel_enabled(channel, True)
+            fp = full_frame_parameters(scan_source, plan.survey_size_px, plan.survey_dwell_us, plan.survey_fov_nm,
+                                       channel)
             t2 = time.perf_counter()
             scan_xdata = channel_xdata(scan_source.record_immediate(fp), channel)
             survey_s = time.perf_counter() - t2

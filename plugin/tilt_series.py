@@ -32,10 +32,10 @@ from .acquisition import (
     channel_xdata,
     check_disk_space,
     dose_per_scan_e_per_A2,
+    full_frame_parameters,
     instrument_sleep,
     instrument_wall_seconds,
     nion_metadata,
-    with_channel,
 )
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,6 @@ def measure_instrument(plan: TiltSeriesPlan, stem_controller: Any, scan_source: 
                        channel: int = 0) -> TiltInstrumentTest:
     """Check the stage controls and limits and measure the scan and stage timings; the instrument is left as it
     was (scan settings, live scan, probe; the stage is only moved to where it is)."""
-    from nion.utils import Geometry
 
     missing = [c for c in (STAGE_ALPHA, STAGE_BETA) if not stem_controller.TryGetVal(c)[0]]
     tilt = read_stage_deg(stem_controller)
@@ -181,16 +180,7 @@ def measure_instrument(plan: TiltSeriesPlan, stem_controller: Any, scan_source: 
         state = HardwareState(stem_controller, scan_source)
         try:
             state.stop_live_scan()
-            fp = scan_source.get_current_frame_parameters()
-            fp.pixel_size = Geometry.IntSize(plan.size_px, plan.size_px)
-            fp.pixel_time_us = plan.dwell_us
-            fp.fov_nm = plan.fov_nm
-            fp.subscan_pixel_size = None
-            fp.subscan_fractional_size = None
-            fp.subscan_fractional_center = None
-            with_channel(fp, channel)
-            if not scan_source.get_channel_enabled(channel):
-                scan_source.set_channel_enabled(channel, True)
+            fp = full_frame_parameters(scan_source, plan.size_px, plan.dwell_us, plan.fov_nm, channel)
             channel_xdata(scan_source.record_immediate(fp), channel)  # warm-up: first-use costs are not the run's
             t0 = time.perf_counter()
             xdata = channel_xdata(scan_source.record_immediate(fp), channel)
