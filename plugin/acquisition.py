@@ -247,6 +247,9 @@ class Procedure:
         self.on_progress = on_progress
         self.channel = channel
         self.status = "not started"
+        # time.perf_counter() when the instrument was put back, before the session's end waits for the analysis
+        # (what the plan's time estimate covers: how long the microscope is busy)
+        self.released_at: float | None = None
 
     @property
     def session_id(self) -> str:

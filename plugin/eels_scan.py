@@ -479,6 +479,7 @@ class EELSScanProcedure(Procedure):
 
         def finish(status: str, message: str) -> None:
             state.restore()  # the instrument first: camera stopped, settings and probe back, live scan resumed
+            self.released_at = time.perf_counter()
             if self.stream.started:
                 self.stream.end(status, message)
             self.report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, dose, message))

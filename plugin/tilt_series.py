@@ -393,6 +393,7 @@ class TiltSeriesProcedure(Procedure):
         def finish(status: str, message: str) -> None:
             self._return_stage(start_tilt)  # every ending: the stage back at the tilt it was found at
             state.restore()  # scan settings and channels, probe, the user's live scan
+            self.released_at = time.perf_counter()
             self.stream.end(status, message)
             self.report(Progress(status, n, n, m, m, clock.elapsed(), 0.0, dose, message))
 
