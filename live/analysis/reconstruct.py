@@ -175,7 +175,15 @@ def _cc_peak(reference: np.ndarray, image: np.ndarray, window: np.ndarray) -> np
     """Integer peak plus a parabolic sub-pixel fit of the windowed cross-correlation."""
     a = (reference - reference.mean()) * window
     b = (image - image.mean()) * window
-    cc = np.fft.ifft2(np.fft.fft2(a) * np.conj(np.fft.fft2(b))).real
+    return cc_peak_shift(np.fft.ifft2(np.fft.fft2(a) * np.conj(np.fft.fft2(b))).real)
+
+
+def cc_peak_shift(cc: np.ndarray) -> np.ndarray:
+    """The shift at the maximum of a circular 2-D cross-correlation ``cc``.
+
+    The integer peak refined by a parabola through it and its two neighbours along each axis, wrapped to
+    ``(-n/2, n/2]``.
+    """
     peak = np.array(np.unravel_index(np.argmax(cc), cc.shape))
     shift = peak.astype(float)
     for ax in range(2):

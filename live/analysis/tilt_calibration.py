@@ -33,7 +33,7 @@ import numpy as np
 from scipy import optimize, sparse
 from scipy.spatial import cKDTree
 
-from .reconstruct import axis_angle_matrix
+from .reconstruct import axis_angle_matrix, cc_peak_shift
 
 __all__ = ["Calibration", "MetalObservations", "calibrate_tilts", "euler_from_rotation", "point_set_shift",
            "project_points", "recalibrate", "rotation_from_angles"]
@@ -154,20 +154,7 @@ def point_set_shift(predicted: np.ndarray, w_pred: np.ndarray, measured: np.ndar
     off = np.array([shape[0] // 2, shape[1] // 2])
     a = _render_points(predicted + off, w_pred, pad, 1.5)
     b = _render_points(measured + off, w_meas, pad, 1.5)
-    cc = np.fft.ifft2(np.fft.fft2(b) * np.conj(np.fft.fft2(a))).real
-    peak = np.array(np.unravel_index(np.argmax(cc), cc.shape))
-    shift = peak.astype(float)
-    for ax in range(2):
-        n = cc.shape[ax]
-        im, ip = list(peak), list(peak)
-        im[ax], ip[ax] = (peak[ax] - 1) % n, (peak[ax] + 1) % n
-        cm, c0, cp = cc[tuple(im)], cc[tuple(peak)], cc[tuple(ip)]
-        den = cm - 2 * c0 + cp
-        if den != 0:
-            shift[ax] += 0.5 * (cm - cp) / den
-        if shift[ax] > n / 2:
-            shift[ax] -= n
-    return shift
+    return cc_peak_shift(np.fft.ifft2(np.fft.fft2(b) * np.conj(np.fft.fft2(a))).real)
 
 
 def _match(pred: np.ndarray, meas: np.ndarray, tol: float) -> np.ndarray:
