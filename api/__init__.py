@@ -24,15 +24,15 @@ from typing import TYPE_CHECKING, Any
 from stemlive.live import __version__
 
 if TYPE_CHECKING:
-    from stemlive.live.api import Session, align_and_sum, analyze, load, segment, temperature_map
-    from stemlive.live.export import eels_signals, export, tilt_series_signal
-    from stemlive.live.importer import import_arrays, import_files, import_signal
+    from stemlive.live.apps.api import Session, align_and_sum, analyze, load, segment, temperature_map
+    from stemlive.live.storage.export import eels_signals, export, tilt_series_signal
+    from stemlive.live.storage.importer import import_arrays, import_files, import_signal
 
 _WHERE = {
-    "Session": "api", "align_and_sum": "api", "analyze": "api", "load": "api", "segment": "api",
-    "temperature_map": "api",
-    "eels_signals": "export", "export": "export", "tilt_series_signal": "export",
-    "import_arrays": "importer", "import_files": "importer", "import_signal": "importer",
+    "Session": "apps.api", "align_and_sum": "apps.api", "analyze": "apps.api", "load": "apps.api",
+    "segment": "apps.api", "temperature_map": "apps.api",
+    "eels_signals": "storage.export", "export": "storage.export", "tilt_series_signal": "storage.export",
+    "import_arrays": "storage.importer", "import_files": "storage.importer", "import_signal": "storage.importer",
 }
 
 __all__ = [  # the names of _WHERE (tests/test_api.py checks), spelled out for linters and type checkers

@@ -1,10 +1,10 @@
-"""Benchmark: a large EELS map analysed in-process against on a 2-worker local Dask cluster (live/batch.py).
+"""Benchmark: a large EELS map analysed in-process against on a 2-worker local Dask cluster (live/pipeline/batch.py).
 
 Usage: ``python benchmarks/eels_dask.py [--size 256] [--channels 2048] [--workers 2] [--rows-per-task 16]``.
 
 Writes a two-material map (one 2048-channel spectrum per point, corpus generator of tests/corpus, temperature
 gradient across x) as a session file in a temporary folder, then times, in the same run, ``replay --analyze``
-in-process and :func:`stemlive.live.batch.analyze_files` (maps split by rows of points; cluster start-up
+in-process and :func:`stemlive.live.pipeline.batch.analyze_files` (maps split by rows of points; cluster start-up
 included and reported separately), and checks that both give the same arrays.
 """
 
@@ -24,11 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from corpus import generator  # noqa: E402
 
-from stemlive.live import batch  # noqa: E402
-from stemlive.live.pipeline import make_params  # noqa: E402
-from stemlive.live.protocol import Message  # noqa: E402
-from stemlive.live.replay import replay_analyze  # noqa: E402
-from stemlive.live.session import SessionWriter  # noqa: E402
+from stemlive.live.pipeline.replay import replay_analyze  # noqa: E402
+from stemlive.live.pipeline.service import (
+    batch,  # noqa: E402
+    make_params,  # noqa: E402
+)
+from stemlive.live.storage.session import SessionWriter  # noqa: E402
+from stemlive.live.wire.protocol import Message  # noqa: E402
 
 
 def write_map(path: Path, size: int, channels: int, seed: int = 0) -> None:

@@ -31,7 +31,7 @@ from threadpoolctl import threadpool_limits
 from stemlive.live.analysis import atomic_tomography as at
 from stemlive.live.analysis import reconstruct as rc
 from stemlive.live.analysis import windowed as wd
-from stemlive.live.demo import volume_correlation
+from stemlive.live.apps.demo import volume_correlation
 from stemlive.simulators.scenario import load_scenario
 from stemlive.simulators.tilt_sums import compare_model, simulate_tilt_sums
 

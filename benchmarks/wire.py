@@ -88,7 +88,7 @@ def _send_raw(case: Case, endpoint: str) -> None:
 
 
 def _send_stemlive(case: Case, endpoint: str) -> None:
-    from stemlive.live.transport import FrameSender, SessionStream
+    from stemlive.live.wire.transport import FrameSender, SessionStream
 
     payloads = _payloads(case)
     with FrameSender(endpoint, timeout_s=60) as sender:
@@ -117,7 +117,7 @@ def _sender_main(case: Case, endpoint: str) -> None:
 
 def into_session_file(directory: Path) -> Callable[[Any], None]:
     """Sink recording every message into a session file (the end-to-end "into the file" variant)."""
-    from stemlive.live.session import SessionWriter
+    from stemlive.live.storage.session import SessionWriter
 
     state: dict[str, Any] = {}
 
@@ -216,7 +216,7 @@ def _receive_raw(case: Case, tmp: Path) -> tuple[float, float, mp.process.BasePr
 
 
 def _receive_stemlive(case: Case, tmp: Path) -> tuple[float, float, mp.process.BaseProcess]:
-    from stemlive.live.transport import FrameReceiver
+    from stemlive.live.wire.transport import FrameReceiver
 
     endpoint = f"ipc://{tmp}/bench.ipc" if case.transport == "ipc" else "tcp://127.0.0.1:*"
     receiver = FrameReceiver(endpoint)
@@ -247,7 +247,7 @@ def _receive_stemlive(case: Case, tmp: Path) -> tuple[float, float, mp.process.B
 def _receive_service(case: Case, tmp: Path) -> tuple[float, float, mp.process.BaseProcess]:
     """The whole ``stemlive serve`` receive path (validation, ownership, disk budget, recording, commits,
     acknowledgements, close + fsync before the final acknowledgement), without analysis stages."""
-    from stemlive.live.pipeline import PipelineService
+    from stemlive.live.pipeline.service import PipelineService
 
     endpoint = f"ipc://{tmp}/bench.ipc" if case.transport == "ipc" else "tcp://127.0.0.1:*"
     svc = PipelineService(tmp / "sessions", {}, frame_endpoint=endpoint, result_endpoint="tcp://127.0.0.1:*",
@@ -338,11 +338,11 @@ def service_memory(n_bytes: int, directory: str | None, kind: str = "tilt_series
     """
     import subprocess
 
-    from stemlive.live.transport import FrameSender, SessionStream
+    from stemlive.live.wire.transport import FrameSender, SessionStream
 
     with tempfile.TemporaryDirectory(prefix="stemlive-bench-", dir=directory) as tmp:
         frames_ep, results_ep = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
-        proc = subprocess.Popen([sys.executable, "-m", "stemlive.live.cli", "serve", "--frames", frames_ep,
+        proc = subprocess.Popen([sys.executable, "-m", "stemlive.live.apps.cli", "serve", "--frames", frames_ep,
                                  "--results", results_ep, "--out", tmp, "--reserve-mib", "0"],
                                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
@@ -391,7 +391,7 @@ def service_memory(n_bytes: int, directory: str | None, kind: str = "tilt_series
 
 def _has_session_writer() -> bool:
     try:
-        from stemlive.live.session import SessionWriter  # noqa: F401
+        from stemlive.live.storage.session import SessionWriter  # noqa: F401
     except ImportError:
         return False
     return True
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case.what:8} {path:26} {case.transport:9} {rate:10.0f} {rate * nbytes / 1e9:7.2f} "
               f"{rate / ref[(case.what, case.transport, 'none')]:7.2f} {vs_bare} {1e6 * cpu:17.1f} {case.messages:9d}")
     if not with_file:
-        print("(stemlive.live.session not importable: no 'into the session file' rows)")
+        print("(stemlive.live.storage.session not importable: no 'into the session file' rows)")
     if args.memory_mib:
         print(f"peak memory of `stemlive serve` (default stages) recording and analysing {args.memory_mib} MiB "
               "sent at full speed (VmHWM of the service process)")

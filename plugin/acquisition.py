@@ -205,7 +205,7 @@ class Procedure:
     scan_source
         The scan hardware source (``scan_base.ScanHardwareSource``).
     sender
-        A :class:`stemlive.live.transport.FrameSender` connected to the pipeline service.
+        A :class:`stemlive.live.wire.transport.FrameSender` connected to the pipeline service.
     control
         Pause/resume/abort from the UI.
     on_progress
@@ -229,7 +229,7 @@ class Procedure:
         channel: int = 0,
         session_id: str | None = None,
     ) -> None:
-        from stemlive.live.transport import SessionStream
+        from stemlive.live.wire.transport import SessionStream
 
         self.stem_controller = stem_controller
         self.scan_source = scan_source
@@ -350,7 +350,7 @@ def _jsonable(value: Any) -> Any:
     """``value`` as plain JSON types (numpy and Nion objects through ``str`` where nothing else fits)."""
     import json
 
-    from stemlive.live.protocol import json_default
+    from stemlive.live.wire.protocol import json_default
 
     try:
         return json.loads(json.dumps(value, default=json_default))

@@ -95,8 +95,8 @@ def format_point(point: tuple[float, float]) -> str:
 
 
 def make_sender(endpoint: str) -> Any:
-    """A :class:`stemlive.live.transport.FrameSender` connected to ``endpoint``."""
-    from stemlive.live.transport import FrameSender
+    """A :class:`stemlive.live.wire.transport.FrameSender` connected to ``endpoint``."""
+    from stemlive.live.wire.transport import FrameSender
 
     return FrameSender(endpoint)
 

@@ -1,6 +1,6 @@
 """Results from the pipeline service as Swift data items, updated in place while the experiment runs.
 
-:class:`ResultsToSwift` owns a :class:`stemlive.live.transport.ResultSubscriber` on its own thread. Each result
+:class:`ResultsToSwift` owns a :class:`stemlive.live.wire.transport.ResultSubscriber` on its own thread. Each result
 is copied, kept as the latest value of its (session, stage, name, index) and handed to the UI thread in batches
 through ``document_controller.queue_task``; there the data items are created or updated in place.
 
@@ -125,7 +125,7 @@ class ResultsToSwift:
 
     # --- subscriber thread ---
     def _loop(self) -> None:
-        from stemlive.live.transport import ResultRecovery, ResultSubscriber
+        from stemlive.live.wire.transport import ResultRecovery, ResultSubscriber
 
         try:
             subscriber = ResultSubscriber(self.result_endpoint)

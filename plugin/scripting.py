@@ -195,7 +195,7 @@ def start(procedure: str, *, instrument: str | None = None, endpoint: str | None
     PlanError
         The plan is refused at Check (the message lists every reason); nothing was recorded.
     """
-    from stemlive.live.transport import DEFAULT_FRAME_ENDPOINT, FrameSender
+    from stemlive.live.wire.transport import DEFAULT_FRAME_ENDPOINT, FrameSender
 
     plan = plan if plan is not None else make_plan(procedure, settings)
     hardware = hardware or find_hardware(instrument, need_camera=not isinstance(plan, TiltSeriesPlan))

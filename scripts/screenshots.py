@@ -3,12 +3,12 @@
 Steps
 -----
 1. A display: if ``DISPLAY`` is unset, start ``Xvfb :99`` (when it exists; else Qt's ``offscreen`` platform).
-2. A :class:`~stemlive.live.pipeline.PipelineService` in this process on random free loopback ports.
+2. A :class:`~stemlive.live.pipeline.service.PipelineService` in this process on random free loopback ports.
 3. ``stemlive view`` in a subprocess subscribed to the service's results (``--screenshot``).
-4. Sessions into the service: ``stemlive.live.demo.make_demo_sessions(dir, small=True)`` replayed with
-   :func:`~stemlive.live.replay.replay_to` when that module exists; otherwise a small simulated tilt series
+4. Sessions into the service: ``stemlive.live.apps.demo.make_demo_sessions(dir, small=True)`` replayed with
+   :func:`~stemlive.live.pipeline.replay.replay_to` when that module exists; otherwise a small simulated tilt series
    (HAADF simulator) and EELS line scan (vibrational EELS simulator) streamed through a
-   :class:`~stemlive.live.transport.SessionStream`, as live acquisition would.
+   :class:`~stemlive.live.wire.transport.SessionStream`, as live acquisition would.
 5. Nion Swift as ``stemlive swift`` starts it (simulated instrument, scenario ``eels_aln_sic``, its own
    in-process service) in a subprocess that runs a tilt series from the Tilt Series panel and an EELS line scan
    from the Vibrational EELS panel, waits until both panels say the analysis has finished, and grabs the window
@@ -92,16 +92,16 @@ def free_port() -> int:
 
 
 def stage_classes() -> dict[str, Any] | None:
-    """None (the registered stages) when :mod:`stemlive.live.stages` exists, else placeholder stages."""
-    if importlib.util.find_spec("stemlive.live.stages") is not None:
+    """None (the registered stages) when :mod:`stemlive.live.pipeline.stages` exists, else placeholder stages."""
+    if importlib.util.find_spec("stemlive.live.pipeline.stages") is not None:
         return None
-    log("stemlive.live.stages is not available yet: using this script's placeholder preview stages")
+    log("stemlive.live.pipeline.stages is not available yet: using this script's placeholder preview stages")
     return placeholder_stages()
 
 
 def placeholder_stages() -> dict[str, Any]:
     """Minimal numpy-only stages emitting the documented result names (drift, previews, sums, spectra, T)."""
-    from stemlive.live.pipeline import Result, Stage
+    from stemlive.live.pipeline.service import Result, Stage
 
     def shift(ref: np.ndarray, img: np.ndarray) -> tuple[float, float]:
         f = np.fft.fft2(img - img.mean()) * np.conj(np.fft.fft2(ref - ref.mean()))
@@ -214,7 +214,7 @@ def placeholder_stages() -> dict[str, Any]:
 def stream_simulated(frame_endpoint: str, *, tilts: int, frames: int, size: int, points: int,
                      spectra_per_point: int) -> int:
     """Acquire a small tilt series and EELS line scan from the simulators into the service; returns sessions."""
-    from stemlive.live.transport import FrameSender, SessionStream
+    from stemlive.live.wire.transport import FrameSender, SessionStream
     from stemlive.simulators.eels_model import VibrationalEELSSimulator
     from stemlive.simulators.haadf import HAADFSimulator
     from stemlive.simulators.scenario import load_scenario
@@ -257,8 +257,8 @@ def stream_simulated(frame_endpoint: str, *, tilts: int, frames: int, size: int,
 
 
 def send_sessions(frame_endpoint: str, work: Path, args: argparse.Namespace) -> int:
-    """Demo sessions replayed (when ``stemlive.live.demo`` exists) or simulated ones streamed; returns sessions."""
-    from stemlive.live.replay import replay_to
+    """Demo sessions replayed (when ``stemlive.live.apps.demo`` exists) or simulated ones streamed; returns sessions."""
+    from stemlive.live.pipeline.replay import replay_to
 
     if args.sessions:
         for path in args.sessions:
@@ -266,13 +266,13 @@ def send_sessions(frame_endpoint: str, work: Path, args: argparse.Namespace) -> 
             log(f"replayed {path.name}: {n} messages")
         return len(args.sessions)
     try:
-        demo = importlib.import_module("stemlive.live.demo")
+        demo = importlib.import_module("stemlive.live.apps.demo")
         make = demo.make_demo_sessions
     except (ImportError, AttributeError):
-        log("stemlive.live.demo.make_demo_sessions not available: streaming a small simulated acquisition")
+        log("stemlive.live.apps.demo.make_demo_sessions not available: streaming a small simulated acquisition")
         return stream_simulated(frame_endpoint, tilts=args.tilts, frames=args.frames, size=args.size,
                                 points=args.points, spectra_per_point=args.spectra)
-    log("making the demo sessions (stemlive.live.demo.make_demo_sessions(small=True))")
+    log("making the demo sessions (stemlive.live.apps.demo.make_demo_sessions(small=True))")
     made = make(work / "demo", small=True)
     paths = [Path(p) for p in (made.values() if isinstance(made, dict) else made)]
     for path in paths:
@@ -291,7 +291,7 @@ SWIFT_BOOTSTRAP = r'''
 import os, pathlib, sys, time
 from PySide6 import QtCore, QtWidgets
 from nionui_app.nionswift import main
-from stemlive.live.pipeline import PipelineService, make_params
+from stemlive.live.pipeline.service import PipelineService, make_params
 
 out_dir, timeout_s = pathlib.Path(sys.argv[1]), float(sys.argv[2])
 TILT, EELS = "stemlive-tilt-series-panel", "stemlive-eels-panel"
@@ -455,7 +455,7 @@ def finish_swift(proc: subprocess.Popen[str], home: Path, timeout_s: float) -> t
 
 def check_png(path: Path) -> str | None:
     """None if ``path`` is a non-blank image, else what is wrong."""
-    from stemlive.live.viewer import image_stats, is_blank
+    from stemlive.live.apps.viewer import image_stats, is_blank
 
     if not path.exists():
         return f"{path} was not written"
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     viewer_png = args.out / "viewer.png"
     viewer_png.unlink(missing_ok=True)
     try:
-        from stemlive.live.pipeline import PipelineService
+        from stemlive.live.pipeline.service import PipelineService
 
         classes = stage_classes()
         frames_ep = f"tcp://127.0.0.1:{free_port()}"
@@ -507,11 +507,12 @@ def main(argv: list[str] | None = None) -> int:
             with service:
                 log(f"service: frames {frames_ep}, results {results_ep}")
                 viewer = subprocess.Popen(
-                    [sys.executable, "-m", "stemlive.live.cli", "view", results_ep, "--screenshot", str(viewer_png),
+                    [sys.executable, "-m", "stemlive.live.apps.cli", "view", results_ep,
+                     "--screenshot", str(viewer_png),
                      "--after", str(args.viewer_timeout), "--idle", "12", "--min-results", "10"],
                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                 ) if _cli_has_view() else subprocess.Popen(
-                    [sys.executable, "-c", "import sys; from stemlive.live.viewer import run_viewer; "
+                    [sys.executable, "-c", "import sys; from stemlive.live.apps.viewer import run_viewer; "
                      "sys.exit(run_viewer(sys.argv[1], screenshot=sys.argv[2], after_s=float(sys.argv[3]), "
                      "idle_s=3.0, min_results=10))", results_ep, str(viewer_png), str(args.viewer_timeout)],
                     env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -563,12 +564,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cli_has_view() -> bool:
-    """Whether ``stemlive view`` is registered on the CLI (``viewer`` in ``SUBCOMMAND_MODULES``)."""
+    """Whether ``stemlive view`` is registered on the CLI (``apps.viewer`` in ``SUBCOMMAND_MODULES``)."""
     try:
-        from stemlive.live import cli
+        from stemlive.live.apps import cli
     except ImportError:
         return False
-    return "viewer" in getattr(cli, "SUBCOMMAND_MODULES", ())
+    return "apps.viewer" in getattr(cli, "SUBCOMMAND_MODULES", ())
 
 
 if __name__ == "__main__":

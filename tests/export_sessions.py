@@ -10,8 +10,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from stemlive.live import protocol
-from stemlive.live.pipeline import analyze_messages, make_params
+from stemlive.live.pipeline.service import analyze_messages, make_params
+from stemlive.live.wire import protocol
 from stemlive.simulators.eels_model import VibrationalEELSSimulator
 
 T0 = 1_790_000_000.0

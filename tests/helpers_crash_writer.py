@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stemlive.live.protocol import Message, decode, encode
-from stemlive.live.session import SessionWriter
+from stemlive.live.storage.session import SessionWriter
+from stemlive.live.wire.protocol import Message, decode, encode
 
 T0 = 1.7e9
 SESSION = "crash-test"

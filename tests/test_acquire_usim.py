@@ -28,8 +28,8 @@ from swift_harness import swift_with_simulator  # noqa: E402
 from nionswift_plugin.stemlive import scripting  # noqa: E402
 from nionswift_plugin.stemlive.acquisition import PlanError  # noqa: E402
 from nionswift_plugin.stemlive.eels_scan import raw_frame  # noqa: E402
-from stemlive.live.pipeline import PipelineService, make_params  # noqa: E402
-from stemlive.live.session import SessionReader  # noqa: E402
+from stemlive.live.pipeline.service import PipelineService, make_params  # noqa: E402
+from stemlive.live.storage.session import SessionReader  # noqa: E402
 
 INSTRUMENTS = ("usim", "stemlive")
 # 4 points x 5 spectra; usim's EELS gives ~1.8e5 counts per pixel and ms at 200 pA, so 0.2 ms stays below 16 bit
@@ -409,7 +409,7 @@ def test_eels_map_on_usim(swift: Any, service: PipelineService) -> None:
 def test_start_refuses_on_the_instrument_too(swift: Any, service: PipelineService, tmp_path: Path) -> None:
     """A procedure started without a Check (a script, a changed exposure) tests the plan on the instrument at Start:
     refused, nothing recorded, the instrument as it was."""
-    from stemlive.live.transport import FrameSender
+    from stemlive.live.wire.transport import FrameSender
 
     hw = scripting.find_hardware("usim", need_camera=True)
     sender = FrameSender(service.frame_endpoint)
@@ -431,7 +431,7 @@ def test_start_refuses_on_the_instrument_too(swift: Any, service: PipelineServic
 @pytest.mark.parametrize("name", INSTRUMENTS)
 def test_scan_channel_chosen_by_name(swift: Any, name: str) -> None:
     """The procedures take the channel they were given by name, whichever channels are enabled."""
-    from stemlive.live.transport import FrameSender
+    from stemlive.live.wire.transport import FrameSender
 
     hw = scripting.find_hardware(name, need_camera=False)
     scan = hw.scan_source

@@ -58,7 +58,7 @@ def test_top_level_api_imports_without_qt_or_swift() -> None:
 
 
 def test_import_of_the_cli_stays_light_and_every_name_resolves() -> None:
-    code = ("import sys, stemlive.live.cli; heavy = [m for m in ('scipy', 'stemlive.live.api', 'hyperspy') "
+    code = ("import sys, stemlive.live.apps.cli; heavy = [m for m in ('scipy', 'stemlive.live.apps.api', 'hyperspy') "
             "if m in sys.modules]; import stemlive; names = [n for n in stemlive.__all__ if getattr(stemlive, n) "
             "is None]; print(heavy, names, sorted(stemlive._WHERE) == sorted(set(stemlive.__all__) - {'__version__'}))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

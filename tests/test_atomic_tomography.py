@@ -157,7 +157,7 @@ def test_windowed_sirt_correlates_better_at_calibrated_angles(small):
     alignment, Pearson r against the true potential (atoms with Z^1.7 weights, probe-blurred)."""
     from stemlive.live.analysis import reconstruct as rc
     from stemlive.live.analysis import windowed as wd
-    from stemlive.live.demo import volume_correlation
+    from stemlive.live.apps.demo import volume_correlation
 
     _sc, ts, res, _ = small
     cal = res.calibration

@@ -1,4 +1,4 @@
-"""Batch analysis on a Dask cluster (live/batch.py): identical results to the in-process replay."""
+"""Batch analysis on a Dask cluster (live/pipeline/batch.py): identical results to the in-process replay."""
 
 from __future__ import annotations
 
@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from corpus import scenarios
 
-from stemlive.live import batch
 from stemlive.live.exitcodes import ExitCode
-from stemlive.live.pipeline import analyze_messages, make_params
-from stemlive.live.replay import replay_analyze
+from stemlive.live.pipeline.replay import replay_analyze
+from stemlive.live.pipeline.service import analyze_messages, batch, make_params
 
 
 def _results(path: Path) -> dict[str, np.ndarray]:
@@ -70,7 +69,7 @@ def test_cli_many_sessions_into_a_folder(sessions: dict[str, Path], tmp_path: Pa
     """As a user types it: two sessions into OUTDIR on a local 2-worker cluster; the outputs equal the
     single-file form's; the exit code is 0 (or 4, INCOMPLETE, with one line per missing result)."""
     out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions["map"]), str(sessions["line"]),
+    cmd = [sys.executable, "-m", "stemlive.live.apps.cli", "replay", str(sessions["map"]), str(sessions["line"]),
            "--analyze", str(out_dir), "--set", "eels.n_peaks=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode in (0, 4), proc.stderr
@@ -78,7 +77,7 @@ def test_cli_many_sessions_into_a_folder(sessions: dict[str, Path], tmp_path: Pa
     assert last.startswith("analysed 2 sessions"), proc.stdout
     for name in ("map", "line"):
         single = tmp_path / f"{name}_single.h5"
-        cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions[name]), "--analyze", str(single),
+        cmd = [sys.executable, "-m", "stemlive.live.apps.cli", "replay", str(sessions[name]), "--analyze", str(single),
                "--set", "eels.n_peaks=2"]
         single_proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         assert single_proc.returncode in (0, 4), single_proc.stderr
@@ -89,7 +88,7 @@ def test_cli_existing_scheduler(sessions: dict[str, Path], client: object, tmp_p
     """``--scheduler ADDRESS`` uses an existing cluster (here: this test's local one) and leaves it running."""
     address = client.scheduler.address  # type: ignore[attr-defined]
     out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions["line"]), "--analyze", str(out_dir),
+    cmd = [sys.executable, "-m", "stemlive.live.apps.cli", "replay", str(sessions["line"]), "--analyze", str(out_dir),
            "--scheduler", address, "--set", "eels.n_peaks=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode in (0, 4), proc.stderr
@@ -101,7 +100,8 @@ def test_cli_existing_scheduler(sessions: dict[str, Path], client: object, tmp_p
 
 def test_cli_missing_input_fails_before_any_cluster(sessions: dict[str, Path], tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stemlive.live.cli", "replay", str(sessions["line"]), str(tmp_path / "missing.h5"),
+    cmd = [sys.executable, "-m", "stemlive.live.apps.cli", "replay", str(sessions["line"]),
+           str(tmp_path / "missing.h5"),
            "--analyze", str(out_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == ExitCode.BAD_INPUT, proc.stderr

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stemlive.live import transport
-from stemlive.live.cli import main
-from stemlive.live.session import SessionReader
+from stemlive.live.apps.cli import main
+from stemlive.live.storage.session import SessionReader
+from stemlive.live.wire import transport
 
 HERE = Path(__file__).parent
-STEMLIVE = [sys.executable, "-m", "stemlive.live.cli"]
+STEMLIVE = [sys.executable, "-m", "stemlive.live.apps.cli"]
 
 
 def free_port() -> int:
@@ -111,7 +111,7 @@ def test_info_names_a_file_that_is_not_a_session(tmp_path: Path, capsys: pytest.
 
 
 def test_replay_to_a_running_service(tmp_path: Path) -> None:
-    from stemlive.live.pipeline import PipelineService
+    from stemlive.live.pipeline.service import PipelineService
 
     with PipelineService(tmp_path / "a", {}, frame_endpoint="tcp://127.0.0.1:*", result_endpoint="tcp://127.0.0.1:*",
                          stage_classes={}) as first:

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import v1_writer
 
-from stemlive.live.cli import build_parser, main, run_command
-from stemlive.live.console import show_progress
-from stemlive.live.demo import ConsoleBar
+from stemlive.live.apps.cli import build_parser, main, run_command
+from stemlive.live.apps.console import show_progress
+from stemlive.live.apps.demo import ConsoleBar
 from stemlive.live.exitcodes import ExitCode
 
 ROOT = Path(__file__).resolve().parents[1]
-STEMLIVE = [sys.executable, "-m", "stemlive.live.cli"]
+STEMLIVE = [sys.executable, "-m", "stemlive.live.apps.cli"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -20,7 +20,7 @@ pytest.importorskip("nion.swift.test.TestContext")
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    from stemlive.live import demo
+    from stemlive.live.apps import demo
 
     out = tmp_path_factory.mktemp("demo")
     cfg = demo.make_config("small")
@@ -62,7 +62,7 @@ def test_demo_numbers_against_truth(demo_run):
 def test_demo_subcommand_parses():
     import argparse
 
-    from stemlive.live import demo
+    from stemlive.live.apps import demo
 
     parser = argparse.ArgumentParser()
     demo.add_subcommand(parser.add_subparsers())

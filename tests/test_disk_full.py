@@ -17,8 +17,8 @@ import h5py
 import numpy as np
 import pytest
 
-from stemlive.live import transport
-from stemlive.live.pipeline import PipelineService
+from stemlive.live.pipeline.service import PipelineService
+from stemlive.live.wire import transport
 
 ANY_PORT = "tcp://127.0.0.1:*"
 FIELDS = {"tilt_index": 0, "alpha_deg": 0.0, "beta_deg": 0.0, "pixel_size_nm": 0.1, "dwell_us": 2.0}
@@ -125,7 +125,7 @@ def test_a_session_is_refused_when_the_reserve_is_not_free_and_no_file_is_made(t
     """Runs without root: a reserve larger than the free space makes the disk 'full' for the service."""
     import shutil
 
-    from stemlive.live.disk import DiskBudget, DiskFull
+    from stemlive.live.storage.disk import DiskBudget, DiskFull
 
     free = shutil.disk_usage(tmp_path).free
     budget = DiskBudget(tmp_path, reserve_bytes=free + 2**30, ballast_bytes=0)

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stemlive.live import export
 from stemlive.live.exitcodes import ExitCode
-from stemlive.live.session import SessionReader
+from stemlive.live.storage import export
+from stemlive.live.storage.session import SessionReader
 
 hs = pytest.importorskip("hyperspy.api")
 exspy = pytest.importorskip("exspy")
@@ -97,7 +97,7 @@ def test_map_exports_scan_axes_in_nm(map_session: Path, tmp_path: Path) -> None:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stemlive.live.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "stemlive.live.apps.cli", *args], capture_output=True, text=True,
                           timeout=300)
 
 

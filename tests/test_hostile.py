@@ -31,8 +31,8 @@ import numpy as np
 import pytest
 import zmq
 
-from stemlive.live import protocol, transport
-from stemlive.live.pipeline import PipelineService, Result, Stage
+from stemlive.live.pipeline.service import PipelineService, Result, Stage
+from stemlive.live.wire import protocol, transport
 
 T0 = 1_700_000_000.0
 SIZE = 16
@@ -448,7 +448,7 @@ def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ta
     out = tmp_path_factory.mktemp("hostile-serve")
     frames = f"tcp://127.0.0.1:{_free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stemlive.live.cli", "serve", "--frames", frames, "--results",
+        [sys.executable, "-m", "stemlive.live.apps.cli", "serve", "--frames", frames, "--results",
          f"tcp://127.0.0.1:{_free_port()}", "--out", str(out), "--reserve-mib", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy())
     assert proc.stdout is not None

@@ -14,13 +14,13 @@ import h5py
 import numpy as np
 import pytest
 
-from stemlive.live.cli import main
+from stemlive.live.apps.cli import main
 from stemlive.live.exitcodes import ExitCode
-from stemlive.live.importer import ImportInputError, import_arrays, import_files, import_signal
-from stemlive.live.replay import replay_analyze
-from stemlive.live.session import SessionReader
+from stemlive.live.pipeline.replay import replay_analyze
+from stemlive.live.storage.importer import ImportInputError, import_arrays, import_files, import_signal
+from stemlive.live.storage.session import SessionReader
 
-STEMLIVE = [sys.executable, "-m", "stemlive.live.cli"]
+STEMLIVE = [sys.executable, "-m", "stemlive.live.apps.cli"]
 NY, NX, NF = 2, 4, 3  # a 2 x 4 spectrum image, 3 frames of 1200 ms per position
 STEP_NM, X0_NM = 2.0, -12.0
 CREATED = "2026-05-01T12:00:00"
@@ -157,7 +157,7 @@ def test_swift_and_hyperspy_files_import_to_the_same_session(tmp_path: Path) -> 
 
 
 def test_large_files_are_read_lazily_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from stemlive.live import importer
+    from stemlive.live.storage import importer
 
     hspy = write_hspy(tmp_path / "si.hspy")
     (source,) = importer.read_file(hspy)
@@ -309,7 +309,7 @@ def test_single_swift_images_with_stage_tilts_become_a_tilt_series(tmp_path: Pat
 
 def test_import_then_export_keeps_raw_spectra_and_frames_bit_for_bit(tmp_path: Path) -> None:
     hs = pytest.importorskip("hyperspy.api")
-    export = pytest.importorskip("stemlive.live.export")
+    export = pytest.importorskip("stemlive.live.storage.export")
     spectra, _ = spectrum_image()
     session = import_files([write_ndata(tmp_path / "si.ndata")], tmp_path / "si.h5")
     analysed = replay_analyze(session, tmp_path / "si_analysed.h5", {})

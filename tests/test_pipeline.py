@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import zmq
 
-from stemlive.live import protocol, transport
 from stemlive.live.config import ConfigError
-from stemlive.live.pipeline import PipelineService, Result, Stage, analyze_messages, make_params
-from stemlive.live.replay import replay_analyze, replay_to
-from stemlive.live.session import SessionReader
+from stemlive.live.pipeline.replay import replay_analyze, replay_to
+from stemlive.live.pipeline.service import PipelineService, Result, Stage, analyze_messages, make_params
+from stemlive.live.storage.session import SessionReader
+from stemlive.live.wire import protocol, transport
 
 ANY_PORT = "tcp://127.0.0.1:*"
 
@@ -114,7 +114,7 @@ def test_a_failing_stage_costs_no_data(tmp_path: Path, caplog: pytest.LogCapture
 SENDER_SCRIPT = r"""
 import resource, sys, time
 import numpy as np
-from stemlive.live import transport
+from stemlive.live.wire import transport
 endpoint, n = sys.argv[1], int(sys.argv[2])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.monotonic()
@@ -334,7 +334,7 @@ def test_service_refuses_a_non_loopback_bind_unless_allowed(tmp_path: Path) -> N
 
 
 def test_a_session_can_carry_its_own_analysis_parameters(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from stemlive.live.pipeline import session_params
+    from stemlive.live.pipeline.service import session_params
 
     params = {"counting": {"delay_s": 0.0}}
 

@@ -33,8 +33,8 @@ from swift_harness import (  # noqa: E402
 )
 
 from nionswift_plugin.stemlive import panels, results  # noqa: E402
-from stemlive.live.pipeline import PipelineService, Result, Stage  # noqa: E402
-from stemlive.live.protocol import Message  # noqa: E402
+from stemlive.live.pipeline.service import PipelineService, Result, Stage  # noqa: E402
+from stemlive.live.wire.protocol import Message  # noqa: E402
 
 
 class RunningSumStage(Stage):
@@ -481,7 +481,7 @@ def test_panel_shows_analysing_and_the_problems_until_the_final_results(document
 def test_launcher_options_set_the_plugin_environment(tmp_path: Path) -> None:
     import argparse
 
-    from stemlive.live import launcher
+    from stemlive.live.apps import launcher
 
     parser = argparse.ArgumentParser()
     launcher.add_subcommand(parser.add_subparsers())

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stemlive.live import protocol
-from stemlive.live.protocol import (
+from stemlive.live.wire import protocol
+from stemlive.live.wire.protocol import (
     MESSAGE_TYPES,
     PROTO,
     REJECTION_CODES,
@@ -481,7 +481,7 @@ def test_found_data_kinds_must_match_the_session_kind() -> None:
 def test_found_gap_flood_logs_a_bounded_number_of_lines(caplog: pytest.LogCaptureFixture) -> None:
     c = StreamChecker()
     c.check(m("session_start", 0))
-    with caplog.at_level("WARNING", logger="stemlive.live.protocol"):
+    with caplog.at_level("WARNING", logger="stemlive.live.wire.protocol"):
         for i in range(3000):
             c.check(m("heartbeat", 2 * i + 2))  # every other seq missing
         c.check(m("session_end", 6002))

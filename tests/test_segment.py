@@ -10,8 +10,8 @@ import pytest
 from corpus import evaluate, generator, scenarios
 from sklearn.metrics import adjusted_rand_score
 
-from stemlive.live import report
 from stemlive.live.analysis import eels, segment
+from stemlive.live.apps import report
 from stemlive.simulators.eels_model import PHONON_PEAKS, VibrationalEELSSimulator
 
 N_POINTS, STEP_NM, N_FRAMES, EXPOSURE_MS = 40, 1.6, 200, 300.0

@@ -16,8 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from stemlive.live.protocol import Message, decode, encode
-from stemlive.live.session import (
+from stemlive.live.storage.session import (
     FORMAT_VERSION,
     SessionFormatError,
     SessionReader,
@@ -25,6 +24,7 @@ from stemlive.live.session import (
     describe,
     validate,
 )
+from stemlive.live.wire.protocol import Message, decode, encode
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -36,7 +36,7 @@ SID = "s-001"
 
 @dataclass
 class FakeResult:
-    """Stands in for stemlive.live.pipeline.Result (the writer accepts any object with these attributes)."""
+    """Stands in for stemlive.live.pipeline.service.Result (the writer accepts any object with these attributes)."""
 
     stage: str
     name: str

@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import v1_writer
 
-from stemlive.live.cli import main
+from stemlive.live.apps.cli import main
 from stemlive.live.exitcodes import ExitCode
-from stemlive.live.problems import problems_in
-from stemlive.live.session import SessionFormatError, SessionReader, describe
+from stemlive.live.pipeline.problems import problems_in
+from stemlive.live.storage.session import SessionFormatError, SessionReader, describe
 
-STEMLIVE = [sys.executable, "-m", "stemlive.live.cli"]
+STEMLIVE = [sys.executable, "-m", "stemlive.live.apps.cli"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -81,7 +81,7 @@ def test_v1_minimum_map_and_tilt_series(tmp_path: Path) -> None:
 
 
 def test_v1_minimum_replays_to_a_real_service(tmp_path: Path) -> None:
-    from stemlive.live.pipeline import PipelineService
+    from stemlive.live.pipeline.service import PipelineService
 
     src = tmp_path / "independent.h5"
     truth = v1_writer.write_eels(src, n_points=3, n_frames=2, n_channels=512, dispersion_meV=1.0,

@@ -14,8 +14,8 @@ import h5py
 import numpy as np
 import pytest
 
-from stemlive.live import transport
-from stemlive.live.pipeline import PipelineService
+from stemlive.live.pipeline.service import PipelineService
+from stemlive.live.wire import transport
 
 FIELDS = {"tilt_index": 0, "alpha_deg": 0.0, "beta_deg": 0.0, "pixel_size_nm": 0.1, "dwell_us": 2.0}
 
@@ -32,7 +32,7 @@ def test_a_signal_closes_the_open_session_aborted_with_every_acknowledged_frame(
 ) -> None:
     frames = f"tcp://127.0.0.1:{_free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stemlive.live.cli", "serve", "--frames", frames, "--results",
+        [sys.executable, "-m", "stemlive.live.apps.cli", "serve", "--frames", frames, "--results",
          f"tcp://127.0.0.1:{_free_port()}", "--out", str(tmp_path), "--reserve-mib", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     assert proc.stdout is not None

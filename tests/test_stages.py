@@ -15,9 +15,9 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from stemlive.live.analysis import drift
-from stemlive.live.pipeline import analyze_messages, make_params, registered_stages
-from stemlive.live.protocol import Message
-from stemlive.live.session import SessionReader
+from stemlive.live.pipeline.service import analyze_messages, make_params, registered_stages
+from stemlive.live.storage.session import SessionReader
+from stemlive.live.wire.protocol import Message
 from stemlive.simulators.eels_model import VibrationalEELSSimulator
 from stemlive.simulators.haadf import HAADFSimulator
 from stemlive.simulators.scenario import load_scenario
@@ -177,7 +177,7 @@ def test_windows_adapt_to_an_asymmetric_axis(tmp_path: Path) -> None:
     thermometry window ends where the gain side does. Every point gets a temperature; the windows are recorded."""
     import json
 
-    from stemlive.live.problems import problems_in
+    from stemlive.live.pipeline.problems import problems_in
 
     truth: list[float] = []
     out = analyze_messages(aln_line_messages(12, 3, -120.0, 276.0, truth), tmp_path / "asym.h5", make_params(),
@@ -203,8 +203,8 @@ def test_replay_of_a_too_narrow_axis_lists_every_missing_result(tmp_path: Path) 
     import sys
 
     from stemlive.live.exitcodes import ExitCode
-    from stemlive.live.problems import problems_in
-    from stemlive.live.session import SessionWriter
+    from stemlive.live.pipeline.problems import problems_in
+    from stemlive.live.storage.session import SessionWriter
 
     raw = tmp_path / "narrow.h5"
     messages = list(aln_line_messages(10, 2, -30.0, 35.0))
@@ -212,7 +212,7 @@ def test_replay_of_a_too_narrow_axis_lists_every_missing_result(tmp_path: Path) 
         for msg in messages[1:-1]:
             writer.append(msg)
     out = tmp_path / "narrow_analysed.h5"
-    cli = [sys.executable, "-m", "stemlive.live.cli"]
+    cli = [sys.executable, "-m", "stemlive.live.apps.cli"]
     proc = subprocess.run([*cli, "replay", str(raw), "--analyze", str(out)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == ExitCode.INCOMPLETE, (proc.returncode, proc.stdout, proc.stderr)
@@ -238,7 +238,7 @@ def test_replay_of_a_too_narrow_axis_lists_every_missing_result(tmp_path: Path) 
 def test_usim_like_spectra_give_reasons_not_errors(tmp_path: Path) -> None:
     """Nion usim's EELS camera: 1 eV per channel, Gaussian zero-loss peak, a plasmon. No vibrational window spans
     a channel: each result is skipped with that reason (formerly "Singular matrix" and the stage switched off)."""
-    from stemlive.live.problems import problems_in
+    from stemlive.live.pipeline.problems import problems_in
 
     rng = np.random.default_rng(0)
     energy = -20000.0 + 1000.0 * np.arange(256)

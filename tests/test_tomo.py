@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from stemlive.live import tomo
 from stemlive.live.analysis import reconstruct as rc
+from stemlive.live.apps import tomo
 
 REFERENCE = Path("/work/shared/reference/tilt_series_mos2_wse2.json")
 _REF_ROWS = [  # (alpha, beta, Z, Y, X) from reference/tilt_series_mos2_wse2.json, table S1

@@ -11,8 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from stemlive.live import atoms as atoms_cli
-from stemlive.live import tomo
+from stemlive.live.apps import atoms as atoms_cli
+from stemlive.live.apps import tomo
 from stemlive.simulators.scenario import load_scenario
 from stemlive.simulators.tilt_sums import REFERENCE_TILTS_DEG, simulate_tilt_sums
 
@@ -34,7 +34,7 @@ def _session(path: Path, sums: np.ndarray | None, alpha, beta, *, kind: str = "t
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "stemlive.live.cli", "tomo", "atoms", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "stemlive.live.apps.cli", "tomo", "atoms", *args], capture_output=True,
                           text=True, timeout=600, env=env)
 
 
@@ -109,8 +109,8 @@ def test_cli_bad_input_is_one_line_with_exit_code(tmp_path):
 
 def test_tilt_series_stage_publishes_columns_and_running_calibration(tmp_path):
     """Live: after each tilt the stage publishes the column fit and, from the third tilt on, the calibration."""
-    from stemlive.live.pipeline import analyze_messages, make_params
-    from stemlive.live.protocol import Message
+    from stemlive.live.pipeline.service import analyze_messages, make_params
+    from stemlive.live.wire.protocol import Message
 
     sc = load_scenario("default").replace(sample={"extent_x_nm": 2.6, "extent_y_nm": 2.6},
                                           stage={"settle_time_s": 0.0})
@@ -149,7 +149,7 @@ def test_demo_atoms_step_compares_with_the_simulated_stage(small_session, tmp_pa
     """The demo's atoms step on a session with the simulator's truth file next to it (angles vs actual)."""
     import shutil
 
-    from stemlive.live.demo import make_config, run_atoms_step
+    from stemlive.live.apps.demo import make_config, run_atoms_step
     from stemlive.simulators.truth import GroundTruth
 
     session, ts = small_session

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import zmq
 
-from stemlive.live.protocol import Message, encode
-from stemlive.live.transport import (
+from stemlive.live.wire.protocol import Message, encode
+from stemlive.live.wire.transport import (
     FrameReceiver,
     FrameSender,
     ResultPublisher,
@@ -138,7 +138,7 @@ def test_flow_control_blocks_then_raises_and_drops_nothing(tmp_path: Path) -> No
 RECEIVER_SCRIPT = textwrap.dedent(
     """
     import sys
-    from stemlive.live.transport import FrameReceiver
+    from stemlive.live.wire.transport import FrameReceiver
     rx = FrameReceiver(sys.argv[1], heartbeat_interval_s=0.1, auto_ack=True)
     print(rx.endpoint, flush=True)
     while True:
@@ -241,7 +241,7 @@ def test_malformed_input_is_counted_nacked_and_skipped(caplog: pytest.LogCapture
         good = encode({"type": "session_start", "session": "s1", "seq": 0, "t": 1.0, "kind": "eels_map",
                        "settings": {}})
         dealer.send_multipart(good)
-        with caplog.at_level(logging.WARNING, logger="stemlive.live.transport"):
+        with caplog.at_level(logging.WARNING, logger="stemlive.live.wire.transport"):
             m = receiver.recv(timeout_s=2)
         assert m is not None and m.type == "session_start"
         assert receiver.rejected == {"bad_json": 1, "unsupported_version": 1, "too_many_parts": 1}
@@ -291,7 +291,7 @@ def test_check_bind_endpoint_accepts_local(endpoint: str, expected: str) -> None
 def test_check_bind_endpoint_refuses_remote(endpoint: str, caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ValueError, match="not a loopback address.*allow_remote=True"):
         check_bind_endpoint(endpoint, allow_remote=False)
-    with caplog.at_level(logging.WARNING, logger="stemlive.live.transport"):
+    with caplog.at_level(logging.WARNING, logger="stemlive.live.wire.transport"):
         assert check_bind_endpoint(endpoint, allow_remote=True) == endpoint
     assert "non-loopback interface" in caplog.text
 

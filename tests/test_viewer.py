@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import zmq
 
-from stemlive.live import viewer
-from stemlive.live.pipeline import Result, publish_result
-from stemlive.live.protocol import Message, decode, encode
-from stemlive.live.transport import ResultPublisher, ResultSubscriber
+from stemlive.live.apps import viewer
+from stemlive.live.pipeline.service import Result, publish_result
+from stemlive.live.wire.protocol import Message, decode, encode
+from stemlive.live.wire.transport import ResultPublisher, ResultSubscriber
 
 LOOPBACK = "tcp://127.0.0.1:*"
 
@@ -138,7 +138,7 @@ def eels_messages(session: str, n_points: int = 12, scan_shape: tuple[int, int] 
 
 
 def test_import_is_cheap() -> None:
-    code = ("import sys, stemlive.live.viewer; "
+    code = ("import sys, stemlive.live.apps.viewer; "
             "bad = [m for m in sys.modules if m.startswith(('PySide6', 'pyqtgraph', 'zmq'))]; "
             "print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -70,7 +70,7 @@ class Scenario:
 
     def messages(self) -> Iterator[Any]:
         """The wire sequence of the session: ``session_start``, one batch message per point, ``session_end``."""
-        from stemlive.live.protocol import Message
+        from stemlive.live.wire.protocol import Message
 
         rng = np.random.default_rng(self.seed)
         inst = self.instrument

@@ -15,9 +15,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import __version__
-from .console import QUIET_HELP, is_quiet
-from .exitcodes import CLIError, ExitCode
+from stemlive.live import __version__
+from stemlive.live.apps.console import QUIET_HELP, is_quiet
+from stemlive.live.exitcodes import CLIError, ExitCode
 
 log = logging.getLogger("stemlive")
 
@@ -45,14 +45,14 @@ def _add_remote(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .pipeline import PipelineService, make_params
+    from stemlive.live.pipeline.service import PipelineService, make_params
 
     curve = None
     if args.allow_remote and args.keys is None:
         raise CLIError("--allow-remote needs --keys DIR: a service reachable from the network requires CURVE "
                        "authentication (create keys with `stemlive keys DIR`)", ExitCode.USAGE)
     if args.keys is not None:
-        from .keys import Curve
+        from stemlive.live.wire.keys import Curve
 
         curve = Curve.server(args.keys)
     params = make_params(args.config, args.overrides)
@@ -75,13 +75,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    from .replay import parse_speed, replay_analyze, replay_to, report_problems
+    from stemlive.live.pipeline.replay import parse_speed, replay_analyze, replay_to, report_problems
 
     if (args.to is None) == (args.analyze is None):
         raise CLIError("give exactly one of --to ENDPOINT or --analyze OUT.h5|OUTDIR", ExitCode.USAGE)
     files = list(args.file)
     if args.analyze is not None:
-        from .pipeline import make_params
+        from stemlive.live.pipeline.service import make_params
 
         params = make_params(args.config, args.overrides)
         if _batch_form(files, args.analyze, args.scheduler):
@@ -94,7 +94,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
             raise CLIError("--to: analysis parameters belong to the receiving service", ExitCode.USAGE)
         if len(files) != 1 or args.scheduler:
             raise CLIError("--to sends one session file (no --scheduler)", ExitCode.USAGE)
-        from .transport import TransportError
+        from stemlive.live.wire.transport import TransportError
 
         speed = parse_speed(args.speed)
         try:
@@ -106,13 +106,13 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 def _batch_form(files: list[Path], out: Path, scheduler: str | None) -> bool:
-    """Many files, an output folder or a scheduler: the Dask batch form (``live/batch.py``)."""
+    """Many files, an output folder or a scheduler: the Dask batch form (``live/pipeline/batch.py``)."""
     return len(files) > 1 or scheduler is not None or out.is_dir() or out.suffix.lower() not in {".h5", ".hdf5"}
 
 
 def _replay_batch(files: list[Path], out_dir: Path, params: dict, scheduler: str | None, workers: int) -> int:
-    from .batch import analyze_files
-    from .problems import problems_in
+    from stemlive.live.pipeline.batch import analyze_files
+    from stemlive.live.pipeline.problems import problems_in
 
     outs = analyze_files(files, out_dir, params, scheduler=scheduler, n_workers=workers)
     missing = 0
@@ -129,8 +129,8 @@ def _replay_batch(files: list[Path], out_dir: Path, params: dict, scheduler: str
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .session_info import describe
-    from .session_reader import SessionReader
+    from stemlive.live.storage.session_info import describe
+    from stemlive.live.storage.session_reader import SessionReader
 
     status = ExitCode.OK
     for path in args.files:
@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     for name in SUBCOMMAND_MODULES:
-        module = importlib.import_module(f"{__package__}.{name}")
+        module = importlib.import_module(f"stemlive.live.{name}")
         module.add_subcommand(sub)
     _add_quiet(sub)
     return parser
@@ -210,7 +210,11 @@ def _add_quiet(subparsers: argparse._SubParsersAction) -> None:
 
 # Modules that add their own subcommand with ``add_subcommand(subparsers)``; each is cheap to import (heavy
 # imports such as Qt happen inside the handler).
-SUBCOMMAND_MODULES: tuple[str, ...] = ("tomo", "launcher", "demo", "viewer", "export", "importer", "keys", "acquire")
+# modules under stemlive.live with an add_subcommand(subparsers)
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "apps.tomo", "apps.launcher", "apps.demo", "apps.viewer", "storage.export", "storage.importer", "wire.keys",
+    "apps.acquire",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -229,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run_command(args: argparse.Namespace) -> tuple[int, str]:
     """Run the handler; map how it ends to ``(exit code, one-line message or "")`` (docs/cli.md)."""
-    from .session_format import SessionFormatError
+    from stemlive.live.storage.session_format import SessionFormatError
 
     try:
         return int(args.func(args) or 0), ""

@@ -145,7 +145,7 @@ def sharpness(image: np.ndarray, margin: float = 0.1) -> float:
 
 def tilt_series_section(path: Path, figures: Path) -> tuple[dict[str, Any], list[str]]:
     """Numbers and figures of a tilt-series session."""
-    from .session import SessionReader
+    from stemlive.live.storage.session import SessionReader
 
     truth = load_truth(path)
     with SessionReader(path) as r:
@@ -265,7 +265,7 @@ def _eels_model(truth: Mapping[str, Any] | None) -> dict[str, Any] | None:
 
 def eels_section(key: str, path: Path, figures: Path) -> tuple[dict[str, Any], list[str]]:
     """Numbers and figures of an EELS line-scan session."""
-    from .session import SessionReader
+    from stemlive.live.storage.session import SessionReader
 
     truth = load_truth(path)
     with SessionReader(path) as r:
@@ -361,7 +361,7 @@ def estimate_interface_nm(x: np.ndarray, t: np.ndarray) -> float:
 
 def _interface_refit(distance: np.ndarray, t: np.ndarray, err: np.ndarray, numbers: Mapping[str, Any]) -> dict:
     """Interface fit in the report when the session has none (the stage's own fit failed or did not run)."""
-    from .analysis import interface
+    from stemlive.live.analysis import interface
 
     ok = np.isfinite(t) & np.isfinite(err) & (err > 0)
     try:
@@ -440,7 +440,7 @@ def _fig_waterfall(energy: np.ndarray, sums: np.ndarray, distance: np.ndarray, p
 
 def _fig_temperature(distance: np.ndarray, t: np.ndarray, err: np.ndarray, true: np.ndarray,
                      model: Mapping[str, Any] | None, xy: np.ndarray, numbers: Mapping[str, Any], path: Path) -> str:
-    from .analysis import interface
+    from stemlive.live.analysis import interface
 
     fig = _figure(8, 4)
     ax = fig.subplots()
@@ -508,7 +508,7 @@ def cluster_fits(energy: np.ndarray, sums: np.ndarray, labels: np.ndarray, peaks
     returns the model as fitted (convolved with the resolution, zero-loss peak included) and the data it was
     fitted to.
     """
-    from .analysis import segment
+    from stemlive.live.analysis import segment
 
     k = int(labels.max()) + 1 if labels.size else 0
     means = segment.cluster_means(sums, labels, k)
@@ -626,7 +626,7 @@ def write_report(out_dir: str | Path, sessions: Mapping[str, str | Path], tomo: 
     Path
         ``report.html``.
     """
-    from .session import SessionReader
+    from stemlive.live.storage.session import SessionReader
 
     out = Path(out_dir)
     figures = out / "figures"

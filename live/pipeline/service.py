@@ -23,11 +23,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import problems as problems_
-from .config import Params, resolve_params
-from .disk import DEFAULT_BALLAST_BYTES, DEFAULT_RESERVE_BYTES, DiskBudget, is_disk_full
-from .protocol import Message, ProtocolError, StreamChecker, json_default
-from .session import SessionWriter
+from stemlive.live.config import Params, resolve_params
+from stemlive.live.pipeline.service import problems as problems_
+from stemlive.live.storage.disk import DEFAULT_BALLAST_BYTES, DEFAULT_RESERVE_BYTES, DiskBudget, is_disk_full
+from stemlive.live.storage.session import SessionWriter
+from stemlive.live.wire.protocol import Message, ProtocolError, StreamChecker, json_default
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +97,8 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 
 
 def registered_stages() -> dict[str, type[Stage]]:
-    """All registered stages by name (importing :mod:`stemlive.live.stages` registers the built-in ones)."""
-    from . import stages  # noqa: F401  (registers the built-in stages)
+    """All registered stages by name (importing :mod:`stemlive.live.pipeline.stages` registers the built-in ones)."""
+    from stemlive.live.pipeline.service import stages  # noqa: F401  (registers the built-in stages)
 
     return dict(_STAGES)
 
@@ -160,7 +160,7 @@ class SessionRun:
     lock serialises access to the file. A failing stage is logged, reported as a ``stage_error`` result and
     switched off for the rest of the session: analysis errors never cost recorded data.
 
-    ``problem`` results (a result that could not be produced, :mod:`stemlive.live.problems`) are published and
+    ``problem`` results (a result that could not be produced, :mod:`stemlive.live.pipeline.problems`) are published and
     kept in ``/results/<stage>/problems``; :meth:`finish` ends with ``pipeline/analysis_finished``.
     """
 
@@ -389,7 +389,7 @@ class PipelineService:
     analysis until the bound is reached.
 
     Containment: every message is handled inside its own ``try``. A malformed one is rejected with its
-    :data:`~stemlive.live.protocol.REJECTION_CODES` code; any other exception while handling it becomes a nack
+    :data:`~stemlive.live.wire.protocol.REJECTION_CODES` code; any other exception while handling it becomes a nack
     (``internal_error``, ``record_failed`` or ``disk_full``) to the connection that sent it, is logged
     (rate-limited) and counted in :attr:`stats`; a session whose file cannot take more data is closed
     ``failed`` with the reason. The service and every other connection go on.
@@ -416,7 +416,7 @@ class PipelineService:
         ballast_bytes: int = DEFAULT_BALLAST_BYTES,
         curve: Any = None,
     ) -> None:
-        from . import transport
+        from stemlive.live.wire import transport
 
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -453,7 +453,7 @@ class PipelineService:
         Endpoints with port ``*`` (``tcp://127.0.0.1:*``) bind a free port; :attr:`frame_endpoint` and
         :attr:`result_endpoint` then hold the actual addresses.
         """
-        from . import transport
+        from stemlive.live.wire import transport
 
         remote = [ep for ep in (self.frame_endpoint, self.result_endpoint) if not transport.is_loopback(ep)]
         if self.allow_remote and remote and self.curve is None:
@@ -477,7 +477,7 @@ class PipelineService:
 
     @property
     def request_endpoint(self) -> str:
-        """Where final results can be asked for again (see :class:`~stemlive.live.transport.ResultPublisher`)."""
+        """Where final results can be asked for again (see :class:`~stemlive.live.wire.transport.ResultPublisher`)."""
         return self._publisher.request_endpoint
 
     def stop(self, timeout_s: float = 30.0, reason: str = "service stopped") -> None:

@@ -19,8 +19,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .session_contract import check_contract, open_session_file
-from .session_format import (
+from stemlive.live.storage.session_contract import check_contract, open_session_file
+from stemlive.live.storage.session_format import (
     COMMITTED,
     FORMAT,
     FORMAT_VERSION,
@@ -31,9 +31,9 @@ from .session_format import (
     SURVEYS,
     SessionFormatError,
 )
-from .session_format import as_str as _as_str
-from .session_format import get_text as _get_text
-from .session_format import header_fields as _header_fields
+from stemlive.live.storage.session_format import as_str as _as_str
+from stemlive.live.storage.session_format import get_text as _get_text
+from stemlive.live.storage.session_format import header_fields as _header_fields
 
 #: Longest spectrum batch replayed from a file without ``seq`` (runs of one probe position are cut into these).
 BATCH_ROWS = 256
@@ -429,17 +429,17 @@ class SessionReader:
         return events
 
     def messages(self) -> Iterator[Any]:
-        """The recorded wire sequence as :class:`~stemlive.live.protocol.Message` objects, ordered by ``seq``.
+        """The recorded wire sequence as :class:`~stemlive.live.wire.protocol.Message` objects, ordered by ``seq``.
 
         ``session_start`` (the stored header), then the frames, spectra and surveys, and ``session_end`` if the
         file was closed (the stored one, or one made from the final status). Spectra are re-batched as they
         arrived: consecutive rows with the same ``seq`` form one message; a run of one row is a single-spectrum
         message (1-D payload, scalar fields), a longer run a batch (2-D payload, the per-spectrum fields
-        :data:`~stemlive.live.protocol.BATCH_FIELDS`, ``t`` included, as lists). A batch of one spectrum is
+        :data:`~stemlive.live.wire.protocol.BATCH_FIELDS`, ``t`` included, as lists). A batch of one spectrum is
         therefore replayed as a single spectrum. Payloads are float32 as stored. Heartbeats and results are
         not recorded and so not replayed.
         """
-        from .protocol import Message
+        from stemlive.live.wire.protocol import Message
 
         proto = self.start_header.get("proto", "stemlive/1")
         yield Message(dict(self.start_header), None)

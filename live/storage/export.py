@@ -1,7 +1,7 @@
 """Export a session for other tools: ``stemlive export SESSION.h5 --format hspy|emd -o OUT``.
 
 EELS sessions become HyperSpy/eXSpy files (``.hspy``); tilt series become a Tomviz-layout Berkeley EMD (the
-layout itself is written by :func:`stemlive.live.tomo.write_emd`) or a ``.hspy`` stack with the real angles.
+layout itself is written by :func:`stemlive.live.apps.tomo.write_emd`) or a ``.hspy`` stack with the real angles.
 File layouts and conventions: ``docs/export.md`` (EELS) and ``docs/tomography.md`` (tilt series).
 
 HyperSpy, eXSpy and RosettaSciIO are optional: they are imported only when an ``.hspy`` file is written.
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from .exitcodes import CLIError, ExitCode
-from .session import SessionReader
+from stemlive.live.exitcodes import CLIError, ExitCode
+from stemlive.live.storage.session import SessionReader
 
 __all__ = [
     "ExportError",
@@ -282,11 +282,11 @@ def _angle_axis(alpha: np.ndarray) -> dict[str, Any]:
 
 
 def tilt_series_signal(emd_path: str | Path) -> Any:
-    """The exported tilt series (Tomviz EMD written by :func:`stemlive.live.tomo.write_emd`) as a HyperSpy
+    """The exported tilt series (Tomviz EMD written by :func:`stemlive.live.apps.tomo.write_emd`) as a HyperSpy
     :class:`~hyperspy.signals.Signal2D`: navigation axis the real stage alpha (deg; non-uniform where needed)
     for a single-axis series, else the projection number; image y/x in nm as signal axes; alpha, beta, Euler
     angles, rotation matrices and ASTRA vectors in ``metadata.stemlive``."""
-    from . import tomo
+    from stemlive.live.apps import tomo
 
     hs, _ = _hyperspy()
     g = tomo.read_emd_layout(emd_path)
@@ -326,8 +326,8 @@ def add_hyperspy_layout(emd_path: str | Path) -> None:
 
 def _export_tilt(session_path: Path, out: Path, fmt: str, *, align: str, angles: Path | None,
                  overwrite: bool) -> dict[str, Path]:
-    from . import tomo
-    from .analysis import reconstruct as rc
+    from stemlive.live.analysis import reconstruct as rc
+    from stemlive.live.apps import tomo
 
     target = out if out.suffix == f".{fmt}" else out.with_name(f"{out.name}.{fmt}")
     if target.exists() and not overwrite:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .exitcodes import CLIError, ExitCode
+from stemlive.live.exitcodes import CLIError, ExitCode
 
 if TYPE_CHECKING:  # zmq is imported where keys are used: `stemlive` builds its parser from this module
     import zmq

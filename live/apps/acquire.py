@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .exitcodes import CLIError, ExitCode
+from stemlive.live.exitcodes import CLIError, ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,8 @@ def read_problems(path: Path) -> list[str]:
 def cmd_acquire(args: argparse.Namespace) -> int:
     from nionswift_plugin.stemlive import scripting
     from nionswift_plugin.stemlive.acquisition import PlanError, RunControl
-    from stemlive.live.pipeline import PipelineService, make_params
-    from stemlive.live.transport import FrameSender
+    from stemlive.live.pipeline.service import PipelineService, make_params
+    from stemlive.live.wire.transport import FrameSender
 
     settings = plan_settings(args.plan, args.plan_settings)
     out = args.out
@@ -184,7 +184,7 @@ def cmd_acquire(args: argparse.Namespace) -> int:
         service = PipelineService(out, make_params(), frame_endpoint="tcp://127.0.0.1:*",
                                   result_endpoint="tcp://127.0.0.1:*").start()
         stage_errors = StageErrors()
-        pipeline_log = logging.getLogger("stemlive.live.pipeline")
+        pipeline_log = logging.getLogger("stemlive.live.pipeline.service")
         pipeline_log.addFilter(stage_errors)
         try:
             return _acquire(args, plan, hardware, service, FrameSender, RunControl, scripting, PlanError,

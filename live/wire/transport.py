@@ -9,7 +9,7 @@ Lossless path (acquisition -> service)
 
 Result stream (service -> Swift, viewers)
     :class:`ResultPublisher` (PUB, binds) -> :class:`ResultSubscriber` (SUB, connects), in
-    :mod:`stemlive.live.resultstream` (importable from here too). Lossy by design, with exact loss counts and
+    :mod:`stemlive.live.wire.resultstream` (importable from here too). Lossy by design, with exact loss counts and
     re-requests of final results.
 
 Threads
@@ -39,13 +39,13 @@ import numpy as np
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .endpoints import DEFAULT_FRAME_ENDPOINT as DEFAULT_FRAME_ENDPOINT
-from .endpoints import DEFAULT_RESULT_ENDPOINT as DEFAULT_RESULT_ENDPOINT
-from .endpoints import TransportError as TransportError
-from .endpoints import check_bind_endpoint as check_bind_endpoint
-from .endpoints import is_loopback as is_loopback
-from .endpoints import secure_client, secure_server
-from .protocol import (
+from stemlive.live.wire.endpoints import DEFAULT_FRAME_ENDPOINT as DEFAULT_FRAME_ENDPOINT
+from stemlive.live.wire.endpoints import DEFAULT_RESULT_ENDPOINT as DEFAULT_RESULT_ENDPOINT
+from stemlive.live.wire.endpoints import TransportError as TransportError
+from stemlive.live.wire.endpoints import check_bind_endpoint as check_bind_endpoint
+from stemlive.live.wire.endpoints import is_loopback as is_loopback
+from stemlive.live.wire.endpoints import secure_client, secure_server
+from stemlive.live.wire.protocol import (
     LINK_SESSION,
     MAX_HEADER_BYTES,
     MAX_PAYLOAD_BYTES,
@@ -58,11 +58,11 @@ from .protocol import (
 )
 
 # The result stream lives in resultstream.py; its names stay importable from here.
-from .resultstream import DEFAULT_RESULT_HIGH_WATER_MARK as DEFAULT_RESULT_HIGH_WATER_MARK
-from .resultstream import ResultPublisher as ResultPublisher
-from .resultstream import ResultRecovery as ResultRecovery
-from .resultstream import ResultSubscriber as ResultSubscriber
-from .resultstream import result_topic as result_topic
+from stemlive.live.wire.resultstream import DEFAULT_RESULT_HIGH_WATER_MARK as DEFAULT_RESULT_HIGH_WATER_MARK
+from stemlive.live.wire.resultstream import ResultPublisher as ResultPublisher
+from stemlive.live.wire.resultstream import ResultRecovery as ResultRecovery
+from stemlive.live.wire.resultstream import ResultSubscriber as ResultSubscriber
+from stemlive.live.wire.resultstream import result_topic as result_topic
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ class FrameSender:
         are unacknowledged.
     kernel_buffer_bytes : int, optional
         SO_SNDBUF for TCP; None keeps the OS default (Linux autotunes up to ``net.ipv4.tcp_wmem``).
-    curve : stemlive.live.keys.Curve, optional
+    curve : stemlive.live.wire.keys.Curve, optional
         Client keys for a service that requires CURVE authentication (see ``stemlive keys``).
     context : zmq.Context, optional
         Defaults to the process-wide instance.
@@ -551,7 +551,7 @@ class FrameReceiver:
         Leave False when the caller runs its own StreamChecker.
     kernel_buffer_bytes : int, optional
         SO_RCVBUF for TCP; None keeps the OS default (Linux autotunes up to ``net.ipv4.tcp_rmem``).
-    curve : stemlive.live.keys.Curve, optional
+    curve : stemlive.live.wire.keys.Curve, optional
         Server keys: only clients with an authorised key can connect (see ``stemlive keys``).
     max_message_bytes : int
         ZMQ_MAXMSGSIZE: a connection sending a larger part is dropped by libzmq before the part is allocated.
@@ -559,7 +559,7 @@ class FrameReceiver:
     Attributes
     ----------
     rejected : collections.Counter
-        Rejected messages by :class:`~stemlive.live.protocol.ProtocolError` code.
+        Rejected messages by :class:`~stemlive.live.wire.protocol.ProtocolError` code.
     """
 
     def __init__(

@@ -1,7 +1,7 @@
 """The built-in analysis stages: tilt-series drift correction and vibrational-EELS thermometry/segmentation.
 
 Stages adapt the pure functions of :mod:`stemlive.live.analysis` to the message stream: they keep per-session
-state, decide when a tilt or a probe position is complete, and emit :class:`~stemlive.live.pipeline.Result`
+state, decide when a tilt or a probe position is complete, and emit :class:`~stemlive.live.pipeline.service.Result`
 objects (see the results table in ``docs/architecture.md``).
 """
 
@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .analysis import drift, eels, interface, segment
-from .pipeline import Result, Stage, register_stage
-from .protocol import Message
+from stemlive.live.analysis import drift, eels, interface, segment
+from stemlive.live.pipeline.service import Result, Stage, register_stage
+from stemlive.live.wire.protocol import Message
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class TiltSeriesStage(Stage):
 
     def _atom_update(self, total: np.ndarray, row: int) -> Iterator[Result]:
         """Columns of the new tilt and the running calibration over all tilts so far (published only)."""
-        from .analysis import atomic_tomography
+        from stemlive.live.analysis import atomic_tomography
 
         try:
             cols, cal = atomic_tomography.running_update(

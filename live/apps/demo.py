@@ -1,6 +1,6 @@
 """``stemlive demo``: the main job end to end on the simulated instrument, headless and in fast mode.
 
-1. A :class:`~stemlive.live.pipeline.PipelineService` starts in this process on free loopback ports.
+1. A :class:`~stemlive.live.pipeline.service.PipelineService` starts in this process on free loopback ports.
 2. The *same* acquisition procedures the Swift panels run (:class:`TiltSeriesProcedure`,
    :class:`EELSScanProcedure`) drive the simulated instrument (``time_scale=0``) through Swift's hardware-source
    API and stream every frame to the service, which records and analyses it:
@@ -15,7 +15,7 @@
 4. The tilt series is exported for tomography and reconstructed (SIRT), and the reconstruction is compared with
    the true atoms; at atomic-resolution pixels (``--full``) ``stemlive tomo atoms`` calibrates the tilt angles
    (compared with the simulator's actual ones) and builds the 3D atomic model with its figures.
-5. :func:`stemlive.live.report.write_report` writes ``report.html``, ``report.json`` and ``figures/*.png``.
+5. :func:`stemlive.live.apps.report.write_report` writes ``report.html``, ``report.json`` and ``figures/*.png``.
 
 Heavy imports (Swift, the simulator, matplotlib) happen inside the functions: importing this module is cheap.
 """
@@ -52,7 +52,7 @@ def line_scan_analysis(thermometry: bool) -> dict[str, dict[str, Any]]:
     The peak fits of the MoS2-WSe2 line start from the published centres (close pairs are separated only from a
     good start). Thermometry keeps the default resolution-corrected log-ratio fit, whose error bars are honest.
     """
-    from .report import reference_centres_meV
+    from stemlive.live.apps.report import reference_centres_meV
 
     return {} if thermometry else {"eels": {"peak_initial_meV": reference_centres_meV()}}
 
@@ -108,7 +108,7 @@ class ConsoleBar:
     """
 
     def __init__(self, label: str, stream: TextIO | None = sys.stderr, width: int = 30) -> None:
-        from .console import is_terminal
+        from stemlive.live.apps.console import is_terminal
 
         self.label = label
         self.stream = stream
@@ -278,7 +278,7 @@ def run_tomography(session: Path, out_dir: Path, cfg: DemoConfig, stream: TextIO
     The exported, aligned projections are binned by ``cfg.tomo_bin`` into a second EMD that is reconstructed with a
     ``cfg.tomo_thickness_px`` support along the beam (a monolayer), which keeps the demo's SIRT within a minute.
     """
-    from stemlive.live import tomo
+    from stemlive.live.apps import tomo
 
     t0 = time.perf_counter()
     tomo_dir = out_dir / "tomo"
@@ -309,7 +309,7 @@ def run_atoms_step(session: Path, tomo_dir: Path, cfg: DemoConfig) -> dict[str, 
     model and its figures (``atoms_*`` keys). Needs atomic-resolution pixels (<= 0.04 nm: ``--full``)."""
     import numpy as np
 
-    from stemlive.live import atoms, tomo
+    from stemlive.live.apps import atoms, tomo
     from stemlive.simulators.truth import truth_path_for
 
     if cfg.pixel_nm > 0.04:
@@ -333,7 +333,7 @@ def _binned_emd(emd: Path, factor: int) -> Path:
     """Write ``<stem>_bin<factor>.emd``: the exported projections binned ``factor`` x ``factor``."""
     import numpy as np
 
-    from stemlive.live import tomo
+    from stemlive.live.apps import tomo
 
     g = tomo.read_emd_layout(emd)
     data, alpha, beta, shifts = g["projections"], g["alpha_deg"], g["beta_deg"], g["shifts_px"]
@@ -394,8 +394,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, *, stream: TextIO | None = sy
     report
         Write the report.
     """
-    from stemlive.live.pipeline import PipelineService, make_params
-    from stemlive.live.transport import FrameSender
+    from stemlive.live.pipeline.service import PipelineService, make_params
+    from stemlive.live.wire.transport import FrameSender
 
     out = Path(out_dir)
     session_dir = out / "sessions"
@@ -428,7 +428,7 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, *, stream: TextIO | None = sy
         timings["tomography_s"] = time.perf_counter() - t0
     result: dict[str, Any] = {"sessions": sessions, "tomo": tomo_info, "timings": timings}
     if report:
-        from stemlive.live.report import write_report
+        from stemlive.live.apps.report import write_report
 
         t0 = time.perf_counter()
         timings["total_s"] = time.perf_counter() - t_start  # up to the report (the page shows this one)
@@ -485,7 +485,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"stemlive demo ({preset}): {cfg.tilts} tilts x {cfg.frames} frames of {cfg.size}^2 px; "
           f"EELS {cfg.points} x {cfg.eels_frames} spectra; thermometry {cfg.thermo_points} x {cfg.thermo_frames}; "
           f"output in {args.out.resolve()}", flush=True)
-    from .console import is_quiet
+    from stemlive.live.apps.console import is_quiet
 
     try:
         result = run_demo(args.out, cfg, stream=None if is_quiet(args) else sys.stderr)
@@ -507,8 +507,7 @@ LIMITS: tuple[tuple[str, int, int | None], ...] = (
 def check_demo_args(args: argparse.Namespace) -> None:
     """Refuse options outside what the demo can do (ExitCode.USAGE), e.g. ``--tilts 99`` with 12 reference tilts."""
     from nionswift_plugin.stemlive.tilt_series import REFERENCE_TILTS_DEG
-
-    from .exitcodes import CLIError, ExitCode
+    from stemlive.live.exitcodes import CLIError, ExitCode
 
     for name, low, high in LIMITS:
         value = getattr(args, name, None)

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from .problems import describe_lines as _problem_lines
-from .session_format import SURVEYS
-from .session_format import iso as _iso
-from .session_reader import SessionReader, validate
+from stemlive.live.pipeline.problems import describe_lines as _problem_lines
+from stemlive.live.storage.session_format import SURVEYS
+from stemlive.live.storage.session_format import iso as _iso
+from stemlive.live.storage.session_reader import SessionReader, validate
 
 
 def describe(path: str | Path) -> str:

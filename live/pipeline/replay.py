@@ -7,12 +7,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .config import Params
-from .exitcodes import CLIError, ExitCode
-from .pipeline import analyze_messages
-from .problems import problems_in
-from .protocol import Message
-from .session import SessionReader
+from stemlive.live.config import Params
+from stemlive.live.exitcodes import CLIError, ExitCode
+from stemlive.live.pipeline.problems import problems_in
+from stemlive.live.pipeline.service import analyze_messages
+from stemlive.live.storage.session import SessionReader
+from stemlive.live.wire.protocol import Message
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def replay_to(
     SessionFormatError
         If the file is not a v1 session file, or has no complete frame or spectrum (before anything is sent).
     """
-    from .transport import FrameSender
+    from stemlive.live.wire.transport import FrameSender
 
     n = 0
     with SessionReader(path) as reader:

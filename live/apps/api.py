@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from .analysis import eels
-from .session import SessionReader
+from stemlive.live.analysis import eels
+from stemlive.live.storage.session import SessionReader
 
 __all__ = [
     "Session",
@@ -26,7 +26,7 @@ __all__ = [
 
 def _stage_default(name: str) -> Any:
     """The EELS stage's default for ``name`` as nested tuples: notebook and pipeline use the same windows."""
-    from .stages import EELSStage
+    from stemlive.live.pipeline.stages import EELSStage
 
     def tuples(v: Any) -> Any:
         return tuple(tuples(x) for x in v) if isinstance(v, list | tuple) else v
@@ -36,7 +36,7 @@ def _stage_default(name: str) -> Any:
 
 @dataclass
 class Session:
-    """A session file read into memory (complete rows only; see :class:`stemlive.live.session.SessionReader`).
+    """A session file read into memory (complete rows only; see :class:`stemlive.live.storage.session.SessionReader`).
 
     Attributes
     ----------
@@ -88,8 +88,8 @@ class Session:
         return points, self.spectra[idx], np.asarray(self.spectrum_table["energy_offset_meV"])[idx]
 
     def signals(self) -> dict[str, Any]:
-        """The analysed EELS session as HyperSpy/eXSpy signals (:func:`stemlive.live.export.eels_signals`)."""
-        from .export import eels_signals
+        """The analysed EELS session as HyperSpy/eXSpy signals (:func:`stemlive.live.storage.export.eels_signals`)."""
+        from stemlive.live.storage.export import eels_signals
 
         return eels_signals(self.path)
 
@@ -252,7 +252,7 @@ def segment(spectra: Any, energy_meV: Any = None, *, k: int = 3, n_restarts: int
     -------
     Labels ``(...)`` int for arrays; for a signal, a signal of the labels over its navigation axes.
     """
-    from .stages import segment_spectra
+    from stemlive.live.pipeline.stages import segment_spectra
 
     data, energy = _spectra_energy(spectra, energy_meV)
     flat = data.reshape(-1, data.shape[-1])
@@ -273,7 +273,7 @@ def analyze(session_path: str | Path, out_path: str | Path, *overrides: str) -> 
 
     ``overrides`` are ``"stage.param=value"`` strings, e.g. ``analyze("s.h5", "a.h5", "eels.k=2")``.
     """
-    from .pipeline import make_params
-    from .replay import replay_analyze
+    from stemlive.live.pipeline.replay import replay_analyze
+    from stemlive.live.pipeline.service import make_params
 
     return replay_analyze(session_path, out_path, make_params(overrides=list(overrides)))

@@ -246,7 +246,7 @@ def _emd_root(f: h5py.File) -> h5py.Group:
 def _write_raw_frames(f: h5py.File, session_path: str | Path) -> None:
     """Copy the recorded frames and their per-frame table bit for bit into ``/stemlive/raw`` (ignored by
     Tomviz, ncempy and HyperSpy, which read only EMD groups)."""
-    from .session import SessionReader
+    from stemlive.live.storage.session import SessionReader
 
     with SessionReader(session_path) as r:
         if r.n_frames == 0:
@@ -639,7 +639,7 @@ def add_subcommand(subparsers: Any) -> None:
     r.add_argument("--scheduler", help="Dask scheduler address for windowed reconstruction (default: local)")
     r.add_argument("--no-png", action="store_true", help="do not save slice images")
     r.set_defaults(func=_cmd_reconstruct)
-    from . import atoms  # ``tomo atoms``: calibrated angles and the 3D atomic model (issue 14)
+    from stemlive.live.apps import atoms  # ``tomo atoms``: calibrated angles and the 3D atomic model (issue 14)
 
     atoms.add_parser(sub)
 
@@ -650,8 +650,8 @@ def _default_out(path: Path, out: Path | None) -> Path:
 
 def _check_source(path: Path) -> None:
     """Refuse a missing, empty, truncated or non-session input with the one-line errors of every command."""
-    from .session_contract import check_contract, open_session_file
-    from .session_reader import check_format
+    from stemlive.live.storage.session_contract import check_contract, open_session_file
+    from stemlive.live.storage.session_reader import check_format
 
     with open_session_file(path) as f:
         if path.suffix.lower() != ".emd" or "format" in f.attrs:
@@ -660,7 +660,7 @@ def _check_source(path: Path) -> None:
 
 
 def _cmd_export(args: Any) -> int:
-    from .exitcodes import CLIError, ExitCode
+    from stemlive.live.exitcodes import CLIError, ExitCode
 
     _check_source(args.session)
     try:
@@ -673,8 +673,8 @@ def _cmd_export(args: Any) -> int:
 
 
 def _cmd_reconstruct(args: Any) -> int:
-    from .console import show_progress
-    from .exitcodes import CLIError, ExitCode
+    from stemlive.live.apps.console import show_progress
+    from stemlive.live.exitcodes import CLIError, ExitCode
 
     for option, value in (("iterations", args.iterations), ("thickness", args.thickness), ("window", args.window),
                           ("step", args.step)):

@@ -33,8 +33,7 @@ from typing import Any, Protocol
 import h5py
 import numpy as np
 
-from .protocol import json_default
-from .session_format import (
+from stemlive.live.storage.session_format import (
     COMMITTED,
     FINAL_STATUSES,
     FORMAT,
@@ -48,12 +47,13 @@ from .session_format import (
     SURVEYS,
     SessionFormatError,
 )
-from .session_format import header_fields as _header_fields
-from .session_format import iso as _iso
+from stemlive.live.storage.session_format import header_fields as _header_fields
+from stemlive.live.storage.session_format import iso as _iso
 
 # The reading side lives in its own modules (session_reader, session_info); its names stay importable from here.
-from .session_info import describe
-from .session_reader import Rows, SessionReader, check_format, validate
+from stemlive.live.storage.session_info import describe
+from stemlive.live.storage.session_reader import Rows, SessionReader, check_format, validate
+from stemlive.live.wire.protocol import json_default
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ _SPECTRUM_BLOCK_BYTES = 4 << 20
 
 
 class MessageLike(Protocol):
-    """What the writer needs of a :class:`stemlive.live.protocol.Message`."""
+    """What the writer needs of a :class:`stemlive.live.wire.protocol.Message`."""
 
     @property
     def header(self) -> Mapping[str, Any]: ...
@@ -73,7 +73,7 @@ class MessageLike(Protocol):
 
 
 class ResultLike(Protocol):
-    """What the writer needs of a :class:`stemlive.live.pipeline.Result`."""
+    """What the writer needs of a :class:`stemlive.live.pipeline.service.Result`."""
 
     @property
     def stage(self) -> str: ...

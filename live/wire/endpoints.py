@@ -1,7 +1,7 @@
 """ZeroMQ endpoints and socket security shared by the lossless path and the result stream.
 
 Default endpoints bind loopback only (:func:`check_bind_endpoint`); :func:`secure_server` and
-:func:`secure_client` apply CURVE keys (:class:`stemlive.live.keys.Curve`) to a socket when given.
+:func:`secure_client` apply CURVE keys (:class:`stemlive.live.wire.keys.Curve`) to a socket when given.
 """
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ KEYS_ENV = "STEMLIVE_KEYS"
 
 
 def client_keys_from_environment() -> Any:
-    """:class:`stemlive.live.keys.Curve` client keys from ``$STEMLIVE_KEYS``, or None when it is not set."""
+    """:class:`stemlive.live.wire.keys.Curve` client keys from ``$STEMLIVE_KEYS``, or None when it is not set."""
     import os
 
     folder = os.environ.get(KEYS_ENV)
     if not folder:
         return None
-    from .keys import Curve
+    from stemlive.live.wire.keys import Curve
 
     return Curve.client(folder)
 

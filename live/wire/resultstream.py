@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from .endpoints import (
+from stemlive.live.wire.endpoints import (
     DEFAULT_RESULT_ENDPOINT,
     TransportError,
     check_bind_endpoint,
@@ -30,7 +30,7 @@ from .endpoints import (
     secure_server,
     sibling_endpoint,
 )
-from .protocol import PROTO, Message, ProtocolError, decode, encode
+from stemlive.live.wire.protocol import PROTO, Message, ProtocolError, decode, encode
 
 log = logging.getLogger(__name__)
 

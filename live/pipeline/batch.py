@@ -3,7 +3,7 @@
 The same stage code as live and ``replay --analyze`` runs on the workers, and the results are identical to the
 in-process ones (the same arrays, bit for bit):
 
-* a session that is not an EELS map is one task: :func:`~stemlive.live.replay.replay_analyze` on a worker;
+* a session that is not an EELS map is one task: :func:`~stemlive.live.pipeline.replay.replay_analyze` on a worker;
 * an EELS map is split by rows of probe positions: each task runs the EELS stage's per-position step (align
   and sum the frames, temperature) over its rows, reading them from the session file itself, with the common
   energy axis of the whole map fixed beforehand (the first position's, as in-process); the client then records
@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from .config import Params
-from .pipeline import Result, SessionRun, session_params
-from .protocol import Message
-from .session import SessionReader
+from stemlive.live.config import Params
+from stemlive.live.pipeline.service import Result, SessionRun, session_params
+from stemlive.live.storage.session import SessionReader
+from stemlive.live.wire.protocol import Message
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def open_client(scheduler: str | None = None, n_workers: int = DEFAULT_WORKERS) 
 
 # ----------------------------------------------------------------------------------------------- maps
 def _eels_stage(params: Params, start: Message) -> Any:
-    from .pipeline import registered_stages
+    from stemlive.live.pipeline.service import registered_stages
 
     cls = registered_stages()["eels"]
     return cls(session_params(params, start).get("eels", {}))
@@ -138,7 +138,7 @@ def analyze_map(path: str | Path, out_path: str | Path, params: Params, client: 
         points = order[np.sort(first_seen)]  # arrival order: the first position fixes the axis
         shape = reader.settings.get("scan_shape")
     if not len(points):
-        from .replay import replay_analyze
+        from stemlive.live.pipeline.replay import replay_analyze
 
         return replay_analyze(path, out_path, params)
     head = map_rows(path, [int(points[0])], params, None)
@@ -190,7 +190,7 @@ def _finish_map(path: Path, out_path: Path, params: Params, gather: Callable[[],
 
 # --------------------------------------------------------------------------------------------- sessions
 def _whole_session(path: str, out_path: str, params: Params) -> str:
-    from .replay import replay_analyze
+    from stemlive.live.pipeline.replay import replay_analyze
 
     return str(replay_analyze(path, out_path, params))
 

@@ -7,7 +7,7 @@ Two layers:
     keeps one :class:`SessionView` per session (the newest session is the current one). Testable without Qt.
 :class:`ViewerWindow`
     A pyqtgraph window drawing the current session of a model; a Qt timer polls a
-    :class:`~stemlive.live.transport.ResultSubscriber` without blocking (about 20 Hz).
+    :class:`~stemlive.live.wire.transport.ResultSubscriber` without blocking (about 20 Hz).
 
 This module imports neither Qt nor pyzmq at import time: the CLI imports it to register the subcommand.
 See ``docs/viewer.md``.
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 if TYPE_CHECKING:
-    from .protocol import Message
+    from stemlive.live.wire.protocol import Message
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ PANELS = (*TILT_PANELS, *EELS_PANELS, "status")
 
 
 class Subscriber(Protocol):
-    """What :meth:`ViewerModel.poll` needs of a subscriber (a :class:`~stemlive.live.transport.ResultSubscriber`)."""
+    """What :meth:`ViewerModel.poll` needs of a subscriber (:class:`~stemlive.live.wire.transport.ResultSubscriber`)."""
 
     dropped: int
 
@@ -70,7 +70,7 @@ def _scalar(value: Any) -> float | None:
 
 
 def _rows(value: Any) -> list[dict[str, Any]]:
-    """Table rows: a JSON list of objects (as :func:`~stemlive.live.pipeline.publish_result` sends tables)."""
+    """Table rows: a JSON list of objects (as :func:`~stemlive.live.pipeline.service.publish_result` sends tables)."""
     if isinstance(value, list):
         return [dict(r) for r in value if isinstance(r, Mapping)]
     if isinstance(value, Mapping):
@@ -538,7 +538,7 @@ class ViewerModel:
         Parameters
         ----------
         subscriber
-            A :class:`~stemlive.live.transport.ResultSubscriber` (anything with ``recv(timeout_s)`` and
+            A :class:`~stemlive.live.wire.transport.ResultSubscriber` (anything with ``recv(timeout_s)`` and
             ``dropped``; ``dropped_by_session`` is used when present).
         max_messages, budget_s
             Stop after this many messages or this much time, so a GUI stays responsive under a flood (what is
@@ -569,8 +569,8 @@ class ViewerModel:
         return n
 
     def _recovery_for(self, subscriber: Subscriber) -> Any:
-        """A :class:`~stemlive.live.transport.ResultRecovery` for a real subscriber (None for test doubles)."""
-        from .transport import ResultRecovery, ResultSubscriber
+        """A :class:`~stemlive.live.wire.transport.ResultRecovery` for a real subscriber (None for test doubles)."""
+        from stemlive.live.wire.transport import ResultRecovery, ResultSubscriber
 
         if not isinstance(subscriber, ResultSubscriber):
             return None
@@ -1037,7 +1037,7 @@ def run_viewer(
     import pyqtgraph as pg
     from pyqtgraph.Qt import QtCore
 
-    from .transport import ResultSubscriber
+    from stemlive.live.wire.transport import ResultSubscriber
 
     app = pg.mkQApp("stemlive viewer")
     # pyqtgraph computes symbol bounds with nanmin during auto-range; NaN gaps in the traces are intended

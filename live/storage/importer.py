@@ -19,7 +19,7 @@ rows point after point (row-major over ``[ny, nx]``), the frames of each point o
 meV (``energy_offset_meV`` = the axis offset, ``dispersion_meV`` = its scale) and positions in nm. Two signal
 axes: a tilt series, one frame per image, with the (alpha, beta) of each image from ``angles`` (a CSV or array),
 a stack axis in degrees, or the files' stage metadata; consecutive images at the same angles form one tilt. The
-file is written by :class:`~stemlive.live.session.SessionWriter` from the wire messages a live acquisition would
+file is written by :class:`~stemlive.live.storage.session.SessionWriter` from the wire messages a live acquisition would
 have sent, so it replays and analyses exactly like a recorded one. Times ``t`` are the source's acquisition time
 plus one exposure (or frame time) per row where the source has no per-frame times.
 """
@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from .exitcodes import CLIError, ExitCode
-from .import_readers import (
+from stemlive.live.exitcodes import CLIError, ExitCode
+from stemlive.live.storage.import_readers import (
     ANGLE_UNITS,
     ENERGY_UNITS,
     LENGTH_UNITS,
@@ -190,8 +190,8 @@ def _eels_block(source: Source) -> tuple[np.ndarray, list[Axis], Axis]:
 
 
 def _write_eels(sources: Sequence[Source], out: Path, kind: str, options: dict[str, Any]) -> Path:
-    from .protocol import Message
-    from .session import SessionWriter
+    from stemlive.live.storage.session import SessionWriter
+    from stemlive.live.wire.protocol import Message
 
     blocks = [_eels_block(s) for s in sources]
     first, nav_axes, energy = blocks[0][0], blocks[0][1], blocks[0][2]
@@ -273,8 +273,8 @@ def _positions(nav: Sequence[Axis], n_points: int, options: Mapping[str, Any],
 
 def _write_tilt_series(sources: Sequence[Source], out: Path, angles: str | Path | np.ndarray | None,
                        options: dict[str, Any]) -> Path:
-    from .protocol import Message
-    from .session import SessionWriter
+    from stemlive.live.storage.session import SessionWriter
+    from stemlive.live.wire.protocol import Message
 
     stacks, stack_axes = [], []
     for s in sources:
@@ -473,7 +473,7 @@ def cmd_import(args: Any) -> int:
         if isinstance(e, ImportInputError):
             raise CLIError(str(e), ExitCode.BAD_INPUT) from None
         raise
-    from .session_reader import SessionReader
+    from stemlive.live.storage.session_reader import SessionReader
 
     with SessionReader(out) as r:
         what = f"{r.n_frames} frames" if r.kind == "tilt_series" else f"{r.n_spectra} spectra"

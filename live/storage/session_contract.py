@@ -1,7 +1,7 @@
 """What a file needs to be read as a v1 session file, whoever wrote it (DESIGN.md, "Session file v1").
 
 :func:`open_session_file` opens a path for reading and :func:`check_contract` checks an open file against the
-contract. Both raise :class:`~stemlive.live.session_format.SessionFormatError` (or :class:`FileNotFoundError`)
+contract. Both raise :class:`~stemlive.live.storage.session_format.SessionFormatError` (or :class:`FileNotFoundError`)
 with one line that names the file and the problem, which ``stemlive`` prints as it is (exit code
 ``BAD_INPUT``). Only the contract's fields are required: a writer's extras (``session_start``, ``seq``,
 ``committed_rows``, results) are checked only when present.
@@ -16,9 +16,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .session_format import COMMITTED, FINAL_STATUSES, KINDS, STATUSES, SessionFormatError
-from .session_format import as_str as _as_str
-from .session_format import get_text as _get_text
+from stemlive.live.storage.session_format import COMMITTED, FINAL_STATUSES, KINDS, STATUSES, SessionFormatError
+from stemlive.live.storage.session_format import as_str as _as_str
+from stemlive.live.storage.session_format import get_text as _get_text
 
 #: Root attributes of the contract (``format`` and ``format_version`` are checked by ``check_format``).
 ROOT_ATTRS = ("session_id", "kind", "created", "status")

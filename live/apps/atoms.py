@@ -17,7 +17,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .exitcodes import CLIError, ExitCode
+from stemlive.live.exitcodes import CLIError, ExitCode
 
 __all__ = ["add_parser", "run_atoms", "save_figures", "store_calibration", "write_extxyz", "write_poscar"]
 
@@ -73,7 +73,7 @@ def store_calibration(session_path: str | Path, cal: Any) -> None:
     ``/results/tilt_series/tilt_{alpha,beta}_calibrated_deg``: the angles ``stemlive tomo export`` and
     ``reconstruct`` use instead of the nominal ones.
     """
-    from .tomo import ALPHA_CAL, BETA_CAL
+    from stemlive.live.apps.tomo import ALPHA_CAL, BETA_CAL
 
     with h5py.File(session_path, "a") as f:
         if TOMO_GROUP in f:
@@ -102,7 +102,7 @@ def save_figures(model: Any, out_dir: str | Path, stem: str) -> dict[str, Path]:
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from .analysis import monolayer_metrics as mm
+    from stemlive.live.analysis import monolayer_metrics as mm
 
     out = Path(out_dir)
     pos, sp = model.positions_A, model.species
@@ -166,8 +166,8 @@ def run_atoms(session_path: str | Path, out_xyz: str | Path, *, store: bool = Tr
     """
     from threadpoolctl import threadpool_limits
 
-    from .analysis.atomic_tomography import reconstruct_atoms
-    from .tomo import TomoInputError, read_tilt_series
+    from stemlive.live.analysis.atomic_tomography import reconstruct_atoms
+    from stemlive.live.apps.tomo import TomoInputError, read_tilt_series
 
     session_path = Path(session_path)
     try:

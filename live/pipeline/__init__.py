@@ -1,0 +1,1 @@
+"""The pipeline layer: the analysis service, its stages, problems, replay and Dask batch."""
