@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stemlive.live.config import Params, resolve_params
-from stemlive.live.pipeline.service import problems as problems_
+from stemlive.live.pipeline import problems as problems_
 from stemlive.live.storage.disk import DEFAULT_BALLAST_BYTES, DEFAULT_RESERVE_BYTES, DiskBudget, is_disk_full
 from stemlive.live.storage.session import SessionWriter
 from stemlive.live.wire.protocol import Message, ProtocolError, StreamChecker, json_default
@@ -98,7 +98,7 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 
 def registered_stages() -> dict[str, type[Stage]]:
     """All registered stages by name (importing :mod:`stemlive.live.pipeline.stages` registers the built-in ones)."""
-    from stemlive.live.pipeline.service import stages  # noqa: F401  (registers the built-in stages)
+    from stemlive.live.pipeline import stages  # noqa: F401  (registers the built-in stages)
 
     return dict(_STAGES)
 
