@@ -12,8 +12,9 @@ import pytest
 from corpus import scenarios
 
 from stemlive.live.exitcodes import ExitCode
+from stemlive.live.pipeline import batch
 from stemlive.live.pipeline.replay import replay_analyze
-from stemlive.live.pipeline.service import analyze_messages, batch, make_params
+from stemlive.live.pipeline.service import analyze_messages, make_params
 
 
 def _results(path: Path) -> dict[str, np.ndarray]:
