@@ -11,7 +11,7 @@ from corpus import evaluate, generator, scenarios
 from sklearn.metrics import adjusted_rand_score
 
 from stemlive.live.analysis import eels, segment
-from stemlive.live.apps import report
+from stemlive.live.apps import report_eels as report
 from stemlive.simulators.eels_model import PHONON_PEAKS, VibrationalEELSSimulator
 
 N_POINTS, STEP_NM, N_FRAMES, EXPOSURE_MS = 40, 1.6, 200, 300.0

@@ -52,7 +52,7 @@ def line_scan_analysis(thermometry: bool) -> dict[str, dict[str, Any]]:
     The peak fits of the MoS2-WSe2 line start from the published centres (close pairs are separated only from a
     good start). Thermometry keeps the default resolution-corrected log-ratio fit, whose error bars are honest.
     """
-    from stemlive.live.apps.report import reference_centres_meV
+    from stemlive.live.apps.report_eels import reference_centres_meV
 
     return {} if thermometry else {"eels": {"peak_initial_meV": reference_centres_meV()}}
 
