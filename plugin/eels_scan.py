@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stemlive.live.analysis.drift import register_translation
+from stemlive.live.analysis.registration import register_translation
 
 from .acquisition import (
     ELEMENTARY_CHARGE_C,

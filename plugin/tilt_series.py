@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from stemlive.live.analysis.drift import register_translation
+from stemlive.live.analysis.registration import register_translation
 
 from .acquisition import (
     HardwareState,
