@@ -124,7 +124,7 @@ class PhysicsBackend:
 
     def eels_settings(self) -> dict[str, float]:
         """Spectrometer defaults (n_channels, dispersion_meV, energy_offset_meV, exposure_ms) from the scenario."""
-        from stemlive.simulators.eels_model import eels_config
+        from stemlive.simulators.eels_physics import eels_config
 
         cfg = eels_config(self.scenario)
         return {key: float(cfg.get(key, default)) for key, default in _DEFAULT_EELS.items()}
