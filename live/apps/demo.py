@@ -528,5 +528,17 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                        ("tomo_correlation", "tomography Pearson r")):
         value = summary.get("headline", {}).get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            lines.append(f"  {label:<26} {value:.3g}")
+            lines.append(f"  {label:<26} {value:.3g}{_sharpness_note(summary) if key == 'sharpness_gain' else ''}")
     return lines
+
+
+#: Within-tilt drift (px) below which a drift-corrected sum cannot be visibly sharper than the plain sum.
+NO_BLUR_DRIFT_PX = 0.5
+
+
+def _sharpness_note(summary: dict[str, Any]) -> str:
+    """Why the sharpness gain is 1 when it is: the frames hardly moved within a tilt, so nothing was blurred."""
+    true_max = summary.get("headline", {}).get("true_drift_max_px")
+    if true_max is None or not true_max < NO_BLUR_DRIFT_PX:
+        return ""
+    return f" (true drift within a tilt <= {true_max:.2g} px: no blur to undo)"

@@ -47,7 +47,8 @@ def _finite(x: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------ the report
 HEADLINE_SOURCES = {
-    "drift_rms_error_px": ("tilt_series",), "sharpness_gain": ("tilt_series",),
+    "drift_rms_error_px": ("tilt_series",), "true_drift_max_px": ("tilt_series",),
+    "sharpness_gain": ("tilt_series",),
     "ari": ("eels_line_scan", "eels_thermometry"),
     "peak_centre_mae_meV": ("eels_line_scan", "eels_thermometry"),
     "temperature_bias_percent": ("eels_thermometry", "eels_line_scan"),
