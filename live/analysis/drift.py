@@ -2,12 +2,8 @@
 
 Pure functions over numpy arrays (numpy + scipy only).
 
-Convention (contract)
----------------------
-A drift or shift ``(dy, dx)`` is in pixels: a feature at ``(y, x)`` in the reference (first) frame is at
-``(y + dy, x + dx)`` in the moving frame.  This is the *opposite* sign of
-``skimage.registration.phase_cross_correlation``, which returns the shift that moves ``moving`` back onto
-``reference``.
+Shifts ``(dy, dx)`` follow the contract of :mod:`~stemlive.live.analysis.registration` (pixels; a feature at
+``(y, x)`` in the first frame is at ``(y + dy, x + dx)`` in the moving frame).
 
 Method (see docs/drift-correction.md)
 -------------------------------------
