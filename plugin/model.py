@@ -139,6 +139,8 @@ class AcquisitionModel(Declarative.Handler):
         Returns the :class:`Instrument` (default :func:`find_instrument`).
     sender_factory
         Makes a frame sender for an endpoint (default :func:`make_sender`).
+    document_controller
+        The Swift window the panel belongs to (results and graphics), or None outside Swift.
     """
 
     step_name = "step"
@@ -172,8 +174,10 @@ class AcquisitionModel(Declarative.Handler):
         dispatch: Dispatch | None = None,
         instrument_provider: Callable[[], Instrument] | None = None,
         sender_factory: Callable[[str], Any] | None = None,
+        document_controller: Any = None,
     ) -> None:
         super().__init__()
+        self.document_controller = document_controller
         self.dispatch: Dispatch = dispatch or (lambda fn: fn())
         self.instrument_provider = instrument_provider
         self.sender_factory = sender_factory or make_sender

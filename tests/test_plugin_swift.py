@@ -81,6 +81,14 @@ def create_panel(document_controller: Any, panel_id: str) -> Any:
     return panel
 
 
+def fast_tilt_plan(model: Any, tilts_csv: str, *, frames: int, size: int, fov_nm: float, endpoint: str) -> None:
+    """Fill the Tilt Series panel for a quick run: 1 us dwell, no settle wait, no tracking, frames to ``endpoint``."""
+    model.tilts_text = tilts_csv
+    model.frames_text, model.size_text, model.dwell_text, model.fov_text = str(frames), str(size), "1", str(fov_nm)
+    model.settle_text, model.tracking = "0", False
+    model.endpoint = endpoint
+
+
 # ----------------------------------------------------------------------------------------------------- plans
 
 
@@ -331,10 +339,7 @@ def test_tilt_series_through_the_panel_end_to_end(document_controller: Any, swif
         time.sleep(0.3)  # let the subscription reach the publisher (PUB/SUB slow joiner)
         model = panel.model
         start_alpha = swift.instrument.stage_target("StageOutA")
-        model.tilts_text = "0,0\n-12.5,6\n"
-        model.frames_text, model.size_text, model.dwell_text, model.fov_text = "2", "64", "1", "8"
-        model.settle_text, model.tracking = "0", False
-        model.endpoint = frames
+        fast_tilt_plan(model, "0,0\n-12.5,6\n", frames=2, size=64, fov_nm=8, endpoint=frames)
         assert model.start(), model.status_text
         assert model.can_abort and not model.can_start
         pump(document_controller, lambda: not model.running, 90)
@@ -389,10 +394,7 @@ def test_panel_pause_resume_and_abort(document_controller: Any, swift: Any, tmp_
     try:
         model = panel.model
         start_alpha = swift.instrument.stage_target("StageOutA")
-        model.tilts_text = "0,0\n-12.5,6\n10,-5\n"
-        model.frames_text, model.size_text, model.dwell_text, model.fov_text = "500", "32", "1", "4"
-        model.settle_text, model.tracking = "0", False
-        model.endpoint = frames
+        fast_tilt_plan(model, "0,0\n-12.5,6\n10,-5\n", frames=500, size=32, fov_nm=4, endpoint=frames)
         before = rendered()
         assert model.start(), model.status_text
         pump(document_controller, lambda: rendered() >= before + 3, 60)
