@@ -46,14 +46,29 @@ fi
 export PATH="$venv/bin:$PATH"
 
 # Qt needs a few X libraries (and Xvfb + xwininfo for the GUI tests); install them where we can (root, apt).
+x11_libraries="libxcb-cursor.so.0 libxkbcommon-x11.so.0 libxcb-icccm.so.4 libxcb-keysyms.so.1 libxcb-image.so.0
+               libxcb-render-util.so.0 libEGL.so.1 libGL.so.1 libfontconfig.so.1 libdbus-1.so.3"
+# Prints what is missing, one a line. The linker cache is read once into a variable: `ldconfig -p | grep -q` under
+# pipefail failed at random (grep exits at the first match, ldconfig then dies of SIGPIPE, the pipeline fails),
+# so every run asked apt again. A library the cache does not list (installed, cache not rebuilt) is looked for
+# in the usual library folders.
+x11_missing() {
+    local cache lib dir found
+    cache="$(ldconfig -p 2>/dev/null || /sbin/ldconfig -p 2>/dev/null || true)"
+    command -v Xvfb >/dev/null 2>&1 || echo xvfb
+    command -v xwininfo >/dev/null 2>&1 || echo x11-utils
+    for lib in $x11_libraries; do
+        [[ "$cache" == *[[:space:]]"$lib "* ]] && continue
+        found=""
+        for dir in /usr/lib/*-linux-gnu /lib/*-linux-gnu /usr/lib64 /lib64 /usr/lib /lib /usr/local/lib; do
+            [ -e "$dir/$lib" ] && { found=1; break; }
+        done
+        [ -n "$found" ] || echo "$lib"
+    done
+}
 ensure_x11() {
     local missing=()
-    command -v Xvfb >/dev/null 2>&1 || missing+=(xvfb)
-    command -v xwininfo >/dev/null 2>&1 || missing+=(x11-utils)
-    for lib in libxcb-cursor.so.0 libxkbcommon-x11.so.0 libxcb-icccm.so.4 libxcb-keysyms.so.1 libxcb-image.so.0 \
-               libxcb-render-util.so.0 libEGL.so.1 libGL.so.1 libfontconfig.so.1 libdbus-1.so.3; do
-        ldconfig -p 2>/dev/null | grep -q "$lib" || missing+=("$lib")
-    done
+    mapfile -t missing < <(x11_missing)
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "[bootstrap] installing X11 libraries for Qt: ${missing[*]}" >&2

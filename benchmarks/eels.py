@@ -241,7 +241,7 @@ def main() -> None:
 
 def peak_fits(quick: bool) -> None:
     """segment.fit_gaussians on the 3 cluster means of the reference line scan (as tests/test_segment.py)."""
-    from stemlive.simulators.eels_model import PHONON_PEAKS
+    from stemlive.simulators.eels_physics import PHONON_PEAKS
 
     n_pts, n_fr = 40, (50 if quick else 200)
     sim = VibrationalEELSSimulator("mos2_wse2", seed=3)

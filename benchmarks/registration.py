@@ -26,7 +26,7 @@ import time
 import numpy as np
 from skimage.registration import phase_cross_correlation
 
-from stemlive.live.analysis import drift
+from stemlive.live.analysis import drift, registration, scan_distortion
 from stemlive.simulators.lattice import random_vacancies, render_lattice
 
 
@@ -61,7 +61,7 @@ def bench_size(n_px, n_frames, rng):
     t0 = time.perf_counter()
     ref, frames, truth = make_frames(shape, n_frames, rng)
     print(f"\n== {n_px}x{n_px}: {n_frames} frames (rendered in {time.perf_counter() - t0:.1f} s)")
-    win = drift._window(shape, "hann", np.dtype(np.float64).str)
+    win = registration.apodization_window(shape, "hann", np.dtype(np.float64).str)
     wsum = win.sum()
 
     def prep(img):
@@ -69,14 +69,14 @@ def bench_size(n_px, n_frames, rng):
         return (img - np.vdot(win, img) / wsum) * win
 
     ref_p = prep(ref)
-    reg = drift.Registrator(ref)  # defaults: newton, 1 FFT thread
-    reg2 = drift.Registrator(ref, workers=-1)
-    reg_up = drift.Registrator(ref, refine="upsampled")
-    reg_par = drift.Registrator(ref, refine="parabola")
+    reg = registration.Registrator(ref)  # defaults: newton, 1 FFT thread
+    reg2 = registration.Registrator(ref, workers=-1)
+    reg_up = registration.Registrator(ref, refine="upsampled")
+    reg_par = registration.Registrator(ref, refine="parabola")
     methods = {
         "stemlive Registrator.shift (newton, 1 thr)": lambda m: reg.shift(m).shift,
         "stemlive Registrator.shift (newton, all thr)": lambda m: reg2.shift(m).shift,
-        "stemlive register_translation (uncached)": lambda m: drift.register_translation(ref, m).shift,
+        "stemlive register_translation (uncached)": lambda m: registration.register_translation(ref, m).shift,
         "stemlive refine='upsampled' (x100)": lambda m: reg_up.shift(m).shift,
         "stemlive refine='parabola'": lambda m: reg_par.shift(m).shift,
         "skimage pcc(up=100, normalization=None)": lambda m: (
@@ -126,7 +126,7 @@ def bench_size(n_px, n_frames, rng):
 
 def bench_accumulator(n_frames, rng, shape=(512, 512)):
     dwell_us, flyback_us = 4.0, 0.0
-    lt = drift.line_time(shape[1], dwell_us=dwell_us, flyback_us=flyback_us)
+    lt = scan_distortion.line_time(shape[1], dwell_us=dwell_us, flyback_us=flyback_us)
     frame_time = shape[0] * lt
     v = np.array([0.6, -0.4]) / frame_time  # px/s
     vac = random_vacancies(shape, rng)

@@ -105,7 +105,8 @@ class DeviceBinding:
 
 def bind_simulated_devices(configuration: typing.Any) -> DeviceBinding:
     """Bind the simulated instrument of ``configuration`` to its own scan and cameras (see the module doc)."""
-    from stemlive.simulators.devices import EELS_CAMERA_ID, RONCHIGRAM_CAMERA_ID, SCAN_DEVICE_ID
+    from stemlive.simulators.devices import EELS_CAMERA_ID, RONCHIGRAM_CAMERA_ID
+    from stemlive.simulators.scan_device import SCAN_DEVICE_ID
 
     configuration.instrument.priority = SIMULATED_INSTRUMENT_PRIORITY
     return DeviceBinding(configuration.instrument, scan_id=SCAN_DEVICE_ID, eels_id=EELS_CAMERA_ID,

@@ -255,6 +255,27 @@ class Procedure:
     def session_id(self) -> str:
         return str(self.stream.session_id)
 
+    def check_plan(self) -> PlanCheck:
+        """The plan check with a fresh test on this procedure's instrument (each procedure defines it)."""
+        raise NotImplementedError
+
+    def take_instrument(self, camera_source: Any = None) -> tuple[HardwareState, PlanCheck]:
+        """The start every run shares: save the instrument's state, stop a live scan and check the plan on it.
+
+        Returns the saved state (for :meth:`HardwareState.restore` at every ending) and the plan check. When any
+        of it fails -- the scan does not stop, the plan is refused (:class:`PlanError`) -- the instrument is put
+        back as it was and the exception re-raised: nothing moved, nothing recorded.
+        """
+        state = HardwareState(self.stem_controller, self.scan_source, camera_source)
+        try:
+            state.stop_live_scan()
+            check = self.check_plan()
+            check.raise_if_refused()
+        except BaseException:
+            state.restore()
+            raise
+        return state, check
+
     @contextlib.contextmanager
     def outcome(self, what: str, finish: Callable[[str, str], None]) -> Iterator[None]:
         """The ending every run shares: wrap the acquisition loop in ``with self.outcome(...):``.
@@ -416,7 +437,8 @@ def nion_metadata(stem_controller: Any, scan_source: Any, camera_source: Any = N
     return out
 
 
-def _wait(condition: Callable[[], bool], timeout_s: float) -> bool:
+def wait_until(condition: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    """Poll ``condition`` every 10 ms until it holds (True) or ``timeout_s`` passes (False)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
@@ -460,16 +482,16 @@ class HardwareState:
         scan = self.scan_source
         if scan is not None and scan.is_playing:
             scan.stop_playing()
-            if not _wait(lambda: not scan.is_playing, timeout_s):
+            if not wait_until(lambda: not scan.is_playing, timeout_s):
                 scan.abort_playing()
-                if not _wait(lambda: not scan.is_playing, timeout_s):
+                if not wait_until(lambda: not scan.is_playing, timeout_s):
                     raise RuntimeError("the live scan did not stop")
         self.confirm_parked(timeout_s)
 
     def confirm_parked(self, timeout_s: float = 5.0) -> None:
         """Raise ``RuntimeError`` unless the instrument reports the probe ``parked`` within ``timeout_s``."""
         stem = self.stem_controller
-        if not _wait(lambda: str(stem.probe_state) == "parked", timeout_s):
+        if not wait_until(lambda: str(stem.probe_state) == "parked", timeout_s):
             raise RuntimeError(f"the probe is {stem.probe_state}, not parked, after the live scan was stopped")
 
     def stop_camera(self, timeout_s: float = 10.0) -> None:
@@ -477,7 +499,7 @@ class HardwareState:
         camera = self.camera_source
         if camera is not None and camera.is_playing and not self.camera_was_playing:
             camera.stop_playing()
-            if not _wait(lambda: not camera.is_playing, timeout_s):
+            if not wait_until(lambda: not camera.is_playing, timeout_s):
                 camera.abort_playing()
 
     def restore(self) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stemlive.live.analysis.drift import register_translation
+from stemlive.live.analysis.registration import register_translation
 
 from .acquisition import (
     ELEMENTARY_CHARGE_C,
@@ -447,14 +447,8 @@ class EELSScanProcedure(Procedure):
         from nion.utils import Geometry
 
         plan = self.plan
-        state = HardwareState(self.stem_controller, self.scan_source, self.camera_source)
-        try:
-            state.stop_live_scan()
-            check = self.check_plan()  # saturation, energy axis and timings on this instrument, at Start too
-            check.raise_if_refused()
-        except BaseException:
-            state.restore()
-            raise
+        # saturation, energy axis and timings checked on this instrument, at Start too
+        state, check = self.take_instrument(self.camera_source)
         test = self.test
         assert test is not None
         self.stream.settings["nion"] = test.metadata

@@ -139,6 +139,8 @@ class AcquisitionModel(Declarative.Handler):
         Returns the :class:`Instrument` (default :func:`find_instrument`).
     sender_factory
         Makes a frame sender for an endpoint (default :func:`make_sender`).
+    document_controller
+        The Swift window the panel belongs to (results and graphics), or None outside Swift.
     """
 
     step_name = "step"
@@ -172,8 +174,10 @@ class AcquisitionModel(Declarative.Handler):
         dispatch: Dispatch | None = None,
         instrument_provider: Callable[[], Instrument] | None = None,
         sender_factory: Callable[[str], Any] | None = None,
+        document_controller: Any = None,
     ) -> None:
         super().__init__()
+        self.document_controller = document_controller
         self.dispatch: Dispatch = dispatch or (lambda fn: fn())
         self.instrument_provider = instrument_provider
         self.sender_factory = sender_factory or make_sender
@@ -328,12 +332,8 @@ class AcquisitionModel(Declarative.Handler):
     def check(self) -> PlanCheck | None:
         """Check the plan from the fields on the chosen instrument (waits for the instrument's test); the status
         line shows the summary or every reason it is refused."""
-        self._following = None
-        try:
-            plan = self.build_plan()
-        except PlanError as e:
-            self.status_text = f"Cannot read the plan: {e}"
-            self.last_check = None
+        plan = self._read_plan()
+        if plan is None:
             return None
         try:
             instrument: Instrument | None = self.find_instrument()
@@ -345,6 +345,16 @@ class AcquisitionModel(Declarative.Handler):
             check.notes.append(f"not tested on an instrument: {unavailable}")
         self._show_check(check)
         return check
+
+    def _read_plan(self) -> Any | None:
+        """The plan from the fields for a check, or None with the reason on the status line."""
+        self._following = None
+        try:
+            return self.build_plan()
+        except PlanError as e:
+            self.status_text = f"Cannot read the plan: {e}"
+            self.last_check = None
+            return None
 
     def _checked(self, plan: Any, instrument: Instrument | None) -> PlanCheck:
         try:
@@ -367,12 +377,8 @@ class AcquisitionModel(Declarative.Handler):
         line says "Checking..." until the result is shown. False if a run or a check is already going on."""
         if self.running or self.checking:
             return False
-        self._following = None
-        try:
-            plan = self.build_plan()
-        except PlanError as e:
-            self.status_text = f"Cannot read the plan: {e}"
-            self.last_check = None
+        plan = self._read_plan()
+        if plan is None:
             return False
         try:
             instrument = self.find_instrument()
@@ -450,27 +456,23 @@ class AcquisitionModel(Declarative.Handler):
 
     def pause(self) -> None:
         """Pause at the next frame boundary."""
-        if self.control is not None and self.running:
-            self.control.pause()
-            self.paused = True
-            self._update_buttons()
-            self.status_text = "Paused (the stage and probe stay where they are)."
+        self._control(RunControl.pause, paused=True, status="Paused (the stage and probe stay where they are).")
 
     def resume(self) -> None:
         """Resume a paused acquisition."""
-        if self.control is not None and self.running:
-            self.control.resume()
-            self.paused = False
-            self._update_buttons()
-            self.status_text = "Running."
+        self._control(RunControl.resume, paused=False, status="Running.")
 
     def abort(self) -> None:
         """Abort at the next frame boundary (the session is closed as aborted)."""
+        self._control(RunControl.abort, paused=False, status="Aborting...")
+
+    def _control(self, action: Callable[[RunControl], None], *, paused: bool, status: str) -> None:
+        """Apply ``action`` to the running procedure's control and show its state (nothing when none runs)."""
         if self.control is not None and self.running:
-            self.control.abort()
-            self.paused = False
+            action(self.control)
+            self.paused = paused
             self._update_buttons()
-            self.status_text = "Aborting..."
+            self.status_text = status
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Join the worker thread (tests and scripts); True if it finished."""

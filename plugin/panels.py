@@ -70,10 +70,6 @@ class TiltSeriesModel(AcquisitionModel):
     order_index = _Field(0)
     tracking = _Field(True)
 
-    def __init__(self, *, document_controller: Any = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.document_controller = document_controller
-
     def set_tilts(self, tilts: list[tuple[float, float]]) -> None:
         """Replace the tilt table."""
         self.tilts_text = write_tilts_csv(tilts)
@@ -165,10 +161,6 @@ class EELSModel(AcquisitionModel):
     survey_before = _Field(True)
     survey_after = _Field(True)
     tracking_every_text = _Field("0")
-
-    def __init__(self, *, document_controller: Any = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.document_controller = document_controller
 
     def build_plan(self) -> EELSScanPlan:
         mode = MODES[int(self.mode_index) if 0 <= int(self.mode_index) < len(MODES) else 0]

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from stemlive.live.analysis.drift import register_translation
+from stemlive.live.analysis.registration import register_translation
 
 from .acquisition import (
     HardwareState,
@@ -364,14 +364,7 @@ class TiltSeriesProcedure(Procedure):
             The plan is refused on this instrument (no stage controls, beyond its limits, ...): nothing moved,
             nothing recorded.
         """
-        state = HardwareState(self.stem_controller, self.scan_source)
-        try:
-            state.stop_live_scan()
-            check = self.check_plan()
-            check.raise_if_refused()
-        except BaseException:
-            state.restore()
-            raise
+        state, check = self.take_instrument()
         test = self.test
         assert test is not None
         start_tilt = self._read_tilt_deg()

@@ -455,7 +455,7 @@ def finish_swift(proc: subprocess.Popen[str], home: Path, timeout_s: float) -> t
 
 def check_png(path: Path) -> str | None:
     """None if ``path`` is a non-blank image, else what is wrong."""
-    from stemlive.live.apps.viewer import image_stats, is_blank
+    from stemlive.live.apps.viewer_window import image_stats, is_blank
 
     if not path.exists():
         return f"{path} was not written"

@@ -26,7 +26,7 @@ pytest.importorskip("nion.usim_device")
 from swift_harness import swift_with_simulator  # noqa: E402
 
 from nionswift_plugin.stemlive import scripting  # noqa: E402
-from nionswift_plugin.stemlive.acquisition import PlanError  # noqa: E402
+from nionswift_plugin.stemlive.acquisition import PlanError, wait_until  # noqa: E402
 from nionswift_plugin.stemlive.eels_scan import raw_frame  # noqa: E402
 from stemlive.live.pipeline.service import PipelineService, make_params  # noqa: E402
 from stemlive.live.storage.session import SessionReader  # noqa: E402
@@ -80,19 +80,8 @@ def camera_energy_calibration(camera_source: Any) -> Any:
         xdata = camera_source.get_next_xdatas_to_finish(10.0)[0]
     finally:
         camera_source.stop_playing()
-        deadline = time.monotonic() + 10
-        while camera_source.is_playing and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: not camera_source.is_playing)
     return xdata.dimensional_calibrations[-1]
-
-
-def wait_for(condition: Any, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 @pytest.mark.parametrize("name", INSTRUMENTS)
@@ -108,7 +97,7 @@ def test_eels_line_parked_probe_nion_stream_and_instrument_restored(
     before_channels = [i for i in range(scan.channel_count) if scan.get_channel_enabled(i)]
     before_camera = camera.get_current_frame_parameters().as_dict()
     scan.start_playing()
-    assert wait_for(lambda: stem.probe_state == "scanning")
+    assert wait_until(lambda: stem.probe_state == "scanning")
     try:
         with probe_states_during_exposures(camera, stem) as states:
             run = scripting.start("eels-line", hardware=hw, endpoint=service.frame_endpoint, **EELS_LINE[name])
@@ -121,16 +110,16 @@ def test_eels_line_parked_probe_nion_stream_and_instrument_restored(
         procedure = run.procedure
         assert procedure.probe_states == ["parked"] * 4
         # afterwards: camera stopped, settings and probe as before, the user's live scan running again
-        assert wait_for(lambda: not camera.is_playing)
+        assert wait_until(lambda: not camera.is_playing)
         assert camera.get_current_frame_parameters().as_dict() == before_camera
         after_scan = scan.get_current_frame_parameters().as_dict()
         assert {k: after_scan[k] for k in before_scan} == before_scan  # (Nion adds defaults for absent keys)
         assert [i for i in range(scan.channel_count) if scan.get_channel_enabled(i)] == before_channels
         assert stem.probe_position == before_probe
-        assert wait_for(lambda: scan.is_playing and stem.probe_state == "scanning")
+        assert wait_until(lambda: scan.is_playing and stem.probe_state == "scanning")
     finally:
         scan.stop_playing()
-        wait_for(lambda: not scan.is_playing)
+        wait_until(lambda: not scan.is_playing)
 
     (path,) = service.wait_for_sessions(1, timeout_s=300)
     with SessionReader(path) as r:
@@ -380,10 +369,10 @@ def test_abort_leaves_the_instrument_as_it_was(swift: Any, service: PipelineServ
     settings = dict(EELS_LINE[name], points=20, frames_per_point=20)
     with real_time(name, swift):
         run = scripting.start("eels-line", hardware=hw, endpoint=service.frame_endpoint, **settings)
-        assert wait_for(lambda: len(run.procedure.probe_states) >= 2 or run.done.is_set(), 120)
+        assert wait_until(lambda: len(run.procedure.probe_states) >= 2 or run.done.is_set(), 120)
         run.abort()
         assert run.wait(120) == "aborted", run.error
-    assert wait_for(lambda: not camera.is_playing)
+    assert wait_until(lambda: not camera.is_playing)
     assert camera.get_current_frame_parameters().as_dict() == before_camera
     after_scan = scan.get_current_frame_parameters().as_dict()
     assert {k: after_scan[k] for k in before_scan} == before_scan

@@ -48,6 +48,7 @@ def test_demo_numbers_against_truth(demo_run):
     h = report["headline"]
     assert h["drift_rms_error_px"] < 0.1
     assert h["sharpness_gain"] > 0.98  # within-tilt drift of the small preset is < 0.1 px: no blur to undo
+    assert h["true_drift_max_px"] < 0.2  # ... and the headline says so next to the gain
     assert h["ari"] >= 0.8
     assert abs(h["temperature_bias_percent"]) <= 0.3
     assert 0.8 <= h["temperature_pull_rms"] <= 1.2  # honest errors (issue 12)
@@ -68,3 +69,15 @@ def test_demo_subcommand_parses():
     demo.add_subcommand(parser.add_subparsers())
     args = parser.parse_args(["demo", "--small", "--no-tomo", "--set", "eels.k=3", "--out", "x"])
     assert args.small and args.no_tomo and args.overrides == ["eels.k=3"] and args.func is demo.cmd_demo
+
+
+def test_summary_says_why_the_sharpness_gain_is_1():
+    """The console table explains a gain of 1 by the true within-tilt drift, and only when that drift is small."""
+    from stemlive.live.apps import demo
+
+    still = demo.summary_lines({"headline": {"sharpness_gain": 0.9998, "true_drift_max_px": 0.087}})
+    assert still == ["  sharpness gain             1 (true drift within a tilt <= 0.087 px: no blur to undo)"]
+    # `demo --full --tilts 2 --points 4 --eels-frames 4 --no-tomo`: 6.7 px within a tilt, gain 1.27
+    drifting = demo.summary_lines({"headline": {"sharpness_gain": 1.274, "true_drift_max_px": 6.74}})
+    assert drifting == ["  sharpness gain             1.27"]
+    assert demo.summary_lines({"headline": {"sharpness_gain": 1.0}}) == ["  sharpness gain             1"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stemlive.live.analysis import drift
+from stemlive.live.analysis import drift, drift_trajectory, registration, scan_distortion
 from stemlive.simulators import lattice
 
 SHAPE = (256, 256)
@@ -70,16 +70,16 @@ def test_sign_convention_single_feature():
 
     ref = blob(50.0, 70.0)
     mov = blob(50.0 + 3.25, 70.0 - 5.5)
-    shift, quality = drift.register_translation(ref, mov, window=None)
+    shift, quality = registration.register_translation(ref, mov, window=None)
     np.testing.assert_allclose(shift, [3.25, -5.5], atol=0.01, err_msg=f"measured {shift}")
     assert quality > 0.99
     # with the default Hann window an off-centre isolated feature is pulled slightly towards the centre (< 0.1 px)
-    shift, quality = drift.register_translation(ref, mov)
+    shift, quality = registration.register_translation(ref, mov)
     np.testing.assert_allclose(shift, [3.25, -5.5], atol=0.1, err_msg=f"measured {shift}")
     # and it is the negative of skimage's registration shift
-    reg = drift.Registrator(ref)
+    reg = registration.Registrator(ref)
     np.testing.assert_allclose(reg.shift(mov).shift, shift, atol=1e-9)
-    back, _ = drift.register_translation(mov, ref, window=None)
+    back, _ = registration.register_translation(mov, ref, window=None)
     np.testing.assert_allclose(back, [-3.25, 5.5], atol=0.01)
 
 
@@ -90,7 +90,7 @@ def test_registration_accuracy_drift_series(speed):
     ang = rng.uniform(0, 2 * np.pi)
     v = speed * np.array([np.sin(ang), np.cos(ang)])
     frames, _, truth = drifting_series(rng, 10, v, vacancies=metal_vacancies(rng), continuous=False)
-    reg = drift.Registrator(frames[0])
+    reg = registration.Registrator(frames[0])
     measured = np.array([reg.shift(f).shift for f in frames])
     err = rms(measured[1:] - truth[1:])
     assert err <= 0.05, f"registration RMS error {err:.4f} px (limit 0.05) at drift {speed} px/frame"
@@ -101,7 +101,7 @@ def test_integer_peak_choice_on_lattice():
     """Half-pixel shifts on a perfect lattice: the true correlation peak, not a lattice-vector neighbour."""
     ref = render_lattice()
     for s in ([0.5, 0.0], [0.0, 0.5], [0.5, -0.5], [-2.5, 3.5]):
-        shift, _ = drift.register_translation(ref, render_lattice(SHAPE, s))
+        shift, _ = registration.register_translation(ref, render_lattice(SHAPE, s))
         np.testing.assert_allclose(shift, s, atol=0.01, err_msg=f"truth {s}, measured {shift}")
 
 
@@ -111,7 +111,7 @@ def test_refine_methods(refine):
     ref = rng.poisson(render_lattice()).astype(float)
     truth = np.array([1.37, -0.62])
     mov = rng.poisson(render_lattice(SHAPE, truth)).astype(float)
-    shift, _ = drift.register_translation(ref, mov, refine=refine)
+    shift, _ = registration.register_translation(ref, mov, refine=refine)
     tol = {"newton": 0.03, "upsampled": 0.03, "parabola": 0.06}[refine]
     assert np.max(np.abs(shift - truth)) <= tol, f"{refine}: {shift} vs {truth}"
 
@@ -136,7 +136,7 @@ def test_agrees_with_skimage_unnormalised():
     ref_p = (ref - np.average(ref, weights=w)) * w
     for s in ([0.2, -0.3], [1.1, 0.25], [-2.9, 2.2], [0.5, -0.5]):
         mov = sample(s)
-        ours, _ = drift.register_translation(ref, mov, window="hann")
+        ours, _ = registration.register_translation(ref, mov, window="hann")
         sk = -skreg.phase_cross_correlation(
             ref_p, (mov - np.average(mov, weights=w)) * w, upsample_factor=100, normalization=None
         )[0]
@@ -150,36 +150,36 @@ def test_search_radius_restricts_peak():
     mov = rng.poisson(render_lattice(SHAPE, (0.3, 0.4))).astype(float)
     # a window around a lattice-equivalent position finds that peak, not the global one
     a1 = PERIOD * np.array([np.sin(np.deg2rad(12.0)), np.cos(np.deg2rad(12.0))])
-    shift, _ = drift.register_translation(ref, mov, expected=(0.3, 0.4) + a1, max_shift=3)
+    shift, _ = registration.register_translation(ref, mov, expected=(0.3, 0.4) + a1, max_shift=3)
     np.testing.assert_allclose(shift, np.array([0.3, 0.4]) + a1, atol=0.1)
-    shift, _ = drift.register_translation(ref, mov, expected=(0.0, 0.0), max_shift=3)
+    shift, _ = registration.register_translation(ref, mov, expected=(0.0, 0.0), max_shift=3)
     np.testing.assert_allclose(shift, [0.3, 0.4], atol=0.03)
 
 
 def test_input_errors():
     a = np.ones((64, 64))
     with pytest.raises(ValueError, match="same shape"):
-        drift.register_translation(a, np.ones((64, 32)))
+        registration.register_translation(a, np.ones((64, 32)))
     with pytest.raises(ValueError, match="2-D"):
-        drift.register_translation(np.ones((2, 64, 64)), np.ones((2, 64, 64)))
+        registration.register_translation(np.ones((2, 64, 64)), np.ones((2, 64, 64)))
     with pytest.raises(ValueError, match="2-D"):
-        drift.Registrator(np.ones(64))
+        registration.Registrator(np.ones(64))
     with pytest.raises(ValueError, match="shape"):
-        drift.Registrator(a).shift(np.ones((32, 64)))
+        registration.Registrator(a).shift(np.ones((32, 64)))
     with pytest.raises(TypeError, match="real"):
-        drift.register_translation(a + 0j, a)
+        registration.register_translation(a + 0j, a)
     with pytest.raises(ValueError, match="refine"):
-        drift.Registrator(a, refine="bogus")
+        registration.Registrator(a, refine="bogus")
     with pytest.raises(ValueError, match=r"\(n, ny, nx\)"):
         drift.align_and_sum(a)
     with pytest.raises(ValueError, match="t_start_s"):
         drift.align_and_sum(np.ones((3, 64, 64)), t_start_s=[0.0, 1.0])
     with pytest.raises(ValueError, match="drift must have shape"):
-        drift.correct_scan_distortion(a, np.zeros((10, 2)))
+        scan_distortion.correct_scan_distortion(a, np.zeros((10, 2)))
     with pytest.raises(ValueError, match="shifts"):
-        drift.fit_drift_trajectory([0, 1, 2], np.zeros((3, 3)))
+        drift_trajectory.fit_drift_trajectory([0, 1, 2], np.zeros((3, 3)))
     with pytest.raises(ValueError, match="model"):
-        drift.fit_drift_trajectory([0, 1], np.zeros((2, 2)), model="cubic")
+        drift_trajectory.fit_drift_trajectory([0, 1], np.zeros((2, 2)), model="cubic")
     acc = drift.TiltAccumulator(a)
     with pytest.raises(ValueError, match="shape"):
         acc.add(np.ones((64, 65)))
@@ -197,17 +197,17 @@ def test_fit_drift_trajectory_robust_to_unit_cell_jump():
     shifts = t[:, None] * v + rng.normal(0, 0.02, (10, 2))
     shifts[0] = 0
     shifts[6] += [9.4, 3.1]  # a whole-unit-cell registration jump
-    traj = drift.fit_drift_trajectory(t, shifts)
+    traj = drift_trajectory.fit_drift_trajectory(t, shifts)
     np.testing.assert_allclose(traj.velocity, v, atol=0.02)
     assert not traj.inliers[6] and traj.inliers.sum() == 9
     assert traj.residual_rms < 0.05, traj.residual_rms
     np.testing.assert_allclose(traj(6.0), 6 * v, atol=0.08)
     assert traj(t).shape == (10, 2)
     # plain least squares is pulled off by the jump
-    plain = drift.fit_drift_trajectory(t, shifts, robust=False)
+    plain = drift_trajectory.fit_drift_trajectory(t, shifts, robust=False)
     assert np.max(np.abs(plain.velocity - v)) > 0.05
     # one point: constant
-    one = drift.fit_drift_trajectory([0.0], np.zeros((1, 2)))
+    one = drift_trajectory.fit_drift_trajectory([0.0], np.zeros((1, 2)))
     np.testing.assert_allclose(one.velocity, 0.0)
 
 
@@ -223,7 +223,7 @@ def test_correct_scan_distortion_against_ground_truth():
     disp = (np.arange(ny) - r0)[:, None] * rate
     truth = render_lattice()  # the undistorted lattice (displacement 0 at the centre row)
     distorted = render_lattice(SHAPE, disp)
-    corrected, valid = drift.correct_scan_distortion(distorted, rate, return_valid=True)
+    corrected, valid = scan_distortion.correct_scan_distortion(distorted, rate, return_valid=True)
     inner = np.zeros(SHAPE, bool)
     inner[8:-8, 8:-8] = True
     assert valid[inner].all()
@@ -231,9 +231,10 @@ def test_correct_scan_distortion_against_ground_truth():
     after = np.sqrt(np.mean((corrected - truth)[inner] ** 2))
     assert after < 0.1 * before, f"RMS error vs ground truth: {before:.2f} before, {after:.2f} after correction"
     # per-row displacement form gives the same
-    np.testing.assert_allclose(drift.correct_scan_distortion(distorted, disp)[inner], corrected[inner], atol=1e-3)
+    np.testing.assert_allclose(scan_distortion.correct_scan_distortion(distorted, disp)[inner], corrected[inner],
+                               atol=1e-3)
     # order=1 works too (less accurate)
-    lin = drift.correct_scan_distortion(distorted, rate, order=1)
+    lin = scan_distortion.correct_scan_distortion(distorted, rate, order=1)
     assert np.sqrt(np.mean((lin - truth)[inner] ** 2)) < 0.5 * before
 
 
@@ -243,7 +244,7 @@ def test_correct_scan_distortion_matches_map_coordinates():
     rng = np.random.default_rng(7)
     img = rng.random((64, 80))
     disp = np.c_[np.linspace(-0.5, 0.7, 64), np.linspace(1.3, -2.1, 64)]
-    out = drift.correct_scan_distortion(img, disp, cval=0.0)
+    out = scan_distortion.correct_scan_distortion(img, disp, cval=0.0)
     rows = np.arange(64.0)
     src_r = np.interp(rows, rows - disp[:, 0], rows)
     src_c = np.arange(80.0)[None, :] + np.interp(src_r, rows, disp[:, 1])[:, None]
@@ -323,7 +324,7 @@ def test_timing_with_dwell_and_gaps():
     rng = np.random.default_rng(9)
     ny, nx = 128, 128
     dwell_us, flyback_us = 4.0, 20.0
-    lt = drift.line_time(nx, dwell_us=dwell_us, flyback_us=flyback_us)
+    lt = scan_distortion.line_time(nx, dwell_us=dwell_us, flyback_us=flyback_us)
     t_start = np.array([0.0, 0.2, 0.4, 0.6, 0.8])  # 0.068 s frames every 0.2 s
     v = np.array([2.0, -1.5])  # px/s
     frames = []

@@ -81,6 +81,14 @@ def create_panel(document_controller: Any, panel_id: str) -> Any:
     return panel
 
 
+def fast_tilt_plan(model: Any, tilts_csv: str, *, frames: int, size: int, fov_nm: float, endpoint: str) -> None:
+    """Fill the Tilt Series panel for a quick run: 1 us dwell, no settle wait, no tracking, frames to ``endpoint``."""
+    model.tilts_text = tilts_csv
+    model.frames_text, model.size_text, model.dwell_text, model.fov_text = str(frames), str(size), "1", str(fov_nm)
+    model.settle_text, model.tracking = "0", False
+    model.endpoint = endpoint
+
+
 # ----------------------------------------------------------------------------------------------------- plans
 
 
@@ -331,10 +339,7 @@ def test_tilt_series_through_the_panel_end_to_end(document_controller: Any, swif
         time.sleep(0.3)  # let the subscription reach the publisher (PUB/SUB slow joiner)
         model = panel.model
         start_alpha = swift.instrument.stage_target("StageOutA")
-        model.tilts_text = "0,0\n-12.5,6\n"
-        model.frames_text, model.size_text, model.dwell_text, model.fov_text = "2", "64", "1", "8"
-        model.settle_text, model.tracking = "0", False
-        model.endpoint = frames
+        fast_tilt_plan(model, "0,0\n-12.5,6\n", frames=2, size=64, fov_nm=8, endpoint=frames)
         assert model.start(), model.status_text
         assert model.can_abort and not model.can_start
         pump(document_controller, lambda: not model.running, 90)
@@ -375,6 +380,48 @@ def test_tilt_series_through_the_panel_end_to_end(document_controller: Any, swif
         results.detach(receiver)
         service.stop()
     assert results._attached == {}
+
+
+def test_panel_pause_resume_and_abort(document_controller: Any, swift: Any, tmp_path: Path) -> None:
+    """Pause holds the acquisition at a frame boundary (no frame rendered while paused), Resume goes on, Abort ends
+    the session as aborted with the stage back where it was found."""
+    frames = free_tcp_endpoint()
+    service = PipelineService(tmp_path, {}, frame_endpoint=frames, result_endpoint=free_tcp_endpoint(),
+                              stage_classes={"tilt_series": RunningSumStage}).start()
+    panel = create_panel(document_controller, panels.TILT_SERIES_PANEL_ID)
+    truth = swift.instrument.ground_truth
+    rendered = lambda: len(truth.get("frame"))  # noqa: E731 - frames the simulator has rendered so far
+    try:
+        model = panel.model
+        start_alpha = swift.instrument.stage_target("StageOutA")
+        fast_tilt_plan(model, "0,0\n-12.5,6\n10,-5\n", frames=500, size=32, fov_nm=4, endpoint=frames)
+        before = rendered()
+        assert model.start(), model.status_text
+        pump(document_controller, lambda: rendered() >= before + 3, 60)
+        model.pause()
+        assert model.paused and model.control is not None and model.control.paused
+        assert model.status_text.startswith("Paused")
+        time.sleep(0.5)  # the frame under way when Pause came finishes
+        held = rendered()
+        time.sleep(0.5)
+        assert rendered() == held and model.running
+        model.resume()
+        assert not model.paused and model.status_text == "Running."
+        pump(document_controller, lambda: rendered() >= held + 3, 60)
+        model.abort()
+        assert model.status_text == "Aborting..." and not model.paused
+        pump(document_controller, lambda: not model.running, 60)
+        assert model.last_status == "aborted", model.status_text
+        assert rendered() - before < 3 * 500  # stopped before the end of the series
+        assert swift.instrument.stage_target("StageOutA") == pytest.approx(start_alpha)
+        model.pause()  # nothing runs: no effect
+        assert not model.paused and model.last_status == "aborted"
+        (path,) = service.wait_for_sessions(1, timeout_s=30)
+        with h5py.File(path, "r") as f:
+            assert f.attrs["status"] == "aborted"
+    finally:
+        panel.close()
+        service.stop()
 
 
 def test_eels_line_scan_through_the_panel(document_controller: Any, swift: Any, tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ from corpus import evaluate, generator, scenarios
 from sklearn.metrics import adjusted_rand_score
 
 from stemlive.live.analysis import eels, segment
-from stemlive.live.apps import report
-from stemlive.simulators.eels_model import PHONON_PEAKS, VibrationalEELSSimulator
+from stemlive.live.apps import report_eels as report
+from stemlive.simulators.eels_model import VibrationalEELSSimulator
+from stemlive.simulators.eels_physics import PHONON_PEAKS
 
 N_POINTS, STEP_NM, N_FRAMES, EXPOSURE_MS = 40, 1.6, 200, 300.0
 

@@ -17,6 +17,7 @@ import pytest
 from nion.utils import Geometry
 
 from stemlive.simulators import devices
+from stemlive.simulators import instrument as sim_instrument
 from stemlive.simulators.clock import SimulationClock
 from stemlive.simulators.truth import GroundTruth
 
@@ -79,8 +80,8 @@ class StubScenario:
     time_scale = 0.0
 
 
-def make_instrument(time_scale: float = 0.0, settle_s: float = SETTLE_S) -> devices.StemliveInstrument:
-    return devices.StemliveInstrument(StubScenario(), time_scale=time_scale, physics=StubPhysics(settle_s))
+def make_instrument(time_scale: float = 0.0, settle_s: float = SETTLE_S) -> sim_instrument.StemliveInstrument:
+    return sim_instrument.StemliveInstrument(StubScenario(), time_scale=time_scale, physics=StubPhysics(settle_s))
 
 
 # ------------------------------------------------------------------------------------------------- clock
@@ -134,7 +135,7 @@ def test_stage_readback_settles_and_confirm_waits() -> None:
         instrument.set_control_output("StageOutB", math.radians(-10.0), {"confirm": True, "confirm_timeout": 0.1})
     # confirm with a long timeout waits (simulated) until within tolerance
     assert instrument.SetValAndConfirm("StageOutA", target, 1.0, 16000)
-    assert abs(instrument.GetVal("StageOutA") - target) <= devices.STAGE_TOLERANCE["StageOutA"]
+    assert abs(instrument.GetVal("StageOutA") - target) <= sim_instrument.STAGE_TOLERANCE["StageOutA"]
     assert instrument.clock.now() - t0 > 0.5 * SETTLE_S
     instrument.set_control_output("StageOutB", math.radians(-10.0), {"confirm": True})
     assert instrument.GetVal("StageOutB") == pytest.approx(math.radians(-10.0), abs=1e-5)

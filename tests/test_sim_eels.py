@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stemlive.simulators.eels_model import KB_MEV_PER_K, PHONON_PEAKS, VibrationalEELSSimulator
+from stemlive.simulators.eels_model import VibrationalEELSSimulator
+from stemlive.simulators.eels_physics import KB_MEV_PER_K, PHONON_PEAKS
 
 DISP = 0.44
 OFF = -300.0

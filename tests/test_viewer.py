@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zmq
 
-from stemlive.live.apps import viewer
+from stemlive.live.apps import viewer, viewer_model, viewer_window
 from stemlive.live.pipeline.service import Result, publish_result
 from stemlive.live.wire.protocol import Message, decode, encode
 from stemlive.live.wire.transport import ResultPublisher, ResultSubscriber
@@ -47,7 +47,7 @@ def connect(pub: ResultPublisher, **kwargs: Any) -> ResultSubscriber:
     return sub
 
 
-def drain(model: viewer.ViewerModel, sub: ResultSubscriber, expect: int, timeout_s: float = 10.0) -> int:
+def drain(model: viewer_model.ViewerModel, sub: ResultSubscriber, expect: int, timeout_s: float = 10.0) -> int:
     """Poll until ``expect`` more results were applied (or the timeout)."""
     n = 0
     deadline = time.monotonic() + timeout_s
@@ -59,9 +59,9 @@ def drain(model: viewer.ViewerModel, sub: ResultSubscriber, expect: int, timeout
     return n
 
 
-def fresh_model(sub: ResultSubscriber) -> viewer.ViewerModel:
+def fresh_model(sub: ResultSubscriber) -> viewer_model.ViewerModel:
     """A model that ignores the warm-up session."""
-    model = viewer.ViewerModel()
+    model = viewer_model.ViewerModel()
     model.poll(sub)
     model.sessions.pop("warmup", None)
     model.current = None
@@ -198,7 +198,7 @@ def test_model_counts_drops_from_topic_seq_gaps() -> None:
         while sub.recv(timeout_s=0.05) is None:  # slow joiner: first one received starts the count
             send(0, 0)
             assert time.monotonic() < deadline
-        model = viewer.ViewerModel()
+        model = viewer_model.ViewerModel()
         for i in (1, 2, 5, 6, 9):  # 3, 4, 7, 8 lost
             send(i, i)
         assert drain(model, sub, 5) == 5
@@ -340,7 +340,7 @@ def test_model_eels_map(publisher: ResultPublisher) -> None:
 
 
 def test_model_ignores_junk() -> None:
-    model = viewer.ViewerModel()
+    model = viewer_model.ViewerModel()
     assert model.apply(message("X", "tilt_series", "frame_preview", np.zeros(4), index=0)) is not None
     assert model.view is not None and model.view.frame is None  # a 1-D "frame" is ignored
     model.apply(message("X", "eels", "temperature_K", np.zeros(3), index=0))  # not a scalar
@@ -377,12 +377,12 @@ def _grab(window: Any, qapp: Any, path: Path) -> tuple[int, int, int, float]:
     for _ in range(5):
         qapp.processEvents()
     assert window.grab_png(path)
-    return viewer.image_stats(path)
+    return viewer_window.image_stats(path)
 
 
 def test_window_offscreen_tilt_and_eels(qapp: Any, tmp_path: Path) -> None:
-    model = viewer.ViewerModel()
-    window = viewer.make_viewer_window(model)
+    model = viewer_model.ViewerModel()
+    window = viewer_window.make_viewer_window(model)
     try:
         empty = _grab(window, qapp, tmp_path / "empty.png")
         model.apply_all(eels_messages("E1"))
@@ -390,7 +390,7 @@ def test_window_offscreen_tilt_and_eels(qapp: Any, tmp_path: Path) -> None:
         window.refresh()
         w, h, colours, std = _grab(window, qapp, tmp_path / "tilt.png")
         assert w > 200 and h > 200
-        assert not viewer.is_blank(tmp_path / "tilt.png")
+        assert not viewer_window.is_blank(tmp_path / "tilt.png")
         assert colours > empty[2]  # the images drew something
         assert "session T1" in window.status_label.text()
         assert window.sums_slider.maximum() == 2 and "alpha 20.0 deg" in window.sums_label.text()
@@ -399,7 +399,7 @@ def test_window_offscreen_tilt_and_eels(qapp: Any, tmp_path: Path) -> None:
         model.apply_all(eels_messages("E2", n_points=20, scan_shape=(4, 5)))
         window.refresh()
         _grab(window, qapp, tmp_path / "map.png")
-        assert not viewer.is_blank(tmp_path / "map.png")
+        assert not viewer_window.is_blank(tmp_path / "map.png")
         assert window.temp_img.isVisible() and window.peaks_table.rowCount() == 2
         assert window.labels_img.image is not None and window.labels_img.image.shape[:2] == (4, 5)
     finally:
@@ -409,7 +409,7 @@ def test_window_offscreen_tilt_and_eels(qapp: Any, tmp_path: Path) -> None:
 def test_window_polls_subscriber(qapp: Any, publisher: ResultPublisher, tmp_path: Path) -> None:
     sub = connect(publisher)
     model = fresh_model(sub)
-    window = viewer.make_viewer_window(model, sub, endpoint=publisher.endpoint)
+    window = viewer_window.make_viewer_window(model, sub, endpoint=publisher.endpoint)
     try:
         assert window.timer.isActive()
         for msg in eels_messages("P", n_points=8):
@@ -423,7 +423,7 @@ def test_window_polls_subscriber(qapp: Any, publisher: ResultPublisher, tmp_path
         assert model.view is not None and len(model.view.spectra) == 8
         window.poll()
         _grab(window, qapp, tmp_path / "live.png")
-        assert not viewer.is_blank(tmp_path / "live.png")
+        assert not viewer_window.is_blank(tmp_path / "live.png")
         assert "session P" in window.status_label.text()
     finally:
         window.dispose()

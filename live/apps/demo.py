@@ -52,7 +52,7 @@ def line_scan_analysis(thermometry: bool) -> dict[str, dict[str, Any]]:
     The peak fits of the MoS2-WSe2 line start from the published centres (close pairs are separated only from a
     good start). Thermometry keeps the default resolution-corrected log-ratio fit, whose error bars are honest.
     """
-    from stemlive.live.apps.report import reference_centres_meV
+    from stemlive.live.apps.report_eels import reference_centres_meV
 
     return {} if thermometry else {"eels": {"peak_initial_meV": reference_centres_meV()}}
 
@@ -528,5 +528,17 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                        ("tomo_correlation", "tomography Pearson r")):
         value = summary.get("headline", {}).get(key)
         if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            lines.append(f"  {label:<26} {value:.3g}")
+            lines.append(f"  {label:<26} {value:.3g}{_sharpness_note(summary) if key == 'sharpness_gain' else ''}")
     return lines
+
+
+#: Within-tilt drift (px) below which a drift-corrected sum cannot be visibly sharper than the plain sum.
+NO_BLUR_DRIFT_PX = 0.5
+
+
+def _sharpness_note(summary: dict[str, Any]) -> str:
+    """Why the sharpness gain is 1 when it is: the frames hardly moved within a tilt, so nothing was blurred."""
+    true_max = summary.get("headline", {}).get("true_drift_max_px")
+    if true_max is None or not true_max < NO_BLUR_DRIFT_PX:
+        return ""
+    return f" (true drift within a tilt <= {true_max:.2g} px: no blur to undo)"

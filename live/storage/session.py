@@ -1,9 +1,10 @@
 """Session files: one HDF5 file per acquisition session (format ``stemlive-session`` v1).
 
 :class:`SessionWriter` records the wire messages of one session (frames, spectra, surveys) and the pipeline's
-results. The reading side is in :mod:`.session_reader` (:class:`SessionReader`: a file trimmed to its complete
-rows, and the wire sequence for replay) and :mod:`.session_info` (:func:`describe`, the text of ``stemlive info``);
-both are re-exported here. The format is specified in ``docs/session-format.md``.
+results, growing the datasets of :mod:`.session_layout`. The reading side is in :mod:`.session_reader`
+(:class:`SessionReader`: a file trimmed to its complete rows, and the wire sequence for replay) and
+:mod:`.session_info` (:func:`describe`, the text of ``stemlive info``); both are re-exported here.
+The format is specified in ``docs/session-format.md``.
 
 Crash safety
 ------------
@@ -20,7 +21,6 @@ rows.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -50,16 +50,21 @@ from stemlive.live.storage.session_format import (
 from stemlive.live.storage.session_format import header_fields as _header_fields
 from stemlive.live.storage.session_format import iso as _iso
 
-# The reading side lives in its own modules (session_reader, session_info); its names stay importable from here.
+# The reading side lives in its own modules (session_reader, session_info); describe, Rows, SessionReader,
+# check_format and validate stay importable from here. The dataset layout the writer grows is session_layout.
 from stemlive.live.storage.session_info import describe
+from stemlive.live.storage.session_layout import (
+    FrameStore,
+    SpectrumStore,
+    attr_value,
+    dumps,
+    h5_value,
+    put_text,
+    write_result_row,
+)
 from stemlive.live.storage.session_reader import Rows, SessionReader, check_format, validate
-from stemlive.live.wire.protocol import json_default
 
 log = logging.getLogger(__name__)
-
-_TEXT_ATTR_LIMIT = 32 * 1024  # longer JSON texts go to a root dataset (HDF5 compact attributes max out at 64 KiB)
-_TARGET_CHUNK_BYTES = 1 << 20
-_SPECTRUM_BLOCK_BYTES = 4 << 20
 
 
 class MessageLike(Protocol):
@@ -91,250 +96,11 @@ class ResultLike(Protocol):
     def attrs(self) -> Mapping[str, Any]: ...
 
 
-# ------------------------------------------------------------------------------------------------------------
-# small helpers
-
-
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=json_default, allow_nan=True)
-
-
-def _fill(dtype: str | np.dtype) -> Any:
-    """Fill value of a per-row column: NaN for floats, -1 for integers."""
-    return np.nan if np.dtype(dtype).kind == "f" else -1
-
-
-def _put_text(f: h5py.File, name: str, text: str) -> None:
-    """Store a JSON text as a root attribute, or as a root string dataset when it is too long for one."""
-    if len(text.encode()) <= _TEXT_ATTR_LIMIT:
-        f.attrs[name] = text
-    else:
-        f.create_dataset(name, data=text, dtype=h5py.string_dtype())
-
-
-
-def _attr_value(value: Any) -> Any:
-    """A result attribute as stored: scalars and strings as they are, anything else as a JSON string."""
-    if isinstance(value, str | bytes | bool | int | float | np.number | np.bool_):
-        return value
-    return _dumps(value)
-
-
-def _h5_value(value: np.ndarray) -> np.ndarray:
-    """``value`` with numpy unicode (``U``) data, also inside structured dtypes, turned into HDF5 strings."""
-    if value.dtype.kind == "U":
-        return value.astype(h5py.string_dtype())
-    if value.dtype.names and any(value.dtype[n].kind == "U" for n in value.dtype.names):
-        fields = [(n, h5py.string_dtype() if value.dtype[n].kind == "U" else value.dtype[n]) for n in value.dtype.names]
-        out = np.empty(value.shape, dtype=fields)
-        for n in value.dtype.names:
-            out[n] = value[n].astype(object) if value.dtype[n].kind == "U" else value[n]
-        return out
-    return value
-
-
 def _check_name(text: str, what: str) -> str:
     """A result stage or name: ``/``-separated non-empty segments, none of them ``.`` or ``..``."""
     if not isinstance(text, str) or any(part in {"", ".", ".."} for part in text.split("/")):
         raise ValueError(f"invalid result {what} {text!r}: needs non-empty '/'-separated names, no '.' or '..'")
     return text
-
-
-# ------------------------------------------------------------------------------------------------------------
-# writer: per-row tables
-
-
-class _Columns:
-    """The 1-D per-row datasets of one group, with values buffered until the next block write."""
-
-    def __init__(self, group: h5py.Group, columns: Mapping[str, str], chunk_rows: int) -> None:
-        self.group = group
-        self.columns = dict(columns)
-        self.fills = {name: _fill(dtype) for name, dtype in columns.items()}
-        self._fill_items = tuple(self.fills.items())
-        self.pending: list[tuple[Any, ...]] = []  # one tuple per row, in column order
-        self.datasets = {
-            name: group.create_dataset(
-                name, shape=(0,), dtype=dtype, maxshape=(None,), chunks=(chunk_rows,), fillvalue=self.fills[name]
-            )
-            for name, dtype in columns.items()
-        }
-        self.n_written = 0
-        self.n_committed = 0
-        group.attrs[COMMITTED] = 0
-
-    @property
-    def n_pending(self) -> int:
-        return len(self.pending)
-
-    def add(self, values: Mapping[str, Any]) -> None:
-        """Buffer one row (missing fields get the fill value)."""
-        get = values.get
-        self.pending.append(tuple([get(name, fill) for name, fill in self._fill_items]))
-
-    def add_many(self, values: Mapping[str, Sequence[Any]]) -> None:
-        """Buffer several rows given as equally long sequences."""
-        self.pending.extend(zip(*(values[name] for name in self.columns), strict=True))
-
-    def write(self) -> None:
-        """Append the buffered rows to the datasets (``t`` last)."""
-        k = self.n_pending
-        if not k:
-            return
-        start, stop = self.n_written, self.n_written + k
-        for (name, dtype), values in zip(self.columns.items(), zip(*self.pending, strict=True), strict=True):
-            ds = self.datasets[name]
-            ds.resize((stop,))
-            ds[start:stop] = np.asarray(values, dtype=dtype)
-        self.pending.clear()
-        self.n_written = stop
-
-    def mark_committed(self) -> None:
-        if self.n_committed != self.n_written:
-            self.group.attrs[COMMITTED] = self.n_written
-            self.n_committed = self.n_written
-
-
-class _FrameStore:
-    """``/tilt_series``: each frame goes straight to disk as one chunk; its metadata row is buffered."""
-
-    def __init__(self, f: h5py.File) -> None:
-        self.f = f
-        self.frames: h5py.Dataset | None = None
-        self.columns: _Columns | None = None
-        self.shape: tuple[int, ...] = ()
-        self.n = 0
-
-    def _create(self, shape: tuple[int, ...], header: Mapping[str, Any]) -> None:
-        group = self.f.require_group("tilt_series")
-        ny, nx = shape
-        self.frames = group.create_dataset(
-            "frames", shape=(0, ny, nx), dtype="<f4", maxshape=(None, ny, nx), chunks=(1, ny, nx), rdcc_nbytes=0
-        )
-        self.frames.attrs.update(_header_fields(header, FRAME_ATTRS))
-        group.attrs.update(_header_fields(header, FRAME_ATTRS))
-        self.columns = _Columns(group, FRAME_COLUMNS, chunk_rows=1024)
-        self.shape = (ny, nx)
-
-    def append(self, payload: np.ndarray, header: Mapping[str, Any]) -> None:
-        image = np.ascontiguousarray(payload, dtype="<f4")
-        if image.ndim != 2:
-            raise ValueError(f"frame payload must be a 2-D image, got shape {image.shape}")
-        if self.frames is None:
-            self._create(image.shape, header)
-        assert self.frames is not None and self.columns is not None
-        if image.shape != self.shape:
-            raise ValueError(f"frame shape {image.shape} differs from the session's {self.shape}")
-        # low-level extent + one whole chunk past the chunk cache (Dataset.resize re-checks its arguments: ~40 us)
-        self.frames.id.set_extent((self.n + 1, *self.shape))
-        self.frames.id.write_direct_chunk((self.n, 0, 0), image)
-        self.n += 1
-        self.columns.add(header)
-
-    def write(self) -> None:
-        if self.columns is not None:
-            self.columns.write()
-
-    def mark_committed(self) -> None:
-        if self.columns is not None:
-            self.columns.mark_committed()
-
-
-class _SpectrumStore:
-    """``/eels``: spectra and their metadata buffered in memory and written in blocks of whole chunks."""
-
-    def __init__(self, f: h5py.File, settings: Mapping[str, Any]) -> None:
-        self.f = f
-        self.settings = settings
-        self.spectra: h5py.Dataset | None = None
-        self.columns: _Columns | None = None
-        self.buffer = np.empty((0, 0), dtype="<f4")
-        self.n_channels = 0
-        self.n_buffered = 0
-
-    @property
-    def n(self) -> int:
-        """Spectra appended so far (written or buffered)."""
-        return 0 if self.columns is None else self.columns.n_written + self.n_buffered
-
-    def _create(self, n_channels: int, header: Mapping[str, Any]) -> None:
-        group = self.f.require_group("eels")
-        row_bytes = 4 * n_channels
-        chunk_rows = int(min(256, max(16, _TARGET_CHUNK_BYTES // row_bytes)))
-        self.spectra = group.create_dataset(
-            "spectra",
-            shape=(0, n_channels),
-            dtype="<f4",
-            maxshape=(None, n_channels),
-            chunks=(chunk_rows, n_channels),
-            rdcc_nbytes=4 * chunk_rows * row_bytes,
-            rdcc_w0=1.0,
-        )
-        attrs = _header_fields(header, SPECTRUM_ATTRS)
-        scan_shape = self.settings.get("scan_shape")
-        if scan_shape is not None:
-            attrs["scan_shape"] = np.asarray(scan_shape, dtype="<i8")
-        group.attrs.update(attrs)
-        self.spectra.attrs.update(attrs)
-        self.columns = _Columns(group, SPECTRUM_COLUMNS, chunk_rows=max(1024, chunk_rows))
-        block_rows = max(chunk_rows, (_SPECTRUM_BLOCK_BYTES // (chunk_rows * row_bytes)) * chunk_rows)
-        self.buffer = np.empty((block_rows, n_channels), dtype="<f4")
-        self.n_channels = n_channels
-
-    def append(self, payload: np.ndarray, header: Mapping[str, Any]) -> None:
-        if payload.ndim not in (1, 2):
-            raise ValueError(f"spectrum payload must be 1-D or 2-D (a batch), got shape {payload.shape}")
-        if self.columns is None:
-            self._create(payload.shape[-1], header)
-        assert self.columns is not None
-        if payload.shape[-1] != self.n_channels:
-            raise ValueError(f"spectrum has {payload.shape[-1]} channels, the session {self.n_channels}")
-        if payload.ndim == 1:
-            self.buffer[self.n_buffered] = payload
-            self.columns.add(header)
-            self.n_buffered += 1
-            if self.n_buffered == len(self.buffer):
-                self.write()
-        else:
-            values = {name: _per_row(header, name, fill, len(payload)) for name, fill in self.columns.fills.items()}
-            self._buffer_many(payload, values)
-
-    def _buffer_many(self, rows: np.ndarray, values: Mapping[str, Sequence[Any]]) -> None:
-        assert self.columns is not None
-        done = 0
-        while done < len(rows):
-            k = min(len(rows) - done, len(self.buffer) - self.n_buffered)
-            self.buffer[self.n_buffered : self.n_buffered + k] = rows[done : done + k]
-            self.columns.add_many({name: v[done : done + k] for name, v in values.items()})
-            self.n_buffered += k
-            done += k
-            if self.n_buffered == len(self.buffer):
-                self.write()
-
-    def write(self) -> None:
-        """Write the buffered block: spectra first, then the columns (``t`` last)."""
-        if self.spectra is None or self.columns is None or not self.n_buffered:
-            return
-        start = self.columns.n_written
-        stop = start + self.n_buffered
-        self.spectra.resize(stop, axis=0)
-        self.spectra[start:stop] = self.buffer[: self.n_buffered]
-        self.columns.write()
-        self.n_buffered = 0
-
-    def mark_committed(self) -> None:
-        if self.columns is not None:
-            self.columns.mark_committed()
-
-
-def _per_row(header: Mapping[str, Any], name: str, fill: Any, k: int) -> Sequence[Any]:
-    """A batch field: a list of length ``k``, or a scalar (repeated); ``seq`` is the message's seq for all rows."""
-    value = header.get(name, fill)
-    if isinstance(value, list | tuple | np.ndarray):
-        if len(value) != k:
-            raise ValueError(f"spectrum batch of {k} has {len(value)} values of {name!r}")
-        return list(value)
-    return [value] * k
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -390,8 +156,8 @@ class SessionWriter:
             raise
         try:
             self._write_root(header)
-            self._frames = _FrameStore(self._f)
-            self._spectra = _SpectrumStore(self._f, self.settings)
+            self._frames = FrameStore(self._f)
+            self._spectra = SpectrumStore(self._f, self.settings)
             self._surveys_done: list[str] = []
             self._since_commit = 0
             self._last_commit = time.monotonic()
@@ -413,8 +179,8 @@ class SessionWriter:
         attrs["kind"] = self.kind
         attrs["created"] = _iso(float(header["t"]))
         attrs["status"] = "recording"
-        _put_text(self._f, "settings", _dumps(self.settings))
-        _put_text(self._f, "session_start", _dumps(header))
+        put_text(self._f, "settings", dumps(self.settings))
+        put_text(self._f, "session_start", dumps(header))
 
     # --- properties ---
     @property
@@ -459,7 +225,7 @@ class SessionWriter:
             else:
                 self._append_survey(payload, header)
         elif mtype == "session_end":
-            _put_text(self._f, "session_end", _dumps(dict(header)))
+            put_text(self._f, "session_end", dumps(dict(header)))
         elif mtype not in {"heartbeat", "result"}:
             raise ValueError(f"cannot record a message of type {mtype!r}")
         self.message_counts[mtype] = self.message_counts.get(mtype, 0) + 1
@@ -481,7 +247,7 @@ class SessionWriter:
         image = np.ascontiguousarray(payload, dtype="<f4")
         ds = self._f.require_group("survey").create_dataset(which, data=image)
         ds.attrs.update(_header_fields(header, ("t", "seq", "pixel_size_nm")))
-        ds.attrs["header"] = _dumps(dict(header))
+        ds.attrs["header"] = dumps(dict(header))
         self._surveys_done.append(which)
 
     # --- results ---
@@ -496,15 +262,15 @@ class SessionWriter:
         self._check_open()
         group = self._f.require_group("results").require_group(_check_name(result.stage, "stage"))
         name = _check_name(result.name, "name")
-        value = _h5_value(np.asarray(result.value))
+        value = h5_value(np.asarray(result.value))
         if result.index is None:
             if name in group:
                 del group[name]
             ds = group.create_dataset(name, data=value)
         else:
-            ds = _result_row(group, name, value, int(result.index))
+            ds = write_result_row(group, name, value, int(result.index))
         for key, attr in result.attrs.items():
-            ds.attrs[key] = _attr_value(attr)
+            ds.attrs[key] = attr_value(attr)
 
     # --- commit / close ---
     def commit(self) -> None:
@@ -516,7 +282,7 @@ class SessionWriter:
         self._frames.mark_committed()
         self._spectra.mark_committed()
         if "survey" in self._f:
-            self._f["survey"].attrs["committed"] = _dumps(self._surveys_done)
+            self._f["survey"].attrs["committed"] = dumps(self._surveys_done)
         self._f.flush()
         self._since_commit = 0
         self._last_commit = time.monotonic()
@@ -550,9 +316,9 @@ class SessionWriter:
             attrs["message"] = _bounded(str(message))
             if len(gaps) > MAX_GAPS_STORED:  # a bounded attribute: the count and the first ranges
                 attrs["gaps_total"] = np.int64(len(gaps))
-            attrs["gaps"] = _dumps([[int(a) for a in gap] for gap in list(gaps)[:MAX_GAPS_STORED]])
+            attrs["gaps"] = dumps([[int(a) for a in gap] for gap in list(gaps)[:MAX_GAPS_STORED]])
             attrs["n_messages"] = np.int64(sum(self.message_counts.values()))
-            attrs["message_counts"] = _dumps(self.message_counts)
+            attrs["message_counts"] = dumps(self.message_counts)
             attrs["n_frames"] = np.int64(self.n_frames)
             attrs["n_spectra"] = np.int64(self.n_spectra)
             attrs["status"] = status
@@ -644,34 +410,6 @@ def _check_start(header: Mapping[str, Any]) -> None:
         if header.get(key) is None:
             raise ValueError(f"session_start without {key!r}")
 
-
-def _result_row(group: h5py.Group, name: str, value: np.ndarray, index: int) -> h5py.Dataset:
-    """Write row ``index`` of the growing dataset ``group[name]``, creating or extending it as needed."""
-    if index < 0:
-        raise ValueError(f"result row index must be >= 0, got {index}")
-    if name not in group:
-        row_bytes = max(1, value.nbytes)
-        chunk_rows = int(max(1, min(1024, _TARGET_CHUNK_BYTES // row_bytes)))
-        fill = np.nan if value.dtype.kind in "fc" else None
-        ds = group.create_dataset(
-            name,
-            shape=(index + 1, *value.shape),
-            dtype=value.dtype,
-            maxshape=(None, *value.shape),
-            chunks=(chunk_rows, *value.shape) if value.shape else (chunk_rows,),
-            fillvalue=fill,
-        )
-    else:
-        ds = group[name]
-        if ds.maxshape[0] is not None or ds.shape[1:] != value.shape:
-            raise ValueError(
-                f"result {group.name}/{name}: cannot write a row of shape {value.shape} into a dataset of shape "
-                f"{ds.shape} (maxshape {ds.maxshape})"
-            )
-        if index >= ds.shape[0]:
-            ds.resize(index + 1, axis=0)
-    ds[index] = value
-    return ds
 
 __all__ = [
     "COMMITTED", "FINAL_STATUSES", "FORMAT", "FORMAT_VERSION", "FRAME_ATTRS", "FRAME_COLUMNS", "KINDS",
