@@ -91,7 +91,8 @@ def apply_environment(env: dict[str, str], target: MutableMapping[str, str] | No
 
 def start_service(args: argparse.Namespace, env: dict[str, str]) -> Any:
     """The in-process :class:`~stemlive.live.pipeline.service.PipelineService`, started (it runs beside Swift)."""
-    from stemlive.live.pipeline.service import PipelineService, make_params
+    from stemlive.live.pipeline.service import PipelineService
+    from stemlive.live.pipeline.stage import make_params
 
     params = make_params(args.config, args.overrides)
     result_endpoint = env["STEMLIVE_RESULT_ENDPOINT"]
