@@ -50,6 +50,10 @@ _END = object()
 #: Messages queued in the service's receive socket: the sender's own queue (64) holds the rest, so a backlog
 #: costs the acquisition process memory, not the service (memory budget: docs/service.md).
 RECEIVE_HIGH_WATER_MARK = 16
+#: How often the receiver thread looks for silent or idle sessions (seconds; the limits are seconds to minutes).
+LIVENESS_CHECK_INTERVAL_S = 0.05
+#: How often the analysis thread answers re-requests of final results while it is busy (seconds).
+REQUEST_INTERVAL_S = 0.05
 
 
 class _LimitedLog:
@@ -258,7 +262,7 @@ class PipelineService:
     # --- receiver thread ---
     def _receive_loop(self) -> None:
         receiver = self._receiver
-        last_commit = time.monotonic()
+        last_commit = last_check = time.monotonic()
         log.info("recording sessions from %s into %s", self.frame_endpoint, self.out_dir)
         try:
             while not self._stop.is_set():
@@ -268,7 +272,8 @@ class PipelineService:
                 if self._open is not None and now - last_commit > self.commit_interval_s:
                     last_commit = now
                     self._contained(None, self._commit_open)
-                if self._open is not None:
+                if self._open is not None and now - last_check >= LIVENESS_CHECK_INTERVAL_S:
+                    last_check = now
                     self._contained(None, self._check_liveness, now)
                 if msg is not None:
                     self.stats.messages += 1
@@ -334,7 +339,8 @@ class PipelineService:
             op.last_data = time.monotonic()
             self.disk.spend(msg.payload.nbytes + 256 if msg.payload is not None else 256)
             op.run.record(msg)
-            self._enqueue(op.run, msg)
+            if op.run.stages:  # nothing to analyse: no hand-off to (and wake-up of) the analysis thread
+                self._enqueue(op.run, msg)
         elif msg.type == "session_end":
             op.run.commit()
             self._receiver.acknowledge(op.run.session_id, msg.seq - 1)
@@ -423,6 +429,7 @@ class PipelineService:
 
     # --- analysis thread ---
     def _analysis_loop(self) -> None:
+        next_requests = 0.0
         try:
             while True:
                 try:
@@ -454,7 +461,9 @@ class PipelineService:
                     with self._queue_cv:
                         self._queued_bytes -= size
                         self._queue_cv.notify_all()
-                self._serve_requests()
+                if time.monotonic() >= next_requests:  # a non-blocking look, a few times a second, not per message
+                    next_requests = time.monotonic() + REQUEST_INTERVAL_S
+                    self._serve_requests()
         finally:
             self._publisher.close()
 

@@ -122,6 +122,7 @@ class FrameSender:
         self._link_seq = 0
         self._last_heard = self._last_sent = self._last_drain = self._pending_since = time.monotonic()
         self._closed = False
+        self._sndtimeo = -1  # the SNDTIMEO set on the socket (ms)
         self._sock = (context or zmq.Context.instance()).socket(zmq.DEALER)
         secure_client(self._sock, curve)
         self._sock.setsockopt(zmq.SNDHWM, high_water_mark)
@@ -252,9 +253,17 @@ class FrameSender:
     def _send_blocking(self, parts: list[bytes | memoryview]) -> None:
         start = time.monotonic()
         while True:
+            left = self.timeout_s - (time.monotonic() - start)
+            # A blocking send bounded by SNDTIMEO waits for queue space inside libzmq (GIL released): a sender
+            # throttled by a slower service costs no Python wake-ups, exceptions and polls per message. Between
+            # slices, acknowledgements are read and the service's liveness is checked. copy=False: large
+            # payloads go zero-copy (pyzmq copies parts below its 64 KiB threshold anyway).
+            timeout_ms = max(1, int(1000 * min(max(left, 0.0), self._poll_slice())))
+            if timeout_ms != self._sndtimeo:
+                self._sock.setsockopt(zmq.SNDTIMEO, timeout_ms)
+                self._sndtimeo = timeout_ms
             try:
-                # copy=False: large payloads go zero-copy (pyzmq copies parts below its 64 KiB threshold anyway).
-                self._sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+                self._sock.send_multipart(parts, copy=False)
                 return
             except zmq.Again:
                 pass
@@ -265,14 +274,13 @@ class FrameSender:
                     f"is not reading and the queue is full ({self.high_water_mark} messages); the message was not "
                     "sent and nothing was dropped"
                 )
-            left = self.timeout_s - waited
-            self._sock.poll(int(min(left, self._poll_slice()) * 1000) + 1, zmq.POLLOUT | zmq.POLLIN)
             self._drain()
             self._check_service_alive()
 
     def _drain(self) -> None:
-        """Read acknowledgements and heartbeats from the service without blocking."""
+        """Read acknowledgements and heartbeats (and handshake events) from the service without blocking."""
         self._last_drain = time.monotonic()
+        self._read_monitor()
         while True:
             try:
                 parts = self._sock.recv_multipart(zmq.NOBLOCK)
@@ -327,7 +335,7 @@ class FrameSender:
                                           "do not match the service's")
 
     def _check_service_alive(self) -> None:
-        self._read_monitor()
+        # the monitor is read by _drain (at least every ACK_INTERVAL_S while sending): not once per message
         if self.handshake_failure is not None:
             raise TransportError(f"unauthorized: {self.handshake_failure} at {self.endpoint} (see `stemlive keys`, "
                                  "STEMLIVE_KEYS)")
