@@ -44,6 +44,10 @@ class ServiceStats:
     rejected: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     sessions_done: list[Path] = field(default_factory=list)
+    #: Data messages recorded, and when (``time.monotonic()``) the first and the last of them was recorded.
+    recorded: int = 0
+    first_recorded_s: float = 0.0
+    last_recorded_s: float = 0.0
 
 
 _END = object()
@@ -339,6 +343,7 @@ class PipelineService:
             op.last_data = time.monotonic()
             self.disk.spend(msg.payload.nbytes + 256 if msg.payload is not None else 256)
             op.run.record(msg)
+            self._count_recorded()
             if op.run.stages:  # nothing to analyse: no hand-off to (and wake-up of) the analysis thread
                 self._enqueue(op.run, msg)
         elif msg.type == "session_end":
@@ -346,6 +351,13 @@ class PipelineService:
             self._receiver.acknowledge(op.run.session_id, msg.seq - 1)
             note = str(msg.header.get("message", ""))
             self._close_open(str(msg.header.get("status", "complete")), note, end_seq=msg.seq)
+
+    def _count_recorded(self) -> None:
+        stats = self.stats
+        stats.last_recorded_s = time.monotonic()
+        if not stats.recorded:
+            stats.first_recorded_s = stats.last_recorded_s
+        stats.recorded += 1
 
     def _commit_open(self) -> None:
         op = self._open
