@@ -315,22 +315,23 @@ def cases(quick: bool, with_file: bool, with_stages: bool = False) -> list[Case]
     n_frames, n_spectra = (300, 20_000) if quick else (2_000, 100_000)
     out: list[Case] = []
     for transport in ("tcp", "ipc"):
-        out += [Case("frames", "raw", transport, messages=n_frames),
-                Case("frames", "raw", transport, "h5", n_frames),
-                Case("frames", "stemlive", transport, messages=n_frames)]
+        # the bare recorder first, the recording rows right after it: each round compares neighbours in time
+        out += [Case("frames", "raw", transport, "h5", n_frames)]
         if with_file:
-            out += [Case("frames", "stemlive", transport, "file", n_frames),
-                    Case("frames", "stemlive", transport, "service", n_frames)]
+            out += [Case("frames", "stemlive", transport, "service", n_frames),
+                    Case("frames", "stemlive", transport, "file", n_frames)]
         if with_stages:
             out += [Case("frames", "stemlive", transport, "stages", n_frames)]
+        out += [Case("frames", "raw", transport, messages=n_frames),
+                Case("frames", "stemlive", transport, messages=n_frames)]
     for transport in ("tcp", "ipc"):
+        out += [Case("spectra", "rawbatch", transport, "h5", max(2, n_spectra // BATCH))]
+        if with_file:
+            out += [Case("spectra", "batch", transport, "service", max(2, n_spectra // BATCH)),
+                    Case("spectra", "batch", transport, "file", max(2, n_spectra // BATCH))]
         out += [Case("spectra", "raw", transport, messages=n_spectra),
-                Case("spectra", "rawbatch", transport, "h5", max(2, n_spectra // BATCH)),
                 Case("spectra", "single", transport, messages=n_spectra // 2),
                 Case("spectra", "batch", transport, messages=max(2, n_spectra // BATCH))]
-        if with_file:
-            out += [Case("spectra", "batch", transport, "file", max(2, n_spectra // BATCH)),
-                    Case("spectra", "batch", transport, "service", max(2, n_spectra // BATCH))]
     return out
 
 
@@ -445,10 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"files under {where}: os.write of 1 MiB frames {ceiling:,.0f} frames/s "
           f"({ceiling * frame_bytes / 1e9:.2f} GB/s) -- the storage ceiling of the '-> file' rows")
     print(f"best of {args.repeat} interleaved runs per case; 'vs bare' = rate / the bare HDF5 recorder's rate (best "
-          "of N each; in brackets the range of the per-round ratios); 'CPU vs bare' = the bare recorder's receiving + "
-          "sending CPU per item / this row's (higher is cheaper)")
+          "of N each); 'rounds' = min/median/max of the ratios within each round (the bare recorder and this row run "
+          "back to back); 'CPU vs bare' = the bare recorder's receiving + sending CPU per item / this row's (higher "
+          "is cheaper); CPU: best of N, all threads of each process")
     print(f"{'payload':8} {'path':32} {'tr':4} {'items/s':>9} {'GB/s':>6} {'vs raw':>6} {'vs bare':>8} "
-          f"{'(rounds)':>12} {'recv CPU us':>11} {'send CPU us':>11} {'CPU vs bare':>11} {'messages':>8}")
+          f"{'rounds':>14} {'recv CPU us':>11} {'send CPU us':>11} {'CPU vs bare':>11} {'messages':>8}")
     for i, case in enumerate(matrix):
         rate, cpu, send_cpu = best[i]
         nbytes = frame_bytes if case.what == "frames" else N_CHANNELS * 4
@@ -460,12 +462,12 @@ def main(argv: list[str] | None = None) -> int:
         vs_bare = rounds = cpu_vs_bare = ""
         if case.sink in ("file", "service", "stages") and b is not None:
             vs_bare = f"{rate / best[b][0]:.2f}"
-            per_round = [r[0] / rb[0] for r, rb in zip(runs[i], runs[b], strict=True)]
-            rounds = f"[{min(per_round):.2f}-{max(per_round):.2f}]"
+            per_round = sorted(r[0] / rb[0] for r, rb in zip(runs[i], runs[b], strict=True))
+            rounds = f"{per_round[0]:.2f}/{per_round[len(per_round) // 2]:.2f}/{per_round[-1]:.2f}"
             cpu_vs_bare = f"{(best[b][1] + best[b][2]) / (cpu + send_cpu):.2f}"
         raw = best[ref[(case.what, case.transport, "none")]][0]
         print(f"{case.what:8} {path:32} {case.transport:4} {rate:9.0f} {rate * nbytes / 1e9:6.2f} {rate / raw:6.2f} "
-              f"{vs_bare:>8} {rounds:>12} {1e6 * cpu:11.1f} {1e6 * send_cpu:11.1f} {cpu_vs_bare:>11} "
+              f"{vs_bare:>8} {rounds:>14} {1e6 * cpu:11.1f} {1e6 * send_cpu:11.1f} {cpu_vs_bare:>11} "
               f"{case.messages:8d}")
     if not with_file:
         print("(stemlive.live.storage.session not importable: no 'into the session file' rows)")
