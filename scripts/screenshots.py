@@ -101,7 +101,7 @@ def stage_classes() -> dict[str, Any] | None:
 
 def placeholder_stages() -> dict[str, Any]:
     """Minimal numpy-only stages emitting the documented result names (drift, previews, sums, spectra, T)."""
-    from stemlive.live.pipeline.service import Result, Stage
+    from stemlive.live.pipeline.stage import Result, Stage
 
     def shift(ref: np.ndarray, img: np.ndarray) -> tuple[float, float]:
         f = np.fft.fft2(img - img.mean()) * np.conj(np.fft.fft2(ref - ref.mean()))

@@ -31,7 +31,8 @@ import numpy as np
 import pytest
 import zmq
 
-from stemlive.live.pipeline.service import PipelineService, Result, Stage
+from stemlive.live.pipeline.service import PipelineService
+from stemlive.live.pipeline.stage import Result, Stage
 from stemlive.live.wire import protocol, transport
 
 T0 = 1_700_000_000.0

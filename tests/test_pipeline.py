@@ -18,7 +18,9 @@ import zmq
 
 from stemlive.live.config import ConfigError
 from stemlive.live.pipeline.replay import replay_analyze, replay_to
-from stemlive.live.pipeline.service import PipelineService, Result, Stage, analyze_messages, make_params
+from stemlive.live.pipeline.run import analyze_messages
+from stemlive.live.pipeline.service import PipelineService
+from stemlive.live.pipeline.stage import Result, Stage, make_params
 from stemlive.live.storage.session import SessionReader
 from stemlive.live.wire import protocol, transport
 
@@ -334,7 +336,7 @@ def test_service_refuses_a_non_loopback_bind_unless_allowed(tmp_path: Path) -> N
 
 
 def test_a_session_can_carry_its_own_analysis_parameters(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    from stemlive.live.pipeline.service import session_params
+    from stemlive.live.pipeline.stage import session_params
 
     params = {"counting": {"delay_s": 0.0}}
 

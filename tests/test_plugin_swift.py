@@ -33,7 +33,8 @@ from swift_harness import (  # noqa: E402
 )
 
 from nionswift_plugin.stemlive import panels, results  # noqa: E402
-from stemlive.live.pipeline.service import PipelineService, Result, Stage  # noqa: E402
+from stemlive.live.pipeline.service import PipelineService  # noqa: E402
+from stemlive.live.pipeline.stage import Result, Stage  # noqa: E402
 from stemlive.live.wire.protocol import Message  # noqa: E402
 
 

@@ -13,16 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stemlive.live.wire import protocol
-from stemlive.live.wire.protocol import (
-    MESSAGE_TYPES,
-    PROTO,
-    REJECTION_CODES,
-    Message,
-    ProtocolError,
-    StreamChecker,
-    decode,
-    encode,
-)
+from stemlive.live.wire.protocol import MESSAGE_TYPES, PROTO, REJECTION_CODES, Message, ProtocolError, decode, encode
+from stemlive.live.wire.streamcheck import StreamChecker
 
 T0 = 1_700_000_000.0
 FRAME = {"tilt_index": 2, "alpha_deg": -12.5, "beta_deg": 0.0, "frame_index": 3, "pixel_size_nm": 0.02, "dwell_us": 4}

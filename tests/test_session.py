@@ -36,7 +36,7 @@ SID = "s-001"
 
 @dataclass
 class FakeResult:
-    """Stands in for stemlive.live.pipeline.service.Result (the writer accepts any object with these attributes)."""
+    """Stands in for stemlive.live.pipeline.stage.Result (the writer accepts any object with these attributes)."""
 
     stage: str
     name: str

@@ -15,7 +15,8 @@ import pytest
 import zmq
 
 from stemlive.live.apps import viewer, viewer_model, viewer_window
-from stemlive.live.pipeline.service import Result, publish_result
+from stemlive.live.pipeline.service import publish_result
+from stemlive.live.pipeline.stage import Result
 from stemlive.live.wire.protocol import Message, decode, encode
 from stemlive.live.wire.transport import ResultPublisher, ResultSubscriber
 

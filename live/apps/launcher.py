@@ -14,6 +14,9 @@ this command sets before Swift starts:
     Where the panels send frames and where Swift subscribes to results (``none``: no results).
 ``STEMLIVE_SESSION_DIR``
     Where an in-process service records (the panels check its free disk space).
+``STEMLIVE_KEYS``
+    With ``--keys DIR``: the folder whose client keys the panels and the result subscriber use to speak CURVE
+    to the service (the in-process service takes its server keys from the same folder).
 """
 
 from __future__ import annotations
@@ -60,7 +63,11 @@ def add_subcommand(subparsers: Any) -> argparse.ArgumentParser:
                    help="analysis parameter for the in-process service (repeatable)")
     p.add_argument("--config", type=Path, help="TOML file of analysis parameters for the in-process service")
     p.add_argument("--allow-remote", action="store_true",
-                   help="let the in-process service bind a non-loopback interface")
+                   help="let the in-process service bind a non-loopback interface (needs --keys)")
+    p.add_argument("--keys", type=Path, metavar="DIR",
+                   help="CURVE keys from `stemlive keys DIR`: the in-process service admits only clients with an "
+                   "authorised key, and Swift's panels and result subscriber use the client keys in DIR (with "
+                   "--service attach: the keys of the remote service)")
     p.set_defaults(func=cmd_swift)
     return p
 
@@ -79,7 +86,32 @@ def plugin_environment(args: argparse.Namespace) -> dict[str, str]:
     }
     if args.service == "start":
         env["STEMLIVE_SESSION_DIR"] = str(Path(args.out).resolve())
+    if getattr(args, "keys", None) is not None:
+        env["STEMLIVE_KEYS"] = str(Path(args.keys).resolve())
     return env
+
+
+def check_security(args: argparse.Namespace) -> Any:
+    """The in-process service's CURVE keys (None without ``--keys``), checked before Swift starts.
+
+    Raises
+    ------
+    CLIError
+        ``--allow-remote`` without ``--keys`` (USAGE, as ``stemlive serve``).
+    FileNotFoundError
+        A keys folder without the server or client keys this command needs.
+    """
+    from stemlive.live.exitcodes import CLIError, ExitCode
+
+    if args.allow_remote and args.service == "start" and args.keys is None:
+        raise CLIError("--allow-remote needs --keys DIR: a service reachable from the network requires CURVE "
+                       "authentication (create keys with `stemlive keys DIR`)", ExitCode.USAGE)
+    if args.keys is None:
+        return None
+    from stemlive.live.wire.keys import Curve
+
+    Curve.client(args.keys)  # the panels and the result subscriber need the client keys too: fail now, not in Swift
+    return Curve.server(args.keys) if args.service == "start" else None
 
 
 def apply_environment(env: dict[str, str], target: MutableMapping[str, str] | None = None) -> None:
@@ -89,16 +121,21 @@ def apply_environment(env: dict[str, str], target: MutableMapping[str, str] | No
     target.update(env)
 
 
-def start_service(args: argparse.Namespace, env: dict[str, str]) -> Any:
-    """The in-process :class:`~stemlive.live.pipeline.service.PipelineService`, started (it runs beside Swift)."""
-    from stemlive.live.pipeline.service import PipelineService, make_params
+def start_service(args: argparse.Namespace, env: dict[str, str], curve: Any = None) -> Any:
+    """The in-process :class:`~stemlive.live.pipeline.service.PipelineService`, started (it runs beside Swift).
+
+    ``curve``: server keys (:func:`check_security`); required by the service when it binds a non-loopback
+    endpoint.
+    """
+    from stemlive.live.pipeline.service import PipelineService
+    from stemlive.live.pipeline.stage import make_params
 
     params = make_params(args.config, args.overrides)
     result_endpoint = env["STEMLIVE_RESULT_ENDPOINT"]
     service = PipelineService(
         args.out, params, frame_endpoint=env["STEMLIVE_FRAME_ENDPOINT"],
         result_endpoint=None if result_endpoint == "none" else result_endpoint,
-        allow_remote=args.allow_remote,
+        allow_remote=args.allow_remote, curve=curve,
     )
     return service.start()
 
@@ -154,11 +191,12 @@ def _quit_on_signals(app: Any) -> None:
 
 def cmd_swift(args: argparse.Namespace) -> int:
     """Handler of ``stemlive swift``."""
+    curve = check_security(args)
     env = plugin_environment(args)
     apply_environment(env)
     service = None
     if args.service == "start":
-        service = start_service(args, env)
+        service = start_service(args, env, curve)
         print(f"stemlive swift: service on {service.frame_endpoint} (frames) and {service.result_endpoint} "
               f"(results), sessions into {service.out_dir.resolve()}", flush=True)
     elif args.service == "attach":

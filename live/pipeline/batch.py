@@ -26,7 +26,8 @@ from typing import Any
 import numpy as np
 
 from stemlive.live.config import Params
-from stemlive.live.pipeline.service import Result, SessionRun, session_params
+from stemlive.live.pipeline.run import SessionRun
+from stemlive.live.pipeline.stage import Result, session_params
 from stemlive.live.storage.session import SessionReader
 from stemlive.live.wire.protocol import Message
 
@@ -65,7 +66,7 @@ def open_client(scheduler: str | None = None, n_workers: int = DEFAULT_WORKERS) 
 
 # ----------------------------------------------------------------------------------------------- maps
 def _eels_stage(params: Params, start: Message) -> Any:
-    from stemlive.live.pipeline.service import registered_stages
+    from stemlive.live.pipeline.stage import registered_stages
 
     cls = registered_stages()["eels"]
     return cls(session_params(params, start).get("eels", {}))

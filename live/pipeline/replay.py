@@ -10,7 +10,7 @@ from pathlib import Path
 from stemlive.live.config import Params
 from stemlive.live.exitcodes import CLIError, ExitCode
 from stemlive.live.pipeline.problems import problems_in
-from stemlive.live.pipeline.service import analyze_messages
+from stemlive.live.pipeline.run import analyze_messages
 from stemlive.live.storage.session import SessionReader
 from stemlive.live.wire.protocol import Message
 

@@ -1,8 +1,8 @@
-"""The analysis pipeline: stages, one session's recording + analysis, and the ``stemlive serve`` service.
+"""``stemlive serve``: the analysis service that records sessions one after another, analyses and publishes.
 
-The same :class:`SessionRun` drives the live service and ``stemlive replay --analyze``, so live and offline
-results come from one code path. A :class:`Stage` sees a session's data messages in ``seq`` order and emits
-:class:`Result` objects that are written under ``/results/<stage>/<name>`` and published to viewers.
+Sessions are recorded and analysed by :class:`~stemlive.live.pipeline.run.SessionRun` (the same code as
+``stemlive replay --analyze``); the stages are :mod:`stemlive.live.pipeline.stages`. This module holds the
+service's two threads, its containment of failures, session ownership, the disk budget and result publishing.
 """
 
 from __future__ import annotations
@@ -10,322 +10,25 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import signal
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
-from stemlive.live.config import Params, resolve_params
-from stemlive.live.pipeline import problems as problems_
+from stemlive.live.config import Params
+from stemlive.live.pipeline.run import DATA_TYPES, SessionRun, session_file_name, unique_path
+from stemlive.live.pipeline.stage import Result, Stage, make_params
 from stemlive.live.storage.disk import DEFAULT_BALLAST_BYTES, DEFAULT_RESERVE_BYTES, DiskBudget, is_disk_full
-from stemlive.live.storage.session import SessionWriter
-from stemlive.live.wire.protocol import Message, ProtocolError, StreamChecker, json_default
+from stemlive.live.wire.protocol import Message, ProtocolError, json_default
+from stemlive.live.wire.streamcheck import StreamChecker
 
 log = logging.getLogger(__name__)
-
-DATA_TYPES = frozenset({"frame", "spectrum", "survey"})
-
-
-@dataclass
-class Result:
-    """One analysis output, written to ``/results/<stage>/<name>`` and published on the result stream.
-
-    Attributes
-    ----------
-    stage, name
-        Where the result goes: ``/results/<stage>/<name>``.
-    value
-        A numeric array, or a numpy structured array for tables.
-    index
-        ``None`` replaces the whole dataset; an integer writes row ``index`` of a dataset growing along axis 0
-        (per-tilt sums, per-point spectra, per-frame drift).
-    attrs
-        Small metadata stored as dataset attributes and sent in the result header.
-    """
-
-    stage: str
-    name: str
-    value: np.ndarray
-    index: int | None = None
-    attrs: dict[str, Any] = field(default_factory=dict)
-    store: bool = True  # False: publish only (live previews that the file does not need)
-
-
-class Stage:
-    """Base class of an analysis stage. Subclasses set the class variables and override the hooks.
-
-    ``name`` is also the parameter section: ``--set <name>.<param>=<value>``.
-    """
-
-    name: ClassVar[str] = ""
-    kinds: ClassVar[frozenset[str]] = frozenset()
-    defaults: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, params: Mapping[str, Any]) -> None:
-        self.params: dict[str, Any] = {**self.defaults, **params}
-
-    def start(self, start: Message) -> Iterable[Result]:
-        """Called with the ``session_start`` message (settings and calibrations)."""
-        return ()
-
-    def process(self, msg: Message) -> Iterable[Result]:
-        """Called with each data message (frame, spectrum, survey) in ``seq`` order."""
-        return ()
-
-    def finish(self, status: str) -> Iterable[Result]:
-        """Called once at the end of the session (``complete``, ``aborted`` or ``failed``)."""
-        return ()
-
-
-_STAGES: dict[str, type[Stage]] = {}
-
-
-def register_stage(cls: type[Stage]) -> type[Stage]:
-    """Class decorator that makes a stage available to the service and to replay."""
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no stage name")
-    _STAGES[cls.name] = cls
-    return cls
-
-
-def registered_stages() -> dict[str, type[Stage]]:
-    """All registered stages by name (importing :mod:`stemlive.live.pipeline.stages` registers the built-in ones)."""
-    from stemlive.live.pipeline import stages  # noqa: F401  (registers the built-in stages)
-
-    return dict(_STAGES)
-
-
-def default_params() -> Params:
-    """The defaults of every registered stage, ``{stage: {param: value}}``."""
-    return {name: dict(cls.defaults) for name, cls in registered_stages().items()}
-
-
-def make_params(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> Params:
-    """Stage defaults merged with a TOML file and ``--set`` overrides; unknown keys are errors."""
-    return resolve_params(default_params(), config_file=config_file, overrides=overrides)
-
-
-def session_params(params: Params, start: Message) -> Params:
-    """The service's parameters with the session's own analysis settings (``settings["analysis"]``) on top.
-
-    An acquisition may carry sample-specific analysis parameters (e.g. starting peak centres). Invalid ones are
-    logged and ignored: a typo in the settings must not stop a session from being recorded.
-    """
-    settings = start.header.get("settings") or {}
-    overrides = settings.get("analysis") if isinstance(settings, dict) else None
-    if not overrides:
-        return params
-    try:
-        return resolve_params(params, extra=overrides)
-    except (ValueError, AttributeError) as e:
-        log.error("session %s: analysis settings ignored: %s", start.session, e)
-        return params
-
-
-_SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def session_file_name(start: Message) -> str:
-    """File name for a session: ``YYYYmmdd-HHMMSS_<kind>_<id>.h5`` with the (untrusted) id sanitised."""
-    created = datetime.fromtimestamp(start.t, UTC).strftime("%Y%m%d-%H%M%S")
-    safe_id = _SAFE_ID.sub("_", str(start.session)).strip("._")[:64] or "session"
-    return f"{created}_{start.header.get('kind', 'session')}_{safe_id}.h5"
-
-
-def unique_path(directory: Path, name: str) -> Path:
-    """``directory / name``, with ``-1``, ``-2``... appended to the stem if it exists (never overwrite data)."""
-    path = directory / name
-    n = 0
-    while path.exists():
-        n += 1
-        path = directory / f"{Path(name).stem}-{n}{Path(name).suffix}"
-    return path
-
-
-Publish = Callable[[str, Result], None]
-
-
-class SessionRun:
-    """One session: its file writer and its analysis stages.
-
-    Recording (:meth:`record`) and analysis (:meth:`analyze`, :meth:`finish`) may run on different threads; a
-    lock serialises access to the file. A failing stage is logged, reported as a ``stage_error`` result and
-    switched off for the rest of the session: analysis errors never cost recorded data.
-
-    ``problem`` results (a result that could not be produced, :mod:`stemlive.live.pipeline.problems`) are published and
-    kept in ``/results/<stage>/problems``; :meth:`finish` ends with ``pipeline/analysis_finished``.
-    """
-
-    def __init__(
-        self,
-        start: Message,
-        path: Path,
-        params: Params,
-        *,
-        stage_classes: Mapping[str, type[Stage]] | None = None,
-        publish: Publish | None = None,
-        writer_options: Mapping[str, Any] | None = None,
-    ) -> None:
-        self.start_message = start
-        self.session_id = str(start.session)
-        self.kind = str(start.header.get("kind"))
-        self.path = path
-        self._publish = publish
-        self._lock = threading.RLock()
-        self.writer = SessionWriter(path, start, **dict(writer_options or {}))
-        classes = stage_classes if stage_classes is not None else registered_stages()
-        params = session_params(params, start)
-        self.stages: list[Stage] = [
-            cls(params.get(name, {})) for name, cls in classes.items() if self.kind in cls.kinds
-        ]
-        self.recorded = 0
-        self.closed = False
-        self.problems: dict[str, list[problems_.Problem]] = {}
-        for stage in self.stages:  # the file says how it was analysed
-            record = Result(stage.name, "parameters", np.zeros(0, np.int8),
-                            attrs={"parameters": json.dumps(stage.params, default=json_default)})
-            self.writer.write_result(record)
-        for stage in list(self.stages):
-            self._run_stage(stage, stage.start, start)
-
-    # --- recording (receiver thread) ---
-    def record(self, msg: Message) -> None:
-        """Append a data message to the session file."""
-        with self._lock:
-            self.writer.append(msg)
-            self.recorded += 1
-
-    def commit(self) -> None:
-        """Make everything recorded so far durable (survives a crash of this process)."""
-        with self._lock:
-            self.writer.commit()
-
-    # --- analysis (analysis thread) ---
-    def analyze(self, msg: Message) -> None:
-        """Run every stage on one data message and store/publish its results."""
-        for stage in list(self.stages):
-            self._run_stage(stage, stage.process, msg)
-
-    def finish(self, status: str, *, message: str = "", gaps: Sequence[tuple[int, int]] = ()) -> None:
-        """Finish the stages, write their final results and close the file with ``status``."""
-        if self.closed:
-            return
-        for stage in list(self.stages):
-            self._run_stage(stage, stage.finish, status)
-        self._emit(self.analysis_finished())
-        with self._lock:
-            self.writer.close(status, message=message, gaps=list(gaps))
-        self.closed = True
-        log.info("session %s closed as %s: %s", self.session_id, status, self.path)
-
-    def _run_stage(self, stage: Stage, hook: Callable[[Any], Iterable[Result]], arg: Any) -> None:
-        try:
-            results = list(hook(arg))
-        except Exception as e:  # a stage bug must not stop recording
-            log.exception("analysis stage %s failed in session %s; stage disabled", stage.name, self.session_id)
-            self.stages.remove(stage)
-            error = Result(stage.name, "stage_error", np.zeros(0), attrs={"error": f"{type(e).__name__}: {e}"})
-            self._emit(error, store=False)
-            self._emit(Result(stage.name, "problem", np.zeros(0), attrs={
-                "result": "stage", "severity": "failed",
-                "reason": f"the {stage.name} stage stopped: {type(e).__name__}: {e}"}))
-            return
-        for result in results:
-            self._emit(result)
-
-    def analysis_finished(self) -> Result:
-        """``pipeline/analysis_finished``: ``complete`` when no result is missing, else ``incomplete``."""
-        n = sum(len(v) for v in self.problems.values())
-        return Result(problems_.FINISHED_STAGE, problems_.FINISHED_NAME, np.zeros(0),
-                      attrs={"status": "incomplete" if n else "complete", "problems": n})
-
-    def _emit(self, result: Result, *, store: bool = True) -> None:
-        if result.name == "problem":  # kept as the stage's problem table (rewritten: a few rows)
-            found = self.problems.setdefault(result.stage, [])
-            last = problems_.Problem.from_attrs(result.stage, result.attrs)
-            found.append(last)
-            log.info("session %s: %s", self.session_id, last.line())
-            self._store(Result(result.stage, "problems", problems_.table(found),
-                               attrs={"columns": "result, severity, reason"}))
-            result = Result(result.stage, "problem", np.zeros(0), store=False,
-                            attrs={"result": last.result, "severity": last.severity, "reason": last.reason})
-        elif store and result.store:
-            self._store(result)
-        if self._publish is not None:
-            try:
-                self._publish(self.session_id, result)
-            except Exception:  # viewers are best-effort
-                log.exception("could not publish result %s/%s", result.stage, result.name)
-
-    def _store(self, result: Result) -> None:
-        with self._lock:
-            self.writer.write_result(result)
-
-
-def analyze_messages(
-    messages: Iterable[Message],
-    out_path: str | Path,
-    params: Params,
-    *,
-    publish: Publish | None = None,
-    stage_classes: Mapping[str, type[Stage]] | None = None,
-) -> Path:
-    """Record and analyse one session's messages in-process (no sockets): ``stemlive replay --analyze``.
-
-    Parameters
-    ----------
-    messages
-        The session's wire sequence, starting with ``session_start``.
-    out_path
-        The session file to create (must not exist).
-    params
-        Analysis parameters, see :func:`make_params`.
-
-    Returns
-    -------
-    Path
-        ``out_path``.
-    """
-    out_path = Path(out_path)
-    run: SessionRun | None = None
-    status = "aborted"
-    end_message = ""
-    try:
-        for msg in messages:
-            if msg.type == "session_start":
-                if run is not None:
-                    raise ValueError("a second session_start in one replayed session")
-                run = SessionRun(msg, out_path, params, stage_classes=stage_classes, publish=publish)
-            elif run is None:
-                raise ValueError(f"replayed session does not begin with session_start (got {msg.type})")
-            elif msg.type in DATA_TYPES:
-                run.record(msg)
-                run.analyze(msg)
-            elif msg.type == "session_end":
-                status = str(msg.header.get("status", "complete"))
-                end_message = str(msg.header.get("message", ""))
-                break
-        if run is None:
-            raise ValueError("no session_start in the replayed session")
-        # A recording that never got its session_end (writer crashed) is replayed as aborted.
-        run.finish(status, message=end_message or ("" if status != "aborted" else "source session was not closed"))
-    except BaseException:
-        if run is not None and not run.closed:
-            run.finish("failed", message="replay analysis failed")
-        raise
-    return out_path
-
-
-# ------------------------------------------------------------------------------------------------------------
-# the service
 
 
 @dataclass
@@ -341,12 +44,20 @@ class ServiceStats:
     rejected: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     sessions_done: list[Path] = field(default_factory=list)
+    #: Data messages recorded, and when (``time.monotonic()``) the first and the last of them was recorded.
+    recorded: int = 0
+    first_recorded_s: float = 0.0
+    last_recorded_s: float = 0.0
 
 
 _END = object()
 #: Messages queued in the service's receive socket: the sender's own queue (64) holds the rest, so a backlog
 #: costs the acquisition process memory, not the service (memory budget: docs/service.md).
 RECEIVE_HIGH_WATER_MARK = 16
+#: How often the receiver thread looks for silent or idle sessions (seconds; the limits are seconds to minutes).
+LIVENESS_CHECK_INTERVAL_S = 0.05
+#: How often the analysis thread answers re-requests of final results while it is busy (seconds).
+REQUEST_INTERVAL_S = 0.05
 
 
 class _LimitedLog:
@@ -555,7 +266,7 @@ class PipelineService:
     # --- receiver thread ---
     def _receive_loop(self) -> None:
         receiver = self._receiver
-        last_commit = time.monotonic()
+        last_commit = last_check = time.monotonic()
         log.info("recording sessions from %s into %s", self.frame_endpoint, self.out_dir)
         try:
             while not self._stop.is_set():
@@ -565,7 +276,8 @@ class PipelineService:
                 if self._open is not None and now - last_commit > self.commit_interval_s:
                     last_commit = now
                     self._contained(None, self._commit_open)
-                if self._open is not None:
+                if self._open is not None and now - last_check >= LIVENESS_CHECK_INTERVAL_S:
+                    last_check = now
                     self._contained(None, self._check_liveness, now)
                 if msg is not None:
                     self.stats.messages += 1
@@ -631,12 +343,21 @@ class PipelineService:
             op.last_data = time.monotonic()
             self.disk.spend(msg.payload.nbytes + 256 if msg.payload is not None else 256)
             op.run.record(msg)
-            self._enqueue(op.run, msg)
+            self._count_recorded()
+            if op.run.stages:  # nothing to analyse: no hand-off to (and wake-up of) the analysis thread
+                self._enqueue(op.run, msg)
         elif msg.type == "session_end":
             op.run.commit()
             self._receiver.acknowledge(op.run.session_id, msg.seq - 1)
             note = str(msg.header.get("message", ""))
             self._close_open(str(msg.header.get("status", "complete")), note, end_seq=msg.seq)
+
+    def _count_recorded(self) -> None:
+        stats = self.stats
+        stats.last_recorded_s = time.monotonic()
+        if not stats.recorded:
+            stats.first_recorded_s = stats.last_recorded_s
+        stats.recorded += 1
 
     def _commit_open(self) -> None:
         op = self._open
@@ -720,6 +441,7 @@ class PipelineService:
 
     # --- analysis thread ---
     def _analysis_loop(self) -> None:
+        next_requests = 0.0
         try:
             while True:
                 try:
@@ -751,7 +473,9 @@ class PipelineService:
                     with self._queue_cv:
                         self._queued_bytes -= size
                         self._queue_cv.notify_all()
-                self._serve_requests()
+                if time.monotonic() >= next_requests:  # a non-blocking look, a few times a second, not per message
+                    next_requests = time.monotonic() + REQUEST_INTERVAL_S
+                    self._serve_requests()
         finally:
             self._publisher.close()
 

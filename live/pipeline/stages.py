@@ -1,7 +1,7 @@
 """The built-in analysis stages: tilt-series drift correction and vibrational-EELS thermometry/segmentation.
 
 Stages adapt the pure functions of :mod:`stemlive.live.analysis` to the message stream: they keep per-session
-state, decide when a tilt or a probe position is complete, and emit :class:`~stemlive.live.pipeline.service.Result`
+state, decide when a tilt or a probe position is complete, and emit :class:`~stemlive.live.pipeline.stage.Result`
 objects (see the results table in ``docs/architecture.md``).
 """
 
@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stemlive.live.analysis import drift, eels, interface, segment
-from stemlive.live.pipeline.service import Result, Stage, register_stage
+from stemlive.live.pipeline.stage import Result, Stage, register_stage
 from stemlive.live.wire.protocol import Message
 
 log = logging.getLogger(__name__)

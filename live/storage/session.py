@@ -78,7 +78,7 @@ class MessageLike(Protocol):
 
 
 class ResultLike(Protocol):
-    """What the writer needs of a :class:`stemlive.live.pipeline.service.Result`."""
+    """What the writer needs of a :class:`stemlive.live.pipeline.stage.Result`."""
 
     @property
     def stage(self) -> str: ...
