@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from corpus import generator  # noqa: E402
 
 from stemlive.live.pipeline import batch  # noqa: E402
+from stemlive.live.pipeline.registry import make_params  # noqa: E402
 from stemlive.live.pipeline.replay import replay_analyze  # noqa: E402
-from stemlive.live.pipeline.stage import make_params  # noqa: E402
 from stemlive.live.storage.session import SessionWriter  # noqa: E402
 from stemlive.live.wire.protocol import Message  # noqa: E402
 

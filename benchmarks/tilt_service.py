@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stemlive.live.pipeline.registry import make_params
 from stemlive.live.pipeline.service import PipelineService
-from stemlive.live.pipeline.stage import make_params
 from stemlive.live.wire import transport
 from stemlive.simulators.haadf import HAADFSimulator
 from stemlive.simulators.scenario import load_scenario

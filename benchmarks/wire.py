@@ -259,8 +259,8 @@ def _receive_service(case: Case, tmp: Path) -> tuple[float, float, mp.process.Ba
 
     Timed from the first to the last data message recorded (``ServiceStats``), as the other rows; the receiving
     process's CPU is counted until the file is closed (close + fsync, and the analysis with stages, included)."""
+    from stemlive.live.pipeline.registry import make_params
     from stemlive.live.pipeline.service import PipelineService
-    from stemlive.live.pipeline.stage import make_params
 
     endpoint = f"ipc://{tmp}/bench.ipc" if case.transport == "ipc" else "tcp://127.0.0.1:*"
     stages = case.sink == "stages"  # the default analysis stages too (None: all registered ones)

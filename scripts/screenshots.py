@@ -291,7 +291,8 @@ SWIFT_BOOTSTRAP = r'''
 import os, pathlib, sys, time
 from PySide6 import QtCore, QtWidgets
 from nionui_app.nionswift import main
-from stemlive.live.pipeline.service import PipelineService, make_params
+from stemlive.live.pipeline.service import PipelineService
+from stemlive.live.pipeline.registry import make_params
 
 out_dir, timeout_s = pathlib.Path(sys.argv[1]), float(sys.argv[2])
 TILT, EELS = "stemlive-tilt-series-panel", "stemlive-eels-panel"

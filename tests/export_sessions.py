@@ -10,8 +10,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from stemlive.live.pipeline.registry import make_params
 from stemlive.live.pipeline.run import analyze_messages
-from stemlive.live.pipeline.stage import make_params
 from stemlive.live.wire import protocol
 from stemlive.simulators.eels_model import VibrationalEELSSimulator
 

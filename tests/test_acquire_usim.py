@@ -28,8 +28,8 @@ from swift_harness import swift_with_simulator  # noqa: E402
 from nionswift_plugin.stemlive import scripting  # noqa: E402
 from nionswift_plugin.stemlive.acquisition import PlanError, wait_until  # noqa: E402
 from nionswift_plugin.stemlive.eels_scan import raw_frame  # noqa: E402
+from stemlive.live.pipeline.registry import make_params  # noqa: E402
 from stemlive.live.pipeline.service import PipelineService  # noqa: E402
-from stemlive.live.pipeline.stage import make_params  # noqa: E402
 from stemlive.live.storage.session import SessionReader  # noqa: E402
 
 INSTRUMENTS = ("usim", "stemlive")

@@ -13,9 +13,9 @@ from corpus import scenarios
 
 from stemlive.live.exitcodes import ExitCode
 from stemlive.live.pipeline import batch
+from stemlive.live.pipeline.registry import make_params
 from stemlive.live.pipeline.replay import replay_analyze
 from stemlive.live.pipeline.run import analyze_messages
-from stemlive.live.pipeline.stage import make_params
 
 
 def _results(path: Path) -> dict[str, np.ndarray]:

@@ -30,8 +30,8 @@ from swift_harness import (  # noqa: E402
 from nionswift_plugin.stemlive import panels, results  # noqa: E402
 from nionswift_plugin.stemlive.tilt_series import REFERENCE_TILTS_DEG  # noqa: E402
 from stemlive.live.apps import tomo  # noqa: E402
+from stemlive.live.pipeline.registry import make_params  # noqa: E402
 from stemlive.live.pipeline.service import PipelineService  # noqa: E402
-from stemlive.live.pipeline.stage import make_params  # noqa: E402
 from stemlive.live.storage.session import SessionReader  # noqa: E402
 
 

@@ -17,10 +17,11 @@ import pytest
 import zmq
 
 from stemlive.live.config import ConfigError
+from stemlive.live.pipeline.registry import make_params
 from stemlive.live.pipeline.replay import replay_analyze, replay_to
 from stemlive.live.pipeline.run import analyze_messages
 from stemlive.live.pipeline.service import PipelineService
-from stemlive.live.pipeline.stage import Result, Stage, make_params
+from stemlive.live.pipeline.stage import Result, Stage
 from stemlive.live.storage.session import SessionReader
 from stemlive.live.wire import protocol, transport
 

@@ -15,8 +15,8 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from stemlive.live.analysis import drift
+from stemlive.live.pipeline.registry import make_params, registered_stages
 from stemlive.live.pipeline.run import analyze_messages
-from stemlive.live.pipeline.stage import make_params, registered_stages
 from stemlive.live.storage.session import SessionReader
 from stemlive.live.wire.protocol import Message
 from stemlive.simulators.eels_model import VibrationalEELSSimulator

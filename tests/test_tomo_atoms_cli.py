@@ -109,8 +109,8 @@ def test_cli_bad_input_is_one_line_with_exit_code(tmp_path):
 
 def test_tilt_series_stage_publishes_columns_and_running_calibration(tmp_path):
     """Live: after each tilt the stage publishes the column fit and, from the third tilt on, the calibration."""
+    from stemlive.live.pipeline.registry import make_params
     from stemlive.live.pipeline.run import analyze_messages
-    from stemlive.live.pipeline.stage import make_params
     from stemlive.live.wire.protocol import Message
 
     sc = load_scenario("default").replace(sample={"extent_x_nm": 2.6, "extent_y_nm": 2.6},

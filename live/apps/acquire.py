@@ -166,8 +166,8 @@ def read_problems(path: Path) -> list[str]:
 def cmd_acquire(args: argparse.Namespace) -> int:
     from nionswift_plugin.stemlive import scripting
     from nionswift_plugin.stemlive.acquisition import PlanError, RunControl
+    from stemlive.live.pipeline.registry import make_params
     from stemlive.live.pipeline.service import PipelineService
-    from stemlive.live.pipeline.stage import make_params
     from stemlive.live.wire.transport import FrameSender
 
     settings = plan_settings(args.plan, args.plan_settings)

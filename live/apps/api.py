@@ -273,7 +273,7 @@ def analyze(session_path: str | Path, out_path: str | Path, *overrides: str) -> 
 
     ``overrides`` are ``"stage.param=value"`` strings, e.g. ``analyze("s.h5", "a.h5", "eels.k=2")``.
     """
+    from stemlive.live.pipeline.registry import make_params
     from stemlive.live.pipeline.replay import replay_analyze
-    from stemlive.live.pipeline.stage import make_params
 
     return replay_analyze(session_path, out_path, make_params(overrides=list(overrides)))

@@ -45,8 +45,8 @@ def _add_remote(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from stemlive.live.pipeline.registry import make_params
     from stemlive.live.pipeline.service import PipelineService
-    from stemlive.live.pipeline.stage import make_params
 
     curve = None
     if args.allow_remote and args.keys is None:
@@ -82,7 +82,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         raise CLIError("give exactly one of --to ENDPOINT or --analyze OUT.h5|OUTDIR", ExitCode.USAGE)
     files = list(args.file)
     if args.analyze is not None:
-        from stemlive.live.pipeline.stage import make_params
+        from stemlive.live.pipeline.registry import make_params
 
         params = make_params(args.config, args.overrides)
         if _batch_form(files, args.analyze, args.scheduler):

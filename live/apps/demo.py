@@ -394,8 +394,8 @@ def run_demo(out_dir: str | Path, cfg: DemoConfig, *, stream: TextIO | None = sy
     report
         Write the report.
     """
+    from stemlive.live.pipeline.registry import make_params
     from stemlive.live.pipeline.service import PipelineService
-    from stemlive.live.pipeline.stage import make_params
     from stemlive.live.wire.transport import FrameSender
 
     out = Path(out_dir)

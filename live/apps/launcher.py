@@ -127,8 +127,8 @@ def start_service(args: argparse.Namespace, env: dict[str, str], curve: Any = No
     ``curve``: server keys (:func:`check_security`); required by the service when it binds a non-loopback
     endpoint.
     """
+    from stemlive.live.pipeline.registry import make_params
     from stemlive.live.pipeline.service import PipelineService
-    from stemlive.live.pipeline.stage import make_params
 
     params = make_params(args.config, args.overrides)
     result_endpoint = env["STEMLIVE_RESULT_ENDPOINT"]

@@ -66,7 +66,7 @@ def open_client(scheduler: str | None = None, n_workers: int = DEFAULT_WORKERS) 
 
 # ----------------------------------------------------------------------------------------------- maps
 def _eels_stage(params: Params, start: Message) -> Any:
-    from stemlive.live.pipeline.stage import registered_stages
+    from stemlive.live.pipeline.registry import registered_stages
 
     cls = registered_stages()["eels"]
     return cls(session_params(params, start).get("eels", {}))

@@ -19,7 +19,8 @@ import numpy as np
 
 from stemlive.live.config import Params
 from stemlive.live.pipeline import problems as problems_
-from stemlive.live.pipeline.stage import Result, Stage, registered_stages, session_params
+from stemlive.live.pipeline.registry import registered_stages
+from stemlive.live.pipeline.stage import Result, Stage, session_params
 from stemlive.live.storage.session import SessionWriter
 from stemlive.live.wire.protocol import Message, json_default
 

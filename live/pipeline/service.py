@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from stemlive.live.config import Params
+from stemlive.live.pipeline.registry import make_params
 from stemlive.live.pipeline.run import DATA_TYPES, SessionRun, session_file_name, unique_path
-from stemlive.live.pipeline.stage import Result, Stage, make_params
+from stemlive.live.pipeline.stage import Result, Stage
 from stemlive.live.storage.disk import DEFAULT_BALLAST_BYTES, DEFAULT_RESERVE_BYTES, DiskBudget, is_disk_full
 from stemlive.live.wire.protocol import Message, ProtocolError, json_default
 from stemlive.live.wire.streamcheck import StreamChecker

@@ -1,17 +1,16 @@
-"""The analysis stage interface: :class:`Result`, :class:`Stage`, the stage registry and analysis parameters.
+"""The analysis stage interface: :class:`Result`, :class:`Stage`, :func:`register_stage` and session parameters.
 
 A :class:`Stage` sees a session's data messages in ``seq`` order and emits :class:`Result` objects that are
 written under ``/results/<stage>/<name>`` and published to viewers. The built-in stages
-(:mod:`stemlive.live.pipeline.stages`) register themselves with :func:`register_stage`; their defaults, a TOML
-file and ``--set`` overrides make the parameters (:func:`make_params`).
+(:mod:`stemlive.live.pipeline.stages`) register themselves with :func:`register_stage`;
+:mod:`stemlive.live.pipeline.registry` lists them and makes their parameters.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -84,21 +83,10 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
     return cls
 
 
-def registered_stages() -> dict[str, type[Stage]]:
-    """All registered stages by name (importing :mod:`stemlive.live.pipeline.stages` registers the built-in ones)."""
-    from stemlive.live.pipeline import stages  # noqa: F401  (registers the built-in stages)
-
+def all_stages() -> dict[str, type[Stage]]:
+    """The stages registered so far by name (:func:`stemlive.live.pipeline.registry.registered_stages` adds the
+    built-in ones first)."""
     return dict(_STAGES)
-
-
-def default_params() -> Params:
-    """The defaults of every registered stage, ``{stage: {param: value}}``."""
-    return {name: dict(cls.defaults) for name, cls in registered_stages().items()}
-
-
-def make_params(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> Params:
-    """Stage defaults merged with a TOML file and ``--set`` overrides; unknown keys are errors."""
-    return resolve_params(default_params(), config_file=config_file, overrides=overrides)
 
 
 def session_params(params: Params, start: Message) -> Params:

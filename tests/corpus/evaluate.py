@@ -74,8 +74,8 @@ def run(sc: Scenario, workdir: Path, params: dict[str, Any] | None = None) -> Ou
     """Replay the scenario in-process through the registered stages into ``workdir/<name>.h5`` and score it."""
     from sklearn.metrics import adjusted_rand_score
 
+    from stemlive.live.pipeline.registry import make_params
     from stemlive.live.pipeline.run import analyze_messages
-    from stemlive.live.pipeline.stage import make_params
     from stemlive.live.storage.session import SessionReader
 
     out = Outcome(sc.name)
