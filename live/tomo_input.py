@@ -16,14 +16,15 @@ import numpy as np
 
 from stemlive.live.analysis import reconstruct as rc
 
-__all__ = ["ALPHA", "ALPHA_CAL", "BETA", "BETA_CAL", "SUMS", "TiltSeries", "TomoInputError", "load_angles",
-           "read_tilt_series"]
+__all__ = ["ALPHA", "ALPHA_CAL", "BETA", "BETA_CAL", "CALIBRATION", "SUMS", "TiltSeries", "TomoInputError",
+           "load_angles", "read_calibrated_geometry", "read_tilt_series"]
 
 SUMS = "/results/tilt_series/sums"
 ALPHA = "/results/tilt_series/tilt_alpha_deg"
 BETA = "/results/tilt_series/tilt_beta_deg"
 ALPHA_CAL = "/results/tilt_series/tilt_alpha_calibrated_deg"
 BETA_CAL = "/results/tilt_series/tilt_beta_calibrated_deg"
+CALIBRATION = "/results/tomo"  # the full calibrated geometry stemlive tomo atoms stores (live/atoms.py)
 
 
 class TomoInputError(ValueError):
@@ -176,3 +177,28 @@ def read_tilt_series(session_path: str | Path, *, angles: str | Path | None = No
         raise TomoInputError(f"{path}: {alpha.size} angles for {n} tilts")
     return TiltSeries(sums, alpha, beta, pixel, session_id, source)
 
+
+def read_calibrated_geometry(session_path: str | Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The calibrated geometry ``stemlive tomo atoms`` stored, or None when the session has none.
+
+    Returns
+    -------
+    rotations : ndarray (n, 3, 3)
+        ``Rz(gamma) R_[0,-1,0](alpha) R_[-1,0,0](beta)``: the stage angles and the in-plane rotation of each
+        projection in the sample frame of ``docs/tomography.md``.
+    shift_px : ndarray (n, 2)
+        Image position (row, col) of the sample origin in each projection.
+    """
+    from stemlive.live.analysis.tilt_calibration import rotation_from_angles
+
+    with h5py.File(session_path, "r") as f:
+        if CALIBRATION not in f:
+            return None
+        g = f[CALIBRATION]
+        if not all(k in g for k in ("alpha_deg", "beta_deg", "gamma_deg", "shift_px")):
+            return None
+        alpha, beta, gamma = (np.asarray(g[k][()], float).reshape(-1) for k in ("alpha_deg", "beta_deg", "gamma_deg"))
+        shift = np.asarray(g["shift_px"][()], float)
+    if alpha.shape != (n,) or shift.shape != (n, 2):
+        return None  # a calibration of another set of tilts
+    return rotation_from_angles(alpha, beta, gamma), shift

@@ -14,9 +14,10 @@ import h5py
 import numpy as np
 
 from stemlive.live.analysis import reconstruct as rc
+from stemlive.live.analysis.windowed import centre_on_origin
 
 from .tomo_files import read_emd_tilt_series, write_astra_vectors, write_emd, write_emd_volume, write_genfire_inputs
-from .tomo_input import _attr_str, read_tilt_series
+from .tomo_input import _attr_str, read_calibrated_geometry, read_tilt_series
 
 __all__ = ["ALIGN_METHODS", "export", "reconstruct", "save_slices_png"]
 
@@ -88,8 +89,10 @@ def reconstruct(
     Parameters
     ----------
     source : path
-        ``*_tilt_series.emd`` from :func:`export` (already aligned), or a session file (aligned here with
-        ``align``, angles overridden by ``angles``).
+        ``*_tilt_series.emd`` from :func:`export` (already aligned), or a session file: with the geometry
+        ``stemlive tomo atoms`` calibrated (``/results/tomo``: angles, in-plane rotations and the sample origin in
+        every projection; used unless ``angles`` is given) each image is shifted so that the origin lands on the
+        rotation centre, otherwise the images are aligned with ``align`` at the file's (or ``angles``') angles.
     out_dir : path
         Output folder; writes ``<stem>_reconstruction.emd`` (:func:`write_emd_volume`: ``/data/tomography``,
         ``(y, z, x)``) and, with ``png``, ``<stem>_slices.png``.
@@ -113,11 +116,20 @@ def reconstruct(
     src = Path(source)
     if _is_session(src):
         series = read_tilt_series(src, angles=angles)
-        dirs = rc.projection_direction(series.alpha_deg, series.beta_deg)
-        projections, _ = rc.align_tilt_series(series.sums, align, dirs)
-        rots, pixel = series.rotations, series.pixel_size_nm
+        geometry = read_calibrated_geometry(src, len(series.sums)) if angles is None else None
+        geometry_note = (", calibrated geometry (/results/tomo)" if geometry is not None
+                         else f", {series.angle_source} angles")
+        if geometry is not None:
+            rots, origin = geometry
+            projections = centre_on_origin(series.sums, origin)
+        else:
+            dirs = rc.projection_direction(series.alpha_deg, series.beta_deg)
+            projections, _ = rc.align_tilt_series(series.sums, align, dirs)
+            rots = series.rotations
+        pixel = series.pixel_size_nm
     else:
         projections, rots, pixel = read_emd_tilt_series(src)
+        geometry_note = ""
     n, ny, nx = projections.shape
     nz = int(thickness_px or min(ny, nx))
     if window:
@@ -138,7 +150,7 @@ def reconstruct(
     stem = src.stem.removesuffix("_tilt_series")
     vol_path = write_emd_volume(
         out / f"{stem}_reconstruction.emd", volume, pixel,
-        algorithm=f"SIRT, {n_iter} iterations" + (f", windows {window}/{step}" if window else ""),
+        algorithm=f"SIRT, {n_iter} iterations" + (f", windows {window}/{step}" if window else "") + geometry_note,
     )
     paths = {"volume": vol_path}
     if png:
