@@ -86,7 +86,10 @@ def add_subcommand(subparsers: Any) -> None:
     r.add_argument("--angles", type=Path)
     r.add_argument("--window", type=int, help="scanning-window size in voxels (default: whole field)")
     r.add_argument("--step", type=int, help="scanning-window step in voxels")
-    r.add_argument("--scheduler", help="Dask scheduler address for windowed reconstruction (default: local)")
+    r.add_argument("--scheduler", help="Dask scheduler address for windowed reconstruction (default: windows in "
+                                       "this process)")
+    r.add_argument("--accelerate", action="store_true",
+                   help="accelerated (FISTA) SIRT: much closer to convergence in the same iterations")
     r.add_argument("--no-png", action="store_true", help="do not save slice images")
     r.set_defaults(func=_cmd_reconstruct)
     from . import atoms  # ``tomo atoms``: calibrated angles and the 3D atomic model (issue 14)
@@ -149,7 +152,7 @@ def _cmd_reconstruct(args: Any) -> int:
         paths = reconstruct(
             args.source, _default_out(args.source, args.out), n_iter=args.iterations, thickness_px=args.thickness,
             align=args.align, angles=args.angles, window=args.window, step=args.step, client=client,
-            png=not args.no_png, progress=progress,
+            png=not args.no_png, progress=progress, accelerate=args.accelerate,
         )
     except TomoInputError as e:
         raise CLIError(str(e), ExitCode.BAD_INPUT) from None
