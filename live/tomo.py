@@ -86,8 +86,8 @@ def add_subcommand(subparsers: Any) -> None:
     r.add_argument("--angles", type=Path)
     r.add_argument("--window", type=int, help="scanning-window size in voxels (default: whole field)")
     r.add_argument("--step", type=int, help="scanning-window step in voxels")
-    r.add_argument("--scheduler", help="Dask scheduler address for windowed reconstruction (default: windows in "
-                                       "this process)")
+    r.add_argument("--scheduler", help="Dask scheduler address for the windows, or 'local' for a 2-worker local "
+                                       "cluster (default: windows in this process)")
     r.add_argument("--accelerate", action="store_true",
                    help="accelerated (FISTA) SIRT: much closer to convergence in the same iterations")
     r.add_argument("--no-png", action="store_true", help="do not save slice images")
@@ -136,11 +136,20 @@ def _cmd_reconstruct(args: Any) -> int:
     if args.step is not None and args.window is None:
         raise CLIError("--step needs --window (the scanning-window size)", ExitCode.USAGE)
     _check_source(args.source)
-    client = None
+    client = cluster = None
     if args.scheduler:
-        from dask.distributed import Client
+        from dask.distributed import Client, LocalCluster
 
-        client = Client(args.scheduler)
+        try:
+            if args.scheduler == "local":  # two worker processes on this machine, one thread each
+                cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+                client = Client(cluster)
+            else:
+                client = Client(args.scheduler, timeout=30)
+        except (OSError, TimeoutError) as e:
+            if cluster is not None:
+                cluster.close()
+            raise CLIError(f"Dask scheduler {args.scheduler}: {e}", ExitCode.FAILED) from None
 
     bar = show_progress(args, sys.stdout)  # carriage returns only on a terminal
 
@@ -159,6 +168,8 @@ def _cmd_reconstruct(args: Any) -> int:
     finally:
         if client is not None:
             client.close()
+        if cluster is not None:
+            cluster.close()
     for what, path in paths.items():
         print(f"{what}: {path}")
     return 0

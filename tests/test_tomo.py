@@ -420,3 +420,25 @@ def test_reconstruct_uses_the_calibrated_geometry_of_tomo_atoms(tmp_path):
     assert r["calibrated"] > r["ideal"] - 0.01
     assert r["calibrated"] > r["plain"] + 0.08
     assert r["accelerated"] > r["calibrated"] + 0.05
+
+
+def test_windows_on_a_local_dask_cluster_from_the_command_line(tmp_path, cluster):
+    """``--scheduler local``: the windows run on a 2-worker LocalCluster and give the in-process volume."""
+    pytest.importorskip("dask.distributed")
+    sys.path.insert(0, str(Path(__file__).parent))
+    from export_sessions import tilt_session
+
+    proj, _, alpha, beta = cluster
+    session = tilt_session(tmp_path / "w.h5", proj[:, 8:56, 8:56], alpha, beta)
+    common = ["--window", "32", "--step", "16", "--iterations", "3", "--thickness", "16", "--align", "none",
+              "--no-png"]
+    proc = subprocess.run([sys.executable, "-m", "stemlive.live.cli", "tomo", "reconstruct", str(session), "-o",
+                           str(tmp_path / "dask"), "--scheduler", "local", *common],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == f"volume: {tmp_path / 'dask' / 'w_reconstruction.emd'}"
+    on_cluster, _ = tomo.read_emd_volume(tmp_path / "dask" / "w_reconstruction.emd")
+    here, _ = tomo.read_emd_volume(tomo.reconstruct(session, tmp_path / "here", n_iter=3, thickness_px=16,
+                                                    align="none", window=32, step=16, png=False)["volume"])
+    np.testing.assert_allclose(on_cluster, here, atol=1e-5 * float(here.max()))
+    assert float(here.max()) > 0
