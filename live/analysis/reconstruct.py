@@ -348,6 +348,7 @@ def reconstruct_sirt(
     relaxation: float = 1.0,
     positivity: bool = True,
     support_z: int | None = None,
+    momentum: bool = False,
     workers: int = 2,
     progress: ProgressFn | None = None,
 ) -> np.ndarray:
@@ -374,6 +375,9 @@ def reconstruct_sirt(
         Clip negative voxels after each iteration.
     support_z : int, optional
         Keep only the central ``support_z`` slices along z (thin samples).
+    momentum : bool
+        Nesterov/FISTA extrapolation between iterations (projected gradient in SIRT's metric): the same fixed
+        point, reached in far fewer iterations on a thin sample; use ``relaxation`` <= 1 with it.
     workers : int
         Threads for the per-projection work (scipy.ndimage releases the GIL).
     progress : callable, optional
@@ -416,19 +420,32 @@ def reconstruct_sirt(
     def update(i: int, res: list[np.ndarray]) -> np.ndarray:
         return backproject(res[i] * row_inv[i], rots[i], shape)
 
+    y, t = x, 1.0  # y: the point the gradient is taken at (x itself without momentum)
     for it in range(n_iter):
-        resid = thread_map(partial(residual, vol=x), range(n), workers)
+        resid = thread_map(partial(residual, vol=y), range(n), workers)
         err = float(np.sqrt(sum(float((r * r).sum()) for r in resid))) / norm_b
         upd = np.sum(thread_map(partial(update, res=resid), range(n), workers), axis=0)
-        x += relaxation * col_inv * upd
+        x_new = y + relaxation * col_inv * upd
         if positivity:
-            np.clip(x, 0.0, None, out=x)
+            np.clip(x_new, 0.0, None, out=x_new)
+        if momentum:
+            t_new = (1.0 + np.sqrt(1.0 + 4.0 * t * t)) / 2.0
+            y = x_new + np.float32((t - 1.0) / t_new) * (x_new - x)
+            t = t_new
+        else:
+            y = x_new
+        x = x_new
         if progress is not None:
             progress(it + 1, n_iter, err)
     return x
 
 
 # --------------------------------------------------------------------------------------------------- windows
+CROP_ORDER = 3
+"""Spline order of the window crops: a linear interpolation at the sub-pixel offsets of a window's projected
+centre blurs atoms of ~1 px sigma (Pearson r 0.90 vs 0.93 for 32-voxel windows against one 64-voxel window)."""
+
+
 def window_origins(size: int, window: int, step: int) -> list[int]:
     """Start indices of windows of ``window`` px with ``step`` px spacing covering ``size`` px."""
     if window >= size:
@@ -444,8 +461,8 @@ def crop_window(
 ) -> np.ndarray:
     """Crop ``window x window`` patches following a sample point at ``center_yx`` (in the 0-tilt frame, z = 0).
 
-    The point projects to ``(R @ r)_xy`` at each tilt; crops are interpolated (linear) so that point sits at
-    the patch centre ``window // 2``.
+    The point projects to ``(R @ r)_xy`` at each tilt; crops are interpolated (cubic spline, ``CROP_ORDER``) so
+    that point sits at the patch centre ``window // 2``.
     """
     n, ny, nx = projections.shape
     r = np.array([center_yx[1] - nx // 2, center_yx[0] - ny // 2, 0.0])
@@ -454,7 +471,7 @@ def crop_window(
     for i in range(n):
         p = rotations[i] @ r
         yy, xx = np.meshgrid(ny // 2 + p[1] + offs, nx // 2 + p[0] + offs, indexing="ij")
-        out[i] = ndimage.map_coordinates(projections[i], [yy, xx], order=1, mode="nearest")
+        out[i] = ndimage.map_coordinates(projections[i], [yy, xx], order=CROP_ORDER, mode="nearest")
     return out
 
 
