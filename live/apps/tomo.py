@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .tomo_files import (
+from stemlive.live.apps.tomo_files import (
     EMD_GROUP,
     EMD_GROUP_V1,
     VOLUME_AXES,
@@ -24,7 +24,7 @@ from .tomo_files import (
     write_emd_volume,
     write_genfire_inputs,
 )
-from .tomo_input import (
+from stemlive.live.apps.tomo_input import (
     ALPHA,
     ALPHA_CAL,
     BETA,
@@ -35,7 +35,7 @@ from .tomo_input import (
     load_angles,
     read_tilt_series,
 )
-from .tomo_pipeline import ALIGN_METHODS, export, reconstruct, save_slices_png
+from stemlive.live.apps.tomo_pipeline import ALIGN_METHODS, export, reconstruct, save_slices_png
 
 __all__ = [
     "ALIGN_METHODS",
@@ -92,7 +92,7 @@ def add_subcommand(subparsers: Any) -> None:
                    help="accelerated (FISTA) SIRT: much closer to convergence in the same iterations")
     r.add_argument("--no-png", action="store_true", help="do not save slice images")
     r.set_defaults(func=_cmd_reconstruct)
-    from . import atoms  # ``tomo atoms``: calibrated angles and the 3D atomic model (issue 14)
+    from stemlive.live.apps import atoms  # ``tomo atoms``: calibrated angles and the 3D atomic model (issue 14)
 
     atoms.add_parser(sub)
 
@@ -103,8 +103,8 @@ def _default_out(path: Path, out: Path | None) -> Path:
 
 def _check_source(path: Path) -> None:
     """Refuse a missing, empty, truncated or non-session input with the one-line errors of every command."""
-    from .session_contract import check_contract, open_session_file
-    from .session_reader import check_format
+    from stemlive.live.storage.session_contract import check_contract, open_session_file
+    from stemlive.live.storage.session_reader import check_format
 
     with open_session_file(path) as f:
         if path.suffix.lower() != ".emd" or "format" in f.attrs:
@@ -113,7 +113,7 @@ def _check_source(path: Path) -> None:
 
 
 def _cmd_export(args: Any) -> int:
-    from .exitcodes import CLIError, ExitCode
+    from stemlive.live.exitcodes import CLIError, ExitCode
 
     _check_source(args.session)
     try:
@@ -126,8 +126,8 @@ def _cmd_export(args: Any) -> int:
 
 
 def _cmd_reconstruct(args: Any) -> int:
-    from .console import show_progress
-    from .exitcodes import CLIError, ExitCode
+    from stemlive.live.apps.console import show_progress
+    from stemlive.live.exitcodes import CLIError, ExitCode
 
     for option, value in (("iterations", args.iterations), ("thickness", args.thickness), ("window", args.window),
                           ("step", args.step)):
