@@ -226,7 +226,7 @@ class EELSStage(Stage):
     kinds = frozenset({"eels_line_scan", "eels_map"})
     defaults: ClassVar[dict[str, Any]] = {
         "align_method": "xcorr",
-        "zlp_windows_meV": [[10.0, 30.0], [130.0, 200.0]],
+        "zlp_windows_meV": [[6.0, 30.0], [130.0, 200.0]],
         "background_windows_meV": [[16.0, 20.0], [60.0, 70.0]],
         "window_min_meV": 55.0,
         "window_max_meV": None,
