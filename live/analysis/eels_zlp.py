@@ -142,6 +142,11 @@ def _lm(
     """
     p = p0.copy()
     k = len(p)
+    # the centre stays within half a FWHM of its start and the FWHM within a factor 3: a spectrum the Pearson VII
+    # does not describe (Lorentzian tails, a background) otherwise runs the centre off the axis (1e6 meV) and
+    # its temperature would be refused for a misleading reason (the window "left" beyond that centre)
+    c_lo, c_hi = p0[:, 1] - 0.5 * p0[:, 2], p0[:, 1] + 0.5 * p0[:, 2]
+    w_lo, w_hi = p0[:, 2] / 3.0, 3.0 * p0[:, 2]
     # model and Jacobian in float32 (rounding 6e-8 relative, far below the Poisson noise of any count);
     # residuals, chi-square and the solve in float64
     x32 = x.astype(np.float32)
@@ -189,6 +194,8 @@ def _lm(
         np.maximum(pt[:, 0], 1e-3 * pa[:, 0], out=pt[:, 0])
         np.minimum(np.maximum(pt[:, 2], 0.2 * pa[:, 2]), 5.0 * pa[:, 2], out=pt[:, 2])
         np.minimum(np.maximum(pt[:, 3], 0.55), 200.0, out=pt[:, 3])
+        np.minimum(np.maximum(pt[:, 1], c_lo[act]), c_hi[act], out=pt[:, 1])
+        np.minimum(np.maximum(pt[:, 2], w_lo[act]), w_hi[act], out=pt[:, 2])
         ft32, jt = _p7_fj(xa, pt, nodes)
         ft = ft32.astype(float)
         # the amplitude is linear: re-solve it exactly (removes its strong correlation with FWHM and m)
