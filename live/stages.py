@@ -357,8 +357,8 @@ class EELSStage(Stage):
             windows = ", ".join(f"{lo:g}-{hi:g}" for lo, hi in t.zlp.windows_meV)
             self._temp_failed[point] = (
                 f"the zero-loss model does not describe its fit windows {windows} meV (chi2_red {zlp_chi2:.3g} > "
-                f"{float(self.params['max_zlp_chi2']):g}): signal (phonon modes?) inside them would bias the "
-                f"temperature (T would be {temp:.4g} +- {err:.2g} K)"
+                f"{float(self.params['max_zlp_chi2']):g}): phonon modes inside them, another zero-loss shape or a "
+                f"background would bias the temperature (T would be {temp:.4g} +- {err:.2g} K)"
             )
             return None
         if chi2 > float(self.params["max_line_chi2"]):
