@@ -189,8 +189,8 @@ def test_windows_adapt_to_an_asymmetric_axis(tmp_path: Path) -> None:
     temps, errs = res["temperature_K"], res["temperature_err_K"]
     assert np.all(np.isfinite(temps)) and np.all((errs > 0) & (errs < 30)), (temps, errs)
     assert np.all(np.abs(temps - truth) < 4 * errs + 1.0), (temps - truth, errs)
-    assert json.loads(attrs["zlp_windows_loss_meV"]) == [[10.0, 30.0], [130.0, 200.0]]
-    assert json.loads(attrs["zlp_windows_gain_meV"]) == [[10.0, 30.0]]
+    assert json.loads(attrs["zlp_windows_loss_meV"]) == [[6.0, 30.0], [130.0, 200.0]]
+    assert json.loads(attrs["zlp_windows_gain_meV"]) == [[6.0, 30.0]]
     lo, hi = json.loads(attrs["thermometry_window_meV"])
     assert lo == 55.0 and 110.0 < hi <= 119.0, hi
     assert "labels" in res and "peaks" in res
@@ -258,7 +258,7 @@ def test_usim_like_spectra_give_reasons_not_errors(tmp_path: Path) -> None:
                            stage_classes={"eels": registered_stages()["eels"]})
     found = {p.result: p for p in problems_in(out)}
     assert set(found) == {"temperature", "segmentation", "peaks"}, found
-    assert found["temperature"].reason == "the zero-loss window 10-30 meV spans 0 channels at 1000 meV per channel " \
+    assert found["temperature"].reason == "the zero-loss window 6-30 meV spans 0 channels at 1000 meV per channel " \
                                           "(needs 3)"
     assert "spans 0 channels at 1000 meV per channel" in found["segmentation"].reason
     assert all(p.severity == "skipped" for p in found.values())

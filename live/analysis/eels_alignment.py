@@ -152,8 +152,14 @@ def shift_spectra(spectra: ArrayLike, shift_channels: ArrayLike, *, method: str 
     """Move each spectrum by ``-shift_channels`` (so a feature at j + shift goes to j).
 
     ``method="fourier"``: exact band-limited shift of the spectrum minus the straight line joining its
-    end points (no wrap-around ringing), the line shifted analytically; ``"linear"``: linear interpolation
-    (edges held).
+    end points (no wrap-around ringing), the line shifted analytically.  It spreads the counting noise of
+    the zero-loss peak over the whole spectrum (the sinc kernel decays as 1 / distance): on a sum of
+    frames this noise exceeds the Poisson noise of the zero-loss tails 130-200 meV away by a factor of
+    ~1.5-3 (fit chi2_red 11-25 instead of 1) and is correlated between channels.  ``"kaiser"``: a
+    Kaiser-windowed sinc of :data:`KAISER_TAPS` taps on each side (noise stays within 24 channels; the
+    Pearson VII shape is interpolated to 1e-4 of its peak; the variance of independent counts is kept to
+    2.4 % on average over sub-channel shifts, 4.9 % at worst).  ``"linear"``: linear interpolation (smooths:
+    the variance drops by up to 50 %).  Edges are held for ``"kaiser"`` and ``"linear"``.
     """
     s = np.asarray(spectra, float)
     batch, n = s.shape[:-1], s.shape[-1]
@@ -167,6 +173,8 @@ def shift_spectra(spectra: ArrayLike, shift_channels: ArrayLike, *, method: str 
         a = np.take_along_axis(flat, i, axis=1)
         b = np.take_along_axis(flat, i + 1, axis=1)
         return (a + f * (b - a)).reshape(s.shape)
+    if method == "kaiser":
+        return _kaiser_shift(flat, sh).reshape(s.shape)
     if method != "fourier":
         raise ValueError(f"unknown shift method {method!r}")
     slope = (flat[:, -1] - flat[:, 0]) / (n - 1)
@@ -180,6 +188,31 @@ def shift_spectra(spectra: ArrayLike, shift_channels: ArrayLike, *, method: str 
     )[:, :n]
     out += line + slope[:, None] * sh[:, None]
     return out.reshape(s.shape)
+
+
+KAISER_TAPS = 24
+"""Half-length (taps on each side) of the windowed-sinc kernel of ``shift_spectra(method="kaiser")``."""
+KAISER_BETA = 11.0
+"""Kaiser window shape parameter of that kernel."""
+
+
+def _kaiser_shift(flat: Array, sh: Array) -> Array:
+    """Windowed-sinc shift of the rows of ``flat`` ``(k, n)`` by ``-sh`` channels (edges held)."""
+    k, n = flat.shape
+    K = KAISER_TAPS
+    base = np.floor(sh)
+    frac = sh - base
+    t = np.arange(-K + 1, K + 1)
+    x = frac[:, None] - t[None, :]
+    h = np.sinc(x) * np.i0(KAISER_BETA * np.sqrt(np.clip(1.0 - (x / K) ** 2, 0.0, None))) / np.i0(KAISER_BETA)
+    h /= h.sum(axis=1, keepdims=True)  # a flat spectrum stays flat (counts kept)
+    j = np.arange(n)
+    idx = np.clip(j[None, :] + base.astype(np.intp)[:, None], 0, n - 1)
+    padded = np.pad(np.take_along_axis(flat, idx, axis=1), ((0, 0), (K - 1, K)), mode="edge")
+    out = np.zeros((k, n))
+    for i in range(2 * K):  # value at j + frac: sum over t of h(t) x[j + t]
+        out += h[:, i, None] * padded[:, i : i + n]
+    return out
 
 
 def align_spectra(
@@ -243,7 +276,7 @@ def sum_aligned(
     dispersion_meV: float,
     energy_offset_meV: ArrayLike = 0.0,
     method: str = "xcorr",
-    shift_method: str = "fourier",
+    shift_method: str = "kaiser",
 ) -> tuple[Array, Array, Array]:
     """Align frames (``(..., n_frames, n_channels)``) and sum them per point on a common axis, ZLP at 0.
 
@@ -261,8 +294,11 @@ def sum_aligned(
     Notes
     -----
     Each point's frames are aligned on their own sum (:func:`align_spectra`), the sum's ZLP centre
-    (:func:`zlp_centre`) is found and the sum is moved (``shift_method``) so that it sits at channel j0.
-    ``energy_offset_meV`` may differ per frame (``(..., n_frames)``).
+    (:func:`zlp_centre`) is found, and then every frame is moved once, by its whole shift (known axis
+    offset, drift and the sum's placement at channel j0), with ``shift_method`` (default ``"kaiser"``,
+    see :func:`shift_spectra`: local, so the sums keep Poisson statistics; the former Fourier shifts spread
+    the zero-loss peak's noise into the tails, which made the zero-loss fit's chi2_red 11-25 and its
+    errors 1.5-2.5x too large).  ``energy_offset_meV`` may differ per frame (``(..., n_frames)``).
     """
     s = np.asarray(spectra, float)
     n = s.shape[-1]
@@ -271,6 +307,7 @@ def sum_aligned(
     off = np.broadcast_to(np.asarray(energy_offset_meV, float), s.shape[:-1]).reshape(flat.shape[:2])
     sums = np.empty((flat.shape[0], n))
     shifts = np.empty(flat.shape[:2])
+    total = np.empty(flat.shape[:2])  # each frame's whole shift onto its point's reference (channels)
     centre_ch = np.empty(flat.shape[0])
     ax = np.arange(n, dtype=float)
     for p in range(flat.shape[0]):
@@ -279,10 +316,11 @@ def sum_aligned(
         if np.any(known != 0):
             frames = shift_spectra(frames, -known, method=shift_method)
         aligned, sh = align_spectra(frames, dispersion_meV=dispersion_meV, method=method, shift_method=shift_method)
-        sums[p] = aligned.sum(axis=0)
-        centre_ch[p] = float(zlp_centre(ax, sums[p]))
+        centre_ch[p] = float(zlp_centre(ax, aligned.sum(axis=0)))
         shifts[p] = off[p, 0] + sh + dispersion_meV * centre_ch[p]
+        total[p] = sh / dispersion_meV - known
     j0 = float(np.round(np.median(centre_ch)))
-    sums = shift_spectra(sums, centre_ch - j0, method=shift_method)
+    for p in range(flat.shape[0]):  # one resampling per frame: its alignment and the sum's placement at j0
+        sums[p] = shift_spectra(flat[p], total[p] + (centre_ch[p] - j0), method=shift_method).sum(axis=0)
     energy = dispersion_meV * (ax - j0)
     return energy, sums.reshape(lead + (n,)), shifts.reshape(lead + s.shape[-2:-1])

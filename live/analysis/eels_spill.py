@@ -11,7 +11,7 @@ import scipy.sparse
 from numpy.typing import ArrayLike, NDArray
 
 from ._threads import row_blocks, thread_map
-from .eels_pearson7 import _p7_f, pearson7_model
+from .eels_pearson7 import Nodes, _p7_f, channel_nodes, pearson7_model
 from .eels_windows import _ROWS, Array, Reach, _axis, _floating
 from .eels_windows import reach as reach_of
 
@@ -244,6 +244,7 @@ def signal_model(
     coarse: int = 3,
     iterations: int = 30,
     groups: int | ArrayLike | None = 16,
+    order: int = 1,
 ) -> SignalModel:
     """Lucy-Richardson estimate of the unblurred phonon signal, with the fitted ZLP as resolution function.
 
@@ -274,6 +275,8 @@ def signal_model(
         their order, and a spectrum stays in its group only if its signal and resolution agree with the
         group's within the counting noise (:func:`_equivalent_groups`; else it is deconvolved alone); or
         ``(k,)`` labels of the groups (taken as given); ``None`` or 1: one deconvolution per spectrum.
+    order
+        Gauss-Legendre nodes per channel of the subtracted zero-loss model (``ZLPFit.order``; 1: channel centres).
     """
     s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
     batch, n = s.shape[:-1], s.shape[-1]
@@ -288,6 +291,7 @@ def signal_model(
         coarse=coarse,
         iterations=iterations,
         groups=groups,
+        nodes=channel_nodes(order, disp) if order > 1 else None,
     )
 
 
@@ -310,10 +314,12 @@ def _signal_model(
     workers: int | None = None,
     reach: Reach | None = None,
     accelerate: bool = ACCELERATE,
+    nodes: Nodes | None = None,
 ) -> SignalModel:
     """:func:`signal_model` on ``(k, n)`` spectra with offsets ``(k,)`` and parameters ``(k, 4)``.
 
     ``reach``: the acquired range on each side (default: from the axis); samples beyond it are not used.
+    ``nodes``: channel integration of the subtracted zero-loss model (:func:`~.eels_pearson7.channel_nodes`).
     """
     k = len(p)
     h = coarse * disp
@@ -349,7 +355,7 @@ def _signal_model(
                 data = _interp_uniform(flat[rows], start, coarse, count)
             if var is not None:  # Poisson variance of the sample: the counts over min(coarse, 2) channels
                 var[rows, done : done + count] = np.maximum(data, 1.0) / min(coarse, 2)
-            data -= _p7_f(np.broadcast_to(ax[run], data.shape), pz[rows])
+            data -= _p7_f(np.broadcast_to(ax[run], data.shape), pz[rows], nodes)
             obs[rows, done : done + count] = data
             done += count
 

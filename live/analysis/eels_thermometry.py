@@ -10,7 +10,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ._threads import row_blocks, thread_map
 from .eels_deconvolution import lucy_richardson
-from .eels_pearson7 import _p7_f, _p7_fj
+from .eels_pearson7 import Nodes, _p7_f, _p7_fj
 from .eels_resolution import _resolution_offset
 from .eels_spill import signal_model
 from .eels_windows import _ROWS, Array, _axis, _floating, both_sides, reach
@@ -111,7 +111,8 @@ def log_ratio_bins(
     -------
     dict
         ``e`` bin centres (n_bins,), ``L``, ``G`` (signals), ``SL``, ``SG`` (detected counts), ``vL``,
-        ``vG`` (their Poisson + read-noise variances), ``ZL``, ``ZG`` (ZLP model) and ``dL``, ``dG``
+        ``vG`` (their Poisson + read-noise variances), ``cL``, ``cG`` (covariance of bin j with bin j + 1 from
+        their shared boundary channel; last column 0), ``ZL``, ``ZG`` (ZLP model) and ``dL``, ``dG``
         ``(k, n_bins, 4)`` (derivatives of L and G with respect to the ZLP parameters), ``window`` (the
         window used: ``window_min_meV`` up to ``window_max_meV`` -- default the next zero-loss window --
         intersected with the range acquired on both sides).
@@ -143,7 +144,7 @@ def log_ratio_bins(
     rn2 = float(read_noise_counts) ** 2
 
     def rows(sl: slice) -> dict[str, Array]:
-        return _log_ratio_rows(flat[sl], off[sl], p[sl], disp, window_min_meV, nb, b, rn2)
+        return _log_ratio_rows(flat[sl], off[sl], p[sl], disp, window_min_meV, nb, b, rn2, zlp.nodes)
 
     # blocks of spectra (temporaries stay in cache) on parallel threads
     parts = thread_map(rows, row_blocks(max(len(p), 1), _ROWS), workers)  # one block at least (its keys)
@@ -157,7 +158,8 @@ def log_ratio_bins(
 
 
 def _log_ratio_rows(
-    flat: Array, off: Array, p: Array, disp: float, window_min_meV: float, nb: int, b: int, rn2: float
+    flat: Array, off: Array, p: Array, disp: float, window_min_meV: float, nb: int, b: int, rn2: float,
+    nodes: Nodes | None = None,
 ) -> dict[str, Array]:
     """:func:`log_ratio_bins` for spectra ``flat`` ``(k, n)`` with offsets ``(k,)``, ZLP parameters ``(k, 4)``."""
     c = p[:, 1]
@@ -176,9 +178,15 @@ def _log_ratio_rows(
     SG, varG = _bin_interp(vG_raw, gG, 1, nb, b)
     varL = varL + rn2 * _coef2(fL, nb, b)
     varG = varG + rn2 * _coef2(gG, nb, b)
+    # neighbouring bins share their boundary channel (weights f and 1 - f): covariance f (1 - f) var
+    # (bin j with bin j + 1; the last column is 0)
+    covL = np.zeros_like(SL)
+    covG = np.zeros_like(SG)
+    covL[:, :-1] = (fL * (1.0 - fL))[:, None] * (vL_raw[:, b : nb * b : b] + rn2)
+    covG[:, :-1] = (gG * (1.0 - gG))[:, None] * (vG_raw[:, b : nb * b : b] + rn2)
     # model at the same channels, same interpolation (float32, cache-blocked: rounding 6e-8 of a ZLP tail)
-    ZL = _bin_sums(_p7_f(off[:, None] + disp * iL, p), fL, nb, b)
-    ZG = _bin_sums(_p7_f(off[:, None] + disp * iG, p), gG, nb, b)
+    ZL = _bin_sums(_p7_f(off[:, None] + disp * iL, p, nodes), fL, nb, b)
+    ZG = _bin_sums(_p7_f(off[:, None] + disp * iG, p, nodes), gG, nb, b)
     # derivatives (for the ZLP covariance only): smooth across a bin, so b x the Jacobian at the bin centre
     # (the bin's points are pos +- (j b + i), i = 0..b-1, on the loss / gain side)
     mid = b * np.arange(nb) + 0.5 * (b - 1)
@@ -192,8 +200,15 @@ def _log_ratio_rows(
     return {
         "SL": SL,
         "SG": SG,
+        # variance per expected count of a bin (interpolation weights of its channels) and the read-noise variance
+        "qL": _coef2(fL, nb, b) / b,
+        "qG": _coef2(gG, nb, b) / b,
+        "rL": rn2 * _coef2(fL, nb, b),
+        "rG": rn2 * _coef2(gG, nb, b),
         "vL": varL,
         "vG": varG,
+        "cL": covL,
+        "cG": covG,
         "ZL": ZL,
         "ZG": ZG,
         "L": SL - ZL,
@@ -229,7 +244,7 @@ def temperature(
     window_min_meV: float = 55.0,
     window_max_meV: float | None = None,
     bin_meV: float = 2.2,
-    zlp_windows_meV: tuple[tuple[float, float], ...] = ((10.0, 30.0), (130.0, 200.0)),
+    zlp_windows_meV: tuple[tuple[float, float], ...] = ((6.0, 30.0), (130.0, 200.0)),
     zlp: ZLPFit | None = None,
     deconvolve: bool = False,
     lr_iterations: int = 5,
@@ -239,6 +254,7 @@ def temperature(
     scale_by_chi2: bool | None = None,
     resolution_correction: bool | None = None,
     lr_correction_iterations: int = 30,
+    zlp_weighting: bool = True,
     workers: int | None = None,
 ) -> TemperatureResult:
     """Temperature from detailed balance, ``log(I_loss(E) / I_gain(E)) = E / (k_B T)``.
@@ -322,6 +338,11 @@ def temperature(
     ex = np.exp(slope[..., None] * e)
     Lh = tot * ex / (1.0 + ex)
     Gh = tot / (1.0 + ex)
+    # variances from the expected counts (signal estimate + zero-loss model), not the observed ones: observed
+    # variances weight down the bins whose gain fluctuated up, which biases the slope up by ~1/counts (-0.2 %
+    # in T at 4e7 zero-loss counts, -4 % at 4e6)
+    vL = np.maximum(Lh + d["ZL"], 0.0) * d["qL"] + d["rL"]
+    vG = np.maximum(Gh + d["ZG"], 0.0) * d["qG"] + d["rG"]
     good = ok & (Lh > 0) & (Gh > min_snr * np.sqrt(np.maximum(vG, 1e-300)))
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.log(np.where(good, L, 1.0) / np.where(good, G, 1.0))
@@ -331,32 +352,42 @@ def temperature(
         y = y + 0.5 * (rl - rg)
     w = np.where(good, 1.0 / (rl + rg), 0.0)
     y = np.where(good, y, 0.0)
-    swee = np.maximum((w * e * e).sum(-1), 1e-300)
-    slope = (w * e * y).sum(-1) / swee
+    # ZLP covariance through the log ratio: dy/dp = dL/dp / L - dG/dp / G
+    with np.errstate(divide="ignore", invalid="ignore"):
+        dy = d["dL"] / np.where(good, Lh, 1.0)[..., None] - d["dG"] / np.where(good, Gh, 1.0)[..., None]
+    dy = np.where(good[..., None], dy, 0.0)
+    wf = _gls_weights(w, e, dy, zlp.cov.reshape(w.shape[:-1] + (4, 4))) if zlp_weighting else w
+    swee = np.maximum((wf * e * e).sum(-1), 1e-300)
+    slope = (wf * e * y).sum(-1) / swee
     offset = np.zeros_like(y)
     if resolution_correction is None:
         resolution_correction = not deconvolve
     if resolution_correction:
         signal = zlp.signal
         if signal is None:
-            signal = signal_model(energy_meV, s, zlp.params, iterations=lr_correction_iterations)
+            signal = signal_model(energy_meV, s, zlp.params, iterations=lr_correction_iterations, order=zlp.order)
         offset = _resolution_offset(signal, d["e_points"], slope.reshape(-1), iterations=3, y=y.reshape(-1, e.size),
-                                    w=w.reshape(-1, e.size), e=e)
+                                    w=wf.reshape(-1, e.size), e=e)
         offset = offset.reshape(y.shape)
-        slope = (w * e * (y - offset)).sum(-1) / swee
+        slope = (wf * e * (y - offset)).sum(-1) / swee
     y = np.where(good, y - offset, 0.0)
     nbin = good.sum(-1)
     resid = y - slope[..., None] * e
     chi2_red = (w * resid**2).sum(-1) / np.maximum(nbin - 1, 1)
-    var_count = 1.0 / swee
+    # counting variance of the slope: the bins' own variances (1 / w) and the covariance of neighbouring bins
+    # (they share a boundary channel; at 2 meV per channel and 2.2 meV bins it is 1/2 of a bin's variance)
+    a = wf * e / swee[..., None]  # slope = sum a y
+    both = good[..., 1:] & good[..., :-1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cov_y = np.where(both, d["cL"][..., :-1] / np.where(both, Lh[..., 1:] * Lh[..., :-1], 1.0)
+                         + d["cG"][..., :-1] / np.where(both, Gh[..., 1:] * Gh[..., :-1], 1.0), 0.0)
+        var_y = np.where(good, 1.0 / np.where(good, w, 1.0), 0.0)
+    var_count = (a * a * var_y).sum(-1) + 2.0 * (a[..., 1:] * a[..., :-1] * cov_y).sum(-1)
     if scale_by_chi2 is None:
         scale_by_chi2 = deconvolve
     if scale_by_chi2:
         var_count = var_count * np.maximum(1.0, chi2_red)
-    # ZLP covariance through the slope: dy/dp = dL/dp / L - dG/dp / G
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dy = d["dL"] / np.where(good, Lh, 1.0)[..., None] - d["dG"] / np.where(good, Gh, 1.0)[..., None]
-    jb = ((w * e)[..., None] * dy).sum(-2) / swee[..., None]
+    jb = (a[..., None] * dy).sum(-2)  # d slope / d ZLP parameters
     var_zlp = np.einsum("...i,...ij,...j->...", jb, zlp.cov, jb)
     var = var_count + var_zlp
     slope_safe = np.where(slope > 0, slope, np.nan)
@@ -377,6 +408,28 @@ def temperature(
         weights=w,
         window_meV=(float(d["window"][0]), float(d["window"][1])),
     )
+
+
+def _gls_weights(w: Array, e: Array, dy: Array, cov: Array) -> Array:
+    """Per-bin weights ``u`` of the generalised least-squares line through the origin, ``slope = sum u e y /
+    sum u e^2``, for the covariance ``V = diag(1 / w) + J C J^T`` of the log ratio (counting noise and the
+    zero-loss fit's covariance ``C`` ``(..., 4, 4)`` through ``J = dy/dp`` ``(..., n_bins, 4)``).
+
+    ``V^-1 e`` by the Woodbury identity (a 4 x 4 solve per spectrum); ``u = (V^-1 e) / e``.  Bins where the
+    zero-loss tail (and so its uncertainty) dominates get less weight than counting alone would give them.
+    """
+    we = w * e
+    jw = dy * w[..., None]  # W J
+    m = np.einsum("...ni,...nj->...ij", jw, dy)  # J^T W J
+    try:
+        cinv = np.linalg.inv(cov)
+        rhs = np.einsum("...ni,...n->...i", jw, we / np.maximum(w, 1e-300))  # J^T W e
+        x = np.linalg.solve(cinv + m, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError:
+        return w
+    vinv_e = we - np.einsum("...ni,...i->...n", jw, x)
+    out = vinv_e / e
+    return np.where(np.isfinite(out), out, w)
 
 
 def counting_limit_sigma_T(
