@@ -165,8 +165,12 @@ def _similar_groups(features: Array, size: int) -> tuple[NDArray[np.intp], int]:
 
 
 def grouping_by_size(groups: int | ArrayLike | None, k: int) -> bool:
-    """Whether ``groups`` asks for groups of similar spectra of about that size (rather than labels or none)."""
-    return np.ndim(groups) == 0 and groups is not None and 1 < int(groups) < k  # type: ignore[arg-type]
+    """Whether ``groups`` asks for groups of similar spectra of about that size (rather than labels or none).
+
+    Also for ``k`` up to the size: a batch of a few spectra (e.g. a row of a map of two materials) must not
+    share one deconvolution unchecked either.
+    """
+    return np.ndim(groups) == 0 and groups is not None and 1 < int(groups) and k > 1  # type: ignore[arg-type]
 
 
 EQUIVALENCE_Z = 3.0
