@@ -407,6 +407,7 @@ class EELSStage(Stage):
         with single_threaded_blas():
             sums, temps = self._align_and_fit(todo)
         every = int(self.params["labels_every"])
+        before = len(self._sums)
         for i, (point, frames, _) in enumerate(todo):
             self._sums[point] = sums[point]
             attrs: dict[str, Any] = {"n_frames": int(len(frames)), "x_nm": self._positions[point][0],
@@ -419,8 +420,11 @@ class EELSStage(Stage):
                 t_attrs = {**attrs, **self._state.temp_windows}
                 yield Result(self.name, "temperature_K", _scalar(temp[0]), index=point, attrs=t_attrs)
                 yield Result(self.name, "temperature_err_K", _scalar(temp[1]), index=point, attrs=t_attrs)
-            if every > 0 and len(self._sums) >= max(2 * int(self.params["k"]), 2) and len(self._sums) % every == 0:
-                yield from self._segmentation(final=False)
+        # the live segmentation: refreshed once per block when its point count passed a multiple of labels_every
+        # (a k-means over every point so far: once per point of a map row would cost O(points^2))
+        n = len(self._sums)
+        if every > 0 and n >= max(2 * int(self.params["k"]), 2) and n // every > before // every:
+            yield from self._segmentation(final=False)
 
     def _align_and_fit(self, todo: list[tuple[int, np.ndarray, np.ndarray]]) -> tuple[
         dict[int, np.ndarray], list[tuple[float, float] | None]

@@ -301,5 +301,10 @@ def _place_single_frames(
     ax = np.arange(n, dtype=float)
     centre_ch = np.asarray(zlp_centre(ax, frames), dtype=float).reshape(-1)
     j0 = float(np.round(np.median(centre_ch)))
-    sums = shift_spectra(frames, centre_ch - j0, method=shift_method)
+    sums = np.empty(frames.shape)
+
+    def place(rows: slice) -> None:  # blocks: the shift's (rows, 2 n) temporaries stay small
+        sums[rows] = shift_spectra(frames[rows], centre_ch[rows] - j0, method=shift_method)
+
+    thread_map(place, row_blocks(len(frames), _ROWS))
     return dispersion_meV * (ax - j0), sums, offset_meV + dispersion_meV * centre_ch
