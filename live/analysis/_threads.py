@@ -59,6 +59,12 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def fft_workers() -> int:
+    """``workers`` of the multi-row ``scipy.fft`` calls: all CPUs (-1), or the :func:`limit_threads` limit."""
+    limit = _LIMIT.get()
+    return -1 if limit is None else limit
+
+
 def thread_map(fn: Callable[[T], R], items: Iterable[T], workers: int | None = None) -> list[R]:
     """``[fn(item) for item in items]``, on ``workers`` threads (None: :func:`default_workers`), in order.
 
