@@ -282,6 +282,7 @@ class EELSStage(Stage):
         self._block = 1
         self._open: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
         self._closed: list[tuple[int, np.ndarray, np.ndarray]] = []  # closed positions awaiting their block
+        self._closed_blocks: set[int] = set()  # their blocks
         self._state = EELSPoints()
 
     # the per-point state under its former names (read by the final step)
@@ -393,12 +394,13 @@ class EELSStage(Stage):
     def _close_point(self, point: int) -> None:
         chunks = self._open.pop(point)
         self._closed.append((point, np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])))
+        self._closed_blocks.add(point // self._block)
 
     def _run_pending(self, current_block: int | None) -> Iterator[Result]:
         """Analyse the closed positions unless they belong to ``current_block`` (None: all of them)."""
-        if not self._closed or (current_block is not None
-                                and all(p // self._block == current_block for p, _, _ in self._closed)):
+        if not self._closed or (current_block is not None and self._closed_blocks == {current_block}):
             return
+        self._closed_blocks = set()
         todo, self._closed = self._closed, []
         yield from self._run_block(todo)
 
