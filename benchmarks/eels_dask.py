@@ -6,14 +6,24 @@ Writes a two-material map (one 2048-channel spectrum per point, corpus generator
 gradient across x) as a session file in a temporary folder, then times, in the same run, ``replay --analyze``
 in-process and :func:`stemlive.live.pipeline.batch.analyze_files` (maps split by rows of points; cluster start-up
 included and reported separately), and checks that both give the same arrays.
+
+Steps (wall and CPU seconds, accumulated by wrapping the functions in this process): recording the spectra
+into the output file, the per-point step (alignment, temperatures), writing per-point result rows, the final
+step (whole-map datasets, segmentation, peaks).  On Dask the per-point step runs on the workers: their task
+time (Dask's task stream) and CPU time (each worker process) are reported instead.  The load average of the
+shared machine is printed with each phase.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 import tempfile
 import time
+from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from corpus import generator  # noqa: E402
 
-from stemlive.live.pipeline import batch  # noqa: E402
+from stemlive.live.analysis import eels  # noqa: E402
+from stemlive.live.pipeline import batch, stages  # noqa: E402
 from stemlive.live.pipeline.registry import make_params  # noqa: E402
 from stemlive.live.pipeline.replay import replay_analyze  # noqa: E402
+from stemlive.live.storage import session as session_mod  # noqa: E402
 from stemlive.live.storage.session import SessionWriter  # noqa: E402
 from stemlive.live.wire.protocol import Message  # noqa: E402
 
@@ -60,6 +72,55 @@ def _arrays(path: Path) -> dict[str, Any]:
     return out
 
 
+STEPS: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+"""step -> [wall s, CPU s of this process] (CPU includes the analysis's own threads)."""
+
+
+def _timed(step: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            STEPS[step][0] += time.perf_counter() - t0
+            STEPS[step][1] += time.process_time() - c0
+    return wrapper
+
+
+def _timed_gen(step: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        t0, c0 = time.perf_counter(), time.process_time()
+        try:
+            yield from fn(*args, **kwargs)
+        finally:
+            STEPS[step][0] += time.perf_counter() - t0
+            STEPS[step][1] += time.process_time() - c0
+    return wrapper
+
+
+def _instrument() -> None:
+    """Time the steps in this process (the wrapped functions do not call one another)."""
+    w = session_mod.SessionWriter
+    w.append = _timed("record spectra", w.append)  # type: ignore[method-assign]
+    w.write_result = _timed("write result rows", w.write_result)  # type: ignore[method-assign]
+    eels.sum_aligned = _timed("alignment", eels.sum_aligned)
+    st = stages.EELSStage
+    st._temperatures = _timed("temperatures", st._temperatures)  # type: ignore[method-assign]
+    st._final = _timed_gen("final step (datasets, segmentation, peaks)", st._final)  # type: ignore[method-assign]
+
+
+def _report(label: str) -> None:
+    for step, (wall, cpu) in sorted(STEPS.items()):
+        print(f"  {label} {step:45s} {wall:8.1f} s wall {cpu:8.1f} s CPU", flush=True)
+    STEPS.clear()
+
+
+def _load() -> str:
+    return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256)
@@ -77,27 +138,52 @@ def main() -> None:
         write_map(src, args.size, args.channels)
         print(f"wrote {args.size}x{args.size} x {args.channels} channels: {time.perf_counter() - t0:.1f} s", flush=True)
 
+        _instrument()
+        print(f"in-process start: {_load()}", flush=True)
         t0, c0 = time.perf_counter(), time.process_time()
         replay_analyze(src, d / "in_process.h5", params)
         t_in, c_in = time.perf_counter() - t0, time.process_time() - c0
-        print(f"in-process replay --analyze: {t_in:.1f} s wall, {c_in:.1f} s CPU", flush=True)
+        print(f"in-process replay --analyze: {t_in:.1f} s wall, {c_in:.1f} s CPU; end: {_load()}", flush=True)
+        _report("in-process")
 
         t0 = time.perf_counter()
         client, close = batch.open_client(n_workers=args.workers)
         t_start = time.perf_counter() - t0
         try:
-            t0 = time.perf_counter()
-            out = batch.analyze_files([src], d / "batch", params, client=client, rows_per_task=args.rows_per_task)[0]
-            t_batch = time.perf_counter() - t0
+            from distributed import get_task_stream
+
+            cpu0 = client.run(time.process_time)
+            print(f"Dask start: {_load()}", flush=True)
+            t0, c0 = time.perf_counter(), time.process_time()
+            with get_task_stream(client) as ts:
+                out = batch.analyze_files([src], d / "batch", params, client=client,
+                                          rows_per_task=args.rows_per_task)[0]
+            t_batch, c_batch = time.perf_counter() - t0, time.process_time() - c0
+            cpu1 = client.run(time.process_time)
         finally:
             close()
-        print(f"Dask, {args.workers} local workers: {t_batch:.1f} s wall (+ {t_start:.1f} s cluster start-up); "
-              f"in-process / Dask = {t_in / t_batch:.2f}", flush=True)
+        tasks = [t for t in ts.data if "map_rows" in str(t.get("key", ""))]
+        task_s = sum(x["stop"] - x["start"] for t in tasks for x in t.get("startstops", ())
+                     if x.get("action") == "compute")
+        worker_cpu = sum(cpu1[w] - cpu0[w] for w in cpu1)
+        print(f"Dask, {args.workers} local workers: {t_batch:.1f} s wall (+ {t_start:.1f} s cluster start-up), "
+              f"client {c_batch:.1f} s CPU, workers {worker_cpu:.1f} s CPU ({task_s:.1f} s in {len(tasks)} tasks); "
+              f"end: {_load()}", flush=True)
+        _report("Dask client")
+        print(f"in-process / Dask = {t_in / t_batch:.2f} (wall), CPU in-process / (client + workers) = "
+              f"{c_in / (c_batch + worker_cpu):.2f}", flush=True)
         a, b = _arrays(d / "in_process.h5"), _arrays(out)
         same = sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")
-                                              if a[k].dtype.names is None else a[k].tobytes() == b[k].tobytes()
+                                              if a[k].dtype.names is None else a[k].tolist() == b[k].tolist()
                                               for k in a)
         print(f"identical results: {same}")
+        if not same:
+            for k in sorted(set(a) | set(b)):
+                if k not in a or k not in b:
+                    print(f"  only in one file: {k}")
+                elif not (np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") if a[k].dtype.names is None
+                          else a[k].tolist() == b[k].tolist()):
+                    print(f"  differs: {k}: {str(a[k])[:300]} | {str(b[k])[:300]}")
 
 
 if __name__ == "__main__":

@@ -305,6 +305,9 @@ def sum_aligned(
     lead = s.shape[:-2]
     flat = s.reshape((-1,) + s.shape[-2:])
     off = np.broadcast_to(np.asarray(energy_offset_meV, float), s.shape[:-1]).reshape(flat.shape[:2])
+    if flat.shape[1] == 1:  # one frame per point (maps): nothing to align, all points at once
+        energy, sums1, shifts1 = _place_single_frames(flat[:, 0], off[:, 0], dispersion_meV, shift_method)
+        return energy, sums1.reshape(lead + (n,)), shifts1.reshape(lead + (1,))
     sums = np.empty((flat.shape[0], n))
     shifts = np.empty(flat.shape[:2])
     total = np.empty(flat.shape[:2])  # each frame's whole shift onto its point's reference (channels)
@@ -324,3 +327,22 @@ def sum_aligned(
         sums[p] = shift_spectra(flat[p], total[p] + (centre_ch[p] - j0), method=shift_method).sum(axis=0)
     energy = dispersion_meV * (ax - j0)
     return energy, sums.reshape(lead + (n,)), shifts.reshape(lead + s.shape[-2:-1])
+
+
+def _place_single_frames(
+    frames: Array, offset_meV: Array, dispersion_meV: float, shift_method: str
+) -> tuple[Array, Array, Array]:
+    """:func:`sum_aligned` of points of one frame each ``(k, n)``: a frame aligned on itself does not move, so
+    only its zero-loss centre is found and it is placed at channel j0 (vectorised over the points: one point
+    at a time costs ~1-2 ms of per-call overhead, 40x the arithmetic)."""
+    n = frames.shape[-1]
+    ax = np.arange(n, dtype=float)
+    centre_ch = np.asarray(zlp_centre(ax, frames), dtype=float).reshape(-1)
+    j0 = float(np.round(np.median(centre_ch)))
+    sums = np.empty(frames.shape)
+
+    def place(rows: slice) -> None:  # blocks: the shift's (rows, 2 n) temporaries stay small
+        sums[rows] = shift_spectra(frames[rows], centre_ch[rows] - j0, method=shift_method)
+
+    thread_map(place, row_blocks(len(frames), _ROWS))
+    return dispersion_meV * (ax - j0), sums, offset_meV + dispersion_meV * centre_ch

@@ -10,7 +10,7 @@ import scipy.fft
 import scipy.sparse
 from numpy.typing import ArrayLike, NDArray
 
-from ._threads import row_blocks, thread_map
+from ._threads import fft_workers, row_blocks, thread_map
 from .eels_pearson7 import Nodes, _p7_f, channel_nodes, pearson7_model
 from .eels_windows import _ROWS, Array, Reach, _axis, _floating
 from .eels_windows import reach as reach_of
@@ -52,8 +52,9 @@ class SignalModel:
 
     def _convolve(self, source: Array, kern: NDArray[np.complex128]) -> Array:
         n = self.axis_meV.size
+        w = fft_workers()
         return scipy.fft.irfft(
-            scipy.fft.rfft(source, self.nfft, axis=-1, workers=-1) * kern, self.nfft, axis=-1, workers=-1
+            scipy.fft.rfft(source, self.nfft, axis=-1, workers=w) * kern, self.nfft, axis=-1, workers=w
         )[:, :n]
 
     def blur(self, source: Array) -> Array:
@@ -165,8 +166,12 @@ def _similar_groups(features: Array, size: int) -> tuple[NDArray[np.intp], int]:
 
 
 def grouping_by_size(groups: int | ArrayLike | None, k: int) -> bool:
-    """Whether ``groups`` asks for groups of similar spectra of about that size (rather than labels or none)."""
-    return np.ndim(groups) == 0 and groups is not None and 1 < int(groups) < k  # type: ignore[arg-type]
+    """Whether ``groups`` asks for groups of similar spectra of about that size (rather than labels or none).
+
+    Also for ``k`` up to the size: a batch of a few spectra (e.g. a row of a map of two materials) must not
+    share one deconvolution unchecked either.
+    """
+    return np.ndim(groups) == 0 and groups is not None and 1 < int(groups) and k > 1  # type: ignore[arg-type]
 
 
 EQUIVALENCE_Z = 3.0
@@ -376,7 +381,7 @@ def _signal_model(
     lag = np.where(lag < nfft // 2, lag, lag - nfft) * h
     kern = pearson7_model(lag[None, :], np.column_stack([np.ones(n_groups), np.zeros(n_groups), shape_g]))
     kern = kern / kern.sum(-1, keepdims=True)  # type: ignore[union-attr]
-    kf = scipy.fft.rfft(kern.astype(np.float32), axis=-1, workers=-1)
+    kf = scipy.fft.rfft(kern.astype(np.float32), axis=-1, workers=fft_workers())
     model = SignalModel(np.asarray(ax, dtype=np.float64), np.zeros((0, ax.size)), kf, nfft)
     mask = mask.astype(np.float32)
     o = (np.maximum(obs_g, 0.0) * mask).astype(np.float32)
@@ -392,7 +397,8 @@ def _signal_model(
         ks[:, :size] = kern[:, :size]  # lags 0 .. L - 1
         if size > 1:
             ks[:, n_sub - size + 1 :] = kern[:, nfft - size + 1 :]  # lags -(L - 1) .. -1
-        sub = SignalModel(ax[i0:i1].astype(float), np.zeros((0, size)), scipy.fft.rfft(ks, axis=-1, workers=-1), n_sub)
+        ks_fft = scipy.fft.rfft(ks, axis=-1, workers=fft_workers())
+        sub = SignalModel(ax[i0:i1].astype(float), np.zeros((0, size)), ks_fft, n_sub)
     else:
         sub, i0, i1 = model, 0, ax.size
     ms = mask[i0:i1]

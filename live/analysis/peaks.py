@@ -11,14 +11,15 @@ the reduced chi-square; a fit that does not converge is marked in the table's ``
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import scipy.fft
 import scipy.optimize
 from numpy.typing import ArrayLike, NDArray
+
+from .peak_models import FWHM_PER_SIGMA, Problem, plain_problem, zlp_problem
+from .peak_resolution import fit_resolution, resolution_function
 
 __all__ = [
     "PEAK_DTYPE",
@@ -43,61 +44,6 @@ PEAK_DTYPE = np.dtype(
         ("converged", "i1"),  # 1: the optimiser converged; 0: it stopped (evaluation cap, non-finite model)
     ]
 )
-FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
-KB_MEV_PER_K = 8.617333262e-2
-# channel integration of the resolution: trapezoid over one channel width (5 sub-samples)
-_SUB_OFFSETS = np.array([-0.5, -0.25, 0.0, 0.25, 0.5])
-_SUB_WEIGHTS = np.array([0.125, 0.25, 0.25, 0.25, 0.125])
-
-
-def resolution_function(energy_meV: ArrayLike, fwhm_meV: float, m: float, dispersion_meV: float) -> Array:
-    """Symmetric Pearson VII (peak 1 before integration) integrated over one channel of ``dispersion_meV``.
-
-    The detector integrates over a channel; omitting it makes a Pearson VII fitted to the zero-loss core
-    slightly too wide with a too-steep tail (+0.1 % FWHM, -0.9 % of the tail at 60 meV for 8.3 meV
-    resolution), which at 18-25 meV, where the ZLP tail is 5-20x the phonon signal, moves the lowest
-    peaks by up to 1.4 meV.
-    """
-    e = np.asarray(energy_meV, float)
-    cc = 2.0 ** (1.0 / m) - 1.0
-    out = np.zeros_like(e)
-    for o, wt in zip(_SUB_OFFSETS * dispersion_meV, _SUB_WEIGHTS, strict=True):
-        out += wt * (1.0 + 4.0 * cc * ((e + o) / fwhm_meV) ** 2) ** (-m)
-    return out
-
-
-def fit_resolution(
-    energy_meV: ArrayLike, spectrum: ArrayLike, *, core_meV: float = 10.0, gain_side_only: bool = False
-) -> Array:
-    """Zero-loss peak ``A R(E - c)`` (:func:`resolution_function`) fitted to ``|E| <= core_meV``.
-
-    Returns ``(c, A, fwhm, m)``.  With ``gain_side_only`` only ``-core_meV <= E <= 0`` is used and ``c = 0``
-    is fixed (loss side background-subtracted; the aligned sums have their ZLP centre at 0).  Poisson
-    weights from the data.
-    """
-    e = np.asarray(energy_meV, float)
-    y = np.asarray(spectrum, float)
-    disp = float(e[1] - e[0])
-    m = (e >= -core_meV) & (e <= (0.0 if gain_side_only else core_meV))
-    em, ym = e[m], y[m]
-    sd = np.sqrt(np.maximum(ym, 1.0))
-    i0 = int(np.argmax(ym))
-    half = em[ym >= 0.5 * ym[i0]]
-    fw0 = max(2 * disp, 2 * float(np.max(np.abs(half - em[i0]))) if gain_side_only else float(np.ptp(half)) + disp)
-    if gain_side_only:
-
-        def r1(q: Array) -> Array:
-            return (q[0] * resolution_function(em, q[1], q[2], disp) - ym) / sd
-
-        q = scipy.optimize.least_squares(r1, [ym[i0], fw0, 2.0], method="lm", x_scale="jac").x
-        return np.array([0.0, q[0], abs(q[1]), q[2]])
-
-    def r2(q: Array) -> Array:
-        return (q[1] * resolution_function(em - q[0], q[2], q[3], disp) - ym) / sd
-
-    q = scipy.optimize.least_squares(r2, [em[i0], ym[i0], fw0, 2.0], method="lm", x_scale="jac").x
-    q[2] = abs(q[2])
-    return q
 
 
 @dataclass
@@ -137,30 +83,9 @@ class PeakFit:
     baseline: Array = field(default_factory=lambda: np.zeros(0))
 
 
-# ------------------------------------------------------------------------------------------ the problems
-@dataclass
-class _Problem:
-    """A least-squares problem with ``n`` peaks: ``p = [front..., (a, c, s) x n, back...]``."""
 
-    e: Array  # fitted channels
-    y: Array
-    sd: Array
-    front: Array  # start values of the parameters before the peaks
-    back: Array  # ... and after them
-    front_bounds: tuple[Array, Array]
-    back_bounds: tuple[Array, Array]
-    model: Callable[[Array, int], Array]
-    jac: Callable[[Array, int], Array] | None  # residual Jacobian, or None for finite differences
-    linear_back: NDArray[np.intp]  # back parameters that enter linearly (start by least squares)
-    search: Array  # loss energies where a new peak may start (window)
-    resolution_fwhm: float  # NaN: no resolution model
-
-    @property
-    def n_front(self) -> int:
-        return self.front.size
-
-
-def _unit_shapes(prob: _Problem, p: Array, n: int) -> Array:
+# ------------------------------------------------------------------------------------------ the fit
+def _unit_shapes(prob: Problem, p: Array, n: int) -> Array:
     """Model columns for unit heights of the ``n`` peaks (linear in the heights)."""
     cols = []
     base = p.copy()
@@ -174,7 +99,7 @@ def _unit_shapes(prob: _Problem, p: Array, n: int) -> Array:
     return np.array(cols).reshape(n, -1)
 
 
-def _linear_start(prob: _Problem, p: Array, n: int, allow_negative: bool) -> Array:
+def _linear_start(prob: Problem, p: Array, n: int, allow_negative: bool) -> Array:
     """Heights (and linear back parameters) by weighted linear least squares at fixed centres and widths."""
     f = prob.n_front
     q = p.copy()
@@ -198,7 +123,7 @@ def _linear_start(prob: _Problem, p: Array, n: int, allow_negative: bool) -> Arr
     return out
 
 
-def _bounds(prob: _Problem, n: int, window: tuple[float, float], min_sigma: float, allow_negative: bool
+def _bounds(prob: Problem, n: int, window: tuple[float, float], min_sigma: float, allow_negative: bool
             ) -> tuple[Array, Array]:
     # centres may go up to two resolution widths beyond the window: the tail of a mode just outside it is
     # modelled by a peak there (and not reported) rather than by one pinned at the window's edge
@@ -210,7 +135,7 @@ def _bounds(prob: _Problem, n: int, window: tuple[float, float], min_sigma: floa
     return lo, hi
 
 
-def _solve(prob: _Problem, p0: Array, n: int, bounds: tuple[Array, Array], max_nfev: int
+def _solve(prob: Problem, p0: Array, n: int, bounds: tuple[Array, Array], max_nfev: int
            ) -> tuple[scipy.optimize.OptimizeResult, bool]:
     lo, hi = bounds
     span = np.where(np.isfinite(hi - lo), hi - lo, np.maximum(np.abs(p0), 1.0))
@@ -252,7 +177,7 @@ def _table(p: Array, cov: Array, n: int, offset: int, cluster: int, converged: b
     return np.sort(out, order="centre_meV")
 
 
-def _new_centre(prob: _Problem, p: Array, n: int, taken: list[float], min_sep: float) -> float:
+def _new_centre(prob: Problem, p: Array, n: int, taken: list[float], min_sep: float) -> float:
     """Loss energy of the largest smoothed positive residual in the search window, away from ``taken``."""
     r = (prob.y - prob.model(p, n)) / prob.sd
     e = prob.e
@@ -270,7 +195,7 @@ def _new_centre(prob: _Problem, p: Array, n: int, taken: list[float], min_sep: f
 
 
 def _run(
-    prob: _Problem,
+    prob: Problem,
     n_peaks: int,
     initial: ArrayLike | None,
     window: tuple[float, float],
@@ -343,182 +268,6 @@ def _run(
     bare[f : f + 3 * n_best : 3] = 0.0
     return PeakFit(table, prob.e, prob.y, prob.model(x, n_best), prob.sd, len(table), crit, ok,
                    prob.resolution_fwhm, prob.model(bare, n_best))
-
-
-def _zlp_problem(
-    e_all: Array,
-    y_all: Array,
-    window: tuple[float, float],
-    sigma: ArrayLike | None,
-    background_subtracted: bool | None,
-    temperature_K: float,
-    components: ArrayLike | None,
-    core_meV: float,
-    ext: float,
-) -> _Problem:
-    """Model with the zero-loss peak (see :func:`fit_peaks`): ``A R(E - c0) + R (*) [peaks x detailed balance]
-    + components - power law``."""
-    disp = float(e_all[1] - e_all[0])
-    if background_subtracted is None:
-        # a power law fitted at 16-70 meV explodes towards 0: the loss-side core falls far below the mirror
-        pos = (e_all > 0.25 * core_meV) & (e_all <= core_meV)
-        mirror = np.interp(-e_all[pos], e_all, y_all)
-        background_subtracted = bool(np.any(y_all[pos] < 0.5 * mirror))
-    c0, amp, fw, mm = fit_resolution(e_all, y_all, core_meV=core_meV, gain_side_only=background_subtracted)
-    hi = float(window[1])
-    if background_subtracted:
-        sel = ((e_all >= -hi) & (e_all <= 0.0)) | ((e_all >= window[0]) & (e_all <= hi))
-    else:
-        sel = (e_all >= -hi) & (e_all <= hi)
-    ew, yw = e_all[sel], y_all[sel]
-    zlp = amp * resolution_function(ew - c0, fw, mm, disp)
-    if sigma is None:
-        var = np.maximum(yw, 0.0)
-        if background_subtracted:
-            var = np.where(ew > 0, np.maximum(yw, 0.0) + zlp, var)
-        sd = np.sqrt(np.maximum(var, 1.0))
-    else:
-        sd = np.asarray(sigma, float)[sel]
-    comp = np.zeros((0, ew.size))
-    if components is not None:
-        rows = []
-        for c_spec in np.atleast_2d(np.asarray(components, float)):
-            q = fit_resolution(e_all, c_spec, core_meV=core_meV, gain_side_only=background_subtracted)
-            sig_j = (c_spec - q[1] * resolution_function(e_all - q[0], q[2], q[3], disp))[sel]
-            # only the phonon range: the core residual of a ZLP fit is not signal
-            rows.append(np.where(np.abs(ew) >= window[0], sig_j, 0.0))
-        comp = np.array(rows)
-    n_comp = comp.shape[0]
-    # regular grid under the fitted range (the gap of a background-subtracted fit included), padded by the kernel
-    nk = int(round(ext / disp))
-    i_lo = int(np.round((ew[0] - e_all[0]) / disp))
-    i_hi = int(np.round((ew[-1] - e_all[0]) / disp))
-    grid = e_all[0] + disp * np.arange(i_lo - nk, i_hi + nk + 1)
-    take = np.round((ew - grid[0]) / disp).astype(np.intp)  # + nk below: the kernel is centred
-    lag = disp * np.arange(-nk, nk + 1)
-    nfft = scipy.fft.next_fast_len(grid.size + lag.size)
-    pl_x = np.where(ew > 0, ew, 1.0)
-    n_pl = 2 if background_subtracted else 0
-    n_z = 3 if background_subtracted else 4  # ZLP parameters refined with the peaks (c0 fixed at 0 if gain only)
-    nf = 1 + n_z
-    cache: dict[tuple[Any, ...], Array] = {}
-
-    def kernel_fft(zw: float, zm: float) -> Array:
-        """FFT of the unit-sum resolution kernel; the last one is kept (most evaluations share it)."""
-        key = ("k", zw, zm)
-        if key not in cache:
-            for old in [q for q in cache if q[0] == "k"]:
-                del cache[old]
-            kern = resolution_function(lag, zw, zm, disp)
-            cache[key] = scipy.fft.rfft(kern / kern.sum(), nfft)
-        return cache[key]
-
-    def zlp_shape(zc: float, zw: float, zm: float) -> Array:
-        key = ("z", zc, zw, zm)
-        if key not in cache:
-            for old in [q for q in cache if q[0] == "z"]:
-                del cache[old]
-            cache[key] = resolution_function(ew - zc, zw, zm, disp)
-        return cache[key]
-
-    def unpack(p: Array, n: int) -> tuple[float, float, float, float, float, Array, Array]:
-        z = p[1:nf]
-        zc = z[3] if n_z == 4 else c0
-        return p[0], z[0], z[1], z[2], zc, p[nf : nf + 3 * n], p[nf + 3 * n :]
-
-    def model(p: Array, n: int) -> Array:
-        t, za, zw, zm, zc, pk, q = unpack(p, n)
-        x = grid - zc
-        ax = np.abs(x)
-        a, c, s = pk[0::3], pk[1::3], pk[2::3]
-        g = (a[:, None] * np.exp(-0.5 * ((ax[None, :] - c[:, None]) / s[:, None]) ** 2)).sum(0)
-        g = np.where(x > 0, g, g * np.exp(-ax / (KB_MEV_PER_K * t)))
-        conv = scipy.fft.irfft(scipy.fft.rfft(g, nfft) * kernel_fft(zw, zm), nfft)[nk:][take]
-        out = za * zlp_shape(zc, zw, zm) + conv
-        if n_comp:
-            out = out + q[:n_comp] @ comp
-        if n_pl:
-            out = out - np.where(ew > 0, q[n_comp] * (pl_x / 30.0) ** (-q[n_comp + 1]), 0.0)
-        return out
-
-    inv_sd = 1.0 / sd
-
-    def jacobian(p: Array, n: int) -> Array:
-        """Residual Jacobian: peaks, components and power law analytic (one batched FFT convolution of
-        the Gaussian derivatives with the resolution kernel), temperature and ZLP by forward differences."""
-        jac = np.empty((ew.size, p.size))
-        f0 = model(p, n)
-        for j in range(nf):
-            step = 1.49e-8 * max(abs(p[j]), 1.0)
-            pj = p.copy()
-            pj[j] += step
-            jac[:, j] = (model(pj, n) - f0) / step
-        t, _za, zw, zm, zc, pk, q = unpack(p, n)
-        a, c, sg = pk[0::3, None], pk[1::3, None], pk[2::3, None]
-        x = grid - zc
-        ax = np.abs(x)
-        bose = np.where(x > 0, 1.0, np.exp(-ax / (KB_MEV_PER_K * t)))
-        d = (ax[None, :] - c) / sg
-        gb = np.exp(-0.5 * d * d) * bose[None, :]
-        parts = np.empty((3 * n, grid.size))
-        parts[0::3] = gb
-        parts[1::3] = gb * (a * d / sg)
-        parts[2::3] = gb * (a * d * d / sg)
-        if n:
-            conv = scipy.fft.irfft(scipy.fft.rfft(parts, nfft, axis=-1) * kernel_fft(zw, zm), nfft, axis=-1)
-            jac[:, nf : nf + 3 * n] = conv[:, nk:][:, take].T
-        col = nf + 3 * n
-        if n_comp:
-            jac[:, col : col + n_comp] = comp.T
-        if n_pl:
-            xr = pl_x / 30.0
-            powr = np.where(ew > 0, xr ** (-q[n_comp + 1]), 0.0)
-            jac[:, col + n_comp] = -powr
-            jac[:, col + n_comp + 1] = q[n_comp] * powr * np.log(xr)
-        return jac * inv_sd[:, None]
-
-    front = np.array([temperature_K, amp, fw, mm, c0])[:nf]
-    f_lo = np.array([1.0, 0.0, 0.25 * fw, 0.5, c0 - 3.0])[:nf]
-    f_hi = np.array([1e5, np.inf, 4.0 * fw, 100.0, c0 + 3.0])[:nf]
-    back = np.zeros(n_comp + n_pl)
-    b_lo = np.full(back.size, -np.inf)
-    b_hi = np.full(back.size, np.inf)
-    if n_pl:
-        back[-1], b_lo[-1], b_hi[-1] = 4.0, 0.0, 12.0
-    linear = np.arange(n_comp + (1 if n_pl else 0))
-    return _Problem(ew, yw, sd, front, back, (f_lo, f_hi), (b_lo, b_hi), model, jacobian, linear,
-                    np.array(window, float), float(fw))
-
-
-def _plain_problem(e_all: Array, y_all: Array, window: tuple[float, float], sigma: ArrayLike | None,
-                   resolution: tuple[float, float] | None, ext: float) -> _Problem:
-    """Gaussians in ``window`` (no zero-loss peak), convolved with a given resolution ``(fwhm, m)`` or not."""
-    disp = float(e_all[1] - e_all[0])
-    sel = (e_all >= window[0]) & (e_all <= window[1])
-    ew, yw = e_all[sel], y_all[sel]
-    sd = np.ones_like(yw) if sigma is None else np.asarray(sigma, float)[sel]
-    if resolution is None:
-
-        def model(p: Array, n: int) -> Array:
-            a, c, s = p[0 : 3 * n : 3], p[1 : 3 * n : 3], p[2 : 3 * n : 3]
-            return (a[:, None] * np.exp(-0.5 * ((ew[None, :] - c[:, None]) / s[:, None]) ** 2)).sum(0)
-
-        fwhm = float("nan")
-    else:
-        fwhm, mm = (float(v) for v in resolution)
-        nk = int(round(ext / disp))
-        grid = ew[0] + disp * np.arange(-nk, ew.size + nk)
-        kern = resolution_function(disp * np.arange(-nk, nk + 1), fwhm, mm, disp)
-        kern /= kern.sum()
-
-        def model(p: Array, n: int) -> Array:
-            a, c, s = p[0 : 3 * n : 3], p[1 : 3 * n : 3], p[2 : 3 * n : 3]
-            g = (a[:, None] * np.exp(-0.5 * ((grid[None, :] - c[:, None]) / s[:, None]) ** 2)).sum(0)
-            return np.convolve(np.where(grid > 0, g, 0.0), kern, mode="valid")
-
-    empty = np.zeros(0)
-    return _Problem(ew, yw, sd, empty, empty, (empty, empty), (empty, empty), model, None,
-                    np.zeros(0, np.intp), np.array(window, float), fwhm)
 
 
 def fit_peaks(
@@ -605,11 +354,11 @@ def fit_peaks(
     if isinstance(resolution, str):
         if resolution != "auto":
             raise ValueError(f"unknown resolution {resolution!r}")
-        prob = (_zlp_problem(e_all, y_all, window, sigma, background_subtracted, temperature_K, components,
+        prob = (zlp_problem(e_all, y_all, window, sigma, background_subtracted, temperature_K, components,
                              core_meV, kernel_extent_meV) if has_zlp
-                else _plain_problem(e_all, y_all, window, sigma, None, kernel_extent_meV))
+                else plain_problem(e_all, y_all, window, sigma, None, kernel_extent_meV))
     else:
-        prob = _plain_problem(e_all, y_all, window, sigma, None if resolution is None else
+        prob = plain_problem(e_all, y_all, window, sigma, None if resolution is None else
                               (float(resolution[0]), float(resolution[1])), kernel_extent_meV)
     if min_fwhm_meV is None:
         min_fwhm_meV = 0.25 * prob.resolution_fwhm if np.isfinite(prob.resolution_fwhm) else 2.0 * disp

@@ -4,11 +4,15 @@ The same stage code as live and ``replay --analyze`` runs on the workers, and th
 in-process ones (the same arrays, bit for bit):
 
 * a session that is not an EELS map is one task: :func:`~stemlive.live.pipeline.replay.replay_analyze` on a worker;
-* an EELS map is split by rows of probe positions: each task runs the EELS stage's per-position step (align
-  and sum the frames, temperature) over its rows, reading them from the session file itself, with the common
-  energy axis of the whole map fixed beforehand (the first position's, as in-process); the client then records
-  the session into the output file and finishes the stage (segmentation, peak fits, problems) on the merged
-  per-position state, through the same pipeline code as in-process.
+* an EELS map is split by rows of probe positions: each task runs the EELS stage's per-point step (align and
+  sum the frames, temperature; :meth:`~stemlive.live.pipeline.stages.EELSStage.flush`) over whole blocks of positions
+  (:meth:`~stemlive.live.pipeline.stages.EELSStage.runs`: the stage fits a block together, so a task made of whole
+  blocks gives the in-process results), reading them from the session file itself, with the common energy axis
+  of the whole map fixed by the task holding the first block (as in-process); the client meanwhile records the
+  session into the output file, then merges the workers' per-point state
+  (:meth:`~stemlive.live.pipeline.stages.EELSStage.add_points`) and finishes the stage (whole-map datasets,
+  segmentation, peak fits, problems) through the same pipeline code as in-process.  The per-point result rows, which the
+  final step rewrites whole, are not written one by one.
 
 Without a scheduler address a :class:`distributed.LocalCluster` with 2 single-threaded worker processes is
 started (and stopped afterwards); with one, an existing cluster is used (its workers must see the session
@@ -17,7 +21,6 @@ files and the output folder at the same paths).
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -27,7 +30,8 @@ import numpy as np
 
 from stemlive.live.config import Params
 from stemlive.live.pipeline.run import SessionRun
-from stemlive.live.pipeline.stage import Result, session_params
+from stemlive.live.pipeline.stage import session_params
+from stemlive.live.pipeline.stages import EELSPoints, EELSStage
 from stemlive.live.storage.session import SessionReader
 from stemlive.live.wire.protocol import Message
 
@@ -65,11 +69,11 @@ def open_client(scheduler: str | None = None, n_workers: int = DEFAULT_WORKERS) 
 
 
 # ----------------------------------------------------------------------------------------------- maps
-def _eels_stage(params: Params, start: Message) -> Any:
-    from stemlive.live.pipeline.registry import registered_stages
-
-    cls = registered_stages()["eels"]
-    return cls(session_params(params, start).get("eels", {}))
+def _eels_stage(params: Params, start: Message) -> EELSStage:
+    """The session's EELS stage, started (it knows the scan shape and its blocks of positions)."""
+    stage = EELSStage(session_params(params, start).get("eels", {}))
+    list(stage.start(start))
+    return stage
 
 
 def _point_messages(reader: SessionReader, points: Sequence[int]) -> Iterator[Message]:
@@ -96,36 +100,38 @@ def _point_messages(reader: SessionReader, points: Sequence[int]) -> Iterator[Me
 
 
 def map_rows(path: str | Path, points: Sequence[int], params: Params, energy_meV: np.ndarray | None
-             ) -> dict[str, Any]:
-    """Worker task: the EELS stage's per-position step over ``points`` of the session at ``path``.
+             ) -> EELSPoints:
+    """Worker task: the EELS stage's per-point step over ``points`` (whole runs of its blocks, in arrival
+    order) of the session at ``path``.
 
-    ``energy_meV`` is the map's common axis (None: this task holds the first position, which fixes it).
-    Returns the stage's per-position results and state for :func:`analyze_map` to merge.
+    ``energy_meV`` is the map's common axis (None: this task holds the session's first run, which fixes it).
+    Returns the stage's per-point state (:class:`~stemlive.live.pipeline.stages.EELSPoints`) for :func:`analyze_map`
+    to merge.  The per-point results are not returned: the stage's final step rewrites them whole.
     """
+    from stemlive.live.analysis._threads import limit_threads
+
     with SessionReader(path) as reader:
-        start = Message(dict(reader.start_header), None)
-        stage = _eels_stage(params, start)
+        stage = _eels_stage(params, Message(dict(reader.start_header), None))
         stage.params = {**stage.params, "labels_every": 0}  # the live segmentation refresh is not per-row work
-        list(stage.start(start))
-        stage._energy = None if energy_meV is None else np.asarray(energy_meV)
-        results: list[Result] = []
-        for msg in _point_messages(reader, points):
-            results.extend(stage.process(msg))
-        for p in list(stage._open):
-            results.extend(stage._close_point(p))
-    state = {name: getattr(stage, name) for name in _STATE}
-    return {"results": results, "state": state}
+        stage.use_energy_axis(energy_meV)
+        # one analysis thread per worker process: the cluster already runs one task per core
+        with limit_threads(1):
+            for msg in _point_messages(reader, points):
+                for _ in stage.process(msg):
+                    pass
+            for _ in stage.flush():
+                pass
+    return stage.points()
 
 
-# the per-position state of the EELS stage that its final step reads
-_STATE = ("_dispersion", "_positions", "_energy", "_sums", "_temps", "_temp_skipped", "_temp_failed",
-          "_temp_windows")
-
-
-def _row_chunks(points: np.ndarray, scan_shape: Sequence[int] | None, rows_per_task: int) -> list[list[int]]:
-    nx = int(scan_shape[1]) if scan_shape else max(1, len(points))
-    per = max(1, int(rows_per_task)) * nx
-    return [points[i : i + per].tolist() for i in range(0, len(points), per)]
+def _chunks(runs: list[list[int]], per_task: int) -> list[list[int]]:
+    """Whole runs of positions into tasks of about ``per_task`` positions."""
+    tasks: list[list[int]] = []
+    for run in runs:
+        if not tasks or len(tasks[-1]) + len(run) > per_task:
+            tasks.append([])
+        tasks[-1].extend(run)
+    return tasks
 
 
 def analyze_map(path: str | Path, out_path: str | Path, params: Params, client: Any, *,
@@ -133,25 +139,27 @@ def analyze_map(path: str | Path, out_path: str | Path, params: Params, client: 
     """Analyse an EELS map split by rows of positions on ``client``'s cluster into ``out_path``."""
     path, out_path = Path(path), Path(out_path)
     with SessionReader(path) as reader:
-        points = np.unique(reader.spectrum_table()["point_index"])
         order = reader.spectrum_table()["point_index"]
         first_seen = np.unique(order, return_index=True)[1]
-        points = order[np.sort(first_seen)]  # arrival order: the first position fixes the axis
+        points = order[np.sort(first_seen)]  # arrival order: the first run fixes the axis
         shape = reader.settings.get("scan_shape")
+        stage = _eels_stage(params, Message(dict(reader.start_header), None))
     if not len(points):
         from stemlive.live.pipeline.replay import replay_analyze
 
         return replay_analyze(path, out_path, params)
-    head = map_rows(path, [int(points[0])], params, None)
-    energy = head["state"]["_energy"]
-    chunks = _row_chunks(points, shape, rows_per_task)
-    futures = [client.submit(map_rows, str(path), chunk, params, energy, pure=False) for chunk in chunks]
-    return _finish_map(path, out_path, params, lambda: client.gather(futures))
+    runs = stage.runs([int(p) for p in points])
+    nx = int(shape[1]) if shape else max(1, len(points))
+    head = client.submit(map_rows, str(path), runs[0], params, None, pure=False)
+    energy = head.result().energy_meV
+    tasks = _chunks(runs[1:], max(1, int(rows_per_task)) * nx)
+    futures = [head] + [client.submit(map_rows, str(path), t, params, energy, pure=False) for t in tasks]
+    return _finish_map(path, out_path, params, futures, client)
 
 
-def _finish_map(path: Path, out_path: Path, params: Params, gather: Callable[[], list[dict[str, Any]]]) -> Path:
+def _finish_map(path: Path, out_path: Path, params: Params, futures: list[Any], client: Any) -> Path:
     """Record the session into ``out_path`` (while the workers compute) and finish the EELS stage on the merged
-    per-position state (``gather`` waits for the workers' parts)."""
+    per-point state of the workers' parts (merged in the session's order, as in-process)."""
     status, message = "aborted", ""
     with SessionReader(path) as reader:
         msgs = reader.messages()
@@ -166,20 +174,10 @@ def _finish_map(path: Path, out_path: Path, params: Params, gather: Callable[[],
                 run.record(msg)
                 if msg.type != "spectrum":
                     run.analyze(msg)
-            stage = next(s for s in run.stages if s.name == "eels")
-            for part in gather():
-                for name in _STATE:
-                    value = part["state"][name]
-                    current = getattr(stage, name)
-                    if isinstance(current, dict) and name != "_temp_windows":
-                        current.update(value)
-                    elif name == "_temp_windows":
-                        if value:
-                            setattr(stage, name, value)
-                    elif value is not None:
-                        setattr(stage, name, copy.deepcopy(value) if name == "_positions" else value)
-                for result in part["results"]:
-                    run._emit(result)  # as the pipeline emits a stage's results
+            stage = next(s for s in run.stages if isinstance(s, EELSStage))
+            for future in futures:
+                stage.add_points(future.result())
+                future.release()  # the worker's copy of the part is no longer needed
             # as analyze_messages: a recording that never got its session_end is finished as aborted
             run.finish(status, message=message or ("" if status != "aborted" else "source session was not closed"))
         except BaseException:
