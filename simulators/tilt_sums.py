@@ -22,7 +22,7 @@ from stemlive.simulators.scenario import Scenario
 from stemlive.simulators.stage import StageModel
 
 __all__ = ["REFERENCE_TILTS_DEG", "TiltSums", "atoms_in_all_fields", "compare_model", "simulate_tilt_sums",
-           "true_vacancies"]
+           "true_geometry", "true_vacancies"]
 
 REFERENCE_TILTS_DEG: tuple[tuple[float, float], ...] = (
     (0.0, 0.0), (-14.3, -22.9), (-14.3, 17.1), (20.1, 17.1), (20.1, -20.1), (12.6, -12.6),
@@ -96,6 +96,17 @@ def simulate_tilt_sums(scenario: Scenario, *, tilts_deg: Sequence[tuple[float, f
         offsets.append((np.asarray(st.fov_shift_nm) - centre) / pixel_size_nm)
     return TiltSums(np.stack(sums), np.asarray(tilts_deg, float), np.asarray(actual), np.asarray(offsets),
                     float(pixel_size_nm), sim.atoms)
+
+
+def true_geometry(ts: TiltSums) -> tuple[np.ndarray, np.ndarray]:
+    """The true projection geometry of ``docs/tomography.md`` (*Atomic model*): sample-to-lab rotations
+    ``(n, 3, 3)`` at the actual angles (no in-plane rotation) and the image position (row, col) of the sample
+    origin ``(n, 2)``; the frame is the simulator's sample frame (origin at the flake centre)."""
+    from stemlive.simulators.stage import rotation_matrix
+
+    ny, nx = ts.sums.shape[1:]
+    rot = np.stack([rotation_matrix(alpha, beta) for alpha, beta in ts.actual_deg])
+    return rot, np.array([(ny - 1) / 2.0, (nx - 1) / 2.0]) + ts.centre_offset_px
 
 
 def atoms_in_all_fields(ts: TiltSums, margin_px: float = 4.0) -> np.ndarray:

@@ -139,7 +139,7 @@ def reconstruct_atoms(sums: np.ndarray, nominal_alpha_deg: np.ndarray, nominal_b
     if atoms:
         t0 = time.perf_counter()
         model = atoms3d.build_model(data, geometry_of(cal2, shape), cal2.metals_A, chalcogen_px, cal2.reference,
-                                    sigma, chalcogen_height_A=chalcogen_height_A, tile_A=tile_A)
+                                    sigma, chalcogen_height_A=chalcogen_height_A)
         times["atoms"] = time.perf_counter() - t0
     return AtomicTomography(cal2, cal1, cols, model, times)
 
