@@ -199,7 +199,8 @@ def test_reference_size_atoms_at_true_angles():
     """Step 3 (the 3D atoms) alone at the reference size: 12 tilts of 512^2 px, the 16 x 16 nm flake (~8,000 atoms),
     reference dose, at the true tilt geometry (the angles the calibration aims at); the start model comes from the
     zero-tilt sum alone (its metal columns at z = 0 and its chalcogen columns). About 100 s of CPU (simulation 15 s,
-    zero-tilt column fit 20 s, 3D atoms ~60 s)."""
+    zero-tilt column fit 20 s, 3D atoms ~55 s). Measured: found 100 %, metal z 1.45 pm, chalcogen z 2.5 pm,
+    vacancies precision 0.988, recall 0.964 (84 empty sites)."""
     from stemlive.live.analysis import atoms3d
 
     sc = _scenario()

@@ -235,6 +235,31 @@ def _local_plane(metals: np.ndarray, xy: np.ndarray) -> np.ndarray:
     return metals[np.asarray(nb).reshape(len(xy), k), 2].mean(axis=1)
 
 
+def _sites_without_column(metals_A: np.ndarray, chalcogen_px: np.ndarray, geometry: Geometry,
+                          reference: int) -> np.ndarray:
+    """Reference-projection positions (row, col) of chalcogen sites of the metal lattice with no column found.
+
+    In the 1H structure the chalcogen sites sit at the centroids of half of the metal triangles; the centroids of
+    the other half (hollow sites) have three chalcogen columns at ``a / sqrt(3)``, the centroid of an empty site's
+    triangle has none nearer than ``a``. Only regular triangles (edges within 15 % of the median metal spacing).
+    """
+    from scipy.spatial import Delaunay
+
+    metals = np.asarray(metals_A, float)
+    cols = np.asarray(chalcogen_px, float).reshape(-1, 2)
+    if len(metals) < 3 or len(cols) < 3:
+        return np.zeros((0, 2))
+    tri = Delaunay(metals[:, :2]).simplices
+    corners = metals[tri]  # (t, 3, 3)
+    edges = np.linalg.norm(corners - np.roll(corners, 1, axis=1), axis=2)
+    a = float(np.median(edges))
+    regular = np.all(np.abs(edges / a - 1.0) < 0.15, axis=1)
+    centre = corners.mean(axis=1)[regular]
+    uv = geometry.project(centre)[reference]
+    d, _ = cKDTree(cols).query(uv)
+    return uv[d * geometry.pixel_A > 0.8 * a]
+
+
 def build_model(sums: np.ndarray, geometry: Geometry, metals_A: np.ndarray, chalcogen_px: np.ndarray,
                 reference: int, sigma_px: float, *, metal_names: tuple[str, str] = ("Mo", "W"),
                 chalcogen_names: tuple[str, str] = ("S", "Se"), chalcogen_height_A: float = 1.6,
@@ -273,6 +298,9 @@ def build_model(sums: np.ndarray, geometry: Geometry, metals_A: np.ndarray, chal
 
     data = np.asarray(sums, float)
     n_proj = len(data)
+    # a site with both chalcogens missing shows no column: candidates also where the metal lattice puts a site
+    chalcogen_px = np.concatenate([np.asarray(chalcogen_px, float).reshape(-1, 2),
+                                   _sites_without_column(metals_A, chalcogen_px, geometry, reference)])
     pos, sub, _site = start_model(metals_A, chalcogen_px, geometry, reference, chalcogen_height_A)
     start = pos.copy()
     n_met, n_sites = int((sub == METAL).sum()), len(chalcogen_px)
