@@ -14,8 +14,9 @@ results are compared with the simulator's truth. Target: angles and atoms in und
 step (:func:`stemlive.live.analysis.atoms3d.build_model`) is broken down into its own steps (CPU seconds: free
 refinement, amplitudes + species, element heights/widths, occupancies, final refinement).
 
-``--atoms-only``: the 3D atom step alone at the true geometry (the angles the calibration aims at), started from
-the zero-tilt sum's columns (metals at z = 0), wall and CPU time per step; no calibration, no windowed step.
+``--atoms-only``: the 3D atom step alone at the true geometry (the angles the calibration aims at; with
+``--scan-distortion`` also the linear image distortion of the drift during each frame), started from the zero-tilt
+sum's columns (metals at z = 0), wall and CPU time per step; no calibration, no windowed step.
 
 The windowed step: :func:`stemlive.live.analysis.windowed.reconstruct_at_calibration` on the sums binned 2x2
 (0.64 A voxels; windows of 60 voxels stepped by 30, 16 slices, 20 SIRT iterations), once in-process and once on
@@ -43,13 +44,13 @@ from stemlive.simulators.scenario import Scenario, load_scenario
 from stemlive.simulators.tilt_sums import TiltSums, compare_model, simulate_tilt_sums, true_geometry
 
 
-def atoms_only(ts: TiltSums, sc: Scenario) -> dict[str, Any]:
+def atoms_only(ts: TiltSums, sc: Scenario, scan_distortion: bool) -> dict[str, Any]:
     """Step 3 alone at the true geometry, started from the zero-tilt sum's columns."""
     from stemlive.live.analysis import atoms3d, columns
 
     px = 10 * ts.pixel_size_nm
-    rot, shift = true_geometry(ts)
-    geo = atoms3d.Geometry(rot, shift, px, ts.sums.shape[1:])
+    rot, shift, distortion = true_geometry(ts, scan_distortion=scan_distortion)
+    geo = atoms3d.Geometry(rot, shift, px, ts.sums.shape[1:], distortion)
     ref = int(np.argmin(np.hypot(*ts.nominal_deg.T)))
     out: dict[str, Any] = {}
     c0 = time.process_time()
@@ -75,6 +76,8 @@ def main() -> None:
     ap.add_argument("--extent-nm", type=float, default=16.0)
     ap.add_argument("--no-dask", action="store_true")
     ap.add_argument("--atoms-only", action="store_true", help="the 3D atom step alone at the true geometry")
+    ap.add_argument("--scan-distortion", action="store_true",
+                    help="with --atoms-only: the geometry includes the scan distortion of the drift during a frame")
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
     print(f"{platform.node()}: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} (shared machine)")
@@ -85,7 +88,7 @@ def main() -> None:
     out: dict = {"simulate_s": time.perf_counter() - t0, "size": args.size, "load_start": os.getloadavg()[0]}
     if args.atoms_only:
         with threadpool_limits(limits=1, user_api="blas"):
-            out.update(atoms_only(ts, sc))
+            out.update(atoms_only(ts, sc, args.scan_distortion))
         out["load_end"] = os.getloadavg()[0]
         print(json.dumps(out, indent=1))
         if args.json:

@@ -55,21 +55,29 @@ class Geometry:
         (row, col) of the sample origin in each image.
     pixel_A : float
     shape : (ny, nx)
+    distortion : ndarray (n, 2, 2), optional
+        Linear image distortion ``D_k`` of each projection (e.g. the scan's, from the drift during a frame):
+        ``u = D_k P(R_k r) / pixel + t_k``; None: the identity.
     """
 
     rotations: np.ndarray
     shifts_px: np.ndarray
     pixel_A: float
     shape: tuple[int, int]
+    distortion: np.ndarray | None = None
 
     def project(self, r_A: np.ndarray) -> np.ndarray:
         """``(n_proj, n_atoms, 2)`` image positions (row, col)."""
         lab = np.einsum("kij,nj->kni", self.rotations, np.asarray(r_A, float))
-        return lab[..., [1, 0]] / self.pixel_A + self.shifts_px[:, None, :]
+        img = lab[..., [1, 0]] / self.pixel_A
+        if self.distortion is not None:
+            img = np.einsum("kij,knj->kni", self.distortion, img)
+        return img + self.shifts_px[:, None, :]
 
     def jacobian(self) -> np.ndarray:
         """``(n_proj, 2, 3)``: d(row, col) / d(x, y, z)."""
-        return self.rotations[:, [1, 0], :] / self.pixel_A
+        j = self.rotations[:, [1, 0], :] / self.pixel_A
+        return j if self.distortion is None else np.einsum("kij,kjl->kil", self.distortion, j)
 
 
 @dataclass(frozen=True, eq=False)
