@@ -27,7 +27,7 @@ import numpy as np
 from .gaussians import gaussian_windows
 
 __all__ = ["ProjectionGeometry", "Refinement", "amplitude_errors", "element_profiles", "poisson_weights",
-           "refine_gauss_seidel", "render_flat"]
+           "refine_gauss_seidel", "render_flat", "unmodelled_mask"]
 
 
 class ProjectionGeometry(Protocol):
@@ -91,6 +91,27 @@ def poisson_weights(sums: np.ndarray, smooth_px: float = 1.0, border_px: int = 0
     if border_px > 0:
         w[:, :border_px], w[:, -border_px:], w[:, :, :border_px], w[:, :, -border_px:] = 0.0, 0.0, 0.0, 0.0
     return w.reshape(len(data), -1)
+
+
+def unmodelled_mask(residual: np.ndarray, weight: np.ndarray, shape: tuple[int, int], *, threshold: float = 3.0,
+                    smooth_px: float = 1.5, grow_px: int = 4) -> np.ndarray:
+    """Pixels without unmodelled signal, ``(n_proj, ny * nx)`` bool.
+
+    An atom missing from the model (e.g. outside the reference projection but inside a tilted one) leaves a
+    positive blob in the residual; where the smoothed residual exceeds ``threshold`` times its noise the pixels,
+    grown by ``grow_px``, are left out.
+    """
+    from scipy import ndimage
+
+    out = np.ones(residual.shape, bool)
+    # noise of a Gaussian-smoothed residual: sigma_pixel / (2 sqrt(pi) s)
+    gain = 1.0 / (2.0 * np.sqrt(np.pi) * smooth_px)
+    for k in range(len(residual)):
+        r = ndimage.gaussian_filter(residual[k].reshape(shape), smooth_px)
+        noise = gain / np.sqrt(np.maximum(weight[k].reshape(shape), 1e-12))
+        bad = ndimage.binary_dilation(r > threshold * noise, iterations=grow_px)
+        out[k] = ~bad.ravel()
+    return out
 
 
 def _radius(sigma: np.ndarray) -> int:
@@ -239,7 +260,8 @@ def refine_gauss_seidel(sums: np.ndarray, geometry: ProjectionGeometry, position
 def element_profiles(sums: np.ndarray, geometry: ProjectionGeometry, positions_A: np.ndarray, element: np.ndarray,
                      height: np.ndarray, sigma_px: np.ndarray, *, background: np.ndarray,
                      occupancy: np.ndarray | None = None, n_iter: int = 5, radius: int | None = None,
-                     border_px: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                     border_px: int = 8,
+                     mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Fit one peak height and one Gaussian width per element (and the backgrounds) to all projections.
 
     Gauss-Newton over the ``2 E + n_proj`` global parameters with the positions fixed; each element's
@@ -262,6 +284,8 @@ def element_profiles(sums: np.ndarray, geometry: ProjectionGeometry, positions_A
     border_px : int
         Pixels next to the image edges left out: atoms cut by the edge, and atoms outside the reference
         projection (not in the model) that a tilted projection shows there, would bias the widths.
+    mask : ndarray (n_proj, ny * nx) bool, optional
+        Pixels to use (e.g. without unmodelled signal, :func:`unmodelled_mask`).
 
     Returns
     -------
@@ -272,6 +296,8 @@ def element_profiles(sums: np.ndarray, geometry: ProjectionGeometry, positions_A
     n_proj = len(data)
     flat = data.reshape(n_proj, -1)
     weight = poisson_weights(data, border_px=border_px)
+    if mask is not None:
+        weight = weight * mask
     ny, nx = geometry.shape
     el = np.asarray(element, int)
     n_el = len(height)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .atom_refinement import amplitude_errors, element_profiles, poisson_weights, refine_gauss_seidel
+from .atom_refinement import amplitude_errors, element_profiles, poisson_weights, refine_gauss_seidel, unmodelled_mask
 from .gaussians import gaussian_windows
 
 __all__ = ["AtomModel", "Geometry", "build_model", "lift_columns", "local_r1", "render_projections", "start_model"]
@@ -359,7 +359,11 @@ def build_model(sums: np.ndarray, geometry: Geometry, metals_A: np.ndarray, chal
     h_start = np.array([np.median(amp[el_fit == i]) if np.any(el_fit == i) else 1.0 for i in range(len(names))])
     s_start = np.full(len(names), float(sigma_px))
     lap("amplitudes_species")
-    h_el, s_el, h_err, s_err = element_profiles(data, geometry, pos, el_fit, h_start, s_start, background=bg)
+    # pixels with signal the model lacks (atoms outside the reference projection that a tilted one shows) would
+    # pull the widths of the weak chalcogens next to them: left out of the element fit
+    usable = unmodelled_mask(amp_fit.residual, poisson_weights(data), data.shape[1:])
+    h_el, s_el, h_err, s_err = element_profiles(data, geometry, pos, el_fit, h_start, s_start, background=bg,
+                                                mask=usable)
     lap("element_profiles")
     # 4. occupancy of every chalcogen: all amplitudes refitted (linear) at these positions with the element
     # widths; a site is empty when the likelihood ratio of "empty" against "the lightest chalcogen present"
