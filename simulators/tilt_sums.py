@@ -12,7 +12,7 @@ add time.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -22,7 +22,7 @@ from stemlive.simulators.scenario import Scenario
 from stemlive.simulators.stage import StageModel
 
 __all__ = ["REFERENCE_TILTS_DEG", "TiltSums", "atoms_in_all_fields", "compare_model", "simulate_tilt_sums",
-           "true_vacancies"]
+           "true_geometry", "true_vacancies"]
 
 REFERENCE_TILTS_DEG: tuple[tuple[float, float], ...] = (
     (0.0, 0.0), (-14.3, -22.9), (-14.3, 17.1), (20.1, 17.1), (20.1, -20.1), (12.6, -12.6),
@@ -47,6 +47,10 @@ class TiltSums:
     pixel_size_nm : float
     atoms : AtomSet
         True sample-frame atoms (Angstrom).
+    scan_drift_px : ndarray (2, 2)
+        Linear part of the scan distortion by the drift during each frame (the same in every tilt: every sum
+        is ``n_frames`` times one frame from t = 0): an undrifted image point ``p`` (row, col) is recorded at
+        ``p + scan_drift_px @ p`` (the drift's velocity times the time the scan reaches the point).
     """
 
     sums: np.ndarray
@@ -55,6 +59,7 @@ class TiltSums:
     centre_offset_px: np.ndarray
     pixel_size_nm: float
     atoms: AtomSet
+    scan_drift_px: np.ndarray = field(default_factory=lambda: np.zeros((2, 2)))
 
 
 def simulate_tilt_sums(scenario: Scenario, *, tilts_deg: Sequence[tuple[float, float]] = REFERENCE_TILTS_DEG,
@@ -94,8 +99,31 @@ def simulate_tilt_sums(scenario: Scenario, *, tilts_deg: Sequence[tuple[float, f
         sums.append(rng.poisson(expected).astype(np.float32) if noise else expected.astype(np.float32))
         actual.append((st.actual_alpha_deg, st.actual_beta_deg))
         offsets.append((np.asarray(st.fov_shift_nm) - centre) / pixel_size_nm)
+    # the drift's mean velocity over one frame (image px per s) times the scan time of a row / a column
+    ny, nx = shape
+    line_s = (nx * scenario.haadf.dwell_us + scenario.haadf.flyback_us) * 1e-6
+    frame_s = ny * line_s
+    v = (sim.drift.position_nm(frame_s) - sim.drift.position_nm(0.0)) / frame_s / pixel_size_nm
+    scan_drift = np.outer(v, [line_s, scenario.haadf.dwell_us * 1e-6])
     return TiltSums(np.stack(sums), np.asarray(tilts_deg, float), np.asarray(actual), np.asarray(offsets),
-                    float(pixel_size_nm), sim.atoms)
+                    float(pixel_size_nm), sim.atoms, scan_drift)
+
+
+def true_geometry(ts: TiltSums, *, scan_distortion: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The true projection geometry of ``docs/tomography.md`` (*Atomic model*): sample-to-lab rotations
+    ``(n, 3, 3)`` at the actual angles (no in-plane rotation), the image position (row, col) of the sample
+    origin ``(n, 2)`` and, with ``scan_distortion``, the linear image distortion ``(n, 2, 2)`` of the drift during
+    the frame (``atoms3d.Geometry.distortion``; else None). The frame is the simulator's sample frame (origin at
+    the flake centre)."""
+    from stemlive.simulators.stage import rotation_matrix
+
+    ny, nx = ts.sums.shape[1:]
+    rot = np.stack([rotation_matrix(alpha, beta) for alpha, beta in ts.actual_deg])
+    origin = np.array([(ny - 1) / 2.0, (nx - 1) / 2.0]) + ts.centre_offset_px
+    if not scan_distortion:
+        return rot, origin, None
+    d = np.eye(2) + ts.scan_drift_px
+    return rot, origin @ d.T, np.broadcast_to(d, (len(rot), 2, 2)).copy()
 
 
 def atoms_in_all_fields(ts: TiltSums, margin_px: float = 4.0) -> np.ndarray:

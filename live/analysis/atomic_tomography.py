@@ -89,7 +89,7 @@ def refit_metals(sums: np.ndarray, cal: tilt_calibration.Calibration, chalcogen_
 
 def reconstruct_atoms(sums: np.ndarray, nominal_alpha_deg: np.ndarray, nominal_beta_deg: np.ndarray,
                       pixel_A: float, *, probe_fwhm_A: float = 1.3, chalcogen_height_A: float = 1.6,
-                      atoms: bool = True, tile_A: float = 30.0) -> AtomicTomography:
+                      atoms: bool = True) -> AtomicTomography:
     """Calibrated tilt angles and the 3D atomic model from per-tilt sums.
 
     Parameters
@@ -106,8 +106,6 @@ def reconstruct_atoms(sums: np.ndarray, nominal_alpha_deg: np.ndarray, nominal_b
         Start height of the chalcogens above/below the metals.
     atoms : bool
         Also build the 3D model of all atoms (step 4).
-    tile_A : float
-        Tile size of the 3D refinement.
     """
     data = np.asarray(sums, float)
     al = np.asarray(nominal_alpha_deg, float)
@@ -139,7 +137,7 @@ def reconstruct_atoms(sums: np.ndarray, nominal_alpha_deg: np.ndarray, nominal_b
     if atoms:
         t0 = time.perf_counter()
         model = atoms3d.build_model(data, geometry_of(cal2, shape), cal2.metals_A, chalcogen_px, cal2.reference,
-                                    sigma, chalcogen_height_A=chalcogen_height_A, tile_A=tile_A)
+                                    sigma, chalcogen_height_A=chalcogen_height_A)
         times["atoms"] = time.perf_counter() - t0
     return AtomicTomography(cal2, cal1, cols, model, times)
 

@@ -1,43 +1,43 @@
 """3D atomic model of a TMD monolayer refined against all projections of a tilt series at once (pure numpy/scipy).
 
 Model: every atom is a 2D Gaussian in every projection, centred at its projected position
-``u_ik = P(R_k r_i) / pixel + t_k`` (the calibrated geometry of :mod:`.tilt_calibration`), with a height per atom
-(one per element after classification) and a width per projection (the probe; per element when fitted), on a
-constant background per projection. All atoms are refined against all projections together: the parameters of
-each atom are its height and ``(x, y, z)``; the normal equations are sparse (atoms couple only where their
-images overlap) and are solved by the Levenberg-Marquardt of :mod:`.gaussians` in spatial tiles (a large field
-is processed tile by tile with the rest of the model held fixed, two sweeps, so memory stays bounded).
+``u_ik = P(R_k r_i) / pixel + t_k`` (the calibrated geometry of :mod:`.tilt_calibration`), on a constant background
+per projection; in the final model every element has one peak height and one width (fitted). The fits are the
+block Gauss-Seidel refinement and the global element fit of :mod:`.atom_refinement`.
 
 Steps (:func:`build_model`):
 
 1. start model: metals from the calibration (3D), chalcogen columns of the reference projection lifted to two
-   atoms at the local metal height ``+- h``;
-2. refine heights and positions of all atoms;
-3. vacancies: two Gaussians that settled on one atom (both start atoms of a half-empty site, or an empty
-   site's chalcogen that drifted onto a neighbour) are merged and the emptied chalcogen is a candidate; then
-   for every chalcogen the local R1 factor ``sum |data - model| / sum |data|`` over its pixels in all
-   projections is computed with the atom present and with it removed; an atom whose removal lowers R1 (or with
-   less than 35 % of a light chalcogen's height, or more than 2.5 h from the metal plane) is a vacancy, placed
-   at the mirror image of its site partner about the local metal plane; finally the comparison is repeated at
-   that position with an atom of the partner's element (present vs absent): if it lowers R1 the site is kept
-   occupied (its Gaussian had wandered off), with the median chalcogen error as its (approximate) error;
-4. species from the heights (two classes per sublattice, split at the Otsu threshold of the log heights when the
-   two clusters differ by more than a factor 1.6, e.g. Mo/W and S/Se);
-5. per-element heights and widths fixed from the classified atoms, positions refined again; standard errors
-   per atom from its block of ``J^T J`` (conditional on the neighbours) scaled by the reduced chi^2.
+   atoms at the local metal height ``+- h``; heights and ``(x, y, z)`` of all atoms refined against all
+   projections (probe width for all);
+2. Gaussians that did not settle on their own atom (faded to < 30 % of a light chalcogen, left the layer by more
+   than 0.6 A, or moved 0.8 A in-plane: an empty site's Gaussian, or one of the two of a half-empty site that
+   share the one atom) give their amplitude to the partner they sit on and are put back where their atom would
+   be, the partner mirrored about the local metal plane;
+3. amplitudes refitted at these positions (linear); species: two classes per sublattice from the log amplitudes
+   (Otsu, e.g. Mo/W and S/Se, when the classes differ by > 1.6x); one peak height and one Gaussian width per
+   element fitted to all projections (:func:`.atom_refinement.element_profiles`);
+4. vacancies: every chalcogen's amplitude refitted with the element widths, in units of the lightest chalcogen's
+   height (the *occupancy*), with its standard error from the site pair's ``2 x 2`` normal block (the two
+   chalcogens of a site coincide at zero tilt); a site is empty when the likelihood ratio of "empty" against
+   "a light chalcogen present" exceeds the prior odds (:func:`build_model` ``vacancy_prior``). The local R1 of
+   every candidate with and without it (the reference's comparison) is kept alongside;
+5. positions of all present atoms refined again with the per-element heights and widths fixed; per-atom
+   standard errors from each atom's block of ``J^T W J`` times the reduced chi^2 (conditional on the neighbours).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.spatial import cKDTree
 
-from .gaussians import block_covariance, gaussian_windows, levenberg_marquardt
+from .atom_refinement import amplitude_errors, element_profiles, poisson_weights, refine_gauss_seidel, unmodelled_mask
+from .gaussians import gaussian_windows
 
-__all__ = ["AtomModel", "Geometry", "build_model", "lift_columns", "local_r1", "refine_atoms", "render_projections"]
+__all__ = ["AtomModel", "Geometry", "build_model", "lift_columns", "local_r1", "render_projections", "start_model"]
 
 METAL = 0
 CHALCOGEN = 1
@@ -55,21 +55,29 @@ class Geometry:
         (row, col) of the sample origin in each image.
     pixel_A : float
     shape : (ny, nx)
+    distortion : ndarray (n, 2, 2), optional
+        Linear image distortion ``D_k`` of each projection (e.g. the scan's, from the drift during a frame):
+        ``u = D_k P(R_k r) / pixel + t_k``; None: the identity.
     """
 
     rotations: np.ndarray
     shifts_px: np.ndarray
     pixel_A: float
     shape: tuple[int, int]
+    distortion: np.ndarray | None = None
 
     def project(self, r_A: np.ndarray) -> np.ndarray:
         """``(n_proj, n_atoms, 2)`` image positions (row, col)."""
         lab = np.einsum("kij,nj->kni", self.rotations, np.asarray(r_A, float))
-        return lab[..., [1, 0]] / self.pixel_A + self.shifts_px[:, None, :]
+        img = lab[..., [1, 0]] / self.pixel_A
+        if self.distortion is not None:
+            img = np.einsum("kij,knj->kni", self.distortion, img)
+        return img + self.shifts_px[:, None, :]
 
     def jacobian(self) -> np.ndarray:
         """``(n_proj, 2, 3)``: d(row, col) / d(x, y, z)."""
-        return self.rotations[:, [1, 0], :] / self.pixel_A
+        j = self.rotations[:, [1, 0], :] / self.pixel_A
+        return j if self.distortion is None else np.einsum("kij,kjl->kil", self.distortion, j)
 
 
 @dataclass(frozen=True, eq=False)
@@ -93,8 +101,17 @@ class AtomModel:
         Local R1 of every chalcogen candidate with and without it.
     r1 : float
         R1 factor of the whole model over all projections.
-    sigma_px : dict
-        Width per element.
+    sigma_px, element_height : dict
+        Fitted Gaussian width (px) and peak height (counts per projection) per element.
+    sigma_err, element_height_err : dict
+        Their standard errors.
+    occupancy, occupancy_err : ndarray (n_chalcogen_candidates,)
+        Fitted amplitude of every chalcogen candidate (top atoms of all sites, then bottom atoms) in units of the
+        lightest chalcogen's height, and its standard error (the pair's correlation included).
+    candidate_start_A : ndarray (n_chalcogen_candidates, 3)
+        Start position of each candidate (the order of ``occupancy`` and ``r1_present``).
+    timings_s : dict
+        CPU seconds of the steps of :func:`build_model` (``time.process_time``).
     """
 
     positions_A: np.ndarray
@@ -107,6 +124,13 @@ class AtomModel:
     r1_absent: np.ndarray
     r1: float
     sigma_px: dict[str, float]
+    element_height: dict[str, float]
+    sigma_err: dict[str, float]
+    element_height_err: dict[str, float]
+    occupancy: np.ndarray
+    occupancy_err: np.ndarray
+    candidate_start_A: np.ndarray
+    timings_s: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.species)
@@ -157,134 +181,6 @@ def render_projections(positions_A: np.ndarray, height: np.ndarray, sigma_px: np
         out[k] = (np.bincount(win.index.ravel(), (win.g * height[:, None]).ravel(), ny * nx).reshape(ny, nx)
                   + background[k])
     return out
-
-
-def _tiles(xy: np.ndarray, tile_A: float) -> list[np.ndarray]:
-    lo = xy.min(axis=0)
-    key = np.floor((xy - lo) / tile_A).astype(int)
-    ids = key[:, 0] * (key[:, 1].max() + 1) + key[:, 1]
-    return [np.flatnonzero(ids == u) for u in np.unique(ids)]
-
-
-def refine_atoms(sums: np.ndarray, geometry: Geometry, positions_A: np.ndarray, height: np.ndarray,
-                 sigma_px: np.ndarray | float, *, fit_height: bool = True, tile_A: float = 30.0,
-                 sweeps: int = 2, n_iter: int = 15,
-                 background: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-    """Refine ``(x, y, z)`` (and the height, with ``fit_height``) of every atom against all projections.
-
-    Parameters
-    ----------
-    sums : ndarray (n_proj, ny, nx)
-        Counts.
-    geometry : Geometry
-    positions_A : ndarray (n, 3)
-        Start positions.
-    height : ndarray (n,)
-        Start heights (counts).
-    sigma_px : float or ndarray (n,)
-        Gaussian width per atom (fixed).
-    fit_height : bool
-        Refine heights too.
-    tile_A : float
-        Tile size in the sample plane (Angstrom); atoms of one tile are refined together.
-    sweeps, n_iter : int
-        Passes over all tiles and Levenberg-Marquardt iterations per tile.
-    background : ndarray (n_proj,), optional
-        Start background per projection (default: 1st percentile of each image).
-
-    Returns
-    -------
-    positions, heights, errors (n, 3 or 4 parameter standard errors), background, chi2
-    """
-    data = np.asarray(sums, float)
-    n_proj, ny, nx = data.shape
-    npx = ny * nx
-    flat = data.reshape(-1)
-    w = 1.0 / np.sqrt(np.maximum(flat, 1.0))
-    pos = np.array(positions_A, float)
-    h = np.array(height, float)
-    n = len(pos)
-    sig = np.broadcast_to(np.asarray(sigma_px, float), (n,)).copy()
-    radius = int(np.ceil(3.0 * sig.max()))
-    bg = np.array([np.percentile(d, 1.0) for d in data]) if background is None else np.array(background, float)
-    dj = geometry.jacobian()
-    npar = 4 if fit_height else 3
-    err = np.full((n, npar), np.inf)
-    chi2 = np.nan
-
-    def windows(p: np.ndarray, hh: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                                                           np.ndarray, np.ndarray]:
-        """Flat indices (m, n_proj*K), values, d/dh, d/dr (m, n_proj*K, 3) of atoms ``idx``."""
-        uv = geometry.project(p)
-        inds, vals, dh, dr = [], [], [], []
-        for k in range(n_proj):
-            win = gaussian_windows(uv[k], sig[idx], (ny, nx), radius)
-            gy, gx = win.d_centre()
-            d_uv = np.stack([gy, gx], axis=-1) * hh[:, None, None]  # (m, K, 2)
-            inds.append(np.where(win.valid, win.index + k * npx, -1))
-            vals.append(win.g * hh[:, None])
-            dh.append(win.g)
-            dr.append(d_uv @ dj[k])
-        return (np.concatenate(inds, axis=1), np.concatenate(vals, axis=1), np.concatenate(dh, axis=1),
-                np.concatenate(dr, axis=1), np.zeros(0))
-
-    def full_model(p: np.ndarray, hh: np.ndarray) -> np.ndarray:
-        ind, val, _, _, _ = windows(p, hh, np.arange(n))
-        ok = ind >= 0
-        m = np.bincount(ind[ok], val[ok], n_proj * npx)
-        return m + np.repeat(bg, npx)
-
-    for _sweep in range(sweeps):
-        model = full_model(pos, h)
-        bg += np.array([((flat - model)[k * npx:(k + 1) * npx] * w[k * npx:(k + 1) * npx] ** 2).sum()
-                        / (w[k * npx:(k + 1) * npx] ** 2).sum() for k in range(n_proj)])
-        model = full_model(pos, h)
-        for idx in _tiles(pos[:, :2], tile_A):
-            ind0, val0, _, _, _ = windows(pos[idx], h[idx], idx)
-            pix = np.unique(ind0[ind0 >= 0])
-            if not len(pix):  # atoms outside every image
-                continue
-            own0 = np.bincount(np.searchsorted(pix, ind0[ind0 >= 0]), val0[ind0 >= 0], len(pix))
-            others = model[pix] - own0
-            target, wt = flat[pix], w[pix]
-
-            def evaluate(q: np.ndarray, idx: np.ndarray = idx, pix: np.ndarray = pix, others: np.ndarray = others,
-                         target: np.ndarray = target, wt: np.ndarray = wt) -> tuple[np.ndarray, np.ndarray,
-                                                                                    np.ndarray]:
-                hh = q[:, 0] if fit_height else h[idx]
-                p = q[:, -3:]
-                ind, val, dh, dr, _ = windows(p, hh, idx)
-                ok = ind >= 0
-                rows = np.full(ind.shape, -1)
-                loc = np.searchsorted(pix, np.where(ok, ind, 0))
-                loc = np.clip(loc, 0, len(pix) - 1)
-                inside = ok & (pix[loc] == ind)
-                rows[inside] = loc[inside]
-                own = np.bincount(rows[inside], val[inside], len(pix))
-                res = wt * (target - others - own)
-                wk = np.where(inside, wt[np.maximum(rows, 0)], 0.0)
-                jac = dr * wk[..., None]
-                if fit_height:
-                    jac = np.concatenate([(dh * wk)[..., None], jac], axis=-1)
-                return res, jac, rows
-
-            q0 = np.column_stack([h[idx], pos[idx]]) if fit_height else pos[idx].copy()
-            q, blocks, res, chi2 = levenberg_marquardt(evaluate, q0, n_iter=n_iter, tol=1e-6)
-            if fit_height:
-                h[idx] = q[:, 0]
-            pos[idx] = q[:, -3:]
-            cov = block_covariance(blocks, chi2)
-            err[idx] = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
-            ind1, val1, _, _, _ = windows(pos[idx], h[idx], idx)
-            ok1 = ind1 >= 0
-            loc1 = np.clip(np.searchsorted(pix, ind1[ok1]), 0, len(pix) - 1)
-            in_pix = pix[loc1] == ind1[ok1]
-            model[pix] = others + np.bincount(loc1[in_pix], val1[ok1][in_pix], len(pix))
-            # the old windows lay inside ``pix``; a moved atom may now also reach pixels outside it
-            np.add.at(model, ind1[ok1][~in_pix], val1[ok1][~in_pix])
-    final = full_model(pos, h)
-    chi2 = float((((flat - final) * w) ** 2).sum() / max(len(flat) - npar * n, 1))
-    return pos, h, err, bg, chi2
 
 
 def local_r1(sums: np.ndarray, model: np.ndarray, geometry: Geometry, positions_A: np.ndarray,
@@ -338,10 +234,44 @@ def _two_classes(height: np.ndarray, names: tuple[str, str], ratio: float = 1.6)
     return out
 
 
+def _local_plane(metals: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Metal-plane height below each ``xy``: mean z of the (up to) 3 nearest metals."""
+    k = min(3, len(metals))
+    if k == 0:
+        return np.zeros(len(xy))
+    _, nb = cKDTree(metals[:, :2]).query(xy, k=k)
+    return metals[np.asarray(nb).reshape(len(xy), k), 2].mean(axis=1)
+
+
+def _sites_without_column(metals_A: np.ndarray, chalcogen_px: np.ndarray, geometry: Geometry,
+                          reference: int) -> np.ndarray:
+    """Reference-projection positions (row, col) of chalcogen sites of the metal lattice with no column found.
+
+    In the 1H structure the chalcogen sites sit at the centroids of half of the metal triangles; the centroids of
+    the other half (hollow sites) have three chalcogen columns at ``a / sqrt(3)``, the centroid of an empty site's
+    triangle has none nearer than ``a``. Only regular triangles (edges within 15 % of the median metal spacing).
+    """
+    from scipy.spatial import Delaunay
+
+    metals = np.asarray(metals_A, float)
+    cols = np.asarray(chalcogen_px, float).reshape(-1, 2)
+    if len(metals) < 3 or len(cols) < 3:
+        return np.zeros((0, 2))
+    tri = Delaunay(metals[:, :2]).simplices
+    corners = metals[tri]  # (t, 3, 3)
+    edges = np.linalg.norm(corners - np.roll(corners, 1, axis=1), axis=2)
+    a = float(np.median(edges))
+    regular = np.all(np.abs(edges / a - 1.0) < 0.15, axis=1)
+    centre = corners.mean(axis=1)[regular]
+    uv = geometry.project(centre)[reference]
+    d, _ = cKDTree(cols).query(uv)
+    return uv[d * geometry.pixel_A > 0.8 * a]
+
+
 def build_model(sums: np.ndarray, geometry: Geometry, metals_A: np.ndarray, chalcogen_px: np.ndarray,
                 reference: int, sigma_px: float, *, metal_names: tuple[str, str] = ("Mo", "W"),
                 chalcogen_names: tuple[str, str] = ("S", "Se"), chalcogen_height_A: float = 1.6,
-                tile_A: float = 30.0, sweeps: int = 2, single_species: Sequence[str] | None = None) -> AtomModel:
+                sweeps: int = 8, vacancy_prior: float = 0.02) -> AtomModel:
     """Steps 1-5 of the module docstring: the 3D atomic model from the sums at the calibrated geometry.
 
     Parameters
@@ -361,102 +291,129 @@ def build_model(sums: np.ndarray, geometry: Geometry, metals_A: np.ndarray, chal
         Element names of the two classes per sublattice.
     chalcogen_height_A : float
         Start height of the chalcogens above/below the metal plane.
-    tile_A, sweeps : float, int
-        See :func:`refine_atoms`.
-    single_species : sequence of str, optional
-        Unused; reserved.
+    sweeps : int
+        Gauss-Seidel sweeps of the first (free) refinement (:func:`.atom_refinement.refine_gauss_seidel`).
+    vacancy_prior : float
+        Prior probability that a chalcogen site is empty, in the likelihood-ratio test of the occupancies.
     """
+    times: dict[str, float] = {}
+    t0 = time.process_time()
+
+    def lap(name: str) -> None:
+        nonlocal t0
+        times[name] = time.process_time() - t0
+        t0 = time.process_time()
+
     data = np.asarray(sums, float)
+    n_proj = len(data)
+    # a site with both chalcogens missing shows no column: candidates also where the metal lattice puts a site
+    chalcogen_px = np.concatenate([np.asarray(chalcogen_px, float).reshape(-1, 2),
+                                   _sites_without_column(metals_A, chalcogen_px, geometry, reference)])
     pos, sub, _site = start_model(metals_A, chalcogen_px, geometry, reference, chalcogen_height_A)
     start = pos.copy()
+    n_met, n_sites = int((sub == METAL).sum()), len(chalcogen_px)
+    top, bot = n_met + np.arange(n_sites), n_met + n_sites + np.arange(n_sites)
+    met, chal = np.arange(n_met), np.concatenate([top, bot])
+    groups = [met, top, bot]  # atoms of one group do not overlap in any projection
     bg0 = np.array([np.percentile(d, 1.0) for d in data])
     # start heights: the reference image at the projected position, halved for the two chalcogens of a column
     uv = geometry.project(pos)[reference]
     ij = np.clip(np.rint(uv).astype(int), 0, np.array(data.shape[1:]) - 1)
     h0 = np.maximum(data[reference][ij[:, 0], ij[:, 1]] - bg0[reference], 1.0) * np.where(sub == CHALCOGEN, 0.5, 1.0)
-    # keep atoms that land in at least one image
-    pos, h, _err, bg, _chi2 = refine_atoms(data, geometry, pos, h0, sigma_px, fit_height=True, tile_A=tile_A,
-                                           sweeps=sweeps, background=bg0)
-    radius = int(np.ceil(3.0 * sigma_px))
-    # a site with one chalcogen: its two start atoms may both settle on the one present (half height each);
-    # merge such pairs and mark the mirror position (about the local metal plane) as the empty one
-    n_sites = len(chalcogen_px)
-    n_met = int((sub == METAL).sum())
-    top, bot = n_met + np.arange(n_sites), n_met + n_sites + np.arange(n_sites)
-    metals = pos[:n_met]
-    _, nb = cKDTree(metals[:, :2]).query(pos[top, :2], k=min(3, n_met))
-    z_loc = metals[np.atleast_2d(nb.T).T, 2].mean(axis=1)
-    # two Gaussians on one atom (the pair of a half-empty site, or an empty site's chalcogen that drifted onto a
-    # neighbour): merge them; the emptied chalcogen is a vacancy candidate
-    close = cKDTree(pos).query_pairs(0.35 * chalcogen_height_A)
-    pairs = {(int(i), int(j)) for i, j in close if sub[i] == CHALCOGEN or sub[j] == CHALCOGEN}
-    collapsed = (pos[top, 2] - pos[bot, 2]) < chalcogen_height_A  # a site's pair closer than h in z
-    pairs |= {(int(a), int(b)) for a, b in zip(top[collapsed], bot[collapsed], strict=True)}
-    merged_away: list[int] = []
-    for a, b in sorted(pairs):
-        if h[a] <= 0 or h[b] <= 0:
-            continue
-        if sub[a] == METAL or sub[b] == METAL:  # a chalcogen Gaussian on a metal: the metal takes it
-            keep_i, gone_i = (a, b) if sub[a] == METAL else (b, a)
-        else:
-            keep_i, gone_i = (a, b) if h[a] >= h[b] else (b, a)
-        ha, hb = h[keep_i], h[gone_i]
-        pos[keep_i] = (pos[keep_i] * ha + pos[gone_i] * hb) / (ha + hb)
-        h[keep_i], h[gone_i] = ha + hb, 0.0
-        merged_away.append(int(gone_i))
-    model = render_projections(pos, h, sigma_px, geometry, bg, radius)
-    chal = np.flatnonzero(sub == CHALCOGEN)
-    r1p, r1a = local_r1(data, model, geometry, pos[chal], np.maximum(h[chal], 0.0), sigma_px, radius)
-    # besides the R1 test: a Gaussian with a small fraction of a light chalcogen's height, or one that left the
-    # layer, describes noise
-    light = np.percentile(h[chal][h[chal] > 0], 25) if np.any(h[chal] > 0) else 0.0
-    _, nb_c = cKDTree(metals[:, :2]).query(pos[chal, :2], k=min(3, n_met))
-    off_layer = np.abs(pos[chal, 2] - metals[np.atleast_2d(nb_c.T).T, 2].mean(axis=1)) > 2.5 * chalcogen_height_A
-    vacant = chal[(r1a <= r1p) | (h[chal] <= 0.35 * light) | off_layer]
-    # an empty site is where its partner's mirror image is (an atom fitted to nothing may have wandered off)
-    partner = np.empty(len(pos), int)
-    partner[top], partner[bot] = bot, top
-    site_of = np.empty(len(pos), int)
-    site_of[top], site_of[bot] = np.arange(n_sites), np.arange(n_sites)
-    vac_pos = start[vacant].copy()
-    has_partner = ~np.isin(partner[vacant], vacant)
-    mirror = pos[partner[vacant]].copy()
-    mirror[:, 2] = 2 * z_loc[site_of[vacant]] - mirror[:, 2]
-    vac_pos[has_partner] = mirror[has_partner]
-    keep = np.setdiff1d(np.arange(len(pos)), vacant)
+    # 1. heights and positions of all atoms, the probe width for all
+    free = refine_gauss_seidel(data, geometry, pos, h0, sigma_px, groups, background=bg0, sweeps=sweeps)
+    pos, amp, bg = free.positions_A.copy(), free.amplitude.copy(), free.background
+    lap("refine_free")
+    # 2. sites whose Gaussians did not settle on their own atom: an empty site's Gaussian fades, drifts onto a
+    # neighbour or onto its partner (the two of a half-empty site share the one atom). Such a Gaussian gives its
+    # amplitude to the partner it sits on and is put back where its atom would be: the partner mirrored about
+    # the local metal plane (in-plane the pair shares its position)
+    z_loc = _local_plane(pos[met], start[top, :2])
+    side = np.concatenate([np.ones(n_sites), -np.ones(n_sites)])
+    z_rel = (pos[chal, 2] - np.tile(z_loc, 2)) * side
+    light = np.percentile(amp[chal][amp[chal] > 0], 25) if np.any(amp[chal] > 0) else 1.0
+    sane = ((amp[chal] > 0.3 * light) & (np.abs(z_rel - chalcogen_height_A) < 0.6)
+            & (np.linalg.norm(pos[chal, :2] - start[chal, :2], axis=1) < 0.8))
+    h_site = float(np.median(z_rel[sane])) if sane.any() else chalcogen_height_A
+    partner = np.concatenate([bot, top])
+    sane_p = np.concatenate([sane[n_sites:], sane[:n_sites]])
+    on_partner = ~sane & sane_p & (np.linalg.norm(pos[chal] - pos[partner], axis=1) < 0.5)
+    np.add.at(amp, partner[on_partner], amp[chal][on_partner])
+    reset = chal[~sane]
+    amp[reset] = 0.5 * light
+    xy_site = np.where(sane_p[:, None], pos[partner, :2], start[chal, :2])[~sane]
+    z_mirror = np.where(sane_p, 2 * np.tile(z_loc, 2) - pos[partner, 2], np.tile(z_loc, 2) + side * h_site)
+    pos[reset] = np.column_stack([xy_site, z_mirror[~sane]])
+    # 3. amplitudes again at these positions (linear, quickly converged), then species: two classes per sublattice
+    # from the log amplitudes, then one height and one width per element
+    amp_fit = refine_gauss_seidel(data, geometry, pos, amp, sigma_px, groups, background=bg, fit_pos=False, sweeps=3)
+    amp, bg = amp_fit.amplitude, amp_fit.background
     species = np.empty(len(pos), dtype="<U2")
-    m_idx = np.flatnonzero(sub == METAL)
-    species[m_idx] = _two_classes(h[m_idx], metal_names)
-    c_keep = np.setdiff1d(chal, vacant)
-    species[c_keep] = _two_classes(h[c_keep], chalcogen_names)
-    # per-element heights and widths, then positions again with them fixed
-    pos_k, sp_k, sub_k, h_raw = pos[keep], species[keep], sub[keep], h[keep]
-    h_el = np.empty(len(keep))
-    sig_el: dict[str, float] = {}
-    for name in np.unique(sp_k):
-        sel = sp_k == name
-        h_el[sel] = np.median(h_raw[sel])
-        sig_el[str(name)] = float(sigma_px)
-    pos_k, _h, err, bg, _chi2 = refine_atoms(data, geometry, pos_k, h_el, sigma_px, fit_height=False,
-                                             tile_A=tile_A, sweeps=1, background=bg)
-    # the present/absent comparison at each empty site itself: an atom of the partner's element there, does it
-    # lower the local R1? Then the site is occupied after all (its Gaussian had wandered off)
-    if len(vac_pos):
-        partner_sp = np.where(has_partner, species[partner[vacant]], chalcogen_names[0])
-        h_try = np.array([np.median(h_el[sp_k == s_]) if np.any(sp_k == s_) else np.median(h_el) for s_ in partner_sp])
-        model_try = render_projections(np.concatenate([pos_k, vac_pos]), np.concatenate([h_el, h_try]), sigma_px,
-                                       geometry, bg, radius)
-        r1_with, r1_without = local_r1(data, model_try, geometry, vac_pos, h_try, sigma_px, radius)
-        occupied = r1_with < r1_without
-        if occupied.any():
-            pos_k = np.concatenate([pos_k, vac_pos[occupied]])
-            sp_k = np.concatenate([sp_k, partner_sp[occupied]])
-            sub_k = np.concatenate([sub_k, np.full(int(occupied.sum()), CHALCOGEN)])
-            h_raw = np.concatenate([h_raw, h_try[occupied]])
-            h_el = np.concatenate([h_el, h_try[occupied]])
-            typical = np.nanmedian(err[sub_k[: len(err)] == CHALCOGEN], axis=0) if np.any(sub_k == CHALCOGEN) else 0.1
-            err = np.concatenate([err, np.tile(typical, (int(occupied.sum()), 1))])
-            vac_pos = vac_pos[~occupied]
-    model = render_projections(pos_k, h_el, sigma_px, geometry, bg, radius)
-    r1 = float(np.abs(data - model).sum() / np.abs(data - bg[:, None, None]).sum())
-    return AtomModel(pos_k, err[:, -3:], sp_k, sub_k, h_raw, vac_pos, r1p, r1a, r1, sig_el)
+    species[met] = _two_classes(amp[met], metal_names)
+    species[chal] = _two_classes(np.where(sane, amp[chal], 0.0), chalcogen_names)
+    names = [str(x) for x in dict.fromkeys([*metal_names, *chalcogen_names])]
+    el = np.array([names.index(s) for s in species])
+    el_fit = el.copy()
+    el_fit[chal[~sane | (amp[chal] < 0.5 * light)]] = -1
+    present_names = [nm for nm in names if np.any(el_fit == names.index(nm))]
+    h_start = np.array([np.median(amp[el_fit == i]) if np.any(el_fit == i) else 1.0 for i in range(len(names))])
+    s_start = np.full(len(names), float(sigma_px))
+    lap("amplitudes_species")
+    # pixels with signal the model lacks (atoms outside the reference projection that a tilted one shows) would
+    # pull the widths of the weak chalcogens next to them: left out of the element fit
+    usable = unmodelled_mask(amp_fit.residual, poisson_weights(data), data.shape[1:])
+    h_el, s_el, h_err, s_err = element_profiles(data, geometry, pos, el_fit, h_start, s_start, background=bg,
+                                                mask=usable)
+    lap("element_profiles")
+    # 4. occupancy of every chalcogen: all amplitudes refitted (linear) at these positions with the element
+    # widths; a site is empty when the likelihood ratio of "empty" against "the lightest chalcogen present"
+    # exceeds the prior odds. For an amplitude a with standard error s, in units of the light chalcogen's height
+    # H: log LR = (H^2 - 2 a H) / (2 s^2) (Gaussian errors, the pair's correlation in s)
+    chal_light = [names.index(nm) for nm in chalcogen_names if nm in present_names]
+    sig_atom = s_el[el]
+    if chal_light:
+        sig_atom[chal[el_fit[chal] < 0]] = s_el[chal_light[0]]
+    occ_fit = refine_gauss_seidel(data, geometry, pos, amp, sig_atom, groups, background=bg, fit_pos=False,
+                                  sweeps=3)
+    amp, bg = occ_fit.amplitude, occ_fit.background
+    weight = poisson_weights(data)
+    a_err = amplitude_errors(geometry, weight, pos, sig_atom, np.column_stack([top, bot]), occ_fit.chi2).T.ravel()
+    h_light = float(min(h_el[i] for i in chal_light)) if chal_light else float(light)
+    occupancy = amp[chal] / h_light
+    occ_err = a_err / h_light
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_lr = (1.0 - 2.0 * occupancy) / (2.0 * occ_err**2)
+    empty = np.nan_to_num(log_lr, nan=0.0, posinf=0.0) > np.log((1.0 - vacancy_prior) / vacancy_prior)
+    # local R1 (sum |d - m| / sum |d - b| over the atom's pixels in all projections) with and without each
+    # chalcogen, the comparison of the reference's method, kept for the report
+    model_flat = data.reshape(n_proj, -1) - occ_fit.residual
+    r1p, r1a = local_r1(data, model_flat.reshape(data.shape), geometry, pos[chal], np.maximum(amp[chal], 0.0),
+                        sig_atom[chal], int(np.ceil(3.0 * sig_atom.max())))
+    vacant = chal[empty]
+    # an empty site is where its partner's mirror image about the local metal plane is
+    p_of = partner[empty]
+    mirror = np.column_stack([pos[p_of, :2], 2 * np.tile(z_loc, 2)[empty] - pos[p_of, 2]])
+    vac_pos = np.where(np.isin(p_of, vacant)[:, None], pos[vacant], mirror)
+    keep = np.setdiff1d(np.arange(len(pos)), vacant)
+    # present atoms: species by the nearest element height (log) of their sublattice (e.g. an S on a Se site)
+    for names_sub, idx_sub in ((metal_names, met), (chalcogen_names, np.setdiff1d(chal, vacant))):
+        cand = [names.index(nm) for nm in names_sub if nm in present_names]
+        if len(cand) == 2 and len(idx_sub):
+            lh = np.log(np.maximum(amp[idx_sub], 1e-9))
+            heavy = np.abs(lh - np.log(h_el[cand[1]])) < np.abs(lh - np.log(h_el[cand[0]]))
+            el[idx_sub] = np.where(heavy, cand[1], cand[0])
+            species[idx_sub] = np.array(names)[el[idx_sub]]
+    lap("occupancy")
+    # 5. positions again with the per-element heights and widths fixed; per-atom errors
+    kk = keep
+    groups_k = [np.flatnonzero(np.isin(kk, g)) for g in groups]
+    final = refine_gauss_seidel(data, geometry, pos[kk], h_el[el[kk]], s_el[el[kk]], groups_k, background=bg,
+                                fit_amp=False, sweeps=4)
+    r1 = float(np.abs(final.residual).sum() / np.abs(data.reshape(n_proj, -1) - final.background[:, None]).sum())
+    lap("refine_final")
+    return AtomModel(final.positions_A, final.position_err_A, species[kk], sub[kk], free.amplitude[kk], vac_pos,
+                     r1p, r1a, r1, {nm: float(s_el[names.index(nm)]) for nm in present_names},
+                     {nm: float(h_el[names.index(nm)]) for nm in present_names},
+                     {nm: float(s_err[names.index(nm)]) for nm in present_names},
+                     {nm: float(h_err[names.index(nm)]) for nm in present_names},
+                     occupancy, occ_err, start[chal], times)

@@ -203,7 +203,10 @@ def run_atoms(session_path: str | Path, out_xyz: str | Path, *, store: bool = Tr
         "alpha_deg": cal.alpha_deg.tolist(), "beta_deg": cal.beta_deg.tolist(), "gamma_deg": cal.gamma_deg.tolist(),
         "alpha_err_deg": cal.alpha_err_deg.tolist(), "beta_err_deg": cal.beta_err_deg.tolist(),
         "nominal_alpha_deg": np.asarray(alpha).tolist(), "nominal_beta_deg": np.asarray(beta).tolist(),
-        "vacancy_sites_A": model.vacancy_sites_A.tolist(), "timings_s": res.timings_s}
+        "vacancy_sites_A": model.vacancy_sites_A.tolist(), "timings_s": res.timings_s,
+        "element_sigma_px": model.sigma_px, "element_sigma_err_px": model.sigma_err,
+        "element_height": model.element_height, "element_height_err": model.element_height_err,
+        "atoms_timings_cpu_s": model.timings_s}
     paths["json"] = out.with_suffix(".json")
     paths["json"].write_text(json.dumps(summary, indent=1), encoding="utf-8")
     if figures:
