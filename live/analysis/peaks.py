@@ -142,7 +142,8 @@ def _solve(prob: Problem, p0: Array, n: int, bounds: tuple[Array, Array], max_nf
     x0 = np.clip(p0, lo + 1e-6 * span, hi - 1e-6 * span)
     jac: Any = "2-point" if prob.jac is None else (lambda p: prob.jac(p, n))  # type: ignore[misc]
     res = scipy.optimize.least_squares(lambda p: (prob.model(p, n) - prob.y) / prob.sd, x0, jac=jac,
-                                       bounds=(lo, hi), method="trf", x_scale="jac", max_nfev=max_nfev)
+                                       bounds=(lo, hi), method="trf", x_scale="jac", max_nfev=max_nfev,
+                                       ftol=1e-12, xtol=1e-12, gtol=1e-12)
     ok = bool(res.status > 0 and np.all(np.isfinite(res.x)) and np.all(np.isfinite(res.fun)))
     return res, ok
 
