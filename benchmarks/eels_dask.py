@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from corpus import generator  # noqa: E402
 
 from stemlive.live.analysis import eels  # noqa: E402
-from stemlive.live.pipeline import batch, stages  # noqa: E402
+from stemlive.live.pipeline import batch, eels_stage  # noqa: E402
 from stemlive.live.pipeline.registry import make_params  # noqa: E402
 from stemlive.live.pipeline.replay import replay_analyze  # noqa: E402
 from stemlive.live.storage import session as session_mod  # noqa: E402
@@ -106,7 +106,7 @@ def _instrument() -> None:
     w.append = _timed("record spectra", w.append)  # type: ignore[method-assign]
     w.write_result = _timed("write result rows", w.write_result)  # type: ignore[method-assign]
     eels.sum_aligned = _timed("alignment", eels.sum_aligned)
-    st = stages.EELSStage
+    st = eels_stage.EELSStage
     st._temperatures = _timed("temperatures", st._temperatures)  # type: ignore[method-assign]
     st._final = _timed_gen("final step (datasets, segmentation, peaks)", st._final)  # type: ignore[method-assign]
 

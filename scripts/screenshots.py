@@ -92,10 +92,10 @@ def free_port() -> int:
 
 
 def stage_classes() -> dict[str, Any] | None:
-    """None (the registered stages) when :mod:`stemlive.live.pipeline.stages` exists, else placeholder stages."""
-    if importlib.util.find_spec("stemlive.live.pipeline.stages") is not None:
+    """None (the registered stages) when :mod:`stemlive.live.pipeline.registry` exists, else placeholder stages."""
+    if importlib.util.find_spec("stemlive.live.pipeline.registry") is not None:
         return None
-    log("stemlive.live.pipeline.stages is not available yet: using this script's placeholder preview stages")
+    log("stemlive.live.pipeline.registry is not available yet: using this script's placeholder preview stages")
     return placeholder_stages()
 
 

@@ -26,7 +26,7 @@ __all__ = [
 
 def _stage_default(name: str) -> Any:
     """The EELS stage's default for ``name`` as nested tuples: notebook and pipeline use the same windows."""
-    from stemlive.live.pipeline.stages import EELSStage
+    from stemlive.live.pipeline.eels_stage import EELSStage
 
     def tuples(v: Any) -> Any:
         return tuple(tuples(x) for x in v) if isinstance(v, list | tuple) else v
@@ -252,7 +252,7 @@ def segment(spectra: Any, energy_meV: Any = None, *, k: int = 3, n_restarts: int
     -------
     Labels ``(...)`` int for arrays; for a signal, a signal of the labels over its navigation axes.
     """
-    from stemlive.live.pipeline.stages import segment_spectra
+    from stemlive.live.pipeline.eels_stage import segment_spectra
 
     data, energy = _spectra_energy(spectra, energy_meV)
     flat = data.reshape(-1, data.shape[-1])

@@ -5,12 +5,12 @@ in-process ones (the same arrays, bit for bit):
 
 * a session that is not an EELS map is one task: :func:`~stemlive.live.pipeline.replay.replay_analyze` on a worker;
 * an EELS map is split by rows of probe positions: each task runs the EELS stage's per-point step (align and
-  sum the frames, temperature; :meth:`~stemlive.live.pipeline.stages.EELSStage.flush`) over whole blocks of positions
-  (:meth:`~stemlive.live.pipeline.stages.EELSStage.runs`: the stage fits a block together, so a task made of whole
-  blocks gives the in-process results), reading them from the session file itself, with the common energy axis
-  of the whole map fixed by the task holding the first block (as in-process); the client meanwhile records the
+  sum the frames, temperature; :meth:`~stemlive.live.pipeline.eels_stage.EELSStage.flush`) over whole blocks of
+  positions (:meth:`~stemlive.live.pipeline.eels_stage.EELSStage.runs`: the stage fits a block together, so a task
+  made of whole blocks gives the in-process results), reading them from the session file itself, with the common
+  energy axis of the whole map fixed by the task holding the first block (as in-process); the client meanwhile records the
   session into the output file, then merges the workers' per-point state
-  (:meth:`~stemlive.live.pipeline.stages.EELSStage.add_points`) and finishes the stage (whole-map datasets,
+  (:meth:`~stemlive.live.pipeline.eels_stage.EELSStage.add_points`) and finishes the stage (whole-map datasets,
   segmentation, peak fits, problems) through the same pipeline code as in-process.  The per-point result rows, which the
   final step rewrites whole, are not written one by one.
 
@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from stemlive.live.config import Params
+from stemlive.live.pipeline.eels_stage import EELSPoints, EELSStage
 from stemlive.live.pipeline.run import SessionRun
 from stemlive.live.pipeline.stage import session_params
-from stemlive.live.pipeline.stages import EELSPoints, EELSStage
 from stemlive.live.storage.session import SessionReader
 from stemlive.live.wire.protocol import Message
 
@@ -105,7 +105,7 @@ def map_rows(path: str | Path, points: Sequence[int], params: Params, energy_meV
     order) of the session at ``path``.
 
     ``energy_meV`` is the map's common axis (None: this task holds the session's first run, which fixes it).
-    Returns the stage's per-point state (:class:`~stemlive.live.pipeline.stages.EELSPoints`) for :func:`analyze_map`
+    Returns the stage's per-point state (:class:`~stemlive.live.pipeline.eels_stage.EELSPoints`) for :func:`analyze_map`
     to merge.  The per-point results are not returned: the stage's final step rewrites them whole.
     """
     from stemlive.live.analysis._threads import limit_threads

@@ -1,7 +1,8 @@
 """The stage registry: the built-in stages and any others registered with ``register_stage``, and their parameters.
 
-Importing this module imports :mod:`stemlive.live.pipeline.stages` (which registers the built-in stages); the
-stage interface itself (:mod:`stemlive.live.pipeline.stage`) does not, so stages can import it without a cycle.
+Importing this module imports the built-in stages (:mod:`~stemlive.live.pipeline.tilt_stage`,
+:mod:`~stemlive.live.pipeline.eels_stage`); the stage interface itself (:mod:`stemlive.live.pipeline.stage`) does
+not, so stages can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stemlive.live.config import Params, resolve_params
-from stemlive.live.pipeline import stages as _builtin_stages  # noqa: F401  (importing registers them)
+from stemlive.live.pipeline import eels_stage as _eels_stage  # noqa: F401  (importing a stage registers it)
+from stemlive.live.pipeline import tilt_stage as _tilt_stage  # noqa: F401
 from stemlive.live.pipeline.stage import Stage, all_stages
 
 
 def registered_stages() -> dict[str, type[Stage]]:
-    """All registered stages by name (importing :mod:`stemlive.live.pipeline.stages` registers the built-in ones)."""
+    """All registered stages by name, the built-in ones included."""
     return all_stages()
 
 

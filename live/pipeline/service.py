@@ -1,8 +1,9 @@
 """``stemlive serve``: the analysis service that records sessions one after another, analyses and publishes.
 
 Sessions are recorded and analysed by :class:`~stemlive.live.pipeline.run.SessionRun` (the same code as
-``stemlive replay --analyze``); the stages are :mod:`stemlive.live.pipeline.stages`. This module holds the
-service's two threads, its containment of failures, session ownership, the disk budget and result publishing.
+``stemlive replay --analyze``); the stages are :mod:`stemlive.live.pipeline.tilt_stage` and
+:mod:`~stemlive.live.pipeline.eels_stage`. This module holds the service's two threads, its containment of
+failures, session ownership, the disk budget and result publishing.
 """
 
 from __future__ import annotations

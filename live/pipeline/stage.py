@@ -2,8 +2,8 @@
 
 A :class:`Stage` sees a session's data messages in ``seq`` order and emits :class:`Result` objects that are
 written under ``/results/<stage>/<name>`` and published to viewers. The built-in stages
-(:mod:`stemlive.live.pipeline.stages`) register themselves with :func:`register_stage`;
-:mod:`stemlive.live.pipeline.registry` lists them and makes their parameters.
+(:mod:`~stemlive.live.pipeline.tilt_stage`, :mod:`~stemlive.live.pipeline.eels_stage`) register themselves with
+:func:`register_stage`; :mod:`stemlive.live.pipeline.registry` lists them and makes their parameters.
 """
 
 from __future__ import annotations
