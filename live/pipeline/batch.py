@@ -8,8 +8,8 @@ in-process ones (the same arrays, bit for bit):
   sum the frames, temperature; :meth:`~stemlive.live.pipeline.eels_stage.EELSStage.flush`) over whole blocks of
   positions (:meth:`~stemlive.live.pipeline.eels_stage.EELSStage.runs`: the stage fits a block together, so a task
   made of whole blocks gives the in-process results), reading them from the session file itself, with the common
-  energy axis of the whole map fixed by the task holding the first block (as in-process); the client meanwhile records the
-  session into the output file, then merges the workers' per-point state
+  energy axis of the whole map fixed by the task holding the first block (as in-process); the client meanwhile
+  records the session into the output file, then merges the workers' per-point state
   (:meth:`~stemlive.live.pipeline.eels_stage.EELSStage.add_points`) and finishes the stage (whole-map datasets,
   segmentation, peak fits, problems) through the same pipeline code as in-process.  The per-point result rows, which the
   final step rewrites whole, are not written one by one.
