@@ -73,7 +73,7 @@ def store_calibration(session_path: str | Path, cal: Any) -> None:
     ``/results/tilt_series/tilt_{alpha,beta}_calibrated_deg``: the angles ``stemlive tomo export`` and
     ``reconstruct`` use instead of the nominal ones.
     """
-    from stemlive.live.apps.tomo import ALPHA_CAL, BETA_CAL
+    from stemlive.live.apps.tomo_input import ALPHA_CAL, BETA_CAL
 
     with h5py.File(session_path, "a") as f:
         if TOMO_GROUP in f:
@@ -167,7 +167,7 @@ def run_atoms(session_path: str | Path, out_xyz: str | Path, *, store: bool = Tr
     from threadpoolctl import threadpool_limits
 
     from stemlive.live.analysis.atomic_tomography import reconstruct_atoms
-    from stemlive.live.apps.tomo import TomoInputError, read_tilt_series
+    from stemlive.live.apps.tomo_input import TomoInputError, read_tilt_series
 
     session_path = Path(session_path)
     try:
