@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import h5py
 import pytest
+from commands import STEMLIVE
 
 pytestmark = [pytest.mark.swift]
 
@@ -26,7 +26,7 @@ EELS_LINE_USIM = ["--set", "points=4", "--set", "step_nm=null", "--set", "frames
 
 
 def stemlive(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stemlive.live.apps.cli", *args], cwd=cwd, capture_output=True,
+    return subprocess.run([*STEMLIVE, *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=os.environ.copy())
 
 
@@ -81,7 +81,7 @@ def test_unknown_plan_setting_and_instrument_are_refused(tmp_path: Path) -> None
 def test_ctrl_c_ends_the_session_as_aborted(tmp_path: Path) -> None:
     # the stemlive simulator in real time: 40 points x 20 spectra x 50 ms would take a minute
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stemlive.live.apps.cli", "acquire", "eels-line", "--instrument", "stemlive",
+        [*STEMLIVE, "acquire", "eels-line", "--instrument", "stemlive",
          "--scenario", "realtime", "--set", "points=40", "--set", "step_nm=null", "--set", "frames_per_point=20",
          "--set", "exposure_ms=50", "--set", "survey_size_px=64", "--out", str(tmp_path / "out")],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from commands import STEMLIVE
 from corpus import scenarios
 
 from stemlive.live.exitcodes import ExitCode
@@ -71,7 +71,7 @@ def test_cli_many_sessions_into_a_folder(sessions: dict[str, Path], tmp_path: Pa
     """As a user types it: two sessions into OUTDIR on a local 2-worker cluster; the outputs equal the
     single-file form's; the exit code is 0 (or 4, INCOMPLETE, with one line per missing result)."""
     out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stemlive.live.apps.cli", "replay", str(sessions["map"]), str(sessions["line"]),
+    cmd = [*STEMLIVE, "replay", str(sessions["map"]), str(sessions["line"]),
            "--analyze", str(out_dir), "--set", "eels.n_peaks=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode in (0, 4), proc.stderr
@@ -79,7 +79,7 @@ def test_cli_many_sessions_into_a_folder(sessions: dict[str, Path], tmp_path: Pa
     assert last.startswith("analysed 2 sessions"), proc.stdout
     for name in ("map", "line"):
         single = tmp_path / f"{name}_single.h5"
-        cmd = [sys.executable, "-m", "stemlive.live.apps.cli", "replay", str(sessions[name]), "--analyze", str(single),
+        cmd = [*STEMLIVE, "replay", str(sessions[name]), "--analyze", str(single),
                "--set", "eels.n_peaks=2"]
         single_proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         assert single_proc.returncode in (0, 4), single_proc.stderr
@@ -90,7 +90,7 @@ def test_cli_existing_scheduler(sessions: dict[str, Path], client: object, tmp_p
     """``--scheduler ADDRESS`` uses an existing cluster (here: this test's local one) and leaves it running."""
     address = client.scheduler.address  # type: ignore[attr-defined]
     out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stemlive.live.apps.cli", "replay", str(sessions["line"]), "--analyze", str(out_dir),
+    cmd = [*STEMLIVE, "replay", str(sessions["line"]), "--analyze", str(out_dir),
            "--scheduler", address, "--set", "eels.n_peaks=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode in (0, 4), proc.stderr
@@ -102,7 +102,7 @@ def test_cli_existing_scheduler(sessions: dict[str, Path], client: object, tmp_p
 
 def test_cli_missing_input_fails_before_any_cluster(sessions: dict[str, Path], tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
-    cmd = [sys.executable, "-m", "stemlive.live.apps.cli", "replay", str(sessions["line"]),
+    cmd = [*STEMLIVE, "replay", str(sessions["line"]),
            str(tmp_path / "missing.h5"),
            "--analyze", str(out_dir)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from commands import STEMLIVE
 
 from stemlive.live.apps.cli import main
 from stemlive.live.storage.session import SessionReader
 from stemlive.live.wire import transport
 
 HERE = Path(__file__).parent
-STEMLIVE = [sys.executable, "-m", "stemlive.live.apps.cli"]
 
 
 def free_port() -> int:

@@ -7,11 +7,11 @@ import argparse
 import io
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import v1_writer
+from commands import STEMLIVE
 
 from stemlive.live.apps.cli import build_parser, main, run_command
 from stemlive.live.apps.console import show_progress
@@ -19,7 +19,6 @@ from stemlive.live.apps.demo import ConsoleBar
 from stemlive.live.exitcodes import ExitCode
 
 ROOT = Path(__file__).resolve().parents[1]
-STEMLIVE = [sys.executable, "-m", "stemlive.live.apps.cli"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

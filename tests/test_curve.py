@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import zmq
+from commands import STEMLIVE
 
 from stemlive.live.pipeline.service import PipelineService
 from stemlive.live.wire import transport
@@ -26,7 +26,7 @@ FIELDS = {"tilt_index": 0, "alpha_deg": 0.0, "beta_deg": 0.0, "pixel_size_nm": 0
 
 
 def stemlive(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stemlive.live.apps.cli", *args], capture_output=True, text=True,
+    return subprocess.run([*STEMLIVE, *args], capture_output=True, text=True,
                           timeout=60, env=os.environ.copy())
 
 
@@ -107,7 +107,7 @@ def test_clients_take_their_keys_from_STEMLIVE_KEYS(tmp_path: Path) -> None:
                               result_endpoint="tcp://127.0.0.1:*", stage_classes={}, curve=Curve.server(keys))
     with secured:
         env = {**os.environ, "STEMLIVE_KEYS": str(keys)}
-        proc = subprocess.run([sys.executable, "-m", "stemlive.live.apps.cli", "replay", str(source), "--to",
+        proc = subprocess.run([*STEMLIVE, "replay", str(source), "--to",
                                secured.frame_endpoint, "--timeout", "20"], capture_output=True, text=True,
                               timeout=120, env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]

@@ -18,6 +18,7 @@ exspy = pytest.importorskip("exspy")
 
 sys.path.insert(0, str(Path(__file__).parent))
 import export_sessions as es  # noqa: E402
+from commands import STEMLIVE  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -97,7 +98,7 @@ def test_map_exports_scan_axes_in_nm(map_session: Path, tmp_path: Path) -> None:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stemlive.live.apps.cli", *args], capture_output=True, text=True,
+    return subprocess.run([*STEMLIVE, *args], capture_output=True, text=True,
                           timeout=300)
 
 

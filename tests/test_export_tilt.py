@@ -19,6 +19,7 @@ from stemlive.live.storage import export
 
 sys.path.insert(0, str(Path(__file__).parent))
 import export_sessions as es  # noqa: E402
+from commands import STEMLIVE
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -212,7 +213,7 @@ def test_genfire_reconstructs_a_blob_phantom_from_the_export(tmp_path: Path) -> 
 def test_cli_exports_a_tilt_series(single_axis: tuple[Path, Path], tmp_path: Path) -> None:
     session, _ = single_axis
     out = tmp_path / "cli.emd"
-    done = subprocess.run([sys.executable, "-m", "stemlive.live.apps.cli", "export", str(session), "--format", "emd",
+    done = subprocess.run([*STEMLIVE, "export", str(session), "--format", "emd",
                            "-o", str(out), "--align", "none"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == f"emd: {out}"

@@ -18,7 +18,6 @@ import os
 import re
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +29,7 @@ import h5py
 import numpy as np
 import pytest
 import zmq
+from commands import STEMLIVE
 
 from stemlive.live.pipeline.service import PipelineService
 from stemlive.live.pipeline.stage import Result, Stage
@@ -449,7 +449,7 @@ def serve_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Ta
     out = tmp_path_factory.mktemp("hostile-serve")
     frames = f"tcp://127.0.0.1:{_free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stemlive.live.apps.cli", "serve", "--frames", frames, "--results",
+        [*STEMLIVE, "serve", "--frames", frames, "--results",
          f"tcp://127.0.0.1:{_free_port()}", "--out", str(out), "--reserve-mib", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=os.environ.copy())
     assert proc.stdout is not None

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import functools
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 import pytest
+from commands import STEMLIVE
 
 from stemlive.live.apps.cli import main
 from stemlive.live.exitcodes import ExitCode
@@ -20,7 +20,6 @@ from stemlive.live.pipeline.replay import replay_analyze
 from stemlive.live.storage.importer import ImportInputError, import_arrays, import_files, import_signal
 from stemlive.live.storage.session import SessionReader
 
-STEMLIVE = [sys.executable, "-m", "stemlive.live.apps.cli"]
 NY, NX, NF = 2, 4, 3  # a 2 x 4 spectrum image, 3 frames of 1200 ms per position
 STEP_NM, X0_NM = 2.0, -12.0
 CREATED = "2026-05-01T12:00:00"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,13 +13,12 @@ import h5py
 import numpy as np
 import pytest
 import v1_writer
+from commands import STEMLIVE
 
 from stemlive.live.apps.cli import main
 from stemlive.live.exitcodes import ExitCode
 from stemlive.live.pipeline.problems import problems_in
 from stemlive.live.storage.session import SessionFormatError, SessionReader, describe
-
-STEMLIVE = [sys.executable, "-m", "stemlive.live.apps.cli"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

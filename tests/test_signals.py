@@ -6,13 +6,13 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from commands import STEMLIVE
 
 from stemlive.live.pipeline.service import PipelineService
 from stemlive.live.wire import transport
@@ -32,7 +32,7 @@ def test_a_signal_closes_the_open_session_aborted_with_every_acknowledged_frame(
 ) -> None:
     frames = f"tcp://127.0.0.1:{_free_port()}"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "stemlive.live.apps.cli", "serve", "--frames", frames, "--results",
+        [*STEMLIVE, "serve", "--frames", frames, "--results",
          f"tcp://127.0.0.1:{_free_port()}", "--out", str(tmp_path), "--reserve-mib", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     assert proc.stdout is not None

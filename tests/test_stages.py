@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from commands import STEMLIVE
 from sklearn.metrics import adjusted_rand_score
 
 from stemlive.live.analysis import drift
@@ -201,7 +202,6 @@ def test_replay_of_a_too_narrow_axis_lists_every_missing_result(tmp_path: Path) 
     """-30..+35 meV leaves every window too narrow: `stemlive replay --analyze` (a real process) prints one
     line per missing result, exits INCOMPLETE (4), and the output file holds the reasons."""
     import subprocess
-    import sys
 
     from stemlive.live.exitcodes import ExitCode
     from stemlive.live.pipeline.problems import problems_in
@@ -213,7 +213,7 @@ def test_replay_of_a_too_narrow_axis_lists_every_missing_result(tmp_path: Path) 
         for msg in messages[1:-1]:
             writer.append(msg)
     out = tmp_path / "narrow_analysed.h5"
-    cli = [sys.executable, "-m", "stemlive.live.apps.cli"]
+    cli = STEMLIVE
     proc = subprocess.run([*cli, "replay", str(raw), "--analyze", str(out)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == ExitCode.INCOMPLETE, (proc.returncode, proc.stdout, proc.stderr)

@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import h5py
 import numpy as np
 import pytest
 import zmq
+from commands import STEMLIVE
 
 from stemlive.live.apps import cli, launcher
 from stemlive.live.wire import transport
@@ -41,7 +41,7 @@ def _free_port() -> int:
 
 
 def stemlive(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stemlive.live.apps.cli", *args], capture_output=True, text=True,
+    return subprocess.run([*STEMLIVE, *args], capture_output=True, text=True,
                           timeout=60, env=env or os.environ.copy())
 
 
@@ -128,7 +128,7 @@ def test_stemlive_swift_allow_remote_keys_as_typed(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "QT_QPA_PLATFORM" and not k.startswith("STEMLIVE_")}
     env.update(DISPLAY=f":{display}", HOME=str(home), XDG_CONFIG_HOME=str(home / ".config"),
                XDG_DATA_HOME=str(home / ".local/share"))
-    proc = subprocess.Popen([sys.executable, "-m", "stemlive.live.apps.cli", "swift", "--allow-remote", "--keys",
+    proc = subprocess.Popen([*STEMLIVE, "swift", "--allow-remote", "--keys",
                              str(keys), "--frames", f"tcp://127.0.0.1:{frames}", "--results", f"tcp://127.0.0.1:{results}",
                              "--out", str(tmp_path / "sessions")], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)

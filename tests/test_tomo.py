@@ -11,6 +11,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from commands import STEMLIVE
 from scipy import ndimage
 
 from stemlive.live.analysis import reconstruct as rc
@@ -407,7 +408,7 @@ def test_reconstruct_uses_the_calibrated_geometry_of_tomo_atoms(tmp_path):
                                                 shape_zyx=(16, 48, 48)), truth)
     # as a user types it, accelerated
     out = tmp_path / "fast"
-    proc = subprocess.run([sys.executable, "-m", "stemlive.live.apps.cli", "tomo", "reconstruct", str(calibrated), "-o",
+    proc = subprocess.run([*STEMLIVE, "tomo", "reconstruct", str(calibrated), "-o",
                            str(out), "--iterations", "20", "--thickness", "16", "--accelerate", "--no-png"],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
@@ -432,7 +433,7 @@ def test_windows_on_a_local_dask_cluster_from_the_command_line(tmp_path, cluster
     session = tilt_session(tmp_path / "w.h5", proj[:, 8:56, 8:56], alpha, beta)
     common = ["--window", "32", "--step", "16", "--iterations", "3", "--thickness", "16", "--align", "none",
               "--no-png"]
-    proc = subprocess.run([sys.executable, "-m", "stemlive.live.apps.cli", "tomo", "reconstruct", str(session), "-o",
+    proc = subprocess.run([*STEMLIVE, "tomo", "reconstruct", str(session), "-o",
                            str(tmp_path / "dask"), "--scheduler", "local", *common],
                           capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr

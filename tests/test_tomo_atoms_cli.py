@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
+from commands import STEMLIVE
 
 from stemlive.live.apps import atoms as atoms_cli
 from stemlive.live.apps import tomo
@@ -34,7 +34,7 @@ def _session(path: Path, sums: np.ndarray | None, alpha, beta, *, kind: str = "t
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "stemlive.live.apps.cli", "tomo", "atoms", *args], capture_output=True,
+    return subprocess.run([*STEMLIVE, "tomo", "atoms", *args], capture_output=True,
                           text=True, timeout=600, env=env)
 
 
