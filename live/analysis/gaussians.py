@@ -124,8 +124,8 @@ def levenberg_marquardt(evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.nd
     (objects couple only through overlapping windows) and every step solves
     ``(J^T J + lam diag) step = J^T r`` by a few conjugate-gradient iterations preconditioned with each object's
     own block (two matrix-free products per iteration from the window blocks: a batched matrix product and a
-    ``np.bincount``; neither ``J`` nor ``J^T J`` is assembled, which halved the time of a 512^2 column fit
-    against a CSR ``J``); a step is accepted when the total
+    ``np.bincount``; neither ``J`` nor ``J^T J`` is assembled: 1.4-1.6x less CPU than with a CSR ``J`` for the
+    columns of a 512^2 sum, identical results); a step is accepted when the total
     cost falls. Unlike a block-diagonal
     (Jacobi) scheme this converges in a few iterations also for strongly overlapping peaks (the two chalcogens
     of a column in a tilted projection), and unlike ``scipy.optimize.least_squares(tr_solver="lsmr")`` it needs

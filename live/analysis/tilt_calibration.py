@@ -29,7 +29,7 @@ Gaussian-rendered point sets and the most frequent nearest-neighbour displacemen
 from the centre outwards (pair within a growing radius, fit the projection's angles and shift with the model
 fixed), so the nominal angles' scale and shear errors (several pixels at the field's edge) never pair distant
 columns wrongly; last the lattice translation: all shifts by up to two lattice vectors are tried and the one with
-the most pairs and the smallest residuals wins (a shift by a lattice vector pairs almost as well: the flake's
+the smallest mean squared residual wins (a shift by a lattice vector pairs almost as well: the flake's
 edges and the second lattice across the interface break the symmetry). Pairs are mutual nearest neighbours within
 ``match_fraction`` of the metal spacing. Solving and matching against the 3D model then alternate.
 """
@@ -278,8 +278,9 @@ def _register(r: np.ndarray, meas: np.ndarray, tree: cKDTree, ang: np.ndarray, t
     ICP from the centre outwards (pair the metals within a growing radius of the model's centre, fit the
     projection with the model fixed), then the lattice translation: on a crystal a shift by a lattice vector
     pairs almost as well, so every translation ``i a1 + j a2`` (``|i|, |j| <= reach``) is tried (pair, refit)
-    and the one with the most pairs and the smallest residuals wins (score ``sum(tol^2 - d^2)``): the flake's
-    edges and a second lattice (the interface's vernier) break the symmetry.
+    and, among those pairing at least 80 % of the most, the one with the smallest mean squared residual wins (the
+    field's edges cut both point sets, so a wrong translation can pair a few more metals): a second lattice (the
+    interface's vernier) and the flake's edges break the symmetry.
 
     With ``mode_shift`` the shift is first corrected by the most frequent displacement from the central
     predicted metals to their nearest measured ones (a cross-correlation blurred by the nominal angles' scale
@@ -300,7 +301,7 @@ def _register(r: np.ndarray, meas: np.ndarray, tree: cKDTree, ang: np.ndarray, t
         idx, _ = _pairs(project_points(r[sel], rot[0], t, pixel_A), tree, tol)
         ok = idx >= 0
         ang, t = _fit_projection(r[sel][ok], meas[idx[ok]], ang, t, pixel_A)
-    best: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]] = []
+    trials: list[tuple[int, float, np.ndarray, np.ndarray, np.ndarray]] = []
     steps = range(-reach, reach + 1)
     for i in steps:
         for j in steps:
@@ -312,10 +313,14 @@ def _register(r: np.ndarray, meas: np.ndarray, tree: cKDTree, ang: np.ndarray, t
             a_c, t_c = _fit_projection(r[ok], meas[idx[ok]], a_c, t_c, pixel_A, max_iter=10)
             rot, _ = _rotations(a_c[None])
             idx, d = _pairs(project_points(r, rot[0], t_c, pixel_A), tree, tol)
-            best.append((float(np.sum(tol**2 - d[idx >= 0] ** 2)), a_c, t_c, idx))
-    best.sort(key=lambda b: -b[0])
-    margin = best[0][0] - best[1][0] if len(best) > 1 else np.inf
-    return best[0][1], best[0][2], best[0][3], float(margin)
+            n_pairs = int((idx >= 0).sum())
+            trials.append((n_pairs, float(np.mean(d[idx >= 0] ** 2)) if n_pairs else np.inf, a_c, t_c, idx))
+    # the field's edges cut both point sets, so a wrong translation can pair a few more metals: compare the mean
+    # squared residual of the translations that pair at least 80 % of the most
+    most = max(tr[0] for tr in trials)
+    best = sorted((tr for tr in trials if tr[0] >= 0.8 * most), key=lambda tr: tr[1])
+    margin = (best[1][1] - best[0][1]) * best[0][0] if len(best) > 1 else np.inf
+    return best[0][2], best[0][3], best[0][4], float(margin)
 
 
 # ------------------------------------------------------------------------------------------------ solver
