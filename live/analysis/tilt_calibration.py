@@ -278,7 +278,7 @@ def _register(r: np.ndarray, meas: np.ndarray, tree: cKDTree, ang: np.ndarray, t
     ICP from the centre outwards (pair the metals within a growing radius of the model's centre, fit the
     projection with the model fixed), then the lattice translation: on a crystal a shift by a lattice vector
     pairs almost as well, so every translation ``i a1 + j a2`` (``|i|, |j| <= reach``) is tried (pair, refit)
-    and, among those pairing at least 80 % of the most, the one with the smallest mean squared residual wins (the
+    and, among those pairing at least 95 % of the most, the one with the smallest mean squared residual wins (the
     field's edges cut both point sets, so a wrong translation can pair a few more metals): a second lattice (the
     interface's vernier) and the flake's edges break the symmetry.
 
@@ -316,9 +316,9 @@ def _register(r: np.ndarray, meas: np.ndarray, tree: cKDTree, ang: np.ndarray, t
             n_pairs = int((idx >= 0).sum())
             trials.append((n_pairs, float(np.mean(d[idx >= 0] ** 2)) if n_pairs else np.inf, a_c, t_c, idx))
     # the field's edges cut both point sets, so a wrong translation can pair a few more metals: compare the mean
-    # squared residual of the translations that pair at least 80 % of the most
+    # squared residual of the translations that pair at least 95 % of the most
     most = max(tr[0] for tr in trials)
-    best = sorted((tr for tr in trials if tr[0] >= 0.8 * most), key=lambda tr: tr[1])
+    best = sorted((tr for tr in trials if tr[0] >= 0.95 * most), key=lambda tr: tr[1])
     margin = (best[1][1] - best[0][1]) * best[0][0] if len(best) > 1 else np.inf
     return best[0][2], best[0][3], best[0][4], float(margin)
 
