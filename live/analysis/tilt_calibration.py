@@ -18,10 +18,20 @@ projection without in-plane rotation (``gamma = 0``). Standard errors come from 
 Jacobian's atom blocks (the projection-parameter covariance at the fixed reference); the reference projection's
 own angle errors are those of the fitted plane's normal.
 
-Matching: each projection's metals are predicted from the current model and geometry, the shift is found by
-cross-correlating Gaussian-rendered point sets weighted by column intensity (the interface and the flake edges
-make it unique on the lattice), and nearest neighbours closer than ``match_fraction`` of the metal spacing are
-paired; matching and calibration alternate (the first pass uses the nominal angles).
+Solver: the model is linear in the atoms, so they are eliminated in closed form (variable projection: a 3 x 3
+least-squares solution per atom) and ``scipy.optimize.least_squares`` runs over the ``5 (n - 1)`` projection
+parameters with the analytic reduced Jacobian (MINPACK ``lm``); at the reference size (2,700 metals, 12 tilts) a
+solve takes ~1 s CPU, against ~8 s of the former sparse ``trf``/``lsmr`` solve over all coordinates.
+
+Matching (:func:`_register`): a projection's metals are predicted from the current model and geometry (at first
+the reference projection's metals at z = 0 and the nominal angles); the shift comes from cross-correlating
+Gaussian-rendered point sets and the most frequent nearest-neighbour displacement of the central metals; then ICP
+from the centre outwards (pair within a growing radius, fit the projection's angles and shift with the model
+fixed), so the nominal angles' scale and shear errors (several pixels at the field's edge) never pair distant
+columns wrongly; last the lattice translation: all shifts by up to two lattice vectors are tried and the one with
+the smallest mean squared residual wins (a shift by a lattice vector pairs almost as well: the flake's
+edges and the second lattice across the interface break the symmetry). Pairs are mutual nearest neighbours within
+``match_fraction`` of the metal spacing. Solving and matching against the 3D model then alternate.
 """
 
 from __future__ import annotations
@@ -136,6 +146,64 @@ class Calibration:
         return project_points(r_A, self.rotations[k], self.shift_px[k], self.pixel_A)
 
 
+# ------------------------------------------------------------------------------------------------ model
+def _rotations(ang_rad: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rotations ``(n, 3, 3)`` and their derivatives ``(n, 3, 3, 3)`` by (alpha, beta, gamma) (radians)."""
+    deg = np.degrees(np.atleast_2d(ang_rad))
+    rg = axis_angle_matrix(_Z_AXIS, deg[:, 2])
+    ra = axis_angle_matrix(_ALPHA_AXIS, deg[:, 0])
+    rb = axis_angle_matrix(_BETA_AXIS, deg[:, 1])
+    rot = rg @ ra @ rb
+    d = np.stack([rg @ _skew(_ALPHA_AXIS) @ ra @ rb, rg @ ra @ _skew(_BETA_AXIS) @ rb, _skew(_Z_AXIS) @ rot], axis=1)
+    return rot, d
+
+
+def _fit_projection(r: np.ndarray, u: np.ndarray, ang: np.ndarray, t: np.ndarray, pixel_A: float,
+                    max_iter: int = 30) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha, beta, gamma) (rad) and shift of one projection fitted to paired points, the model ``r`` fixed.
+
+    Five parameters against thousands of points: Levenberg-Marquardt on the 5 x 5 normal equations, with
+    soft-L1 weights (scale 1 px, iteratively reweighted) so that a few wrong pairs do not pull the fit.
+    (``scipy.optimize.least_squares`` spent most of its time in an SVD of the full Jacobian per iteration:
+    this is called ~25 times per projection while matching.)
+    """
+    if len(r) < 4:
+        return ang, t
+    q = np.concatenate([ang, t]).astype(float)
+
+    def evaluate(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rot, d = _rotations(q[None, :3])
+        res = (r @ rot[0].T)[:, [1, 0]] / pixel_A + q[3:] - u
+        rho = 2.0 * (np.sqrt(1.0 + np.sum(res**2, axis=1)) - 1.0)  # soft-L1 of the distance
+        return res, rho
+
+    res, rho = evaluate(q)
+    cost, lam = float(rho.sum()), 1e-3
+    for _ in range(max_iter):
+        _, d = _rotations(q[None, :3])
+        jac = np.empty((len(r), 2, 5))
+        for j in range(3):
+            jac[:, :, j] = (r @ d[0, j].T)[:, [1, 0]] / pixel_A
+        jac[:, :, 3:] = np.eye(2)
+        w = 1.0 / np.sqrt(1.0 + np.sum(res**2, axis=1))
+        jw = jac * w[:, None, None]
+        a = np.einsum("mai,maj->ij", jw, jac)
+        g = np.einsum("mai,ma->i", jw, res)
+        while True:
+            step = -np.linalg.solve(a + lam * np.diag(np.diag(a)) + 1e-12 * np.trace(a) * np.eye(5), g)
+            res_t, rho_t = evaluate(q + step)
+            if float(rho_t.sum()) <= cost or lam > 1e8:
+                break
+            lam *= 10.0
+        if lam > 1e8:
+            break
+        q, res, decrease = q + step, res_t, cost - float(rho_t.sum())
+        cost, lam = float(rho_t.sum()), max(lam / 10.0, 1e-9)
+        if decrease <= 1e-10 * max(cost, 1e-300) or np.abs(step).max() < 1e-10:
+            break
+    return q[:3], q[3:]
+
+
 # ------------------------------------------------------------------------------------------------ matching
 def _render_points(pos: np.ndarray, weight: np.ndarray, shape: tuple[int, int], sigma: float) -> np.ndarray:
     from scipy import ndimage
@@ -157,125 +225,184 @@ def point_set_shift(predicted: np.ndarray, w_pred: np.ndarray, measured: np.ndar
     return cc_peak_shift(np.fft.ifft2(np.fft.fft2(b) * np.conj(np.fft.fft2(a))).real)
 
 
-def _match(pred: np.ndarray, meas: np.ndarray, tol: float) -> np.ndarray:
-    """Index of the measured point paired with each predicted point (-1: none), one-to-one nearest neighbours."""
+def _pairs(pred: np.ndarray, tree: cKDTree, tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours closer than ``tol``: index of the measured point of each predicted point (-1:
+    none) and the distances."""
+    n_meas = tree.n
     out = np.full(len(pred), -1)
-    if not len(meas) or not len(pred):
-        return out
-    d, j = cKDTree(meas).query(pred, distance_upper_bound=tol)
+    if not len(pred) or not n_meas:
+        return out, np.full(len(pred), np.inf)
+    d, j = tree.query(pred, distance_upper_bound=tol)
     ok = np.isfinite(d)
-    # keep the closest claim of each measured point
-    order = np.argsort(np.where(ok, d, np.inf))
-    taken = np.zeros(len(meas), bool)
-    for i in order[: ok.sum()]:
-        if not taken[j[i]]:
-            out[i] = j[i]
-            taken[j[i]] = True
-    return out
+    _, back = cKDTree(pred).query(tree.data)
+    ok &= back[np.minimum(j, n_meas - 1)] == np.arange(len(pred))
+    out[ok] = j[ok]
+    return out, np.where(ok, d, np.inf)
+
+
+def _lattice_vectors(xy: np.ndarray) -> np.ndarray:
+    """Two metal lattice vectors ``(2, 3)`` (60 deg apart, z = 0) of a hexagonal point set ``(n, 2)`` (x, y)."""
+    d, j = cKDTree(xy).query(xy, k=min(7, len(xy)))
+    a = float(np.median(d[:, 1]))
+    v = (xy[j[:, 1:]] - xy[:, None, :]).reshape(-1, 2)
+    v = v[np.abs(np.hypot(v[:, 0], v[:, 1]) - a) < 0.2 * a]
+    phase = np.angle(np.mean(np.exp(6j * np.arctan2(v[:, 1], v[:, 0])))) / 6.0
+    ph = phase + np.array([0.0, np.pi / 3.0])
+    return np.column_stack([a * np.cos(ph), a * np.sin(ph), np.zeros(2)])
+
+
+def _displacement_mode(pred: np.ndarray, meas: np.ndarray, tree: cKDTree, tol: float) -> np.ndarray:
+    """Most frequent displacement (px) from ``pred`` to the nearest measured point (2D histogram, 0.25 tol bins),
+    refined by the mean of the displacements near it."""
+    from scipy import ndimage
+
+    if not len(pred) or not tree.n:
+        return np.zeros(2)
+    _, j = tree.query(pred)
+    disp = meas[j] - pred
+    reach = 3.5 * tol  # the nearest neighbour is at most ~half a metal spacing (~1.7 tol) away
+    nb = int(np.ceil(2 * reach / (0.25 * tol)))
+    hist, ey, ex = np.histogram2d(disp[:, 0], disp[:, 1], bins=nb, range=[[-reach, reach], [-reach, reach]])
+    hist = ndimage.gaussian_filter(hist, 1.0)
+    iy, ix = np.unravel_index(int(np.argmax(hist)), hist.shape)
+    mode = np.array([(ey[iy] + ey[iy + 1]) / 2, (ex[ix] + ex[ix + 1]) / 2])
+    near = np.hypot(*(disp - mode).T) < 0.5 * tol
+    return disp[near].mean(axis=0) if near.any() else mode
+
+
+def _register(r: np.ndarray, meas: np.ndarray, tree: cKDTree, ang: np.ndarray, t: np.ndarray, pixel_A: float,
+              lattice_A: np.ndarray, tol: float, radii: Sequence[float], reach: int, mode_shift: bool = False,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Pair the model metals ``r`` with one projection's measured metals and fit the projection's geometry.
+
+    ICP from the centre outwards (pair the metals within a growing radius of the model's centre, fit the
+    projection with the model fixed), then the lattice translation: on a crystal a shift by a lattice vector
+    pairs almost as well, so every translation ``i a1 + j a2`` (``|i|, |j| <= reach``) is tried (pair, refit)
+    and, among those pairing at least 95 % of the most, the one with the smallest mean squared residual wins (the
+    field's edges cut both point sets, so a wrong translation can pair a few more metals): a second lattice (the
+    interface's vernier) and the flake's edges break the symmetry.
+
+    With ``mode_shift`` the shift is first corrected by the most frequent displacement from the central
+    predicted metals to their nearest measured ones (a cross-correlation blurred by the nominal angles' scale
+    error can land between columns).
+
+    Returns angles (rad), shift, the measured index of every model metal (-1: none) and the score margin of the
+    chosen translation over the next best (px^2).
+    """
+    xy = r[:, :2] - r[:, :2].mean(axis=0)
+    rho = np.hypot(xy[:, 0], xy[:, 1])
+    if mode_shift:
+        rot, _ = _rotations(ang[None])
+        t = t + _displacement_mode(project_points(r[rho <= radii[0] * rho.max()], rot[0], t, pixel_A), meas, tree,
+                                   tol)
+    for frac in radii:
+        sel = rho <= frac * rho.max()
+        rot, _ = _rotations(ang[None])
+        idx, _ = _pairs(project_points(r[sel], rot[0], t, pixel_A), tree, tol)
+        ok = idx >= 0
+        ang, t = _fit_projection(r[sel][ok], meas[idx[ok]], ang, t, pixel_A)
+    trials: list[tuple[int, float, np.ndarray, np.ndarray, np.ndarray]] = []
+    steps = range(-reach, reach + 1)
+    for i in steps:
+        for j in steps:
+            rot, _ = _rotations(ang[None])
+            shift = (rot[0] @ (i * lattice_A[0] + j * lattice_A[1]))[[1, 0]] / pixel_A
+            a_c, t_c = ang, t + shift
+            idx, _ = _pairs(project_points(r, rot[0], t_c, pixel_A), tree, tol)
+            ok = idx >= 0
+            a_c, t_c = _fit_projection(r[ok], meas[idx[ok]], a_c, t_c, pixel_A, max_iter=10)
+            rot, _ = _rotations(a_c[None])
+            idx, d = _pairs(project_points(r, rot[0], t_c, pixel_A), tree, tol)
+            n_pairs = int((idx >= 0).sum())
+            trials.append((n_pairs, float(np.mean(d[idx >= 0] ** 2)) if n_pairs else np.inf, a_c, t_c, idx))
+    # the field's edges cut both point sets, so a wrong translation can pair a few more metals: compare the mean
+    # squared residual of the translations that pair at least 95 % of the most
+    most = max(tr[0] for tr in trials)
+    best = sorted((tr for tr in trials if tr[0] >= 0.95 * most), key=lambda tr: tr[1])
+    margin = (best[1][1] - best[0][1]) * best[0][0] if len(best) > 1 else np.inf
+    return best[0][2], best[0][3], best[0][4], float(margin)
 
 
 # ------------------------------------------------------------------------------------------------ solver
 def _solve(r0: np.ndarray, ang0: np.ndarray, t0: np.ndarray, obs: np.ndarray, u: np.ndarray, s: np.ndarray,
-           ref: int, pixel_A: float, max_nfev: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray]:
-    """Least squares over all atoms and all projections except the reference's parameters.
+           ref: int, pixel_A: float, max_nfev: int
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, np.ndarray, np.ndarray]:
+    """Least squares of equation 1 over all atoms and all projections except the reference's parameters.
+
+    Variable projection: the model is linear in the atom coordinates, so for given projection parameters each
+    atom's ``(x, y, z)`` is a 3 x 3 weighted least-squares solution, and ``scipy.optimize.least_squares`` runs over
+    the projection parameters alone (``5 (n - 1)``) with the Jacobian ``(I - Ja (Ja'Ja)^-1 Ja') Jp`` (Kaufman's;
+    a Gauss-Newton step of it equals the joint step with the atoms eliminated by the Schur complement).
 
     ``obs`` (m, 2): (atom, projection) of every measurement ``u`` (m, 2) with errors ``s`` (m, 2).
-    Returns atoms, angles (n, 3) rad, shifts (n, 2), rms (px) and the (n, 6) standard errors (rad, px).
+    Returns atoms, angles (n, 3) rad, shifts (n, 2), rms (px), the (n, 5) standard errors (rad, px) of
+    (alpha, beta, gamma, t) and the residuals (m, 2) px. ``r0`` is used only for atoms without observations.
     """
     n_atoms, n_proj = len(r0), len(ang0)
-    free = np.array([k for k in range(n_proj) if k != ref])
+    free = np.array([k for k in range(n_proj) if k != ref], int)
     slot = np.full(n_proj, -1)
     slot[free] = np.arange(len(free))
     ai, pk = obs[:, 0], obs[:, 1]
     m = len(obs)
-    n_par = 3 * n_atoms + 6 * len(free)
-    ka, kb, kz = _skew(_ALPHA_AXIS), _skew(_BETA_AXIS), _skew(_Z_AXIS)
+    n_q = 5 * len(free)
+    w = 1.0 / s
+    seg = sparse.csr_matrix((np.ones(m), (ai, np.arange(m))), shape=(n_atoms, m))
+    eye3 = np.eye(3)
 
-    def unpack(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        r = p[: 3 * n_atoms].reshape(n_atoms, 3)
-        q = p[3 * n_atoms:].reshape(-1, 6)
+    def geometry(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         ang, t = ang0.copy(), t0.copy()
-        ang[free], t[free] = q[:, :3], q[:, 3:5] if q.size else t[free]
-        return r, ang, t
+        qq = q.reshape(-1, 5)
+        ang[free], t[free] = qq[:, :3], qq[:, 3:]
+        rot, d = _rotations(ang)
+        return ang, t, rot, d
 
-    def mats(ang: np.ndarray) -> tuple[np.ndarray, ...]:
-        deg = np.degrees(ang)
-        rg = axis_angle_matrix(_Z_AXIS, deg[:, 2])
-        ra = axis_angle_matrix(_ALPHA_AXIS, deg[:, 0])
-        rb = axis_angle_matrix(_BETA_AXIS, deg[:, 1])
-        return rg, ra, rb
+    def atoms(rot: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        aw = rot[pk][:, [1, 0], :] / pixel_A * w[..., None]  # (m, 2, 3) weighted d(row, col)/d(x, y, z)
+        mm = (seg @ np.einsum("mai,maj->mij", aw, aw).reshape(m, 9)).reshape(n_atoms, 3, 3)
+        b = seg @ np.einsum("mai,ma->mi", aw, (u - t[pk]) * w)
+        seen = np.trace(mm, axis1=1, axis2=2) > 0
+        mm[~seen] = eye3
+        r = np.linalg.solve(mm + 1e-9 * np.trace(mm, axis1=1, axis2=2)[:, None, None] * eye3, b[..., None])[..., 0]
+        r[~seen] = r0[~seen]
+        return r, aw, mm
 
-    def fun(p: np.ndarray) -> np.ndarray:
-        r, ang, t = unpack(p)
-        rg, ra, rb = mats(ang)
-        rot = rg @ ra @ rb
-        lab = np.einsum("mij,mj->mi", rot[pk], r[ai])
-        pred = lab[:, [1, 0]] / pixel_A + t[pk]
-        return ((pred - u) / s).ravel()
+    def fun(q: np.ndarray) -> np.ndarray:
+        _, t, rot, _ = geometry(q)
+        r, _, _ = atoms(rot, t)
+        pred = np.einsum("mij,mj->mi", rot[pk], r[ai])[:, [1, 0]] / pixel_A + t[pk]
+        return ((pred - u) * w).ravel()
 
-    def jac(p: np.ndarray) -> sparse.csr_matrix:
-        r, ang, t = unpack(p)
-        rg, ra, rb = mats(ang)
-        rot = rg @ ra @ rb
-        d_a = rg @ ka @ ra @ rb
-        d_b = rg @ ra @ kb @ rb
-        d_g = kz @ rot
-        rows = np.arange(2 * m).reshape(m, 2)
-        w = 1.0 / s / pixel_A  # (m, 2)
-        blocks_v, blocks_c = [], []
-        for j in range(3):  # atom coordinates
-            blocks_v.append(rot[pk][:, [1, 0], j] * w)
-            blocks_c.append(np.broadcast_to((3 * ai + j)[:, None], (m, 2)))
-        fr = slot[pk]
-        has = fr >= 0
-        base = 3 * n_atoms + 6 * np.maximum(fr, 0)
-        for j, dm in enumerate((d_a, d_b, d_g)):
-            blocks_v.append(np.einsum("mij,mj->mi", dm[pk], r[ai])[:, [1, 0]] * w * has[:, None])
-            blocks_c.append(np.broadcast_to((base + j)[:, None], (m, 2)))
-        eye = np.eye(2)
-        for j in range(2):
-            blocks_v.append(eye[j][None, :] / s * has[:, None])
-            blocks_c.append(np.broadcast_to((base + 3 + j)[:, None], (m, 2)))
-        vals = np.concatenate([v.ravel() for v in blocks_v])
-        cols = np.concatenate([np.asarray(c).ravel() for c in blocks_c])
-        rr = np.tile(rows.ravel(), len(blocks_v))
-        return sparse.csr_matrix((vals, (rr, cols)), shape=(2 * m, n_par + 0))
+    def jac(q: np.ndarray) -> np.ndarray:
+        _, t, rot, d = geometry(q)
+        r, aw, mm = atoms(rot, t)
+        has = slot[pk] >= 0
+        local = np.empty((m, 2, 5))
+        for j in range(3):
+            local[:, :, j] = np.einsum("mij,mj->mi", d[pk, j], r[ai])[:, [1, 0]] / pixel_A
+        local[:, :, 3:] = np.eye(2)
+        local *= w[..., None]
+        jp4 = np.zeros((m, 2, len(free), 5))
+        jp4[np.flatnonzero(has), :, slot[pk[has]], :] = local[has]
+        jp = jp4.reshape(m, 2, n_q)
+        c = (seg @ np.einsum("mai,maq->miq", aw, jp).reshape(m, 3 * n_q)).reshape(n_atoms, 3, n_q)
+        g = np.linalg.solve(mm + 1e-9 * np.trace(mm, axis1=1, axis2=2)[:, None, None] * eye3, c)
+        return (jp - np.einsum("mai,miq->maq", aw, g[ai])).reshape(2 * m, n_q)
 
-    q0 = np.column_stack([ang0[free], t0[free], np.zeros(len(free))]) if len(free) else np.zeros((0, 6))
-    p0 = np.concatenate([r0.ravel(), q0.ravel()])
-    res = optimize.least_squares(fun, p0, jac=jac, method="trf", tr_solver="lsmr", x_scale="jac",  # type: ignore
-                                 max_nfev=max_nfev, xtol=1e-10, ftol=1e-12)
-    r, ang, t = unpack(res.x)
-    resid = (res.fun.reshape(m, 2) * s)
+    q0 = np.column_stack([ang0[free], t0[free]]).ravel()
+    res = optimize.least_squares(fun, q0, jac=jac, method="lm", x_scale="jac",
+                                 max_nfev=max_nfev, xtol=1e-10, ftol=1e-10, gtol=1e-10)
+    ang, t, rot, _ = geometry(res.x)
+    r, _, _ = atoms(rot, t)
+    resid = res.fun.reshape(m, 2) / w
     rms = float(np.sqrt(np.mean(resid**2)))
+    n_par = 3 * int((np.bincount(ai, minlength=n_atoms) > 0).sum()) + n_q
     chi2 = float(res.fun @ res.fun) / max(2 * m - n_par, 1)
-    errors = np.zeros((n_proj, 6))
-    if len(free):
-        j = jac(res.x).tocsc()
-        ja, jp = j[:, : 3 * n_atoms], j[:, 3 * n_atoms:]
-        jpd = jp.toarray()
-        # Schur complement of the block-diagonal atom part: S = Jp'Jp - Jp'Ja (Ja'Ja)^-1 Ja'Jp
-        jtj_a = (ja.T @ ja).toarray() if n_atoms * 3 <= 3000 else None
-        if jtj_a is not None:
-            inv_a = np.linalg.pinv(jtj_a)
-        else:
-            inv_a = _block_diag_inverse(ja, n_atoms)
-        b = (ja.T @ jpd)
-        schur = jpd.T @ jpd - b.T @ (inv_a @ b)
-        cov = np.linalg.pinv(schur) * chi2
-        e = np.sqrt(np.clip(np.diag(cov), 0.0, None)).reshape(-1, 6)
-        errors[free] = e
-    return r, ang, t, rms, errors
-
-
-def _block_diag_inverse(ja: sparse.csc_matrix, n_atoms: int) -> np.ndarray:
-    """Inverse of the block-diagonal ``Ja' Ja`` (3 x 3 per atom) as a dense matrix."""
-    jtj = (ja.T @ ja).tocsr()
-    out = np.zeros((3 * n_atoms, 3 * n_atoms))
-    for i in range(n_atoms):
-        s = slice(3 * i, 3 * i + 3)
-        out[s, s] = np.linalg.pinv(jtj[s, s].toarray())
-    return out
+    errors = np.zeros((n_proj, 5))
+    if n_q:
+        jj = np.asarray(res.jac)
+        cov = np.linalg.pinv(jj.T @ jj) * chi2
+        errors[free] = np.sqrt(np.clip(np.diag(cov), 0.0, None)).reshape(-1, 5)
+    return r, ang, t, rms, errors, resid
 
 
 def _to_sample_frame(r: np.ndarray, rot: np.ndarray, t: np.ndarray, ref: int,
@@ -313,13 +440,39 @@ def _rz(angle_deg: float) -> np.ndarray:
     return axis_angle_matrix(_Z_AXIS, angle_deg)
 
 
+def _calibration(r: np.ndarray, ang: np.ndarray, t: np.ndarray, errors: np.ndarray, observed: np.ndarray,
+                 rms: float, ref: int, pixel_A: float) -> Calibration:
+    rot = rotation_from_angles(*np.degrees(ang).T)
+    r_s, rot_s, t_s, plane_err = _to_sample_frame(r, rot, t, ref, pixel_A)
+    e = euler_from_rotation(rot_s)
+    err_deg = np.degrees(errors[:, :3])
+    # the reference projection's orientation is known as well as the plane normal (x slope ~ alpha, y ~ beta)
+    err_deg[ref, 0], err_deg[ref, 1] = np.degrees(plane_err[0]), np.degrees(plane_err[1])
+    return Calibration(e[:, 0], e[:, 1], e[:, 2], err_deg[:, 0], err_deg[:, 1], err_deg[:, 2], t_s, r_s,
+                       observed, rms, ref, float(pixel_A))
+
+
+def _outliers(resid: np.ndarray, floor_px: float = 0.5) -> np.ndarray:
+    """Measurements off by more than 6 robust standard deviations (and ``floor_px``)."""
+    d = np.hypot(resid[:, 0], resid[:, 1])
+    return d > max(6.0 * 1.4826 * float(np.median(d)), floor_px)
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def calibrate_tilts(metals: MetalObservations, nominal_alpha_deg: np.ndarray, nominal_beta_deg: np.ndarray,
                     pixel_A: float, shape: tuple[int, int], *, reference: int | None = None,
-                    match_fraction: float = 0.3, rounds: int = 3, min_projections: int = 3,
-                    max_nfev: int = 50) -> Calibration:
+                    match_fraction: float = 0.3, rounds: int = 2, min_projections: int = 3,
+                    max_nfev: int = 30, reach: int = 2) -> Calibration:
     """Match metal columns across projections and solve equation 1 for the 3D metals and every projection's
     angles, shift and in-plane rotation.
+
+    Matching (:func:`_register`, every projection in order of its beam direction's angle from the reference):
+    the start model is the reference projection's metals at z = 0; the shift from the cross-correlation of the
+    point sets; then ICP from the centre outwards (radii 30, 55, 100 % of the field) fitting the projection's
+    (alpha, beta, gamma, t) with the model fixed, so the nominal angles' scale and shear errors never pair
+    distant columns wrongly; last the lattice translation (the best of ``(2 reach + 1)^2`` lattice vectors).
+    Then ``rounds`` times: solve equation 1 over all tilts (:func:`_solve`), drop outliers, register every
+    projection again against the 3D model (the ripple is now in the prediction).
 
     Parameters
     ----------
@@ -336,13 +489,13 @@ def calibrate_tilts(metals: MetalObservations, nominal_alpha_deg: np.ndarray, no
     match_fraction : float
         Pairing tolerance as a fraction of the metal spacing.
     rounds : int
-        Match-calibrate rounds after the first, which pairs only metals within 30 % of the field size (at least
-        25 A) of the
-        centre.
+        Solve-and-register rounds.
     min_projections : int
         Metals seen in fewer projections are left out.
     max_nfev : int
         Solver iterations per round.
+    reach : int
+        Lattice translations tried per projection: ``i a1 + j a2`` with ``|i|, |j| <= reach``.
 
     Raises
     ------
@@ -355,67 +508,65 @@ def calibrate_tilts(metals: MetalObservations, nominal_alpha_deg: np.ndarray, no
     ref = int(np.argmin(np.hypot(al, be))) if reference is None else int(reference)
     centre = np.array([(shape[0] - 1) / 2.0, (shape[1] - 1) / 2.0])
     p_ref = np.asarray(metals.position[ref], float)
-    spacing = _spacing(p_ref)
+    if len(p_ref) < 10:
+        raise ValueError(f"only {len(p_ref)} metal columns in the reference projection")
+    tol = match_fraction * _spacing(p_ref)
     # start model: the reference projection at z = 0
     r = np.column_stack([(p_ref[:, 1] - centre[1]) * pixel_A, (p_ref[:, 0] - centre[0]) * pixel_A,
                          np.zeros(len(p_ref))])
+    lattice = _lattice_vectors(r[:, :2])
     w_ref = np.asarray(metals.intensity[ref], float)
     ang = np.column_stack([np.radians(al), np.radians(be), np.zeros(n)])
     t = np.tile(centre, (n, 1))
-    order = np.argsort(np.hypot(al - al[ref], be - be[ref]))
+    beam = rotation_from_angles(al, be, np.zeros(n))[:, 2, :]
+    order = [int(k) for k in np.argsort(-(beam @ beam[ref])) if k != ref]
+    meas = [np.asarray(p, float).reshape(-1, 2) for p in metals.position]
+    errs = [np.asarray(e, float).reshape(-1, 2) for e in metals.error]
+    trees = [cKDTree(p) for p in meas]
     idx = np.full((len(r), n), -1)
     idx[:, ref] = np.arange(len(r))
-    rms, errors = np.nan, np.zeros((n, 6))
-    # the first round pairs only the central metals: with nominal angles the predicted positions far from the
-    # centre are off by several pixels (wrong pairs there spoil the first solve)
-    radius0 = max(0.3 * min(shape) * pixel_A, 25.0)
-    central = np.hypot(r[:, 0] - r[:, 0].mean(), r[:, 1] - r[:, 1].mean()) < radius0
+    for k in order:
+        rot = rotation_from_angles(*np.degrees(ang[k]))[0]
+        pred = project_points(r, rot, t[k], pixel_A)
+        t[k] = t[k] + point_set_shift(pred, w_ref, meas[k], np.asarray(metals.intensity[k], float), shape)
+        ang[k], t[k], idx[:, k], _ = _register(r, meas[k], trees[k], ang[k], t[k], pixel_A, lattice, tol,
+                                               (0.3, 0.55, 1.0), reach, mode_shift=True)
+    rms, errors = np.nan, np.zeros((n, 5))
+    bad = np.zeros(idx.shape, bool)
     for rnd in range(rounds + 1):
-        rot = rotation_from_angles(*np.degrees(ang).T)
-        for k in order:
-            if k == ref:
-                continue
-            meas = np.asarray(metals.position[k], float)
-            pred = project_points(r, rot[k], t[k], pixel_A)
-            if rnd == 0:
-                t[k] = t[k] + point_set_shift(pred, w_ref, meas, np.asarray(metals.intensity[k], float), shape)
-                pred = project_points(r, rot[k], t[k], pixel_A)
-            idx[:, k] = _match(pred, meas, match_fraction * spacing)
-            if rnd == 0:  # refine the shift on the central matches before the solve
-                ok = (idx[:, k] >= 0) & central
-                if ok.any():
-                    t[k] = t[k] + np.median(meas[idx[ok, k]] - pred[ok], axis=0)
-                    idx[:, k] = _match(project_points(r, rot[k], t[k], pixel_A), meas, match_fraction * spacing)
-                idx[~central, k] = -1
-        if rnd == 0:
-            idx[~central, ref] = -1
-        elif rnd == 1:
-            idx[:, ref] = np.arange(len(r))
-        seen = (idx >= 0).sum(axis=1) >= min_projections
-        if seen.sum() < 10:
-            raise ValueError(f"only {int(seen.sum())} metal columns matched in >= {min_projections} projections")
-        keep = np.flatnonzero(seen)
-        ai, pk = np.nonzero(idx[keep] >= 0)
-        u = np.array([metals.position[int(k)][idx[keep][i, k]] for i, k in zip(ai, pk, strict=True)])
-        s = np.array([metals.error[int(k)][idx[keep][i, k]] for i, k in zip(ai, pk, strict=True)])
+        obs_ok = (idx >= 0) & ~bad
+        keep = np.flatnonzero(obs_ok.sum(axis=1) >= min_projections)
+        if len(keep) < 10:
+            raise ValueError(f"only {len(keep)} metal columns matched in >= {min_projections} projections")
+        ai, pk = np.nonzero(obs_ok[keep])
+        jm = idx[keep][ai, pk]
+        u, s = np.zeros((len(ai), 2)), np.ones((len(ai), 2))
+        for k in range(n):
+            on = pk == k
+            u[on] = meas[k][jm[on]]
+            s[on] = errs[k][jm[on]]
         s = np.maximum(np.nan_to_num(s, nan=1.0, posinf=1.0), 0.01)
-        r_k, ang, t, rms, errors = _solve(r[keep], ang, t, np.column_stack([ai, pk]), u, s, ref, pixel_A, max_nfev)
+        r_k, ang, t, rms, errors, resid = _solve(r[keep], ang, t, np.column_stack([ai, pk]), u, s, ref, pixel_A,
+                                                 max_nfev)
         r = r.copy()
         r[keep] = r_k
-    rot = rotation_from_angles(*np.degrees(ang).T)
-    keep = np.flatnonzero((idx >= 0).sum(axis=1) >= min_projections)
-    r_s, rot_s, t_s, plane_err = _to_sample_frame(r[keep], rot, t, ref, pixel_A)
-    e = euler_from_rotation(rot_s)
-    err_deg = np.degrees(errors[:, :3])
-    # the reference projection's orientation is known as well as the plane normal (x slope ~ alpha, y ~ beta)
-    err_deg[ref, 0], err_deg[ref, 1] = np.degrees(plane_err[0]), np.degrees(plane_err[1])
-    return Calibration(e[:, 0], e[:, 1], e[:, 2], err_deg[:, 0], err_deg[:, 1], err_deg[:, 2], t_s, r_s,
-                       idx[keep], rms, ref, float(pixel_A))
+        if rnd == rounds:
+            break
+        out = _outliers(resid)
+        bad[:] = False
+        bad[keep[ai[out]], pk[out]] = True
+        for k in order:  # register again against the 3D model: only the translation's neighbours
+            ang[k], t[k], idx[:, k], _ = _register(r, meas[k], trees[k], ang[k], t[k], pixel_A, lattice, tol,
+                                                   (1.0,), 1)
+    observed = np.where(((idx >= 0) & ~bad)[keep], idx[keep], -1)
+    return _calibration(r[keep], ang, t, errors, observed, rms, ref, pixel_A)
 
 
 def recalibrate(calibration: Calibration, metal_px: np.ndarray, metal_err_px: np.ndarray,
-                max_nfev: int = 50) -> Calibration:
+                max_nfev: int = 30) -> Calibration:
     """Solve equation 1 again with known correspondences (e.g. metals refitted at their predicted positions).
+
+    Measurements off by more than 6 robust standard deviations are dropped and the problem solved again.
 
     Parameters
     ----------
@@ -430,21 +581,23 @@ def recalibrate(calibration: Calibration, metal_px: np.ndarray, metal_err_px: np
     """
     ref = calibration.reference
     valid = np.all(np.isfinite(metal_px), axis=-1) & np.all(np.isfinite(metal_err_px), axis=-1)
-    keep = np.flatnonzero(valid.sum(axis=1) >= 3)
-    ai, pk = np.nonzero(valid[keep])
-    u = metal_px[keep][ai, pk]
-    s = np.maximum(metal_err_px[keep][ai, pk], 0.01)
     ang = np.radians(np.column_stack([calibration.alpha_deg, calibration.beta_deg, calibration.gamma_deg]))
-    r, ang, t, rms, errors = _solve(calibration.metals_A[keep], ang, calibration.shift_px.copy(),
-                                    np.column_stack([ai, pk]), u, s, ref, calibration.pixel_A, max_nfev)
-    rot = rotation_from_angles(*np.degrees(ang).T)
-    r_s, rot_s, t_s, plane_err = _to_sample_frame(r, rot, t, ref, calibration.pixel_A)
-    e = euler_from_rotation(rot_s)
-    err_deg = np.degrees(errors[:, :3])
-    err_deg[ref, 0], err_deg[ref, 1] = np.degrees(plane_err[0]), np.degrees(plane_err[1])
+    t = calibration.shift_px.copy()
+    r = calibration.metals_A
+    for attempt in range(2):
+        keep = np.flatnonzero(valid.sum(axis=1) >= 3)
+        ai, pk = np.nonzero(valid[keep])
+        u = metal_px[keep][ai, pk]
+        s = np.maximum(metal_err_px[keep][ai, pk], 0.01)
+        r_k, ang, t, rms, errors, resid = _solve(r[keep], ang, t, np.column_stack([ai, pk]), u, s, ref,
+                                                 calibration.pixel_A, max_nfev)
+        out = _outliers(resid)
+        if attempt or not out.any():
+            break
+        valid = valid.copy()
+        valid[keep[ai[out]], pk[out]] = False
     observed = np.where(valid[keep], np.arange(len(keep))[:, None], -1)
-    return Calibration(e[:, 0], e[:, 1], e[:, 2], err_deg[:, 0], err_deg[:, 1], err_deg[:, 2], t_s, r_s,
-                       observed, rms, ref, calibration.pixel_A)
+    return _calibration(r_k, ang, t, errors, observed, rms, ref, calibration.pixel_A)
 
 
 def _spacing(p: np.ndarray) -> float:
