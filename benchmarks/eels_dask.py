@@ -1,6 +1,12 @@
 """Benchmark: a large EELS map analysed in-process against on a 2-worker local Dask cluster (live/pipeline/batch.py).
 
-Usage: ``python benchmarks/eels_dask.py [--size 256] [--channels 2048] [--workers 2] [--rows-per-task 16]``.
+Usage: ``python benchmarks/eels_dask.py [--size 256] [--channels 2048] [--workers 2] [--rows-per-task 16]
+[--per-point-rows 16] [--repeats 2] [--no-stock] [--no-full]``.
+
+First, interleaved ``--repeats`` times: the per-point step alone (``batch.map_rows`` over ``--per-point-rows``
+scan rows) in this process (one analysis thread, as on a worker), on the cluster of ``batch.open_client`` and on
+a LocalCluster with Dask's stock settings (its workers start with ``MALLOC_TRIM_THRESHOLD_=65536``): CPU time
+and minor page faults per point, the workers' from ``getrusage`` in each worker process.
 
 Writes a two-material map (one 2048-channel spectrum per point, corpus generator of tests/corpus, temperature
 gradient across x) as a session file in a temporary folder, then times, in the same run, ``replay --analyze``
@@ -121,12 +127,80 @@ def _load() -> str:
     return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
 
 
+def _rusage() -> float:
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _faults() -> float:
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+
+
+def per_point(src: Path, params: dict, clients: dict[str, Any], rows: int, rows_per_task: int, repeats: int) -> None:
+    """The per-point step alone (``batch.map_rows`` over ``rows`` scan rows after the first), in this process
+    (one analysis thread, as on a worker) and on each cluster, interleaved ``repeats`` times: CPU per point."""
+    from stemlive.live.analysis._threads import limit_threads
+    from stemlive.live.storage.session import SessionReader
+
+    with SessionReader(src) as reader:
+        order = [int(p) for p in reader.spectrum_table()["point_index"]]
+        nx = int(reader.settings["scan_shape"][1])
+    energy = batch.map_rows(src, order[:nx], params, None).energy_meV
+    parts = [order[i : i + rows_per_task * nx] for i in range(nx, min(len(order), (rows + 1) * nx), rows_per_task * nx)]
+    n = sum(len(p) for p in parts)
+    for c in clients.values():  # warm the workers up (imports, first file open)
+        c.gather([c.submit(batch.map_rows, src, order[:nx], params, energy, pure=False) for _ in range(2)])
+    for r in range(repeats):
+        t0, c0, f0 = time.perf_counter(), time.process_time(), _faults()
+        with limit_threads(1):
+            for part in parts:
+                batch.map_rows(src, part, params, energy)
+        t1, c1, f1 = time.perf_counter(), time.process_time(), _faults()
+        print(f"  per-point step, round {r + 1}, {n} points: in-process {1e3 * (c1 - c0) / n:.3f} ms CPU/point "
+              f"({1e3 * (t1 - t0) / n:.3f} ms wall, {(f1 - f0) / n:.0f} page faults/point); {_load()}", flush=True)
+        for label, c in clients.items():
+            cpu0, flt0 = c.run(_rusage), c.run(_faults)
+            t0 = time.perf_counter()
+            c.gather([c.submit(batch.map_rows, src, part, params, energy, pure=False) for part in parts])
+            wall = time.perf_counter() - t0
+            cpu = sum(v - cpu0[w] for w, v in c.run(_rusage).items())
+            flt = sum(v - flt0[w] for w, v in c.run(_faults).items())
+            print(f"  per-point step, round {r + 1}, {n} points: {label} {1e3 * cpu / n:.3f} ms CPU/point on the "
+                  f"workers ({1e3 * wall / n:.3f} ms wall, {flt / n:.0f} page faults/point); {_load()}", flush=True)
+
+
+def stock_cluster(n_workers: int) -> tuple[Any, Callable[[], None]]:
+    """A LocalCluster with Dask's defaults (as ``batch.open_client`` made it before this round)."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                           silence_logs=logging.WARNING)
+    client = Client(cluster)
+
+    def close() -> None:
+        client.close()
+        cluster.close()
+
+    return client, close
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--channels", type=int, default=2048)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rows-per-task", type=int, default=16)
+    ap.add_argument("--per-point-rows", type=int, default=16,
+                    help="scan rows of the interleaved per-point comparison (0: skip it)")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-stock", action="store_true", help="leave out Dask's stock LocalCluster in the comparison")
+    ap.add_argument("--no-full", action="store_true", help="only the per-point comparison")
     args = ap.parse_args()
     # the live segmentation refresh (every 5 points, a k-means over all points so far) is for live viewing:
     # off in both runs (the batch workers never run it)
@@ -138,52 +212,78 @@ def main() -> None:
         write_map(src, args.size, args.channels)
         print(f"wrote {args.size}x{args.size} x {args.channels} channels: {time.perf_counter() - t0:.1f} s", flush=True)
 
-        _instrument()
-        print(f"in-process start: {_load()}", flush=True)
-        t0, c0 = time.perf_counter(), time.process_time()
-        replay_analyze(src, d / "in_process.h5", params)
-        t_in, c_in = time.perf_counter() - t0, time.process_time() - c0
-        print(f"in-process replay --analyze: {t_in:.1f} s wall, {c_in:.1f} s CPU; end: {_load()}", flush=True)
-        _report("in-process")
-
         t0 = time.perf_counter()
         client, close = batch.open_client(n_workers=args.workers)
         t_start = time.perf_counter() - t0
+        print(f"Dask cluster start-up ({args.workers} workers): {t_start:.1f} s", flush=True)
         try:
-            from distributed import get_task_stream
-
-            cpu0 = client.run(time.process_time)
-            print(f"Dask start: {_load()}", flush=True)
-            t0, c0 = time.perf_counter(), time.process_time()
-            with get_task_stream(client) as ts:
-                out = batch.analyze_files([src], d / "batch", params, client=client,
-                                          rows_per_task=args.rows_per_task)[0]
-            t_batch, c_batch = time.perf_counter() - t0, time.process_time() - c0
-            cpu1 = client.run(time.process_time)
+            if args.per_point_rows > 0:
+                clients = {"Dask (batch.local_cluster)": client}
+                closers = []
+                if not args.no_stock:
+                    t0 = time.perf_counter()
+                    stock, close_stock = stock_cluster(args.workers)
+                    print(f"stock Dask LocalCluster start-up: {time.perf_counter() - t0:.1f} s", flush=True)
+                    clients["Dask (stock LocalCluster)"] = stock
+                    closers.append(close_stock)
+                try:
+                    per_point(src, params, clients, args.per_point_rows, args.rows_per_task, args.repeats)
+                finally:
+                    for c in closers:
+                        c()
+            if not args.no_full:
+                full(src, d, params, client, args, t_start)
         finally:
             close()
-        tasks = [t for t in ts.data if "map_rows" in str(t.get("key", ""))]
-        task_s = sum(x["stop"] - x["start"] for t in tasks for x in t.get("startstops", ())
-                     if x.get("action") == "compute")
-        worker_cpu = sum(cpu1[w] - cpu0[w] for w in cpu1)
-        print(f"Dask, {args.workers} local workers: {t_batch:.1f} s wall (+ {t_start:.1f} s cluster start-up), "
-              f"client {c_batch:.1f} s CPU, workers {worker_cpu:.1f} s CPU ({task_s:.1f} s in {len(tasks)} tasks); "
-              f"end: {_load()}", flush=True)
-        _report("Dask client")
-        print(f"in-process / Dask = {t_in / t_batch:.2f} (wall), CPU in-process / (client + workers) = "
-              f"{c_in / (c_batch + worker_cpu):.2f}", flush=True)
-        a, b = _arrays(d / "in_process.h5"), _arrays(out)
-        same = sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")
-                                              if a[k].dtype.names is None else a[k].tolist() == b[k].tolist()
-                                              for k in a)
-        print(f"identical results: {same}")
-        if not same:
-            for k in sorted(set(a) | set(b)):
-                if k not in a or k not in b:
-                    print(f"  only in one file: {k}")
-                elif not (np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") if a[k].dtype.names is None
-                          else a[k].tolist() == b[k].tolist()):
-                    print(f"  differs: {k}: {str(a[k])[:300]} | {str(b[k])[:300]}")
+
+
+def full(src: Path, d: Path, params: dict, client: Any, args: argparse.Namespace, t_start: float) -> None:
+    """The whole analysis: ``replay --analyze`` in-process, then on the cluster (already started)."""
+    _instrument()
+    print(f"in-process start: {_load()}", flush=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    replay_analyze(src, d / "in_process.h5", params)
+    t_in, c_in = time.perf_counter() - t0, time.process_time() - c0
+    print(f"in-process replay --analyze: {t_in:.1f} s wall, {c_in:.1f} s CPU; end: {_load()}", flush=True)
+    n_points = args.size * args.size
+    step_cpu = STEPS["alignment"][1] + STEPS["temperatures"][1]
+    print(f"in-process per-point step (alignment + temperatures): {1e3 * step_cpu / n_points:.3f} ms CPU/point",
+          flush=True)
+    _report("in-process")
+
+    from distributed import get_task_stream
+
+    cpu0 = client.run(time.process_time)
+    print(f"Dask start: {_load()}", flush=True)
+    t0, c0 = time.perf_counter(), time.process_time()
+    with get_task_stream(client) as ts:
+        out = batch.analyze_files([src], d / "batch", params, client=client,
+                                  rows_per_task=args.rows_per_task)[0]
+    t_batch, c_batch = time.perf_counter() - t0, time.process_time() - c0
+    cpu1 = client.run(time.process_time)
+    tasks = [t for t in ts.data if "map_rows" in str(t.get("key", ""))]
+    task_s = sum(x["stop"] - x["start"] for t in tasks for x in t.get("startstops", ())
+                 if x.get("action") == "compute")
+    worker_cpu = sum(cpu1[w] - cpu0[w] for w in cpu1)
+    print(f"Dask, {args.workers} local workers: {t_batch:.1f} s wall (+ {t_start:.1f} s cluster start-up), "
+          f"client {c_batch:.1f} s CPU, workers {worker_cpu:.1f} s CPU ({task_s:.1f} s in {len(tasks)} tasks); "
+          f"end: {_load()}", flush=True)
+    print(f"Dask workers: {1e3 * worker_cpu / n_points:.3f} ms CPU/point (the per-point step and its I/O)", flush=True)
+    _report("Dask client")
+    print(f"in-process / Dask = {t_in / t_batch:.2f} (wall), CPU in-process / (client + workers) = "
+          f"{c_in / (c_batch + worker_cpu):.2f}", flush=True)
+    a, b = _arrays(d / "in_process.h5"), _arrays(out)
+    same = sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f")
+                                          if a[k].dtype.names is None else a[k].tolist() == b[k].tolist()
+                                          for k in a)
+    print(f"identical results: {same}")
+    if not same:
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                print(f"  only in one file: {k}")
+            elif not (np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") if a[k].dtype.names is None
+                      else a[k].tolist() == b[k].tolist()):
+                print(f"  differs: {k}: {str(a[k])[:300]} | {str(b[k])[:300]}")
 
 
 if __name__ == "__main__":

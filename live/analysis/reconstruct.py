@@ -483,6 +483,15 @@ def reconstruct_window(
     return reconstruct_sirt(crops, rotations, shape_zyx=(nz, window, window), **sirt)
 
 
+def _window_job(*args: Any, **sirt: Any) -> np.ndarray:
+    """:func:`reconstruct_window` on a Dask worker, with freed arrays reused from the heap (Dask's workers start
+    with a fixed malloc trim threshold: +5-18 % CPU per window, :mod:`._malloc`)."""
+    from ._malloc import heap_reuse
+
+    with heap_reuse():
+        return reconstruct_window(*args, **sirt)
+
+
 def reconstruct_windowed(
     projections: np.ndarray,
     rotations: np.ndarray,
@@ -507,9 +516,10 @@ def reconstruct_windowed(
     jobs = [(y0, x0) for y0 in ys for x0 in xs]
     centers = [(y0 + window // 2, x0 + window // 2) for y0, x0 in jobs]
     if client is not None:
+        sirt.setdefault("workers", 1)  # the cluster already runs one window per core
         fut_b, fut_r = client.scatter(b, broadcast=True), client.scatter(rots, broadcast=True)
         futures = client.map(
-            reconstruct_window,
+            _window_job,
             [fut_b] * len(jobs),
             [fut_r] * len(jobs),
             centers,

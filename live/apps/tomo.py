@@ -138,11 +138,13 @@ def _cmd_reconstruct(args: Any) -> int:
     _check_source(args.source)
     client = cluster = None
     if args.scheduler:
-        from dask.distributed import Client, LocalCluster
+        from dask.distributed import Client
+
+        from stemlive.live.pipeline.batch import local_cluster
 
         try:
             if args.scheduler == "local":  # two worker processes on this machine, one thread each
-                cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None)
+                cluster = local_cluster(2)
                 client = Client(cluster)
             else:
                 client = Client(args.scheduler, timeout=30)

@@ -15,8 +15,9 @@ in-process ones (the same arrays, bit for bit):
   final step rewrites whole, are not written one by one.
 
 Without a scheduler address a :class:`distributed.LocalCluster` with 2 single-threaded worker processes is
-started (and stopped afterwards); with one, an existing cluster is used (its workers must see the session
-files and the output folder at the same paths).
+started (:func:`local_cluster`; stopped afterwards); with one, an existing cluster is used (its workers must see
+the session files and the output folder at the same paths; each task undoes Dask's fixed malloc trim threshold
+for its duration, :func:`~stemlive.live.analysis._malloc.heap_reuse`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from stemlive.live.wire.protocol import Message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["analyze_files", "analyze_map", "map_rows", "output_path", "open_client"]
+__all__ = ["analyze_files", "analyze_map", "local_cluster", "map_rows", "output_path", "open_client"]
 
 DEFAULT_WORKERS = 2
 
@@ -50,15 +51,30 @@ def output_path(source: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
+def local_cluster(n_workers: int = DEFAULT_WORKERS) -> Any:
+    """A :class:`distributed.LocalCluster` of ``n_workers`` single-threaded worker processes for numpy work.
+
+    One thread per process (the cluster runs one task per core; BLAS and OpenMP on one thread too, Dask's
+    default ``*_NUM_THREADS=1``), and the workers start *without* Dask's ``MALLOC_TRIM_THRESHOLD_=65536``: that
+    setting makes glibc map and zero fresh pages for every numpy temporary above 128 KiB, which cost the EELS map's
+    per-point step +50 % of CPU (:mod:`stemlive.live.analysis._malloc`).
+    """
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        return LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                            silence_logs=logging.WARNING)
+
+
 def open_client(scheduler: str | None = None, n_workers: int = DEFAULT_WORKERS) -> tuple[Any, Callable[[], None]]:
-    """A Dask client: of an existing scheduler, or of a new local cluster. Returns ``(client, close)``."""
-    from distributed import Client, LocalCluster
+    """A Dask client: of an existing scheduler, or of a new :func:`local_cluster`. Returns ``(client, close)``."""
+    from distributed import Client
 
     if scheduler:
         client = Client(scheduler)
         return client, client.close
-    cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                           silence_logs=logging.WARNING)
+    cluster = local_cluster(n_workers)
     client = Client(cluster)
 
     def close() -> None:
@@ -108,9 +124,10 @@ def map_rows(path: str | Path, points: Sequence[int], params: Params, energy_meV
     Returns the stage's per-point state (:class:`~stemlive.live.pipeline.eels_stage.EELSPoints`) for :func:`analyze_map`
     to merge.  The per-point results are not returned: the stage's final step rewrites them whole.
     """
+    from stemlive.live.analysis._malloc import heap_reuse
     from stemlive.live.analysis._threads import limit_threads
 
-    with SessionReader(path) as reader:
+    with heap_reuse(), SessionReader(path) as reader:
         stage = _eels_stage(params, Message(dict(reader.start_header), None))
         stage.params = {**stage.params, "labels_every": 0}  # the live segmentation refresh is not per-row work
         stage.use_energy_axis(energy_meV)
@@ -189,9 +206,11 @@ def _finish_map(path: Path, out_path: Path, params: Params, futures: list[Any], 
 
 # --------------------------------------------------------------------------------------------- sessions
 def _whole_session(path: str, out_path: str, params: Params) -> str:
+    from stemlive.live.analysis._malloc import heap_reuse
     from stemlive.live.pipeline.replay import replay_analyze
 
-    return str(replay_analyze(path, out_path, params))
+    with heap_reuse():
+        return str(replay_analyze(path, out_path, params))
 
 
 def analyze_files(paths: Sequence[str | Path], out_dir: str | Path, params: Params, *,
