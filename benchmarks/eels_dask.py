@@ -152,6 +152,11 @@ def per_point(src: Path, params: dict, clients: dict[str, Any], rows: int, rows_
     energy = batch.map_rows(src, order[:nx], params, None).energy_meV
     parts = [order[i : i + rows_per_task * nx] for i in range(nx, min(len(order), (rows + 1) * nx), rows_per_task * nx)]
     n = sum(len(p) for p in parts)
+    # the stock cluster twice: with the tasks' heap_reuse switched off on its workers (the per-point step as before
+    # this round) and on (as on an existing scheduler's workers now)
+    variants = [(label, c, True) for label, c in clients.items() if "stock" not in label]
+    variants += [(f"{label}, {'with' if reuse else 'without'} heap_reuse", c, reuse)
+                 for label, c in clients.items() if "stock" in label for reuse in (False, True)]
     for c in clients.values():  # warm the workers up (imports, first file open)
         c.gather([c.submit(batch.map_rows, src, order[:nx], params, energy, pure=False) for _ in range(2)])
     for r in range(repeats):
@@ -162,7 +167,8 @@ def per_point(src: Path, params: dict, clients: dict[str, Any], rows: int, rows_
         t1, c1, f1 = time.perf_counter(), time.process_time(), _faults()
         print(f"  per-point step, round {r + 1}, {n} points: in-process {1e3 * (c1 - c0) / n:.3f} ms CPU/point "
               f"({1e3 * (t1 - t0) / n:.3f} ms wall, {(f1 - f0) / n:.0f} page faults/point); {_load()}", flush=True)
-        for label, c in clients.items():
+        for label, c, reuse in variants:
+            c.run(_heap_reuse, reuse)
             cpu0, flt0 = c.run(_rusage), c.run(_faults)
             t0 = time.perf_counter()
             c.gather([c.submit(batch.map_rows, src, part, params, energy, pure=False) for part in parts])
@@ -171,6 +177,15 @@ def per_point(src: Path, params: dict, clients: dict[str, Any], rows: int, rows_
             flt = sum(v - flt0[w] for w, v in c.run(_faults).items())
             print(f"  per-point step, round {r + 1}, {n} points: {label} {1e3 * cpu / n:.3f} ms CPU/point on the "
                   f"workers ({1e3 * wall / n:.3f} ms wall, {flt / n:.0f} page faults/point); {_load()}", flush=True)
+
+
+def _heap_reuse(on: bool) -> None:
+    """On a worker: the tasks' :func:`~stemlive.live.analysis._malloc.heap_reuse` on or off (off: a no-op)."""
+    from stemlive.live.analysis import _malloc
+
+    if not hasattr(_malloc, "_fixed"):
+        _malloc._fixed = _malloc.fixed_trim_threshold  # type: ignore[attr-defined]
+    _malloc.fixed_trim_threshold = _malloc._fixed if on else (lambda: None)  # type: ignore[attr-defined]
 
 
 def stock_cluster(n_workers: int) -> tuple[Any, Callable[[], None]]:

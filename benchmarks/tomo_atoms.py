@@ -20,8 +20,9 @@ sum's columns (metals at z = 0), wall and CPU time per step; no calibration, no 
 
 The windowed step: :func:`stemlive.live.analysis.windowed.reconstruct_at_calibration` on the sums binned 2x2
 (0.64 A voxels; windows of 60 voxels stepped by 30, 16 slices, support 12, 60 accelerated SIRT iterations), once
-in-process (2 threads per window) and once on ``dask.distributed.LocalCluster(n_workers=2, threads_per_worker=1)``
-(1 thread per window), interleaved in the same run, wall and CPU time (the workers' CPU from ``getrusage``);
+in-process (2 threads per window) and once on ``batch.local_cluster(2)`` (2 single-threaded worker processes,
+1 thread per window; ``benchmarks/windowed_dask.py`` compares them in interleaved rounds), in the same run, wall
+and CPU time (the workers' CPU from ``getrusage``);
 Pearson r against the true potential (:func:`~stemlive.live.analysis.windowed.potential_correlation`) at the
 calibrated and at the nominal angles (nominal: cross-correlation alignment). ``--windowed-only`` skips the chain
 and uses the simulator's true geometry (actual angles and field offsets) in place of the calibration.
@@ -138,7 +139,9 @@ def main() -> None:
     out["windowed_inprocess_s"] = time.perf_counter() - t0
     out["windowed_inprocess_cpu_s"] = time.process_time() - c0
     if not args.no_dask:
-        from dask.distributed import Client, LocalCluster
+        from dask.distributed import Client
+
+        from stemlive.live.pipeline.batch import local_cluster
 
         def cpu() -> float:
             import resource
@@ -146,7 +149,7 @@ def main() -> None:
             ru = resource.getrusage(resource.RUSAGE_SELF)
             return ru.ru_utime + ru.ru_stime
 
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True) as cluster, Client(cluster) as client:
+        with local_cluster(2) as cluster, Client(cluster) as client:
             w0 = sum(client.run(cpu).values())
             t0, c0 = time.perf_counter(), time.process_time()
             vol_dask = wd.reconstruct_at_calibration(s, rotations, shifts, client=client, workers=1, **sirt)

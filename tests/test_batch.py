@@ -130,3 +130,49 @@ def test_map_rows_fitted_together_agree_with_one_spectrum_at_a_time(tmp_path: Pa
     summary = f"max {z.max():.3f} sigma, RMS {np.sqrt(np.mean(z**2)):.3f}"
     assert z.max() <= 0.1 and np.sqrt(np.mean(z**2)) <= 0.05, summary
     np.testing.assert_allclose(e_row, e_one, rtol=0.01)
+
+
+_PAGE_FAULTS = """
+import resource, sys
+import numpy as np
+from stemlive.live.analysis._malloc import fixed_trim_threshold, heap_reuse
+
+def faults(n=200):
+    np.ones(1 << 17).sum()  # 1 MiB, once, so that the heap can hold it
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        np.ones(1 << 17).sum()  # a 1 MiB temporary, freed at once
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+
+outside = faults()
+with heap_reuse():
+    inside = faults()
+after = faults()
+print(fixed_trim_threshold(), outside, inside, after)
+"""
+
+
+@pytest.mark.parametrize("trim", [None, "65536"])
+def test_heap_reuse_undoes_a_fixed_trim_threshold(trim: str | None) -> None:
+    """With Dask's worker setting ``MALLOC_TRIM_THRESHOLD_=65536`` every 1 MiB numpy temporary is a fresh mmap (256
+    page faults each); inside ``heap_reuse`` it is reused from the heap, and the setting is restored after."""
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    if trim is not None:
+        env["MALLOC_TRIM_THRESHOLD_"] = trim
+    proc = subprocess.run([sys.executable, "-c", _PAGE_FAULTS], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    threshold, outside, inside, after = proc.stdout.split()
+    assert int(inside) < 2_000  # 200 temporaries of 256 pages: at most a few pages each
+    if trim is None:
+        assert threshold == "None" and int(outside) < 2_000 and int(after) < 2_000
+    else:
+        assert threshold == trim and int(outside) > 200 * 200 and int(after) > 200 * 200
+
+
+def test_local_cluster_workers_start_without_a_fixed_trim_threshold(client: object) -> None:
+    from stemlive.live.analysis._malloc import fixed_trim_threshold
+
+    assert set(client.run(fixed_trim_threshold).values()) == {None}  # type: ignore[attr-defined]

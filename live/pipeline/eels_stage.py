@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stemlive.live.analysis import eels, interface, segment
-from stemlive.live.analysis._threads import single_threaded_blas
+from stemlive.live.analysis._threads import row_blocks, single_threaded_blas, thread_map
 from stemlive.live.pipeline.stage import Result, Stage, register_stage
 from stemlive.live.wire.protocol import Message
 
@@ -44,13 +44,24 @@ def segment_spectra(
     background-subtracted spectra)``.
     """
     window, background = segmentation_windows(energy_meV, window_meV, background_windows_meV)
-    bg, _ = eels.power_law_background(energy_meV, sums, windows_meV=background)
-    corrected = sums - bg
+    sums = np.asarray(sums)
+    corrected = np.empty(sums.shape, dtype=np.float64)
+
+    def subtract(rows: slice) -> None:
+        # per spectrum: blocks of rows give the whole map's result, on threads (numpy's loops release the GIL),
+        # with a 1 GB float64 background never held whole on a 256x256 map of 2048 channels
+        bg, _ = eels.power_law_background(energy_meV, sums[rows], windows_meV=background)
+        np.subtract(sums[rows], bg, out=corrected[rows])
+
+    thread_map(subtract, row_blocks(len(sums), SEGMENT_BLOCK))
     lo, hi = window
     mask = (energy_meV >= lo) & (energy_meV <= hi)
     labels, _centroids, _inertia = segment.kmeans_correlation(corrected[:, mask], k, n_restarts=n_restarts, seed=seed)
     return np.asarray(labels), corrected
 
+
+SEGMENT_BLOCK = 2048
+"""Spectra per block of the segmentation's background subtraction (32 MB of float64 at 2048 channels)."""
 
 MIN_SEGMENT_CHANNELS = 5
 """Fewest channels of the segmentation window (the correlation of shorter spectra says little)."""
@@ -415,9 +426,10 @@ class EELSStage(Stage):
         points = np.array(sorted(self._sums))
         return points, np.stack([self._sums[p] for p in points])
 
-    def _segmentation(self, *, final: bool, shape: tuple[int, ...] | None = None) -> Iterator[Result]:
+    def _segmentation(self, *, final: bool, shape: tuple[int, ...] | None = None,
+                      stacked: tuple[np.ndarray, np.ndarray] | None = None) -> Iterator[Result]:
         assert self._energy is not None
-        points, sums = self._stacked()
+        points, sums = stacked if stacked is not None else self._stacked()
         k = int(self.params["k"])
         if len(points) < k:
             if final:
@@ -540,7 +552,7 @@ class EELSStage(Stage):
                      attrs=self._state.temp_windows)
         yield from self._temperature_problems()
         yield Result(self.name, "point_index", points.reshape(shape).astype(np.int32))
-        yield from self._segmentation(final=True, shape=shape)
+        yield from self._segmentation(final=True, shape=shape, stacked=(points, sums))
         if len(shape) == 1:
             yield from self._interface()
 
