@@ -33,8 +33,7 @@ NOT_MET = {
                   "draw itself (the perfect-knowledge estimator -- true shifts, integer-channel sum, true zero-loss "
                   "and signal -- puts it at -3.2 sigma; its alignment, frames and fits are normal); 1.04-1.07 on "
                   "other draws, slope analysis/ideal 0.98 on 40 new points",
-    # outside the Pearson VII zero-loss model: temperatures refused with a stated reason since db42c50
-    "zlp_pseudo_voigt": "no temperature (reason stated): Lorentzian tails; +46 % before db42c50",
+    # outside the zero-loss models (Pearson VII, pseudo-Voigt): temperatures refused with a stated reason since db42c50
     "background_power_law": "no temperature (reason stated): symmetric power law; +559 % before db42c50",
 }
 
