@@ -11,9 +11,10 @@ import scipy.sparse
 from numpy.typing import ArrayLike, NDArray
 
 from ._threads import fft_workers, row_blocks, thread_map
-from .eels_pearson7 import Nodes, _p7_f, channel_nodes, pearson7_model
+from .eels_pearson7 import Nodes, channel_nodes
 from .eels_windows import _ROWS, Array, Reach, _axis, _floating
 from .eels_windows import reach as reach_of
+from .eels_zlp_shapes import shape_f, zlp_model
 
 
 @dataclass
@@ -250,6 +251,7 @@ def signal_model(
     iterations: int = 30,
     groups: int | ArrayLike | None = 16,
     order: int = 1,
+    shape: str = "pearson7",
 ) -> SignalModel:
     """Lucy-Richardson estimate of the unblurred phonon signal, with the fitted ZLP as resolution function.
 
@@ -282,6 +284,8 @@ def signal_model(
         ``(k,)`` labels of the groups (taken as given); ``None`` or 1: one deconvolution per spectrum.
     order
         Gauss-Legendre nodes per channel of the subtracted zero-loss model (``ZLPFit.order``; 1: channel centres).
+    shape
+        Zero-loss shape family of ``params`` (``ZLPFit.shape``).
     """
     s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
     batch, n = s.shape[:-1], s.shape[-1]
@@ -297,6 +301,7 @@ def signal_model(
         iterations=iterations,
         groups=groups,
         nodes=channel_nodes(order, disp) if order > 1 else None,
+        shape=shape,
     )
 
 
@@ -320,6 +325,7 @@ def _signal_model(
     reach: Reach | None = None,
     accelerate: bool = ACCELERATE,
     nodes: Nodes | None = None,
+    shape: str = "pearson7",
 ) -> SignalModel:
     """:func:`signal_model` on ``(k, n)`` spectra with offsets ``(k,)`` and parameters ``(k, 4)``.
 
@@ -360,7 +366,7 @@ def _signal_model(
                 data = _interp_uniform(flat[rows], start, coarse, count)
             if var is not None:  # Poisson variance of the sample: the counts over min(coarse, 2) channels
                 var[rows, done : done + count] = np.maximum(data, 1.0) / min(coarse, 2)
-            data -= _p7_f(np.broadcast_to(ax[run], data.shape), pz[rows], nodes)
+            data -= shape_f(shape)(np.broadcast_to(ax[run], data.shape), pz[rows], nodes)
             obs[rows, done : done + count] = data
             done += count
 
@@ -379,7 +385,7 @@ def _signal_model(
     nfft = scipy.fft.next_fast_len(2 * ax.size)
     lag = np.arange(nfft)
     lag = np.where(lag < nfft // 2, lag, lag - nfft) * h
-    kern = pearson7_model(lag[None, :], np.column_stack([np.ones(n_groups), np.zeros(n_groups), shape_g]))
+    kern = zlp_model(lag[None, :], np.column_stack([np.ones(n_groups), np.zeros(n_groups), shape_g]), shape)
     kern = kern / kern.sum(-1, keepdims=True)  # type: ignore[union-attr]
     kf = scipy.fft.rfft(kern.astype(np.float32), axis=-1, workers=fft_workers())
     model = SignalModel(np.asarray(ax, dtype=np.float64), np.zeros((0, ax.size)), kf, nfft)

@@ -10,11 +10,12 @@ from numpy.typing import ArrayLike, NDArray
 
 from ._threads import row_blocks, thread_map
 from .eels_deconvolution import lucy_richardson
-from .eels_pearson7 import Nodes, _p7_f, _p7_fj
+from .eels_pearson7 import Nodes
 from .eels_resolution import _resolution_offset
 from .eels_spill import signal_model
 from .eels_windows import _ROWS, Array, _axis, _floating, both_sides, reach
 from .eels_zlp import ZLPFit, fit_zlp_pearson7
+from .eels_zlp_shapes import shape_f, shape_fj
 
 KB_MEV_PER_K = 8.617333262e-2
 """Boltzmann constant in meV / K."""
@@ -144,7 +145,7 @@ def log_ratio_bins(
     rn2 = float(read_noise_counts) ** 2
 
     def rows(sl: slice) -> dict[str, Array]:
-        return _log_ratio_rows(flat[sl], off[sl], p[sl], disp, window_min_meV, nb, b, rn2, zlp.nodes)
+        return _log_ratio_rows(flat[sl], off[sl], p[sl], disp, window_min_meV, nb, b, rn2, zlp.nodes, zlp.shape)
 
     # blocks of spectra (temporaries stay in cache) on parallel threads
     parts = thread_map(rows, row_blocks(max(len(p), 1), _ROWS), workers)  # one block at least (its keys)
@@ -159,7 +160,7 @@ def log_ratio_bins(
 
 def _log_ratio_rows(
     flat: Array, off: Array, p: Array, disp: float, window_min_meV: float, nb: int, b: int, rn2: float,
-    nodes: Nodes | None = None,
+    nodes: Nodes | None = None, shape: str = "pearson7",
 ) -> dict[str, Array]:
     """:func:`log_ratio_bins` for spectra ``flat`` ``(k, n)`` with offsets ``(k,)``, ZLP parameters ``(k, 4)``."""
     c = p[:, 1]
@@ -185,13 +186,14 @@ def _log_ratio_rows(
     covL[:, :-1] = (fL * (1.0 - fL))[:, None] * (vL_raw[:, b : nb * b : b] + rn2)
     covG[:, :-1] = (gG * (1.0 - gG))[:, None] * (vG_raw[:, b : nb * b : b] + rn2)
     # model at the same channels, same interpolation (float32, cache-blocked: rounding 6e-8 of a ZLP tail)
-    ZL = _bin_sums(_p7_f(off[:, None] + disp * iL, p, nodes), fL, nb, b)
-    ZG = _bin_sums(_p7_f(off[:, None] + disp * iG, p, nodes), gG, nb, b)
+    f, fj = shape_f(shape), shape_fj(shape)
+    ZL = _bin_sums(f(off[:, None] + disp * iL, p, nodes), fL, nb, b)
+    ZG = _bin_sums(f(off[:, None] + disp * iG, p, nodes), gG, nb, b)
     # derivatives (for the ZLP covariance only): smooth across a bin, so b x the Jacobian at the bin centre
     # (the bin's points are pos +- (j b + i), i = 0..b-1, on the loss / gain side)
     mid = b * np.arange(nb) + 0.5 * (b - 1)
-    dZL = b * _p7_fj((off[:, None] + disp * (posL[:, None] + mid)).astype(np.float32), p)[1].transpose(0, 2, 1)
-    dZG = b * _p7_fj((off[:, None] + disp * (posG[:, None] - mid)).astype(np.float32), p)[1].transpose(0, 2, 1)
+    dZL = b * fj((off[:, None] + disp * (posL[:, None] + mid)).astype(np.float32), p)[1].transpose(0, 2, 1)
+    dZG = b * fj((off[:, None] + disp * (posG[:, None] - mid)).astype(np.float32), p)[1].transpose(0, 2, 1)
     # moving the centre moves the data sampling points too: d(data)/dc = slope of the detected spectrum;
     # the ZLP part of that slope is exact (the model's), so the data sampling cancels the model's
     # centre derivative for the ZLP and only the signal's own slope (neglected) would remain.
@@ -365,7 +367,8 @@ def temperature(
     if resolution_correction:
         signal = zlp.signal
         if signal is None:
-            signal = signal_model(energy_meV, s, zlp.params, iterations=lr_correction_iterations, order=zlp.order)
+            signal = signal_model(energy_meV, s, zlp.params, iterations=lr_correction_iterations, order=zlp.order,
+                                  shape=zlp.shape)
         offset = _resolution_offset(signal, d["e_points"], slope.reshape(-1), iterations=3, y=y.reshape(-1, e.size),
                                     w=wf.reshape(-1, e.size), e=e)
         offset = offset.reshape(y.shape)

@@ -207,3 +207,27 @@ def loss_window(
     if w is None:
         raise WindowError(reason)
     return w
+
+
+def near_window_for_resolution(
+    windows: tuple[tuple[float, float], ...], fwhm_meV: float, *, fwhm_multiple: float | None, max_meV: float,
+    from_meV: float,
+) -> tuple[tuple[float, float], ...]:
+    """The zero-loss fit windows with the near one (the first) reaching at least ``fwhm_multiple`` FWHM.
+
+    The zero-loss peak's shape (its exponent m above all) is measured on its flank, about 1-3 FWHM from the
+    centre; a fixed near window (6-30 meV) covers 0.7-3.6 FWHM at 8.3 meV resolution but only 0.4-2 FWHM at
+    15 meV, where the tail under the thermometry window is then extrapolated from too little flank.  The upper
+    end becomes ``fwhm_multiple x fwhm_meV`` rounded to 5 meV (so that one spectrum and a batch whose starting
+    widths differ slightly get the same window), at most ``max_meV``, where that reaches ``from_meV`` (the start
+    of the spill model's signal range, which then starts at the window's end); otherwise, and with
+    ``fwhm_multiple=None``, the windows stay as given.
+    """
+    if fwhm_multiple is None or not windows or not np.isfinite(fwhm_meV):
+        return windows
+    lo, hi = windows[0]
+    reach_meV = 5.0 * round(float(fwhm_multiple) * float(fwhm_meV) / 5.0)
+    if reach_meV < max(float(from_meV), float(hi)):
+        return windows
+    new_hi = min(float(max_meV), reach_meV)
+    return ((float(lo), new_hi),) + tuple(windows[1:])

@@ -11,9 +11,11 @@ from numpy.typing import ArrayLike, NDArray
 
 from ._threads import row_blocks, thread_map
 from .eels_alignment import zlp_centre
-from .eels_pearson7 import Nodes, _p7_f, _p7_fj, channel_nodes, integration_order, pearson7_model
+from .eels_pearson7 import Nodes, channel_nodes, integration_order
 from .eels_spill import SignalModel, _signal_model
-from .eels_windows import Array, Reach, _axis, _floating, reach, zlp_windows
+from .eels_windows import Array, Reach, _axis, _floating, near_window_for_resolution, reach, zlp_windows
+from .eels_zlp_lm import _lm, _normal_j, _shared_shape, _solve_amplitude
+from .eels_zlp_shapes import P3_START, SHAPES, shape_f, zlp_model
 
 
 @dataclass
@@ -54,6 +56,8 @@ class ZLPFit:
     """Channel width the model is integrated over (the dispersion), with ``order`` Gauss-Legendre nodes."""
     order: int = 1
     """Nodes per channel of the channel integral (1: the channel centre)."""
+    shape: str = "pearson7"
+    """The zero-loss shape family fitted (:data:`~.eels_zlp_shapes.SHAPES`): ``params[..., 3]`` is its m or eta."""
 
     @property
     def nodes(self) -> Nodes | None:
@@ -67,9 +71,7 @@ class ZLPFit:
 
     def model(self, energy_meV: ArrayLike) -> Array:
         """The fitted ZLP on an energy axis (broadcast ``(..., n)``): counts of channels centred there."""
-        return pearson7_model(  # type: ignore[return-value]
-            energy_meV, self.params, channel_meV=self.channel_meV, order=self.order
-        )
+        return zlp_model(energy_meV, self.params, self.shape, channel_meV=self.channel_meV, order=self.order)
 
 
 def _window_index(
@@ -102,133 +104,6 @@ def _window_index(
     return idx
 
 
-def _normal_j(jac: Array, wt: Array, r: Array | None = None) -> tuple[Array, Array | None]:
-    """Weighted normal matrix ``(k, 4, 4)`` (and gradient ``(k, 4)``) from a Jacobian ``(k, 4, n)``."""
-    jw = jac * wt[:, None, :]
-    # einsum, not matmul: the (4, n) x (n, 4) products are too small for BLAS, whose threads only add
-    # overhead (and contend on a shared machine)
-    h = np.einsum("kin,kjn->kij", jw, jac)
-    g = None if r is None else np.einsum("kin,kn->ki", jw, r)
-    return h, g
-
-
-def _lm(
-    x: Array,
-    y: Array,
-    wt: Array,
-    p0: Array,
-    *,
-    max_iter: int,
-    tol: float = 1e-6,
-    lam0: float = 1e-3,
-    init: tuple[Array, Array] | None = None,
-    cov: bool = True,
-    nodes: Nodes | None = None,
-) -> tuple[Array, Array | None, Array, int, Array, Array]:
-    """Batched Levenberg-Marquardt for the Pearson VII.
-
-    Returns params, normal matrix (float64, for the covariance; None with ``cov=False``, e.g. a first pass
-    whose result is refitted), chi2, iterations, and the model ``(k, n)`` and float32 Jacobian
-    ``(k, 4, n)`` at the returned params; ``init`` = (model, Jacobian) at ``p0`` when already known
-    (a refit with other weights starts where the previous fit ended).
-
-    ``lam0`` is the initial damping (relative to the normal matrix's diagonal): 1e-3 from a rough start;
-    from a start near the optimum 1e-5, since the amplitude, FWHM and m are strongly correlated and a
-    damping of 1e-3 shrinks the steps along their poorly determined combination for several iterations.
-
-    Only the spectra that have not converged (relative chi-square change of the last step below ``tol``)
-    are carried to the next iteration.  The model and Jacobian are evaluated once per iteration, at
-    the trial point (kept when the step is accepted).
-    """
-    p = p0.copy()
-    k = len(p)
-    # the centre stays within half a FWHM of its start and the FWHM within a factor 3: a spectrum the Pearson VII
-    # does not describe (Lorentzian tails, a background) otherwise runs the centre off the axis (1e6 meV) and
-    # its temperature would be refused for a misleading reason (the window "left" beyond that centre)
-    c_lo, c_hi = p0[:, 1] - 0.5 * p0[:, 2], p0[:, 1] + 0.5 * p0[:, 2]
-    w_lo, w_hi = p0[:, 2] / 3.0, 3.0 * p0[:, 2]
-    # model and Jacobian in float32 (rounding 6e-8 relative, far below the Poisson noise of any count);
-    # residuals, chi-square and the solve in float64
-    x32 = x.astype(np.float32)
-    if init is None:
-        f, jac = _p7_fj(x32, p, nodes)
-    else:
-        f, jac = init[0], init[1].copy()
-    r = y - f
-    chi2 = np.einsum("kn,kn->k", wt * r, r)
-    # state of the active (not yet converged) spectra, compacted when some converge
-    act = np.arange(k)
-    xa, ya, wa, w32a = x32, y, wt, wt.astype(np.float32)
-    pa, ja, ra, chi2a = p.copy(), jac, r, chi2.copy()
-    lam = np.full(k, lam0)
-    it = 0
-    eye = np.eye(4)
-
-    def retire(finished: NDArray[np.bool_]) -> NDArray[np.bool_]:
-        """Store the finished spectra's results; compact the active state to the others (returned mask)."""
-        nonlocal act, xa, ya, wa, w32a, pa, ja, ra, chi2a, lam
-        fin = act[finished]
-        p[fin], chi2[fin], jac[fin], r[fin] = pa[finished], chi2a[finished], ja[finished], ra[finished]
-        keep = ~finished
-        act = act[keep]
-        xa, ya, wa, w32a = xa[keep], ya[keep], wa[keep], w32a[keep]
-        pa, ja, ra, chi2a, lam = pa[keep], ja[keep], ra[keep], chi2a[keep], lam[keep]
-        return keep
-
-    for n_it in range(1, max_iter + 1):
-        it = n_it
-        jw = ja * w32a[:, None, :]
-        h = np.matmul(jw, ja.transpose(0, 2, 1)).astype(float)
-        g = np.matmul(jw, ra.astype(np.float32)[:, :, None]).astype(float)
-        diag = np.einsum("kii->ki", h)
-        h += (lam[:, None] * np.maximum(diag, 1e-300))[:, :, None] * eye
-        dp = np.linalg.solve(h, g)[..., 0]
-        # converged already where the (nearly undamped) Gauss-Newton step predicts a chi2 decrease
-        # ``dp . g`` below tol / 2: the model need not be evaluated there again
-        flat_ = (lam < 1e-2) & (np.einsum("ki,ki->k", dp, g[..., 0]) < 0.5 * tol * chi2a)
-        if flat_.any():
-            dp = dp[retire(flat_)]
-            if act.size == 0:
-                break
-        pt = pa + dp
-        np.maximum(pt[:, 0], 1e-3 * pa[:, 0], out=pt[:, 0])
-        np.minimum(np.maximum(pt[:, 2], 0.2 * pa[:, 2]), 5.0 * pa[:, 2], out=pt[:, 2])
-        np.minimum(np.maximum(pt[:, 3], 0.55), 200.0, out=pt[:, 3])
-        np.minimum(np.maximum(pt[:, 1], c_lo[act]), c_hi[act], out=pt[:, 1])
-        np.minimum(np.maximum(pt[:, 2], w_lo[act]), w_hi[act], out=pt[:, 2])
-        ft32, jt = _p7_fj(xa, pt, nodes)
-        ft = ft32.astype(float)
-        # the amplitude is linear: re-solve it exactly (removes its strong correlation with FWHM and m)
-        wf = wa * ft
-        sc = np.einsum("kn,kn->k", wf, ya) / np.maximum(np.einsum("kn,kn->k", wf, ft), 1e-300)
-        sc = np.where(sc > 0, sc, 1.0)
-        pt[:, 0] *= sc
-        ft *= sc[:, None]
-        jt[:, 1:] *= sc.astype(np.float32)[:, None, None]  # d/da does not depend on a
-        rt = np.subtract(ya, ft, out=ft)
-        chi2t = np.einsum("kn,kn->k", wa * rt, rt)
-        acc = chi2t <= chi2a
-        rel = np.abs(chi2a - chi2t) / np.maximum(chi2a, 1e-300)
-        if acc.all():
-            pa, chi2a, ra, ja = pt, chi2t, rt, jt
-        else:
-            pa[acc] = pt[acc]
-            chi2a[acc] = chi2t[acc]
-            ra[acc] = rt[acc]
-            ja[acc] = jt[acc]
-        lam = np.where(acc, np.maximum(lam / 5.0, 1e-7), lam * 5.0)
-        # converged: a step (accepted or not) changes chi2 by less than tol (rounding of the float32 model)
-        done = (rel < tol) | (lam > 1e8)
-        if done.any():
-            retire(done)
-            if act.size == 0:
-                break
-    if act.size:
-        p[act], chi2[act], jac[act], r[act] = pa, chi2a, ja, ra
-    h_cov = _normal_j(jac.astype(float), wt)[0] if cov else None  # the covariance from a float64 normal matrix
-    return p, h_cov, chi2, it, y - r, jac
-
-
 _LM_ROWS = 256
 """Spectra per block of the batched Levenberg-Marquardt (the spectra are independent; blocks keep the
 ``(rows, 4, n)`` Jacobians and temporaries in cache instead of streaming them from memory every iteration,
@@ -253,6 +128,10 @@ def fit_zlp_pearson7(
     workers: int | None = None,
     reweight_tol: float = 0.05,
     channel_integration: bool = True,
+    near_window_fwhm: float | None = 3.0,
+    near_window_max_meV: float = 45.0,
+    shapes: tuple[str, ...] = SHAPES,
+    shape_chi2: float = 3.0,
 ) -> ZLPFit:
     """Fit a symmetric Pearson VII to the zero-loss peak in ``|E - centre|`` windows on both sides.
 
@@ -325,6 +204,22 @@ def fit_zlp_pearson7(
         nodes, as few as integrate the starting shape to 1e-6; 1 = channel centres).  Centres alone make the model
         1e-3 too low 5 meV from an 8.3 meV peak at 0.44 meV per channel (several sigma at 1e8 counts), 2 % at 2 meV;
         a fit of windows from 0 meV then biases the FWHM by +0.08 % at 0.44 and +1.6 % at 2 meV per channel.
+    near_window_fwhm, near_window_max_meV
+        Where ``near_window_fwhm`` x the starting FWHM (rounded to 5 meV) reaches the spill model's signal range
+        (40 meV: a resolution of 12.5 meV FWHM or coarser), the near window (the first) ends there, at most at
+        ``near_window_max_meV``, and the signal range starts at its end
+        (:func:`~.eels_windows.near_window_for_resolution`).  At 15 meV resolution 6-30 meV is only 0.4-2 FWHM of
+        flank: the exponent m, and so the tail under the thermometry window, were extrapolated from too little of
+        it (zero-loss part of the temperature error 0.47 K -> 0.34 K; scatter 1.18 -> 1.12x the counting limit on
+        1,000 spectra).  Finer resolutions keep the windows as given (at 10-12 meV the zero-loss part is already
+        small, and a window to 35 meV moved batch against one spectrum at a time from 0.08 to 0.10 sigma).
+        None: as given.
+    shapes, shape_chi2
+        Zero-loss shape families (:data:`~.eels_zlp_shapes.SHAPES`): the first is fitted; where the median
+        chi2_red of its windows exceeds ``shape_chi2`` (<= 2.3 where the Pearson VII holds, 1.6e4 on a
+        pseudo-Voigt zero-loss peak), each other family is fitted too and the one with the lowest median chi2_red
+        is returned (same number of parameters: chi2 is the information criterion).  One family per batch (an
+        instrument's shape; a scan row).
 
     Returns
     -------
@@ -337,6 +232,8 @@ def fit_zlp_pearson7(
     off = off.reshape(-1)
     k = flat.shape[0]
     rn2 = float(read_noise_counts) ** 2
+    shape = shapes[0]
+    asked = (windows_meV, signal_range_meV)
     if initial is None:
         centre = off + disp * zlp_centre(np.arange(n, dtype=float), flat, workers=workers)
     else:
@@ -345,11 +242,19 @@ def fit_zlp_pearson7(
     where = reach(off, disp, n, centre)
     loss_w, gain_w = zlp_windows(tuple((float(a), float(b)) for a, b in windows_meV), where)
     if initial is None:
-        p0 = _initial_from_mean(flat, off, disp, centre, loss_w, gain_w, rn2)
+        p0 = _initial_from_mean(flat, off, disp, centre, loss_w, gain_w, rn2, shape)
+    adapted = near_window_for_resolution(tuple((float(a), float(b)) for a, b in windows_meV),
+                                         float(np.median(p0[:, 2])), fwhm_multiple=near_window_fwhm,
+                                         max_meV=near_window_max_meV, from_meV=float(signal_range_meV[0]))
+    if adapted[0] != tuple(windows_meV[0]):
+        windows_meV = adapted
+        loss_w, gain_w = zlp_windows(adapted, where)
+        signal_range_meV = (max(float(signal_range_meV[0]), adapted[0][1]), float(signal_range_meV[1]))
     idx = _window_index(off, disp, centre, n, loss_w, gain_w)
     order = 1
     if channel_integration:
-        order = integration_order(off[0] + disp * idx[0] - centre[0], np.median(p0[:, 2]), np.median(p0[:, 3]), disp)
+        m = float(np.median(p0[:, 3])) if shape == "pearson7" else 1.0  # a Lorentzian's curvature: m = 1
+        order = integration_order(off[0] + disp * idx[0] - centre[0], np.median(p0[:, 2]), m, disp)
     nodes = channel_nodes(order, disp) if order > 1 else None
     # Poisson weights from the model (no bias towards low counts); the phonon signal spilled into the
     # windows is estimated from the current parameters and removed before each fit.  After the spill model
@@ -397,11 +302,11 @@ def fit_zlp_pearson7(
         pb = p_at[sl].copy()
         model: tuple[Array, Array] | None = None
         if start_amp:  # shared shape: amplitude re-solved; model and Jacobian there reused by the fit
-            pb[:, 0], model = _solve_amplitude(xb, yb, vb, pb, nodes)
-        wt = 1.0 / (np.maximum(_p7_f(xb, pb, nodes) if model is None else model[0], 1e-3) + vb)
+            pb[:, 0], model = _solve_amplitude(xb, yb, vb, pb, nodes, shape)
+        wt = 1.0 / (np.maximum(shape_f(shape)(xb, pb, nodes) if model is None else model[0], 1e-3) + vb)
         pb, _, chi2b, its[0], fb, jb = _lm(
             xb, yb, wt, pb, max_iter=max_iter, tol=tol, lam0=1e-5 if good_start else 1e-3, init=model, cov=False,
-            nodes=nodes,
+            nodes=nodes, shape=shape,
         )
         if n_fit > 1:
             # refit weighted by the fit's own model (no bias towards low counts), where the weights moved
@@ -413,7 +318,7 @@ def fit_zlp_pearson7(
             if redo.size:
                 pr, _, chi2b[redo], its[1], fr, jr = _lm(
                     xb[redo], yb[redo], wt_fit[redo], pb[redo], max_iter=max_iter, tol=tol, lam0=1e-5,
-                    init=(fb[redo], jb[redo]), cov=False, nodes=nodes,
+                    init=(fb[redo], jb[redo]), cov=False, nodes=nodes, shape=shape,
                 )
                 pb[redo], fb[redo], jb[redo], wt[redo] = pr, fr, jr, wt_fit[redo]
         h[sl] = _normal_j(jb.astype(float), wt)[0]  # the covariance from a float64 normal matrix
@@ -440,6 +345,7 @@ def fit_zlp_pearson7(
                 workers=workers,
                 reach=where,
                 nodes=nodes,
+                shape=shape,
             )
             if sig.group_signal is not None and sig.group is not None and sig.scale is not None:
                 gb = sig._convolve(sig.group_signal, sig.kernel_fft)
@@ -449,7 +355,7 @@ def fit_zlp_pearson7(
         if i_model == 0 and initial is None and k > _START_ROWS:
             sub = np.unique(np.linspace(0, k - 1, _START_ROWS).round().astype(np.intp))
             p_at[:, 2:] = _shared_shape(*block(sub, p_at, gb, full), p_at[sub], max_iter=max_iter, tol=tol,
-                                        nodes=nodes)
+                                        nodes=nodes, shape=shape)
             start_amp = good_start = True
         fit = functools.partial(
             fit_rows, p_at=p_at, gb=gb, full=full, start_amp=start_amp, n_fit=n_fit, good_start=good_start
@@ -462,59 +368,42 @@ def fit_zlp_pearson7(
     cov = np.linalg.inv(h + 1e-300 * np.eye(4))
     if scale_covariance:
         cov = cov * np.sqrt(np.maximum(1.0, chi2_red))[:, None, None]
-    return ZLPFit(
+    result = ZLPFit(
         params=p.reshape(batch + (4,)),
         cov=np.asarray(cov, dtype=np.float64).reshape(batch + (4, 4)),
         chi2_red=chi2_red.reshape(batch),
         n_iter=n_it,
-        windows_meV=tuple(windows_meV),
+        windows_meV=tuple((float(a), float(b)) for a, b in windows_meV),
         signal=sig,
         loss_windows_meV=loss_w,
         gain_windows_meV=gain_w,
         reach=where,
         channel_meV=float(disp),
         order=order,
+        shape=shape,
     )
+    if len(shapes) < 2 or not np.median(chi2_red) > shape_chi2:
+        return result
+    for other in shapes[1:]:  # the zero-loss peak is not a Pearson VII: another family, where it fits better
+        start = None
+        if initial is not None:  # the same amplitude, centre and width; the family's own fourth parameter
+            start = np.array(np.broadcast_to(np.asarray(initial, float), batch + (4,)))
+            start[..., 3] = P3_START[other]
+        alt = fit_zlp_pearson7(
+            energy_meV, spectra, windows_meV=asked[0], initial=start, max_iter=max_iter,
+            read_noise_counts=read_noise_counts, scale_covariance=scale_covariance, signal_correction=signal_correction,
+            signal_range_meV=asked[1], lr_iterations=lr_iterations, tol=tol, spill_uncertainty=spill_uncertainty,
+            signal_groups=signal_groups, workers=workers, reweight_tol=reweight_tol,
+            channel_integration=channel_integration, near_window_fwhm=near_window_fwhm,
+            near_window_max_meV=near_window_max_meV, shapes=(other,),
+        )
+        if np.median(alt.chi2_red) < np.median(result.chi2_red):
+            result = alt
+    return result
 
 
 _START_ROWS = 64
 """Spectra (evenly spaced) whose individual fits give the shared starting shape of a large batch."""
-
-
-def _shared_shape(
-    x: Array, y: Array, var_sys: Array, p0: Array, *, max_iter: int, tol: float, nodes: Nodes | None = None
-) -> Array:
-    """Starting shape of a large batch: the median (FWHM, m) of a few spectra fitted individually.
-
-    The ZLP shape is an instrument property that varies little across a map, so every spectrum starts from
-    the median shape of ``_START_ROWS`` evenly spaced spectra fitted first (same windows, weights and spill
-    correction; ``x``, ``y``, ``var_sys``, ``p0`` are theirs), its centre from ``zlp_centre`` and its amplitude
-    re-solved linearly (:func:`_solve_amplitude`); the full fit then needs 2-3 iterations instead of ~15
-    from the shape of the (uncorrected) mean spectrum.
-    """
-    wt = 1.0 / (np.maximum(_p7_f(x, p0, nodes), 1e-3) + var_sys)
-    ps = _lm(x, y, wt, p0, max_iter=max_iter, tol=tol, cov=False, nodes=nodes)[0]
-    return np.median(ps[:, 2:], axis=0)
-
-
-def _solve_amplitude(
-    x: Array, y: Array, var_sys: Array, p: Array, nodes: Nodes | None = None
-) -> tuple[Array, tuple[Array, Array]]:
-    """Weighted least-squares amplitude of the Pearson VII shape ``p`` (weights from its model at ``p``).
-
-    Returns the amplitudes ``(k,)`` and the model ``(k, n)`` with its float32 Jacobian ``(k, 4, n)`` at
-    ``p`` with those amplitudes (the starting point of the fit, as :func:`_lm`'s ``init``).
-    """
-    unit = p.copy()
-    unit[:, 0] = 1.0
-    f32, jac = _p7_fj(x.astype(np.float32), unit, nodes)
-    f = f32.astype(float)
-    wf = f / (np.maximum(f * p[:, :1], 1e-3) + var_sys)
-    amp = np.einsum("kn,kn->k", wf, y) / np.maximum(np.einsum("kn,kn->k", wf, f), 1e-300)
-    amp = np.where(amp > 0, amp, p[:, 0])
-    f *= amp[:, None]
-    jac[:, 1:] *= amp.astype(np.float32)[:, None, None]  # d/da does not depend on a
-    return amp, (f, jac)
 
 
 def _initial_from_mean(
@@ -525,6 +414,7 @@ def _initial_from_mean(
     windows: tuple[tuple[float, float], ...],
     gain_windows: tuple[tuple[float, float], ...],
     rn2: float,
+    shape: str = "pearson7",
 ) -> Array:
     """Starting parameters: a fit of the centre-aligned mean spectrum, amplitude scaled per spectrum."""
     k, n = flat.shape
@@ -540,15 +430,15 @@ def _initial_from_mean(
     peak = float(mean[int(ref_ch)])
     half = np.nonzero(mean >= 0.5 * peak)[0]
     fwhm = max(2 * disp, disp * (half[-1] - half[0] + 1))
-    pm = np.array([[peak, 0.0, fwhm, 1.5]])
+    pm = np.array([[peak, 0.0, fwhm, P3_START[shape]]])
     cen = np.zeros(1)
     ix = _window_index(np.array([e[0]]), disp, cen, n, windows, gain_windows)
     y = mean[ix]
     x = np.asarray(e[ix], dtype=np.float64)
-    pm, _, _, _, _, _ = _lm(x, y, 1.0 / (np.maximum(y, 1.0) + rn2), pm, max_iter=100, cov=False)
+    pm, _, _, _, _, _ = _lm(x, y, 1.0 / (np.maximum(y, 1.0) + rn2), pm, max_iter=100, cov=False, shape=shape)
     i_max = np.clip(np.round(c_ch).astype(np.intp), 0, n - 1)
     amp = np.take_along_axis(flat, i_max[:, None], axis=1)[:, 0].astype(float)
-    scale = amp / max(float(np.asarray(pearson7_model(np.zeros((1, 1)), pm))[0, 0]), 1e-30)
+    scale = amp / max(float(np.asarray(zlp_model(np.zeros((1, 1)), pm, shape))[0, 0]), 1e-30)
     p0 = np.empty((k, 4))
     p0[:, 0] = pm[0, 0] * scale
     p0[:, 1] = centre

@@ -372,6 +372,7 @@ class EELSStage(Stage):
             "zlp_windows_loss_meV": _lists(t.zlp.loss_windows_meV),
             "zlp_windows_gain_meV": _lists(t.zlp.gain_windows_meV),
             "thermometry_window_meV": _lists([t.window_meV])[0],
+            "zlp_shape": str(getattr(t.zlp, "shape", "pearson7")),
         }
         lo, hi = t.window_meV
         if not (np.isfinite(temp) and np.isfinite(err)):
