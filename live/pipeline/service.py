@@ -284,6 +284,8 @@ class PipelineService:
                 if msg is not None:
                     self.stats.messages += 1
                     self._contained(msg, self._handle, msg)
+                    if not receiver.ready and self._open is not None:  # the end of a burst: write its frames
+                        self._contained(None, self._open.run.write_held)
         finally:
             if self._open is not None:
                 self._close_open("aborted", self._stop_reason)
@@ -390,7 +392,8 @@ class PipelineService:
                 self.params,
                 stage_classes=self.stage_classes,
                 publish=self._publish_from_analysis_thread,
-                writer_options={"commit_interval_s": self.commit_interval_s},
+                # frames of a burst (FrameReceiver.burst) are written together once the burst is handled
+                writer_options={"commit_interval_s": self.commit_interval_s, "hold_frames": self._receiver.burst},
             )
         except Exception as e:
             self._checker.abandon(start.session)

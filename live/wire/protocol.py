@@ -170,6 +170,10 @@ class _DuplicateKey(Exception):
     pass
 
 
+# One decoder for all messages: json.loads with any keyword builds a new decoder and scanner per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_hook, parse_constant=float)
+
+
 def _parse_header(raw: memoryview) -> dict[str, Any]:
     if raw.nbytes > MAX_HEADER_BYTES:
         fail("header_too_large", f"{raw.nbytes} bytes > {MAX_HEADER_BYTES}")
@@ -178,7 +182,7 @@ def _parse_header(raw: memoryview) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         fail("bad_utf8", str(e))
     try:
-        obj = json.loads(text, object_pairs_hook=_pairs_hook, parse_constant=float)
+        obj = _DECODER.decode(text)
     except _DuplicateKey as e:
         fail("duplicate_key", f"key {e.args[0]!r} appears more than once")
     except (ValueError, RecursionError) as e:  # JSONDecodeError, int too large to convert, too deep
