@@ -85,6 +85,10 @@ def _jsonable(value: Any) -> Any:
     return value  # json.dumps reports anything else
 
 
+# One encoder for all messages: json.dumps with any keyword builds a new encoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _ordered(header: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {k: _jsonable(header[k]) for k in _LEADING_KEYS if k in header}
     for k, v in header.items():
@@ -132,7 +136,7 @@ def encode(header: Mapping[str, Any], payload: np.ndarray | None = None) -> list
     ordered = _ordered(fields)
     validate_header(ordered, None if view is None else view.nbytes)
     try:
-        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _ENCODER.encode(ordered)
     except (TypeError, ValueError) as e:
         fail("bad_value", f"header is not JSON-serialisable: {e}", ordered)
     data = text.encode("utf-8")

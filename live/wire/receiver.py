@@ -309,7 +309,11 @@ class FrameReceiver:
         return peer
 
     def _accept(self, parts: list[Any]) -> Message | None:
-        peer = self._peer(parts[0], time.monotonic())
+        peer = self._peers.get(parts[0])
+        if peer is None or peer.silent:
+            peer = self._peer(parts[0], time.monotonic())
+        else:  # a known sender that is not marked silent (the per-message case): only its time
+            peer.last_seen = time.monotonic()
         self._claim = None
         try:
             msg = decode(parts[1:])
@@ -320,7 +324,8 @@ class FrameReceiver:
             log.exception("decoding a message from sender %s failed", peer.identity.hex())
             self._reject(peer, ProtocolError("internal_error", f"{type(e).__name__}: {e}"))
             return None
-        mtype, sid = msg.type, msg.session
+        header = msg.header
+        mtype, sid = header["type"], header["session"]
         if mtype == "heartbeat" and sid == LINK_SESSION:
             return None
         # A session belongs to the connection that opened it: nobody else may send into it, end it, keep it
