@@ -90,10 +90,15 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan
 
 
 def _ordered(header: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: _jsonable(header[k]) for k in _LEADING_KEYS if k in header}
+    plain = _PLAIN  # plain values (nearly all of a header) without a call each
+    out: dict[str, Any] = {}
+    for k in _LEADING_KEYS:
+        if k in header:
+            v = header[k]
+            out[k] = v if type(v) in plain else _jsonable(v)
     for k, v in header.items():
         if k not in out:
-            out[k] = _jsonable(v)
+            out[k] = v if type(v) in plain else _jsonable(v)
     return out
 
 
