@@ -10,7 +10,9 @@ Rows
 frames
     512x512 float32 (1 MiB) frames: raw PUSH/PULL ``copy=False``; the same raw stream recorded by a *bare HDF5
     recorder* (``resize`` + ``write_direct_chunk`` per frame into one chunked dataset: the least any HDF5 session
-    file costs, no protocol, no metadata, no crash-safety commits); FrameSender -> FrameReceiver (decode,
+    file costs, no protocol, no metadata, no crash-safety commits; each frame written as it arrives; ZeroMQ's
+    default high-water marks, 1000 messages each side, and again with the service's, SNDHWM 64 and RCVHWM 16,
+    rows "HWM 64/16"); FrameSender -> FrameReceiver (decode,
     validation, acknowledgements); and the same into a session file (``SessionWriter.append`` per message).
 spectra
     2048-channel float32 spectra: raw PUSH/PULL one 8 KiB message each vs stemlive single-spectrum messages vs
@@ -76,9 +78,15 @@ def _payloads(case: Case) -> list[np.ndarray]:
     return [rng.random(shape, dtype=np.float32) for _ in range(4)]
 
 
+#: The service's queue bounds (FrameSender SNDHWM, the service's RCVHWM), for the bare recorder's "h5hwm" rows.
+SERVICE_SNDHWM, SERVICE_RCVHWM = 64, 16
+
+
 def _send_raw(case: Case, endpoint: str) -> float:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PUSH)
+    if case.sink == "h5hwm":
+        sock.setsockopt(zmq.SNDHWM, SERVICE_SNDHWM)
     sock.connect(endpoint)
     payloads = _payloads(case)
     c0 = time.process_time()
@@ -205,9 +213,11 @@ class BareSpectrumRecorder:
 def _receive_raw(case: Case, tmp: Path) -> tuple[float, float, mp.process.BaseProcess]:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
+    if case.sink == "h5hwm":
+        sock.setsockopt(zmq.RCVHWM, SERVICE_RCVHWM)
     endpoint = _bind(sock, case.transport, tmp)
     bare = BareRecorder if case.what == "frames" else BareSpectrumRecorder
-    record = bare(tmp / "bare.h5") if case.sink == "h5" else None
+    record = bare(tmp / "bare.h5") if case.sink in ("h5", "h5hwm") else None
     proc = _start_sender(case, endpoint, tmp)
     frame = sock.recv(copy=False)
     if record is not None:
@@ -317,6 +327,8 @@ def cases(quick: bool, with_file: bool, with_stages: bool = False) -> list[Case]
     for transport in ("tcp", "ipc"):
         # the bare recorder first, the recording rows right after it: each round compares neighbours in time
         out += [Case("frames", "raw", transport, "h5", n_frames)]
+        if with_file:  # the same with the service's queue bounds (the service's RCVHWM, FrameSender's SNDHWM)
+            out += [Case("frames", "raw", transport, "h5hwm", n_frames)]
         if with_file:
             out += [Case("frames", "stemlive", transport, "service", n_frames),
                     Case("frames", "stemlive", transport, "file", n_frames)]
@@ -456,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
         nbytes = frame_bytes if case.what == "frames" else N_CHANNELS * 4
         path = {"raw": "raw pyzmq PUSH/PULL", "rawbatch": f"raw pyzmq batch {BATCH}", "stemlive": "stemlive",
                 "single": "stemlive single", "batch": f"stemlive batch {BATCH}"}[case.path]
-        path += {"none": "", "file": " -> file", "h5": " -> bare HDF5", "service": " -> serve",
-                 "stages": " -> serve + default stages"}[case.sink]
+        path += {"none": "", "file": " -> file", "h5": " -> bare HDF5", "h5hwm": " -> bare HDF5, HWM 64/16",
+                 "service": " -> serve", "stages": " -> serve + default stages"}[case.sink]
         b = ref.get((case.what, case.transport, "h5"))
         vs_bare = rounds = cpu_vs_bare = ""
         if case.sink in ("file", "service", "stages") and b is not None:
@@ -469,6 +481,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{case.what:8} {path:32} {case.transport:4} {rate:9.0f} {rate * nbytes / 1e9:6.2f} {rate / raw:6.2f} "
               f"{vs_bare:>8} {rounds:>14} {1e6 * cpu:11.1f} {1e6 * send_cpu:11.1f} {cpu_vs_bare:>11} "
               f"{case.messages:8d}")
+    for i, case in enumerate(matrix):  # against the bare recorder with the same queue bounds as the service
+        b = ref.get((case.what, case.transport, "h5hwm"))
+        if case.sink in ("file", "service", "stages") and b is not None:
+            rate, cpu, send_cpu = best[i]
+            per_round = sorted(r[0] / rb[0] for r, rb in zip(runs[i], runs[b], strict=True))
+            print(f"{case.what} {case.path} -> {case.sink} {case.transport}: vs the bare recorder with the service's "
+                  f"high-water marks (SNDHWM {SERVICE_SNDHWM}, RCVHWM {SERVICE_RCVHWM}) {rate / best[b][0]:.2f} "
+                  f"(rounds {per_round[0]:.2f}/{per_round[len(per_round) // 2]:.2f}/{per_round[-1]:.2f}), "
+                  f"receiving CPU {1e6 * cpu:.0f} vs {1e6 * best[b][1]:.0f} us, CPU vs bare "
+                  f"{(best[b][1] + best[b][2]) / (cpu + send_cpu):.2f}")
     if not with_file:
         print("(stemlive.live.storage.session not importable: no 'into the session file' rows)")
     if args.memory_mib:

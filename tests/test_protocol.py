@@ -479,3 +479,54 @@ def test_found_gap_flood_logs_a_bounded_number_of_lines(caplog: pytest.LogCaptur
         c.check(m("session_end", 6002))
     assert len(c.gaps("s1")) == 3001  # seq 1, 3, ..., 6001
     assert len(caplog.records) <= 25, len(caplog.records)
+
+
+# ------------------------------------------------------------------ the frame fast path of validation
+
+_HOSTILE_VALUES: list[Any] = [None, True, False, 0, -1, 1, 2**31, 2**63, 10**400, 0.0, -0.5, 1e300, float("nan"),
+                              float("inf"), float("-inf"), "", "x", "<f4\n", [], [1], [3, 4], [0, 4], [3, 0],
+                              [3, 4, 1], [2**40, 2**40], [True, 4], {}, {"a": 1}, "stemlive/1", "frame", "<f4",
+                              ">f8", "|u1", "s1"]
+
+
+def _frame_header(**fields: Any) -> dict[str, Any]:
+    return {"proto": PROTO, **hdr("frame", t=float(T0), alpha_deg=-12.5, beta_deg=0.0, pixel_size_nm=0.02,
+                                  dwell_us=4.0), "dtype": "<f4", "shape": [3, 4], **fields}
+
+
+def _verdict(h: dict[str, Any], nbytes: int | None, fast: bool, monkeypatch: pytest.MonkeyPatch) -> str:
+    from stemlive.live.wire import schema
+
+    with monkeypatch.context() as m:
+        if not fast:
+            m.setattr(schema, "_plain_frame", lambda h, n: False)
+        try:
+            schema.validate_header(h, nbytes)
+        except ProtocolError as e:
+            return e.code
+        except Exception as e:  # the full validation's own behaviour (e.g. a 400-digit int), kept as it was
+            return type(e).__name__
+    return "ok"
+
+
+def test_frame_fast_path_accepts_only_what_the_full_validation_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every frame-header field replaced by each hostile value, deleted, or with a wrong payload size: the fast
+    path gives the same verdict (accepted, or the same rejection code) as the full validation alone."""
+    from stemlive.live.wire import schema
+
+    base = _frame_header()
+    decode(raw_array({k: v for k, v in base.items() if k not in ("dtype", "shape")}, IMG))  # session id now known
+    assert schema._plain_frame(base, 48), "the plain frame must take the fast path"
+    cases: list[tuple[dict[str, Any], int | None]] = [(base, 48), (base, 47), (base, None), (base, 96)]
+    for key in base:
+        cases.append(({k: v for k, v in base.items() if k != key}, 48))
+        for value in _HOSTILE_VALUES:
+            cases.append(({**base, key: value}, 48))
+    cases.append(({**base, "session": "never-seen-before-id"}, 48))  # valid, but not yet known: the long way
+    cases.append(({**base, "extra_field": [1, 2]}, 48))
+    accepted = 0
+    for h, nbytes in cases:
+        fast, full = _verdict(h, nbytes, True, monkeypatch), _verdict(h, nbytes, False, monkeypatch)
+        assert fast == full, (h, nbytes, fast, full)
+        accepted += fast == "ok"
+    assert 5 < accepted < len(cases) - 300  # both verdicts exercised

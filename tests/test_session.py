@@ -522,3 +522,37 @@ def test_spectra_survive_sigkill_during_batches(tmp_path: Path) -> None:
             np.testing.assert_array_equal(table["t"], T0 + rows * 1e-3)
             assert sum(1 for m in r.messages() if m.type == "spectrum") == n // crash.BATCH
         assert "NOT CLOSED" in describe(path)
+
+
+def test_held_frames_make_the_same_file(tmp_path: Path) -> None:
+    """``hold_frames`` (the service writes a burst of frames together) changes when chunks are written, not the
+    file: the same frames, rows, chunks (one per frame, unfiltered, same bytes) and committed rows."""
+    s = tilt_session()
+    paths = []
+    for hold in (0, 4):
+        path = tmp_path / f"hold{hold}.h5"
+        writer = SessionWriter(path, s.messages[0], hold_frames=hold)
+        for i, msg in enumerate(s.messages[1:]):
+            writer.append(msg)
+            if hold and i == 2:
+                writer.write_held()
+        if hold:
+            assert writer._frames.held, "frames are held until written"
+            writer.commit()
+            assert not writer._frames.held
+        writer.close("complete")
+        paths.append(path)
+    with h5py.File(paths[0], "r") as a, h5py.File(paths[1], "r") as b:
+        fa, fb = a["tilt_series/frames"], b["tilt_series/frames"]
+        assert fa.shape == fb.shape == (6, 24, 40) and fa.chunks == fb.chunks == (1, 24, 40)
+        assert fa.compression is None and fb.compression is None
+        assert fa.id.get_num_chunks() == fb.id.get_num_chunks() == 6
+        for i in range(6):
+            ca, cb = fa.id.read_direct_chunk((i, 0, 0)), fb.id.read_direct_chunk((i, 0, 0))
+            assert ca[0] == cb[0] == 0 and ca[1] == cb[1] == s.messages[1 + 1 + i].payload.tobytes()
+        for name in ("tilt_index", "frame_index", "alpha_deg", "beta_deg", "t", "seq"):
+            if name in a["tilt_series"]:
+                assert np.array_equal(a["tilt_series"][name][()], b["tilt_series"][name][()])
+        assert dict(a["tilt_series"].attrs) == dict(b["tilt_series"].attrs)
+    ra, rb = SessionReader(paths[0]), SessionReader(paths[1])
+    assert_same_messages(list(rb.messages()), list(ra.messages()))

@@ -423,3 +423,37 @@ def test_an_oversized_part_drops_only_its_connection() -> None:
     finally:
         big.close()
         service.stop()
+
+
+def test_a_burst_keeps_each_message_with_its_own_sender() -> None:
+    """Messages waiting together are received as a burst (decoded before the first is returned); each message is
+    still returned with the connection that sent it, for acknowledgements and nacks."""
+    receiver = FrameReceiver("tcp://127.0.0.1:*", burst=8)
+    senders = [FrameSender(receiver.endpoint, timeout_s=10, heartbeat_interval_s=0) for _ in range(2)]
+    try:
+        streams = [SessionStream(s, "tilt_series", {}) for s in senders]
+        image = np.zeros((8, 8), np.float32)
+        for stream in streams:
+            stream.start()
+            for i in range(6):
+                stream.frame(image, tilt_index=0, alpha_deg=0.0, beta_deg=0.0, frame_index=i, pixel_size_nm=0.1,
+                             dwell_us=1.0)
+        time.sleep(0.5)  # all 14 messages (and the link heartbeats) are waiting in the socket now
+        got, most_ready = [], 0
+        while (msg := receiver.recv(timeout_s=0.5)) is not None:
+            most_ready = max(most_ready, receiver.ready)
+            got.append((msg.session, msg.seq, receiver.last_sender))
+            receiver.acknowledge(msg.session, msg.seq)
+        assert 1 <= most_ready <= 7  # a burst of at most 8 was taken at once
+        assert sorted((sid, seq) for sid, seq, _ in got) == sorted((s.session_id, q) for s in streams
+                                                                   for q in range(7))
+        for sid, _seq, sender in got:
+            assert sender is not None and sender == receiver.owner(sid)
+        assert receiver.owner(streams[0].session_id) != receiver.owner(streams[1].session_id)
+        receiver.recv(timeout_s=0.2)  # flush the acknowledgements to their own connections
+        for sender, stream in zip(senders, streams, strict=True):
+            sender.wait_acknowledged(stream.session_id, 6, timeout_s=5)
+    finally:
+        for s in senders:
+            s.close(linger_s=0)
+        receiver.close()

@@ -102,6 +102,11 @@ class SessionRun:
             self.writer.append(msg)
             self.recorded += 1
 
+    def write_held(self) -> None:
+        """Write the frames the writer holds back (its ``hold_frames`` option)."""
+        with self._lock:
+            self.writer.write_held()
+
     def commit(self) -> None:
         """Make everything recorded so far durable (survives a crash of this process)."""
         with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import signal
 import threading
@@ -273,7 +274,8 @@ class PipelineService:
         try:
             while not self._stop.is_set():
                 msg = receiver.recv(timeout_s=0.05)
-                self._send_replies()
+                if self._warnings or self._replies:
+                    self._send_replies()
                 now = time.monotonic()
                 if self._open is not None and now - last_commit > self.commit_interval_s:
                     last_commit = now
@@ -284,6 +286,8 @@ class PipelineService:
                 if msg is not None:
                     self.stats.messages += 1
                     self._contained(msg, self._handle, msg)
+                    if not receiver.ready and self._open is not None:  # the end of a burst: write its frames
+                        self._contained(None, self._open.run.write_held)
         finally:
             if self._open is not None:
                 self._close_open("aborted", self._stop_reason)
@@ -321,45 +325,45 @@ class PipelineService:
                 self._receiver.reject(msg, error)
 
     def _handle(self, msg: Message) -> None:
-        sender = self._receiver.last_sender
+        header = msg.header
+        mtype = header["type"]
         op = self._open
-        if msg.type == "session_start" and op is not None and sender != op.owner:
+        if mtype == "session_start" and op is not None and self._receiver.last_sender != op.owner:
             age = time.monotonic() - op.started
             raise ProtocolError(
                 "busy", f"session {op.run.session_id!r} of another connection is being recorded (open for "
                 f"{age:.1f} s); start again when it has ended", session=msg.session, seq=msg.seq,
                 owner_session=op.run.session_id, owner_age_s=round(age, 1))
         self._checker.check(msg)
-        if msg.type == "heartbeat":
+        if mtype == "heartbeat":
             return
-        if msg.type == "session_start":
-            self._start_session(msg, sender)
+        if mtype == "session_start":
+            self._start_session(msg, self._receiver.last_sender)
             return
-        if op is None or msg.session != op.run.session_id:
+        if op is None or header["session"] != op.run.session_id:
             # a late message filling a gap of a session already closed: nothing left to record it in
             self._limited("late", logging.WARNING, "message seq %s of closed session %s not recorded", msg.seq,
                           msg.session)
             return
-        op.last_seq = max(op.last_seq, msg.seq)
-        if msg.type in DATA_TYPES:
-            op.last_data = time.monotonic()
-            self.disk.spend(msg.payload.nbytes + 256 if msg.payload is not None else 256)
+        seq = header["seq"]
+        if seq > op.last_seq:
+            op.last_seq = seq
+        if mtype in DATA_TYPES:
+            payload = msg.payload
+            self.disk.spend(payload.nbytes + 256 if payload is not None else 256)
             op.run.record(msg)
-            self._count_recorded()
+            stats = self.stats
+            op.last_data = stats.last_recorded_s = time.monotonic()
+            if not stats.recorded:
+                stats.first_recorded_s = stats.last_recorded_s
+            stats.recorded += 1
             if op.run.stages:  # nothing to analyse: no hand-off to (and wake-up of) the analysis thread
                 self._enqueue(op.run, msg)
-        elif msg.type == "session_end":
+        elif mtype == "session_end":
             op.run.commit()
             self._receiver.acknowledge(op.run.session_id, msg.seq - 1)
-            note = str(msg.header.get("message", ""))
-            self._close_open(str(msg.header.get("status", "complete")), note, end_seq=msg.seq)
-
-    def _count_recorded(self) -> None:
-        stats = self.stats
-        stats.last_recorded_s = time.monotonic()
-        if not stats.recorded:
-            stats.first_recorded_s = stats.last_recorded_s
-        stats.recorded += 1
+            note = str(header.get("message", ""))
+            self._close_open(str(header.get("status", "complete")), note, end_seq=msg.seq)
 
     def _commit_open(self) -> None:
         op = self._open
@@ -390,7 +394,10 @@ class PipelineService:
                 self.params,
                 stage_classes=self.stage_classes,
                 publish=self._publish_from_analysis_thread,
-                writer_options={"commit_interval_s": self.commit_interval_s},
+                # frames of a burst (FrameReceiver.burst) are written together once the burst is handled; the
+                # receive loop commits (and then acknowledges) every commit_interval_s, so the writer does not
+                # commit on its own clock as well (that was a second commit per interval)
+                writer_options={"commit_interval_s": math.inf, "hold_frames": self._receiver.burst},
             )
         except Exception as e:
             self._checker.abandon(start.session)

@@ -126,6 +126,10 @@ class SessionWriter:
         the writing process can lose to the messages of that window.
     commit_every
         If given, :meth:`append` also commits after this many appended messages.
+    hold_frames
+        Frames :meth:`append` may keep (zero-copy, referencing the caller's arrays) before writing them; they are
+        written by :meth:`write_held`, by every commit, or when more are appended. 0: each frame at once. The
+        file is the same either way; nothing held is committed (or acknowledged by the service).
 
     Notes
     -----
@@ -140,6 +144,7 @@ class SessionWriter:
         *,
         commit_interval_s: float = 0.2,
         commit_every: int | None = None,
+        hold_frames: int = 0,
     ) -> None:
         header = dict(start.header)
         _check_start(header)
@@ -161,7 +166,7 @@ class SessionWriter:
             raise
         try:
             self._write_root(header)
-            self._frames = FrameStore(self._f)
+            self._frames = FrameStore(self._f, hold=hold_frames)
             self._spectra = SpectrumStore(self._f, self.settings)
             self._surveys_done: list[str] = []
             # per-row results: dataset handle, rows, row shape and the attributes last written (a row costs
@@ -239,6 +244,11 @@ class SessionWriter:
         self.message_counts[mtype] = self.message_counts.get(mtype, 0) + 1
         self._since_commit += 1
         self._maybe_commit()
+
+    def write_held(self) -> None:
+        """Write the frames held back (``hold_frames``); durable at the next commit."""
+        self._check_open()
+        self._frames.write_held()
 
     def _maybe_commit(self) -> None:
         due = time.monotonic() - self._last_commit >= self.commit_interval_s

@@ -80,7 +80,9 @@ class Columns:
         self.columns = dict(columns)
         self.fills = {name: fill_value(dtype) for name, dtype in columns.items()}
         self._fill_items = tuple(self.fills.items())
-        self.pending: list[tuple[Any, ...]] = []  # one tuple per row, in column order
+        # one entry per row: a tuple in column order, or (add) the message header the row is taken from at the
+        # next write -- per message, only a list append; the fields are picked out a block at a time
+        self.pending: list[tuple[Any, ...] | Mapping[str, Any]] = []
         self.datasets = {
             name: group.create_dataset(
                 name, shape=(0,), dtype=dtype, maxshape=(None,), chunks=(chunk_rows,), fillvalue=self.fills[name]
@@ -96,13 +98,17 @@ class Columns:
         return len(self.pending)
 
     def add(self, values: Mapping[str, Any]) -> None:
-        """Buffer one row (missing fields get the fill value)."""
-        get = values.get
-        self.pending.append(tuple([get(name, fill) for name, fill in self._fill_items]))
+        """Buffer one row (missing fields get the fill value). ``values`` must not change until :meth:`write`."""
+        self.pending.append(values)
 
     def add_many(self, values: Mapping[str, Sequence[Any]]) -> None:
         """Buffer several rows given as equally long sequences."""
         self.pending.extend(zip(*(values[name] for name in self.columns), strict=True))
+
+    def _rows(self) -> list[tuple[Any, ...]]:
+        items = self._fill_items
+        return [row if isinstance(row, tuple) else tuple([row.get(name, fill) for name, fill in items])
+                for row in self.pending]
 
     def write(self) -> None:
         """Append the buffered rows to the datasets (``t`` last)."""
@@ -110,7 +116,7 @@ class Columns:
         if not k:
             return
         start, stop = self.n_written, self.n_written + k
-        for (name, dtype), values in zip(self.columns.items(), zip(*self.pending, strict=True), strict=True):
+        for (name, dtype), values in zip(self.columns.items(), zip(*self._rows(), strict=True), strict=True):
             ds = self.datasets[name]
             ds.resize((stop,))
             ds[start:stop] = np.asarray(values, dtype=dtype)
@@ -124,14 +130,23 @@ class Columns:
 
 
 class FrameStore:
-    """``/tilt_series``: each frame goes straight to disk as one chunk; its metadata row is buffered."""
+    """``/tilt_series``: each frame goes to disk as one chunk; its metadata row is buffered.
 
-    def __init__(self, f: h5py.File) -> None:
+    ``hold`` > 0 keeps up to that many frames (zero-copy views of the received buffers) before writing them
+    (:meth:`write_held`, also at every :meth:`write`): a caller that receives several frames at once then runs
+    its per-message Python for all of them before the chunk writes evict it from the CPU caches. The chunks,
+    their order and the file are the same as with ``hold=0`` (each frame written as it is appended).
+    """
+
+    def __init__(self, f: h5py.File, hold: int = 0) -> None:
         self.f = f
         self.frames: h5py.Dataset | None = None
         self.columns: Columns | None = None
         self.shape: tuple[int, ...] = ()
-        self.n = 0
+        self.n = 0  # frames appended (written or held)
+        self.n_chunks = 0  # frames written
+        self.hold = hold
+        self.held: list[tuple[np.ndarray, Mapping[str, Any]]] = []
 
     def _create(self, shape: tuple[int, ...], header: Mapping[str, Any]) -> None:
         group = self.f.require_group("tilt_series")
@@ -150,16 +165,42 @@ class FrameStore:
             raise ValueError(f"frame payload must be a 2-D image, got shape {image.shape}")
         if self.frames is None:
             self._create(image.shape, header)
-        assert self.frames is not None and self.columns is not None
+        assert self.columns is not None
         if image.shape != self.shape:
             raise ValueError(f"frame shape {image.shape} differs from the session's {self.shape}")
-        # low-level extent + one whole chunk past the chunk cache (Dataset.resize re-checks its arguments: ~40 us)
-        self.frames.id.set_extent((self.n + 1, *self.shape))
-        self.frames.id.write_direct_chunk((self.n, 0, 0), image)
+        self.held.append((image, header))
         self.n += 1
-        self.columns.add(header)
+        if len(self.held) > self.hold:
+            self.write_held()
+
+    def write_held(self) -> None:
+        """Write the frames held back, one chunk each, in order, and buffer their metadata rows.
+
+        A frame gets its row only once its chunk is written. If a write fails (disk full), that frame and the
+        ones held after it are dropped (never written nor counted) and the error propagates, as when a frame
+        written at once fails.
+        """
+        held = self.held
+        if not held:
+            return
+        assert self.frames is not None and self.columns is not None
+        ident, add, n = self.frames.id, self.columns.add, self.n_chunks
+        # low-level extent + whole chunks past the chunk cache (Dataset.resize re-checks its arguments: ~40 us)
+        try:
+            ident.set_extent((n + len(held), *self.shape))
+            for image, header in held:
+                ident.write_direct_chunk((n, 0, 0), image)
+                add(header)
+                n += 1
+        except BaseException:
+            self.n -= len(held) - (n - self.n_chunks)
+            raise
+        finally:
+            self.n_chunks = n
+            held.clear()
 
     def write(self) -> None:
+        self.write_held()
         if self.columns is not None:
             self.columns.write()
 

@@ -85,11 +85,20 @@ def _jsonable(value: Any) -> Any:
     return value  # json.dumps reports anything else
 
 
+# One encoder for all messages: json.dumps with any keyword builds a new encoder per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _ordered(header: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: _jsonable(header[k]) for k in _LEADING_KEYS if k in header}
+    plain = _PLAIN  # plain values (nearly all of a header) without a call each
+    out: dict[str, Any] = {}
+    for k in _LEADING_KEYS:
+        if k in header:
+            v = header[k]
+            out[k] = v if type(v) in plain else _jsonable(v)
     for k, v in header.items():
         if k not in out:
-            out[k] = _jsonable(v)
+            out[k] = v if type(v) in plain else _jsonable(v)
     return out
 
 
@@ -132,7 +141,7 @@ def encode(header: Mapping[str, Any], payload: np.ndarray | None = None) -> list
     ordered = _ordered(fields)
     validate_header(ordered, None if view is None else view.nbytes)
     try:
-        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _ENCODER.encode(ordered)
     except (TypeError, ValueError) as e:
         fail("bad_value", f"header is not JSON-serialisable: {e}", ordered)
     data = text.encode("utf-8")
@@ -170,6 +179,10 @@ class _DuplicateKey(Exception):
     pass
 
 
+# One decoder for all messages: json.loads with any keyword builds a new decoder and scanner per call.
+_DECODER = json.JSONDecoder(object_pairs_hook=_pairs_hook, parse_constant=float)
+
+
 def _parse_header(raw: memoryview) -> dict[str, Any]:
     if raw.nbytes > MAX_HEADER_BYTES:
         fail("header_too_large", f"{raw.nbytes} bytes > {MAX_HEADER_BYTES}")
@@ -178,7 +191,7 @@ def _parse_header(raw: memoryview) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         fail("bad_utf8", str(e))
     try:
-        obj = json.loads(text, object_pairs_hook=_pairs_hook, parse_constant=float)
+        obj = _DECODER.decode(text)
     except _DuplicateKey as e:
         fail("duplicate_key", f"key {e.args[0]!r} appears more than once")
     except (ValueError, RecursionError) as e:  # JSONDecodeError, int too large to convert, too deep
