@@ -54,8 +54,9 @@ class AtomicTomography:
 
 
 def geometry_of(cal: tilt_calibration.Calibration, shape: tuple[int, int]) -> atoms3d.Geometry:
-    """The :class:`.atoms3d.Geometry` of a calibration."""
-    return atoms3d.Geometry(cal.rotations, cal.shift_px, cal.pixel_A, (int(shape[0]), int(shape[1])))
+    """The :class:`.atoms3d.Geometry` of a calibration, with its image distortion (the same in every projection)."""
+    dist = np.broadcast_to(cal.distortion_matrix, (len(cal.alpha_deg), 2, 2)).copy()
+    return atoms3d.Geometry(cal.rotations, cal.shift_px, cal.pixel_A, (int(shape[0]), int(shape[1])), dist)
 
 
 def refit_metals(sums: np.ndarray, cal: tilt_calibration.Calibration, chalcogen_px: np.ndarray,
