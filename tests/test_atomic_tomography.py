@@ -109,14 +109,10 @@ def test_calibrated_angles_against_hysteresis_truth(small):
     assert np.median(err) < 0.5 * np.median(nominal_off)
     assert np.all(np.isfinite(cal.alpha_err_deg)) and np.all(cal.alpha_err_deg > 0)
     assert cal.rms_px < 0.1
-    # the common image distortion: on 128^2 the drift during a frame is small (E ~ 3e-4, 0.02 px at the edge)
-    # and the estimate's error larger; it must agree with the truth within its errors
-    from stemlive.live.analysis.tilt_geometry import identifiable_distortion
-
-    e, e_err, e_true = (identifiable_distortion(cal.distortion), cal.distortion_err[0],
-                        identifiable_distortion(ts.scan_drift_px))
-    print("distortion (e1, e2)", e, "+-", e_err, "true", e_true, "angle errors", np.round(err.max(axis=1), 3))
-    assert np.all(e_err > 0) and np.all(np.abs(e - e_true) < 3.0 * e_err), (e, e_err, e_true)
+    # the common image distortion is not fitted on ~170 metals (below distortion_min_metals: its error, ~1.5e-3,
+    # would exceed the drift's distortion at 128^2, 3e-4 and 0.02 px at the edge)
+    print("angle errors", np.round(err.max(axis=1), 3), "distortion", cal.distortion.tolist())
+    assert np.all(cal.distortion == 0.0) and np.all(cal.distortion_err == 0.0)
 
 
 def test_atomic_model_small_field(small):
@@ -199,8 +195,6 @@ def test_reference_size_angles_and_atoms():
     its identifiable part)."""
     from threadpoolctl import threadpool_limits
 
-    from stemlive.live.analysis.tilt_geometry import identifiable_distortion
-
     sc = _scenario()
     ts = simulate_tilt_sums(sc, shape=(512, 512))
     t0 = time.process_time()
@@ -209,14 +203,12 @@ def test_reference_size_angles_and_atoms():
     cpu = time.process_time() - t0
     cal = res.calibration
     err = np.abs(np.column_stack([cal.alpha_deg, cal.beta_deg]) - ts.actual_deg)
-    e, e_err, e_true = identifiable_distortion(cal.distortion), cal.distortion_err[0], identifiable_distortion(
-        ts.scan_drift_px)
     print("angle errors (deg)", np.round(err, 4).tolist(), "reference", cal.reference, "wall s", res.timings_s,
           f"cpu {cpu:.0f} s")
-    print("distortion (e1, e2)", e, "+-", e_err, "true", e_true, "first calibration",
-          identifiable_distortion(res.first_calibration.distortion))
+    print("distortion E", cal.distortion.tolist(), "+-", cal.distortion_err.tolist(), "true",
+          ts.scan_drift_px.tolist(), "first calibration", res.first_calibration.distortion.tolist())
     assert err.max() < 0.05
-    assert np.all(np.abs(e - e_true) < 3.0 * e_err + 5e-5), (e, e_err, e_true)
+    assert np.all(np.abs(cal.distortion - ts.scan_drift_px) < 3.0 * cal.distortion_err + 5e-5), cal.distortion
     m = res.model
     assert m is not None
     out = compare_model(ts, sc, m.positions_A, m.species, m.vacancy_sites_A)

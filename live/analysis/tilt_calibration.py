@@ -15,12 +15,13 @@ Gauge: a rigid motion of the model and the opposite motion of every projection c
 the reference projection (the one nearest zero nominal tilt) at its start orientation and shift; afterwards the
 frame is moved to the sample frame of ``docs/tomography.md``: origin at the metals' centroid, the metal plane
 (least-squares plane through the metal atoms: the monolayer's mean plane) horizontal, and the reference
-projection without in-plane rotation (``gamma = 0``). Of ``E``, the trace (an isotropic scale: the same as a
-scaled model, fixed by the pixel size) and the antisymmetric part (a rotation: the same as adding it to every
-``gamma_k``) are degenerate and held at zero; the symmetric traceless part ``(e1, e2)`` is fitted
-(:mod:`.tilt_geometry`). For a flat sample it is nearly degenerate with a uniform in-plane strain of the model:
-the two differ only through the foreshortening, to second order in the tilt (``1 - cos theta``), so it needs
-tilts of 15-25 deg and many metals (a 512^2 field; on a 128^2 field its error is a few 1e-4). Standard errors
+projection without in-plane rotation (``gamma = 0``). Of ``E``, an isotropic scale (the same as a scaled model)
+and a rotation (the same as adding it to every ``gamma_k``) are degenerate; the scan fixes them: the fast scan
+axis is undistorted (pixel size and image orientation), and the slow axis's stretch ``a = E_rr`` and shear
+``b = E_cr`` are fitted (:mod:`.tilt_geometry`). For a flat sample these are nearly degenerate with a uniform
+in-plane strain of the model: the two differ only through the foreshortening, to second order in the tilt
+(``1 - cos theta``), so they need tilts of 15-25 deg and many metals (a 512^2 field: errors ~1e-4; on a 128^2
+field ~1e-3, more than the drift's distortion there). Standard errors
 come from the Schur complement of the Jacobian's atom blocks (the covariance of the projection parameters and
 ``e`` at the fixed reference); the reference projection's own angle errors are those of the fitted plane's
 normal.
@@ -107,8 +108,8 @@ class Calibration:
         Reference projection.
     pixel_A : float
     distortion : ndarray (2, 2)
-        ``E`` of the image distortion ``D = I + E`` common to all projections (row, col: ``u = D p + t``); only
-        its symmetric traceless part is fitted (the rest is the pixel size and the in-plane rotation).
+        ``E`` of the image distortion ``D = I + E`` common to all projections (row, col: ``u = D p + t``); its
+        slow-axis column is fitted, the fast axis is the gauge (pixel size and image orientation: ``E[:, 1] = 0``).
     distortion_err : ndarray (2, 2)
         Standard errors of the elements of ``E``.
     """
@@ -147,7 +148,7 @@ class Calibration:
 def _solve(r0: np.ndarray, ang0: np.ndarray, t0: np.ndarray, e0: np.ndarray, obs: np.ndarray, u: np.ndarray,
            s: np.ndarray, ref: int, pixel_A: float, max_nfev: int, fit_distortion: bool = True) -> _Solution:
     """Least squares of equation 1 over all atoms, all projections except the reference's parameters and the
-    identifiable image distortion ``(e1, e2)`` common to all projections (``fit_distortion``; else ``e0`` fixed).
+    identifiable image distortion ``(a, b)`` common to all projections (``fit_distortion``; else ``e0`` fixed).
 
     Variable projection: the model is linear in the atom coordinates, so for given projection parameters each
     atom's ``(x, y, z)`` is a 3 x 3 weighted least-squares solution, and ``scipy.optimize.least_squares`` runs over
@@ -227,18 +228,39 @@ def _solve(r0: np.ndarray, ang0: np.ndarray, t0: np.ndarray, e0: np.ndarray, obs
     n_par = 3 * int((np.bincount(ai, minlength=n_atoms) > 0).sum()) + n_q + n_e
     chi2 = float(res.fun @ res.fun) / max(2 * m - n_par, 1)
     errors = np.zeros((n_proj, 5))
-    e_err = np.zeros(2)
+    e_err, wald = np.zeros(2), 0.0
     if n_q + n_e:
         jj = np.asarray(res.jac)
-        sd = np.sqrt(np.clip(np.diag(np.linalg.pinv(jj.T @ jj) * chi2), 0.0, None))
+        cov = np.linalg.pinv(jj.T @ jj) * chi2
+        sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
         errors[free] = sd[:n_q].reshape(-1, 5)
         e_err[:n_e] = sd[n_q:]
-    return _Solution(r, ang, t, np.array(e, float), rms, errors, e_err, resid)
+        if n_e:
+            wald = float(e @ np.linalg.pinv(cov[n_q:, n_q:]) @ e)
+    return _Solution(r, ang, t, np.array(e, float), rms, errors, e_err, resid, wald)
+
+
+def _solve_distortion_if_significant(r0: np.ndarray, ang0: np.ndarray, t0: np.ndarray, e0: np.ndarray,
+                                     obs: np.ndarray, u: np.ndarray, s: np.ndarray, ref: int, pixel_A: float,
+                                     max_nfev: int, fit_distortion: bool, chi2_min: float) -> _Solution:
+    """:func:`_solve` with the distortion, kept only when it differs from none significantly (Wald
+    ``e' C^-1 e >= chi2_min``, 2 degrees of freedom); otherwise solved again with ``D = I`` (the fit's standard
+    errors of ``e`` are kept: the precision the data have for it).
+
+    On a small field the distortion's errors (~1e-3 at 128^2) exceed the drift's distortion, and in the scan's gauge
+    its noise moves the model's scale and orientation (measured at 128^2: in-plane RMSD 2.2 pm with the noisy
+    estimate against 0.9 pm without)."""
+    sol = _solve(r0, ang0, t0, e0, obs, u, s, ref, pixel_A, max_nfev, fit_distortion)
+    if not fit_distortion or sol.wald >= chi2_min:
+        return sol
+    plain = _solve(r0, ang0, t0, np.zeros(2), obs, u, s, ref, pixel_A, max_nfev, False)
+    return plain._replace(e_err=sol.e_err, wald=sol.wald)
 
 
 class _Solution(NamedTuple):
-    """:func:`_solve`: atoms, angles (n, 3) rad, shifts (n, 2), distortion ``(e1, e2)``, rms (px), the (n, 5)
-    standard errors (rad, px) of (alpha, beta, gamma, t), those of ``e`` and the residuals (m, 2) px."""
+    """:func:`_solve`: atoms, angles (n, 3) rad, shifts (n, 2), distortion ``(a, b)``, rms (px), the (n, 5)
+    standard errors (rad, px) of (alpha, beta, gamma, t), those of ``e``, the residuals (m, 2) px and ``e``'s
+    Wald statistic."""
 
     r: np.ndarray
     ang: np.ndarray
@@ -248,6 +270,7 @@ class _Solution(NamedTuple):
     errors: np.ndarray
     e_err: np.ndarray
     resid: np.ndarray
+    wald: float = 0.0
 
 
 def _to_sample_frame(r: np.ndarray, rot: np.ndarray, t: np.ndarray, ref: int, pixel_A: float,
@@ -308,7 +331,8 @@ def calibrate_tilts(metals: MetalObservations, nominal_alpha_deg: np.ndarray, no
                     pixel_A: float, shape: tuple[int, int], *, reference: int | None = None,
                     match_fraction: float = 0.3, rounds: int = 2, min_projections: int = 3,
                     max_nfev: int = 30, reach: int = 2, translation_min_metals: int = 200,
-                    distortion: bool = True) -> Calibration:
+                    distortion: bool = True, distortion_chi2: float = 11.8, distortion_min_metals: int = 1000,
+                    ) -> Calibration:
     """Match metal columns across projections and solve equation 1 for the 3D metals and every projection's
     angles, shift and in-plane rotation.
 
@@ -349,7 +373,16 @@ def calibrate_tilts(metals: MetalObservations, nominal_alpha_deg: np.ndarray, no
         flake, ~70 metals, 6 tilts: a tilt 2.75 deg off with the search, all within 0.33 deg without it).
     distortion : bool
         Also fit the identifiable part of a linear image distortion common to all projections
-        (:mod:`.tilt_geometry`: the symmetric traceless ``E``); False: none (``D = I``).
+        (:mod:`.tilt_geometry`: the slow scan axis's stretch and shear); False: none (``D = I``).
+    distortion_chi2 : float
+        The distortion is kept only when its Wald statistic (2 degrees of freedom) reaches this: 11.8, a
+        false-positive rate of 0.27 % ("3 sigma"); below it ``D = I`` (:func:`_solve_distortion_if_significant`).
+    distortion_min_metals : int
+        Fewest metals in the reference projection for the distortion fit. Its information grows with the number of
+        metals times the field's size (standard errors ~1e-4 at 2,700 metals, ~1.5e-3 at 170 on a 128^2 field,
+        above the drift's distortion there), and on small fields the first pass's column biases (unresolved
+        neighbours) came out as a "significant" distortion that moved the model's scale and orientation (104^2,
+        6 tilts: angles 0.48 deg off against < 0.2 without).
 
     Raises
     ------
@@ -367,6 +400,8 @@ def calibrate_tilts(metals: MetalObservations, nominal_alpha_deg: np.ndarray, no
     tol = match_fraction * _spacing(p_ref)
     if len(p_ref) < translation_min_metals:
         reach = 0
+    if len(p_ref) < distortion_min_metals:
+        distortion = False
     # start model: the reference projection at z = 0
     r = np.column_stack([(p_ref[:, 1] - centre[1]) * pixel_A, (p_ref[:, 0] - centre[0]) * pixel_A,
                          np.zeros(len(p_ref))])
@@ -402,7 +437,8 @@ def calibrate_tilts(metals: MetalObservations, nominal_alpha_deg: np.ndarray, no
             u[on] = meas[k][jm[on]]
             s[on] = errs[k][jm[on]]
         s = np.maximum(np.nan_to_num(s, nan=1.0, posinf=1.0), 0.01)
-        sol = _solve(r[keep], ang, t, e, np.column_stack([ai, pk]), u, s, ref, pixel_A, max_nfev, distortion)
+        sol = _solve_distortion_if_significant(r[keep], ang, t, e, np.column_stack([ai, pk]), u, s, ref, pixel_A,
+                                               max_nfev, distortion, distortion_chi2)
         ang, t, e = sol.ang, sol.t, sol.e
         r = r.copy()
         r[keep] = sol.r
@@ -419,7 +455,8 @@ def calibrate_tilts(metals: MetalObservations, nominal_alpha_deg: np.ndarray, no
 
 
 def recalibrate(calibration: Calibration, metal_px: np.ndarray, metal_err_px: np.ndarray,
-                max_nfev: int = 30, distortion: bool = True) -> Calibration:
+                max_nfev: int = 30, distortion: bool = True, distortion_chi2: float = 11.8,
+                distortion_min_metals: int = 1000) -> Calibration:
     """Solve equation 1 again with known correspondences (e.g. metals refitted at their predicted positions).
 
     Measurements off by more than 6 robust standard deviations are dropped and the problem solved again.
@@ -436,6 +473,8 @@ def recalibrate(calibration: Calibration, metal_px: np.ndarray, metal_err_px: np
         Solver iterations.
     distortion : bool
         Fit the common image distortion (started at the calibration's); False: keep the calibration's fixed.
+    distortion_chi2, distortion_min_metals : float, int
+        Significance threshold of the distortion and fewest metals to fit it (:func:`calibrate_tilts`).
     """
     ref = calibration.reference
     valid = np.all(np.isfinite(metal_px), axis=-1) & np.all(np.isfinite(metal_err_px), axis=-1)
@@ -443,13 +482,14 @@ def recalibrate(calibration: Calibration, metal_px: np.ndarray, metal_err_px: np
     t = calibration.shift_px.copy()
     r = calibration.metals_A
     e = identifiable_distortion(calibration.distortion)
+    distortion = distortion and len(r) >= distortion_min_metals
     for attempt in range(2):
         keep = np.flatnonzero(valid.sum(axis=1) >= 3)
         ai, pk = np.nonzero(valid[keep])
         u = metal_px[keep][ai, pk]
         s = np.maximum(metal_err_px[keep][ai, pk], 0.01)
-        sol = _solve(r[keep], ang, t, e, np.column_stack([ai, pk]), u, s, ref, calibration.pixel_A, max_nfev,
-                     distortion)
+        sol = _solve_distortion_if_significant(r[keep], ang, t, e, np.column_stack([ai, pk]), u, s, ref,
+                                               calibration.pixel_A, max_nfev, distortion, distortion_chi2)
         ang, t, e = sol.ang, sol.t, sol.e
         out = _outliers(sol.resid)
         if attempt or not out.any():

@@ -2,11 +2,15 @@
 inverse, the linear image distortion common to a series, and the projection of sample points into an image (the
 conventions of docs/tomography.md).
 
-Image distortion: ``u = D P(R r) / pixel + t`` with ``D = I + E`` the same in every projection (scan-coil
-non-orthogonality, the drift during a frame). Of the four components of ``E`` only the symmetric traceless part
-``e1 (E_rr = -E_cc)``, ``e2 (E_rc = E_cr)`` (:data:`DISTORTION_BASIS`) is identifiable from the projections: the
-trace is a scale (degenerate with the pixel size, the fixed scale reference) and the antisymmetric part a rotation
-(degenerate with every projection's in-plane rotation gamma).
+Image distortion: ``u = D P(R r) / pixel + t`` with ``D = I + E`` the same in every projection (the drift during
+a frame, scan-coil non-orthogonality). Of the four components of ``E`` two are not identifiable from the
+projections: an isotropic scale (the same as a scaled model: the pixel size is the scale reference) and a rotation
+(the same as adding it to every projection's in-plane rotation gamma). The gauge that fixes them is the scan's:
+the fast scan axis (columns) is undistorted, since a line takes ~1/ny of a frame and the drift within it is
+negligible, and it carries the calibrated pixel size and the image orientation; the identifiable two components
+are the slow axis's column of ``E`` (:data:`DISTORTION_BASIS`): ``a = E_rr`` (rows stretched) and ``b = E_cr``
+(rows sheared sideways). The drift during a frame, ``E = v (line time, dwell)`` per pixel, has exactly this form up
+to the dwell/line ratio (1/nx).
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ __all__ = ["ALPHA_AXIS", "BETA_AXIS", "DISTORTION_BASIS", "Z_AXIS", "distortion_
 ALPHA_AXIS = np.array([0.0, -1.0, 0.0])
 BETA_AXIS = np.array([-1.0, 0.0, 0.0])
 Z_AXIS = np.array([0.0, 0.0, 1.0])
-DISTORTION_BASIS = np.array([[[1.0, 0.0], [0.0, -1.0]], [[0.0, 1.0], [1.0, 0.0]]])
-"""``dE / d(e1, e2)``: rows stretched against columns, and the symmetric shear (row, col image axes)."""
+DISTORTION_BASIS = np.array([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [1.0, 0.0]]])
+"""``dE / d(a, b)``: the slow (row) axis stretched, and sheared along the fast (col) axis (row, col image axes)."""
 
 
 def skew(n: np.ndarray) -> np.ndarray:
@@ -60,15 +64,16 @@ def rotations_and_derivatives(ang_rad: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def distortion_matrix(e: np.ndarray) -> np.ndarray:
-    """``D = I + e1 B1 + e2 B2`` ``(2, 2)`` of the identifiable distortion ``e`` (:data:`DISTORTION_BASIS`)."""
+    """``D = I + a B1 + b B2`` ``(2, 2)`` of the identifiable distortion ``e = (a, b)`` (:data:`DISTORTION_BASIS`)."""
     return np.eye(2) + np.tensordot(np.asarray(e, float), DISTORTION_BASIS, axes=1)
 
 
 def identifiable_distortion(e_matrix: np.ndarray) -> np.ndarray:
-    """The symmetric traceless part ``(e1, e2)`` of a distortion ``E`` ``(2, 2)`` (``u = (I + E) p``): what a tilt
-    series can measure. The rest is a scale ``tr(E) / 2`` and a rotation ``(E_cr - E_rc) / 2`` (rad)."""
+    """What a tilt series can measure of a distortion ``E`` ``(2, 2)`` (``u = (I + E) p``), in the fast-axis gauge:
+    ``(a, b) = (E_rr - E_cc, E_cr + E_rc)``, the slow-axis column of ``E`` once the scale ``E_cc`` and the rotation
+    ``-E_rc`` that make the fast axis undistorted are taken out."""
     e = np.asarray(e_matrix, float)
-    return np.array([(e[0, 0] - e[1, 1]) / 2.0, (e[0, 1] + e[1, 0]) / 2.0])
+    return np.array([e[0, 0] - e[1, 1], e[1, 0] + e[0, 1]])
 
 
 def project_points(r_A: np.ndarray, rotation: np.ndarray, shift_px: np.ndarray, pixel_A: float,

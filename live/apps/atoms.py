@@ -88,9 +88,10 @@ def store_calibration(session_path: str | Path, cal: Any) -> None:
         g.attrs["reference"] = int(cal.reference)
         g.attrs["pixel_A"] = float(cal.pixel_A)
         g.attrs["method"] = ("least squares over 3D metal coordinates and per-projection alpha, beta, in-plane "
-                             "rotation and shift (Sci. Adv. 7, eabi6699 eq. 1), with the symmetric traceless part "
-                             "of a linear image distortion common to all projections (u = (I + E) P R r / pixel "
-                             "+ t); sample frame: metal plane horizontal, reference projection gamma = 0")
+                             "rotation and shift (Sci. Adv. 7, eabi6699 eq. 1), with a linear image distortion "
+                             "common to all projections (u = (I + E) P R r / pixel + t; the slow scan axis's "
+                             "stretch and shear fitted, the fast axis undistorted); sample frame: metal plane "
+                             "horizontal, reference projection gamma = 0")
         for path, values in ((ALPHA_CAL, cal.alpha_deg), (BETA_CAL, cal.beta_deg)):
             if path in f:
                 del f[path]
@@ -241,8 +242,8 @@ def _cmd_atoms(args: argparse.Namespace) -> int:
               f"{cal.alpha_deg[k]:7.3f} +- {cal.alpha_err_deg[k]:.3f}  {cal.beta_deg[k]:7.3f} +- "
               f"{cal.beta_err_deg[k]:.3f}   {cal.gamma_deg[k]:6.3f}")
     e, e_err = cal.distortion, cal.distortion_err
-    print(f" image distortion E (row, col; common to all tilts): stretch {e[0, 0]:.2e} +- {e_err[0, 0]:.1e}, "
-          f"shear {e[0, 1]:.2e} +- {e_err[0, 1]:.1e}")
+    print(f" image distortion (common to all tilts): slow-axis stretch {e[0, 0]:.2e} +- {e_err[0, 0]:.1e}, "
+          f"shear {e[1, 0]:.2e} +- {e_err[1, 0]:.1e}")
     for what, path in result["paths"].items():
         print(f"{what}: {path}")
     s = result["summary"]
