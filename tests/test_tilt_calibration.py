@@ -64,7 +64,7 @@ def test_matching_at_reference_size_pairs_every_tilt():
     nominal, actual = _hysteresis(seed)
     obs, _ = _observe(metals, actual, seed)
     assert np.abs(nominal - actual).max() > 1.5
-    cal = tc.calibrate_tilts(obs, nominal[:, 0], nominal[:, 1], PIXEL_A, SHAPE)
+    cal = tc.calibrate_tilts(obs, nominal[:, 0], nominal[:, 1], PIXEL_A, SHAPE, distortion=True)
     err = np.abs(np.column_stack([cal.alpha_deg, cal.beta_deg]) - actual)
     print("angle errors (deg)", np.round(err.max(axis=1), 4), "rms px", round(cal.rms_px, 4))
     # exact positions up to 0.05 px noise: the sample frame is the true one up to the ripple's mean-plane tilt
@@ -93,7 +93,7 @@ def test_common_image_distortion_is_estimated():
     obs, _ = _observe(metals, actual, 0)
     e_true = np.array([[8.5e-4, 1.6e-6], [1.06e-3, 2.0e-6]])  # TiltSums.scan_drift_px of the default 512^2 sums
     obs = tc.MetalObservations([p + p @ e_true.T for p in obs.position], obs.error, obs.intensity)
-    cal = tc.calibrate_tilts(obs, nominal[:, 0], nominal[:, 1], PIXEL_A, SHAPE)
+    cal = tc.calibrate_tilts(obs, nominal[:, 0], nominal[:, 1], PIXEL_A, SHAPE, distortion=True)
     err = np.abs(np.column_stack([cal.alpha_deg, cal.beta_deg]) - actual)
     print("angle errors (deg)", np.round(err.max(axis=1), 4), "E", cal.distortion.tolist(), "+-",
           cal.distortion_err.tolist())
