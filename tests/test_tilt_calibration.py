@@ -140,8 +140,9 @@ def test_wrong_start_shift_is_resolved_by_the_lattice_translation():
 def test_reference_size_calibrated_angles():
     """The must-show angles at the reference size: 12 tilts of 512^2, 10 frames at the reference dose, the
     16 x 16 nm flake, nominal angles off by the simulated hysteresis. The sums are drift-free, as after the
-    tilt-series stage's drift correction (the simulator renders each sum from one frame's drift, a 0.45 px scan
-    distortion common to every tilt, which the calibration does not model: docs/benchmarks.md)."""
+    tilt-series stage's drift correction (the default sums keep one frame's drift, a 0.45 px scan distortion common
+    to every tilt: docs/tomography.md, *Image distortion*). Measured 2026-12-04 with the distortion fitted in the
+    recalibration (the chain's default): all 12 within 0.020 deg (0.026 before)."""
     from threadpoolctl import threadpool_limits
 
     from stemlive.live.analysis import atomic_tomography as at
