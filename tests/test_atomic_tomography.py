@@ -109,6 +109,10 @@ def test_calibrated_angles_against_hysteresis_truth(small):
     assert np.median(err) < 0.5 * np.median(nominal_off)
     assert np.all(np.isfinite(cal.alpha_err_deg)) and np.all(cal.alpha_err_deg > 0)
     assert cal.rms_px < 0.1
+    # the common image distortion is not fitted on ~170 metals (below distortion_min_metals: its error, ~1.5e-3,
+    # would exceed the drift's distortion at 128^2, 3e-4 and 0.02 px at the edge)
+    print("angle errors", np.round(err.max(axis=1), 3), "distortion", cal.distortion.tolist())
+    assert np.all(cal.distortion == 0.0) and np.all(cal.distortion_err == 0.0)
 
 
 def test_atomic_model_small_field(small):
@@ -181,17 +185,26 @@ def test_element_heights_widths_and_occupancies(small):
 
 
 @pytest.mark.reference  # > 15 min on 2 cores: run by hand (-m reference), not in CI
-@pytest.mark.xfail(reason="the chain does not estimate the scan distortion of the drift within a frame (the same in "
-                          "every tilt): on the simulator's default sums the zero tilt is 0.079 deg off and the "
-                          "in-plane RMSD carries it (6.1 pm); docs/tomography.md, docs/benchmarks.md", strict=False)
+@pytest.mark.timeout(3600)
+@pytest.mark.xfail(reason="run once (2026-12-04) with the scan distortion fitted in both calibration passes: angles "
+                          "0.105 deg off (xfail). The chain now fits it in the recalibration only; its steps run one "
+                          "by one on the same sums met every assertion (angles <= 0.0174 deg, in-plane 4.25 pm) but "
+                          "this test was not re-run: docs/tomography.md (Image distortion)", strict=False)
 def test_reference_size_angles_and_atoms():
-    """The must-show figures at the reference size: 12 tilts of 512^2, 10 frames, the 16 x 16 nm flake."""
+    """The must-show figures at the reference size: 12 tilts of 512^2, 10 frames, the 16 x 16 nm flake, the
+    simulator's default sums (the scan distortion of one frame's drift in every sum)."""
+    from threadpoolctl import threadpool_limits
+
     sc = _scenario()
     ts = simulate_tilt_sums(sc, shape=(512, 512))
-    res = at.reconstruct_atoms(ts.sums, ts.nominal_deg[:, 0], ts.nominal_deg[:, 1], 10 * ts.pixel_size_nm)
+    t0 = time.process_time()
+    with threadpool_limits(limits=1, user_api="blas"):
+        res = at.reconstruct_atoms(ts.sums, ts.nominal_deg[:, 0], ts.nominal_deg[:, 1], 10 * ts.pixel_size_nm)
+    cpu = time.process_time() - t0
     cal = res.calibration
     err = np.abs(np.column_stack([cal.alpha_deg, cal.beta_deg]) - ts.actual_deg)
-    print("angle errors (deg)", np.round(err, 3), res.timings_s)
+    print("angle errors (deg)", np.round(err, 4).tolist(), "reference", cal.reference, "wall s", res.timings_s,
+          f"cpu {cpu:.0f} s")
     assert err.max() < 0.05
     m = res.model
     assert m is not None
@@ -273,3 +286,34 @@ def test_windowed_sirt_correlates_better_at_calibrated_angles(small):
     print({k: round(v, 3) for k, v in cmp.items()})
     assert cmp["r_model"] > 0.85
     assert cmp["metal_dz_rms_A"] < 0.2 and cmp["chalcogen_dz_rms_A"] < 0.6
+
+
+def test_centring_undoes_the_calibrated_image_distortion():
+    """``windowed.centre_on_origin`` with the calibrated distortion ``D`` (what ``tomo reconstruct`` does with
+    ``/results/tomo/distortion``) puts every column where the undistorted projection has it: spots recorded at
+    ``D p + t`` come out at ``p + centre`` (2 % stretch and shear here, so that the effect is far above the
+    interpolation error)."""
+    from stemlive.live.analysis import windowed as wd
+
+    def spots(p: np.ndarray, t: np.ndarray, d: np.ndarray) -> np.ndarray:
+        """The image of round Gaussian columns at ``p`` recorded through ``u = D p + t``."""
+        uv = np.stack(np.mgrid[0:64, 0:64], axis=-1).reshape(-1, 2).astype(float)
+        q = (uv - t) @ np.linalg.inv(d).T
+        return np.exp(-((q[:, None, :] - p[None]) ** 2).sum(-1) / (2 * 1.5**2)).sum(axis=1).reshape(64, 64)
+
+    rng = np.random.default_rng(2)
+    p = rng.uniform(-22, 22, (30, 2))
+    d = np.array([[1.02, 0.02], [0.02, 0.98]])
+    t = np.array([[30.3, 33.6], [34.1, 29.2]])
+    recorded = np.stack([spots(p, tk, d) for tk in t])
+    want = spots(p, np.array([32.0, 32.0]), np.eye(2))
+    plain = wd.centre_on_origin(recorded, t)
+    fixed = wd.centre_on_origin(recorded, t, d)
+    # the interpolation's own error: undistorted spots only shifted
+    interp = wd.centre_on_origin(np.stack([spots(p, tk, np.eye(2)) for tk in t]), t)
+    err_plain, err_fixed, err_interp = (float(np.abs(v - want).max()) for v in (plain, fixed, interp))
+    print(f"max deviation from the undistorted spots (peak 1): shifted only {err_plain:.3f}, undistorted "
+          f"{err_fixed:.4f}, interpolation alone {err_interp:.4f}")
+    assert err_fixed < 1.5 * err_interp + 0.01 and err_fixed < 0.2 * err_plain
+    # the identity is the plain shift, bit for bit
+    np.testing.assert_array_equal(wd.centre_on_origin(recorded, t, np.eye(2)), plain)

@@ -69,7 +69,9 @@ def store_calibration(session_path: str | Path, cal: Any) -> None:
     """Write the calibrated geometry into the session file (appended; earlier calibrations are replaced).
 
     ``/results/tomo``: ``alpha_deg``, ``beta_deg``, ``gamma_deg`` and their ``*_err_deg``, ``shift_px``
-    ``(n, 2)`` (row, col of the sample origin), attrs ``rms_px``, ``reference``, ``pixel_A``, ``method``.
+    ``(n, 2)`` (row, col of the sample origin), ``distortion`` ``(2, 2)`` (``E`` of the image distortion
+    ``D = I + E`` common to all projections) and ``distortion_err``, attrs ``rms_px``, ``reference``, ``pixel_A``,
+    ``method``.
     ``/results/tilt_series/tilt_{alpha,beta}_calibrated_deg``: the angles ``stemlive tomo export`` and
     ``reconstruct`` use instead of the nominal ones.
     """
@@ -80,13 +82,15 @@ def store_calibration(session_path: str | Path, cal: Any) -> None:
             del f[TOMO_GROUP]
         g = f.require_group(TOMO_GROUP)
         for name in ("alpha_deg", "beta_deg", "gamma_deg", "alpha_err_deg", "beta_err_deg", "gamma_err_deg",
-                     "shift_px"):
+                     "shift_px", "distortion", "distortion_err"):
             g.create_dataset(name, data=np.asarray(getattr(cal, name), float))
         g.attrs["rms_px"] = float(cal.rms_px)
         g.attrs["reference"] = int(cal.reference)
         g.attrs["pixel_A"] = float(cal.pixel_A)
         g.attrs["method"] = ("least squares over 3D metal coordinates and per-projection alpha, beta, in-plane "
-                             "rotation and shift (Sci. Adv. 7, eabi6699 eq. 1); sample frame: metal plane "
+                             "rotation and shift (Sci. Adv. 7, eabi6699 eq. 1), with a linear image distortion "
+                             "common to all projections (u = (I + E) P R r / pixel + t; the slow scan axis's "
+                             "stretch and shear fitted, the fast axis undistorted); sample frame: metal plane "
                              "horizontal, reference projection gamma = 0")
         for path, values in ((ALPHA_CAL, cal.alpha_deg), (BETA_CAL, cal.beta_deg)):
             if path in f:
@@ -202,6 +206,7 @@ def run_atoms(session_path: str | Path, out_xyz: str | Path, *, store: bool = Tr
         "vacancies": int(len(model.vacancy_sites_A)), "r1": model.r1, "rms_px": cal.rms_px,
         "alpha_deg": cal.alpha_deg.tolist(), "beta_deg": cal.beta_deg.tolist(), "gamma_deg": cal.gamma_deg.tolist(),
         "alpha_err_deg": cal.alpha_err_deg.tolist(), "beta_err_deg": cal.beta_err_deg.tolist(),
+        "distortion": cal.distortion.tolist(), "distortion_err": cal.distortion_err.tolist(),
         "nominal_alpha_deg": np.asarray(alpha).tolist(), "nominal_beta_deg": np.asarray(beta).tolist(),
         "vacancy_sites_A": model.vacancy_sites_A.tolist(), "timings_s": res.timings_s,
         "element_sigma_px": model.sigma_px, "element_sigma_err_px": model.sigma_err,
@@ -236,6 +241,9 @@ def _cmd_atoms(args: argparse.Namespace) -> int:
         print(f" {k:4d}  {alpha0[k]:7.2f} {beta0[k]:7.2f}        "
               f"{cal.alpha_deg[k]:7.3f} +- {cal.alpha_err_deg[k]:.3f}  {cal.beta_deg[k]:7.3f} +- "
               f"{cal.beta_err_deg[k]:.3f}   {cal.gamma_deg[k]:6.3f}")
+    e, e_err = cal.distortion, cal.distortion_err
+    print(f" image distortion (common to all tilts): slow-axis stretch {e[0, 0]:.2e} +- {e_err[0, 0]:.1e}, "
+          f"shear {e[1, 0]:.2e} +- {e_err[1, 0]:.1e}")
     for what, path in result["paths"].items():
         print(f"{what}: {path}")
     s = result["summary"]

@@ -178,7 +178,8 @@ def read_tilt_series(session_path: str | Path, *, angles: str | Path | None = No
     return TiltSeries(sums, alpha, beta, pixel, session_id, source)
 
 
-def read_calibrated_geometry(session_path: str | Path, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+def read_calibrated_geometry(session_path: str | Path, n: int
+                             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
     """The calibrated geometry ``stemlive tomo atoms`` stored, or None when the session has none.
 
     Returns
@@ -188,6 +189,9 @@ def read_calibrated_geometry(session_path: str | Path, n: int) -> tuple[np.ndarr
         projection in the sample frame of ``docs/tomography.md``.
     shift_px : ndarray (n, 2)
         Image position (row, col) of the sample origin in each projection.
+    distortion : ndarray (2, 2) or None
+        ``D = I + E``, the image distortion common to all projections (``u = D P(R r) / pixel + t``); None in
+        files written before it was calibrated.
     """
     from stemlive.live.analysis.tilt_calibration import rotation_from_angles
 
@@ -199,6 +203,9 @@ def read_calibrated_geometry(session_path: str | Path, n: int) -> tuple[np.ndarr
             return None
         alpha, beta, gamma = (np.asarray(g[k][()], float).reshape(-1) for k in ("alpha_deg", "beta_deg", "gamma_deg"))
         shift = np.asarray(g["shift_px"][()], float)
+        distortion = np.eye(2) + np.asarray(g["distortion"][()], float) if "distortion" in g else None
     if alpha.shape != (n,) or shift.shape != (n, 2):
         return None  # a calibration of another set of tilts
-    return rotation_from_angles(alpha, beta, gamma), shift
+    if distortion is not None and distortion.shape != (2, 2):
+        distortion = None
+    return rotation_from_angles(alpha, beta, gamma), shift, distortion

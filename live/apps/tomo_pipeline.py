@@ -96,9 +96,10 @@ def reconstruct(
     ----------
     source : path
         ``*_tilt_series.emd`` from :func:`export` (already aligned), or a session file: with the geometry
-        ``stemlive tomo atoms`` calibrated (``/results/tomo``: angles, in-plane rotations and the sample origin in
-        every projection; used unless ``angles`` is given) each image is shifted so that the origin lands on the
-        rotation centre, otherwise the images are aligned with ``align`` at the file's (or ``angles``') angles.
+        ``stemlive tomo atoms`` calibrated (``/results/tomo``: angles, in-plane rotations, the sample origin in
+        every projection and the image distortion; used unless ``angles`` is given) each image is shifted so that
+        the origin lands on the rotation centre, and undistorted,
+        otherwise the images are aligned with ``align`` at the file's (or ``angles``') angles.
     out_dir : path
         Output folder; writes ``<stem>_reconstruction.emd`` (:func:`write_emd_volume`: ``/data/tomography``,
         ``(y, z, x)``) and, with ``png``, ``<stem>_slices.png``.
@@ -129,8 +130,8 @@ def reconstruct(
         geometry_note = (", calibrated geometry (/results/tomo)" if geometry is not None
                          else f", {series.angle_source} angles")
         if geometry is not None:
-            rots, origin = geometry
-            projections = centre_on_origin(series.sums, origin)
+            rots, origin, distortion = geometry
+            projections = centre_on_origin(series.sums, origin, distortion)
         else:
             dirs = rc.projection_direction(series.alpha_deg, series.beta_deg)
             projections, _ = rc.align_tilt_series(series.sums, align, dirs)
