@@ -220,9 +220,13 @@ def fit_columns(image: np.ndarray, peaks: np.ndarray, *, sigma_px: float, radius
         jac = np.stack([win.g, a * gy, a * gx, a * win.d_sigma()], axis=-1) * wk[..., None]
         return res, jac, np.where(win.valid, win.index, -1)
 
-    p, blocks, res, chi2 = levenberg_marquardt(evaluate, p, n_iter=n_iter, tol=1e-4)
+    # per-column trust region and width bounds: a spurious peak must not stall the others (docs/benchmarks.md)
+    box = {"max_step": np.array([np.inf, 1.0, 1.0, 0.25 * sigma_px]),
+           "lower": np.array([-np.inf, -np.inf, -np.inf, 0.2 * sigma_px]),
+           "upper": np.array([np.inf, np.inf, np.inf, 4.0 * sigma_px])}
+    p, blocks, res, chi2 = levenberg_marquardt(evaluate, p, n_iter=n_iter, tol=1e-4, **box)
     bg += float((res * w).sum() / (w * w).sum())  # weighted least-squares constant
-    p, blocks, res, chi2 = levenberg_marquardt(evaluate, p, n_iter=n_iter, tol=1e-6)
+    p, blocks, res, chi2 = levenberg_marquardt(evaluate, p, n_iter=n_iter, tol=1e-6, **box)
     cov = block_covariance(blocks, chi2)
     err = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
     p[:, 3] = np.abs(p[:, 3])

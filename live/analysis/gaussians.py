@@ -117,7 +117,9 @@ def sparse_jacobian(rows: np.ndarray, blocks: list[tuple[np.ndarray, np.ndarray]
 
 def levenberg_marquardt(evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]],
                         params: np.ndarray, *, n_iter: int = 30, lam: float = 1e-3,
-                        tol: float = 1e-7, cg_iter: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+                        tol: float = 1e-7, cg_iter: int = 12, max_step: np.ndarray | None = None,
+                        lower: np.ndarray | None = None,
+                        upper: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Levenberg-Marquardt for many compact objects (peaks) with a sparse normal matrix.
 
     The Jacobian is assembled from each object's pixel window (analytic derivatives), ``J^T J`` is sparse
@@ -145,6 +147,12 @@ def levenberg_marquardt(evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.nd
         Initial damping relative to the diagonal.
     tol : float
         Stop when the relative cost decrease of an accepted step is below this.
+    max_step : ndarray (p,), optional
+        Largest change of each parameter in one step: an object's step is scaled down as a whole to keep within
+        it (a per-object trust region, so that one object running away -- a spurious peak whose width collapses
+        or diverges -- does not get every other object's step rejected).
+    lower, upper : ndarray (p,), optional
+        Bounds; trial parameters are clipped into them.
 
     Returns
     -------
@@ -191,7 +199,12 @@ def levenberg_marquardt(evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.nd
         if not np.all(np.isfinite(step)):
             lam *= 4.0
             continue
+        if max_step is not None:
+            ratio = np.max(np.abs(step) / np.asarray(max_step, float), axis=1)
+            step = step / np.maximum(ratio, 1.0)[:, None]
         trial = p + step
+        if lower is not None or upper is not None:
+            trial = np.clip(trial, -np.inf if lower is None else lower, np.inf if upper is None else upper)
         res_t, jac_t, rows_t = evaluate(trial)
         cost_t = float(res_t @ res_t)
         if cost_t < cost:
