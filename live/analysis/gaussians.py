@@ -186,14 +186,17 @@ def levenberg_marquardt(evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.nd
     jv, jtv, blocks = operators(jac, rows, len(res))
     jtr = jtv(res)
     for _ in range(n_iter):
-        diag = np.einsum("nii->ni", blocks).ravel()
-        damp = lam * diag + 1e-12 * max(float(diag.max(initial=0.0)), 1e-300)
+        dblk = np.einsum("nii->ni", blocks)
+        # damping: Marquardt's (relative to the diagonal) plus a small floor per parameter kind, so that an object
+        # whose derivatives vanish (a Gaussian fitted to ~zero height: its position is undetermined) takes no
+        # wild step; the floor changes the path, not the minimum
+        floor = 1e-3 * np.maximum(np.median(dblk, axis=0), 1e-300)
+        dd = lam * dblk + floor
+        damp = dd.ravel()
         # (J^T J + damping) v by two matrix-free products: no J^T J is formed
         a = LinearOperator((n * npar, n * npar), matvec=lambda v, jv=jv, jtv=jtv, damp=damp: jtv(jv(v)) + damp * v)
-        # block-Jacobi preconditioner: each object's own p x p block (its window pixels)
-        blk = blocks + lam * np.einsum("nii->ni", blocks)[..., None] * np.eye(npar)
-        tr = np.einsum("nii->n", blk)
-        inv = np.linalg.inv(blk + (1e-9 * tr + (tr <= 0))[:, None, None] * np.eye(npar))
+        # block-Jacobi preconditioner: each object's own p x p block (its window pixels) with the same damping
+        inv = np.linalg.inv(blocks + dd[..., None] * np.eye(npar))
         pre = LinearOperator(a.shape, matvec=lambda v, inv=inv: (inv @ v.reshape(n, npar, 1)).ravel())
         step = cg(a, jtr, M=pre, rtol=1e-3, maxiter=cg_iter)[0].reshape(n, npar)
         if not np.all(np.isfinite(step)):
