@@ -190,9 +190,9 @@ def fit_columns(image: np.ndarray, peaks: np.ndarray, *, sigma_px: float, radius
     tol : float
         Relative cost decrease of a step below which the last round stops.
     robust : bool
-        Per-column trust region, width bounds, damping floor and linear start heights (``find_columns``); off:
-        the plain solver (the refit of ``atomic_tomography.refit_metals``, whose results at 512^2 depend on the
-        solver's path: it stops at its iteration limit, docs/benchmarks.md).
+        Per-column trust region, damping floor and linear start heights (``find_columns``); off: the plain
+        solver with the widths bounded to 0.2-4 ``sigma_px`` (the refit of ``atomic_tomography.refit_metals``,
+        whose results at 512^2 depend on the solver's path: it stops at its iteration limit, docs/benchmarks.md).
 
     Returns
     -------
@@ -228,11 +228,12 @@ def fit_columns(image: np.ndarray, peaks: np.ndarray, *, sigma_px: float, radius
         jac = np.stack([win.g, a * gy, a * gx, a * win.d_sigma()], axis=-1) * wk[..., None]
         return res, jac, np.where(win.valid, win.index, -1)
 
-    # per-column trust region, width bounds and a damping floor: a spurious peak must not stall the others
-    # (docs/tomography.md)
-    box = {"max_step": np.array([np.inf, 1.0, 1.0, 0.25 * sigma_px]),
-           "lower": np.array([-np.inf, -np.inf, -np.inf, 0.2 * sigma_px]),
-           "upper": np.array([np.inf, np.inf, np.inf, 4.0 * sigma_px])} if robust else {}
+    # robust: per-column trust region and a damping floor, so a spurious peak does not stall the others
+    # (docs/tomography.md); the width bounds always (a width collapsing to 0 makes its derivatives infinite)
+    box = {"lower": np.array([-np.inf, -np.inf, -np.inf, 0.2 * sigma_px]),
+           "upper": np.array([np.inf, np.inf, np.inf, 4.0 * sigma_px])}
+    if robust:
+        box["max_step"] = np.array([np.inf, 1.0, 1.0, 0.25 * sigma_px])
     floor = 1e-3 if robust else 0.0
     p, blocks, res, chi2 = levenberg_marquardt(evaluate, p, n_iter=n_iter, tol=1e-4, damping_floor=floor,
                                                **box)  # type: ignore[arg-type]
