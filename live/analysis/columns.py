@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .gaussians import block_covariance, gaussian_windows, levenberg_marquardt, render
+from .gaussians import Windows, block_covariance, gaussian_windows, levenberg_marquardt, render
 
 __all__ = ["Columns", "Lattice", "classify_sublattices", "find_columns", "find_peaks", "fit_columns",
            "lattice_from_fft"]
@@ -167,7 +167,7 @@ def find_peaks(image: np.ndarray, lattice: Lattice, *, threshold_sigma: float = 
 
 
 def fit_columns(image: np.ndarray, peaks: np.ndarray, *, sigma_px: float, radius: int | None = None,
-                n_iter: int = 25) -> tuple[np.ndarray, np.ndarray, float]:
+                n_iter: int = 25, tol: float = 1e-6, robust: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Fit one Gaussian per peak and a common background to the whole image at once.
 
     All columns are refined together (:func:`~.gaussians.levenberg_marquardt`: the model is the sum of all
@@ -187,6 +187,12 @@ def fit_columns(image: np.ndarray, peaks: np.ndarray, *, sigma_px: float, radius
         Window half size; default ``ceil(3 sigma)``.
     n_iter : int
         Iterations per round.
+    tol : float
+        Relative cost decrease of a step below which the last round stops.
+    robust : bool
+        Per-column trust region, damping floor and linear start heights (``find_columns``); off: the plain
+        solver with the widths bounded to 0.2-4 ``sigma_px`` (the refit of ``atomic_tomography.refit_metals``,
+        whose results at 512^2 depend on the solver's path: it stops at its iteration limit, docs/benchmarks.md).
 
     Returns
     -------
@@ -210,6 +216,8 @@ def fit_columns(image: np.ndarray, peaks: np.ndarray, *, sigma_px: float, radius
     p = np.column_stack([h0, peaks, np.full(n, sigma_px)])
     if n == 0:
         return p, np.zeros((0, 4)), bg
+    if robust:
+        p[:, 0] = _linear_heights(data - bg, w * w, gaussian_windows(peaks, sigma_px, shape, rad), h0)
 
     def evaluate(q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         win = gaussian_windows(q[:, 1:3], np.abs(q[:, 3]), shape, rad)
@@ -220,13 +228,42 @@ def fit_columns(image: np.ndarray, peaks: np.ndarray, *, sigma_px: float, radius
         jac = np.stack([win.g, a * gy, a * gx, a * win.d_sigma()], axis=-1) * wk[..., None]
         return res, jac, np.where(win.valid, win.index, -1)
 
-    p, blocks, res, chi2 = levenberg_marquardt(evaluate, p, n_iter=n_iter, tol=1e-4)
+    # robust: per-column trust region and a damping floor, so a spurious peak does not stall the others
+    # (docs/tomography.md); the width bounds always (a width collapsing to 0 makes its derivatives infinite)
+    box = {"lower": np.array([-np.inf, -np.inf, -np.inf, 0.2 * sigma_px]),
+           "upper": np.array([np.inf, np.inf, np.inf, 4.0 * sigma_px])}
+    if robust:
+        box["max_step"] = np.array([np.inf, 1.0, 1.0, 0.25 * sigma_px])
+    floor = 1e-3 if robust else 0.0
+    p, blocks, res, chi2 = levenberg_marquardt(evaluate, p, n_iter=n_iter, tol=1e-4, damping_floor=floor,
+                                               **box)  # type: ignore[arg-type]
     bg += float((res * w).sum() / (w * w).sum())  # weighted least-squares constant
-    p, blocks, res, chi2 = levenberg_marquardt(evaluate, p, n_iter=n_iter, tol=1e-6)
+    p, blocks, res, chi2 = levenberg_marquardt(evaluate, p, n_iter=n_iter, tol=tol, damping_floor=floor,
+                                               **box)  # type: ignore[arg-type]
     cov = block_covariance(blocks, chi2)
     err = np.sqrt(np.clip(np.diagonal(cov, axis1=1, axis2=2), 0.0, None))
     p[:, 3] = np.abs(p[:, 3])
     return p, err, bg
+
+
+def _linear_heights(data: np.ndarray, weight: np.ndarray, win: Windows, start: np.ndarray) -> np.ndarray:
+    """Heights of fixed Gaussians by weighted linear least squares (Jacobi-preconditioned CG): a start that does
+    not count a peak's overlapping neighbours twice (the peak-value start does), which saves Levenberg-Marquardt
+    iterations where Gaussians overlap (split chalcogen pairs)."""
+    from scipy.sparse.linalg import LinearOperator, cg
+
+    n = len(start)
+    gw = win.g * weight[win.index] * win.valid
+    size = len(data)
+
+    def normal(h: np.ndarray) -> np.ndarray:
+        img = np.bincount(win.index.ravel(), weights=(win.g * h[:, None]).ravel(), minlength=size)
+        return (gw * img[win.index]).sum(axis=1)
+
+    diag = np.maximum((gw * win.g).sum(axis=1), 1e-12)
+    h = cg(LinearOperator((n, n), matvec=normal), (gw * data[win.index]).sum(axis=1), x0=start,
+           M=LinearOperator((n, n), matvec=lambda v: v / diag), rtol=1e-4, maxiter=30)[0]
+    return np.where(np.isfinite(h) & (h > 0), h, np.maximum(start, 1.0) * 0.5)
 
 
 def _residual_peaks(resid: np.ndarray, bg: float, known: np.ndarray, sigma0: float,
@@ -302,7 +339,8 @@ def find_columns(image: np.ndarray, *, pixel_size_A: float | None = None, probe_
     lat = lattice if lattice is not None else lattice_from_fft(img)
     peaks = find_peaks(img, lat, threshold_sigma=threshold_sigma)
     sigma0 = probe_fwhm_A / FWHM_PER_SIGMA / pixel_size_A if pixel_size_A else 1.7
-    q, err, bg = fit_columns(img, peaks, sigma_px=sigma0, n_iter=8)
+    # first fit: for the sublattice labels only
+    q, err, bg = fit_columns(img, peaks, sigma_px=sigma0, n_iter=8, tol=1e-4, robust=True)
     q = q[_sane(q, img.shape, sigma0)]
     metal = classify_sublattices(q[:, 1:3], 2 * np.pi * q[:, 3] ** 2 * q[:, 0], lat.column_distance_px)
     n_m = int(metal.sum())
@@ -315,13 +353,14 @@ def find_columns(image: np.ndarray, *, pixel_size_A: float | None = None, probe_
         chal = q[n_m:, 1:3]
         start = np.concatenate([q[:n_m, 1:3], chal + off, chal - off])
         group = np.concatenate([np.arange(len(q)), np.arange(n_m, len(q))])
-    q2, err2, bg = fit_columns(img, start, sigma_px=sigma0)
+    # 1e-5: the positions then differ from full convergence by ~0.25 of their errors in rms (docs/tomography.md)
+    q2, err2, bg = fit_columns(img, start, sigma_px=sigma0, tol=1e-5, robust=True)
     err2 = np.where(np.isfinite(err2), err2, 1e3)
     # atoms still missing (e.g. at the flake edge) leave positive residual peaks: add them and refit
     model = render(gaussian_windows(q2[:, 1:3], q2[:, 3], img.shape, int(np.ceil(3 * sigma0))), q2[:, 0], img.size)
     extra = _residual_peaks(img - model.reshape(img.shape) - bg, bg, q2[:, 1:3], sigma0, threshold_sigma)
     if len(extra):
-        q2, err2, bg = fit_columns(img, np.concatenate([q2[:, 1:3], extra]), sigma_px=sigma0)
+        q2, err2, bg = fit_columns(img, np.concatenate([q2[:, 1:3], extra]), sigma_px=sigma0, tol=1e-5, robust=True)
         err2 = np.where(np.isfinite(err2), err2, 1e3)
         group = np.concatenate([group, len(q) + np.arange(len(extra))])
         metal = np.concatenate([metal, np.zeros(len(extra), bool)])

@@ -117,7 +117,9 @@ def sparse_jacobian(rows: np.ndarray, blocks: list[tuple[np.ndarray, np.ndarray]
 
 def levenberg_marquardt(evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]],
                         params: np.ndarray, *, n_iter: int = 30, lam: float = 1e-3,
-                        tol: float = 1e-7, cg_iter: int = 12) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+                        tol: float = 1e-7, cg_iter: int = 12, max_step: np.ndarray | None = None,
+                        lower: np.ndarray | None = None, upper: np.ndarray | None = None,
+                        damping_floor: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Levenberg-Marquardt for many compact objects (peaks) with a sparse normal matrix.
 
     The Jacobian is assembled from each object's pixel window (analytic derivatives), ``J^T J`` is sparse
@@ -145,6 +147,14 @@ def levenberg_marquardt(evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.nd
         Initial damping relative to the diagonal.
     tol : float
         Stop when the relative cost decrease of an accepted step is below this.
+    max_step : ndarray (p,), optional
+        Largest change of each parameter in one step: an object's step is scaled down as a whole to keep within
+        it (a per-object trust region, so that one object running away -- a spurious peak whose width collapses
+        or diverges -- does not get every other object's step rejected).
+    lower, upper : ndarray (p,), optional
+        Bounds; trial parameters are clipped into them.
+    damping_floor : float
+        Added damping per parameter kind, relative to that kind's median diagonal entry (0: none).
 
     Returns
     -------
@@ -178,20 +188,34 @@ def levenberg_marquardt(evaluate: Callable[[np.ndarray], tuple[np.ndarray, np.nd
     jv, jtv, blocks = operators(jac, rows, len(res))
     jtr = jtv(res)
     for _ in range(n_iter):
-        diag = np.einsum("nii->ni", blocks).ravel()
-        damp = lam * diag + 1e-12 * max(float(diag.max(initial=0.0)), 1e-300)
+        dblk = np.einsum("nii->ni", blocks)
+        if damping_floor > 0:
+            # Marquardt's damping plus a floor per parameter kind, so that an object whose derivatives vanish (a
+            # Gaussian fitted to ~zero height: its position is undetermined) takes no wild step
+            dd = lam * dblk + damping_floor * np.maximum(np.median(dblk, axis=0), 1e-300)
+            damp = dd.ravel()
+            blk = blocks + dd[..., None] * np.eye(npar)
+            reg = np.zeros(n)
+        else:
+            damp = lam * dblk.ravel() + 1e-12 * max(float(dblk.max(initial=0.0)), 1e-300)
+            blk = blocks + lam * dblk[..., None] * np.eye(npar)
+            tr = np.einsum("nii->n", blk)
+            reg = 1e-9 * tr + (tr <= 0)
         # (J^T J + damping) v by two matrix-free products: no J^T J is formed
         a = LinearOperator((n * npar, n * npar), matvec=lambda v, jv=jv, jtv=jtv, damp=damp: jtv(jv(v)) + damp * v)
         # block-Jacobi preconditioner: each object's own p x p block (its window pixels)
-        blk = blocks + lam * np.einsum("nii->ni", blocks)[..., None] * np.eye(npar)
-        tr = np.einsum("nii->n", blk)
-        inv = np.linalg.inv(blk + (1e-9 * tr + (tr <= 0))[:, None, None] * np.eye(npar))
+        inv = np.linalg.inv(blk + reg[:, None, None] * np.eye(npar))
         pre = LinearOperator(a.shape, matvec=lambda v, inv=inv: (inv @ v.reshape(n, npar, 1)).ravel())
         step = cg(a, jtr, M=pre, rtol=1e-3, maxiter=cg_iter)[0].reshape(n, npar)
         if not np.all(np.isfinite(step)):
             lam *= 4.0
             continue
+        if max_step is not None:
+            ratio = np.max(np.abs(step) / np.asarray(max_step, float), axis=1)
+            step = step / np.maximum(ratio, 1.0)[:, None]
         trial = p + step
+        if lower is not None or upper is not None:
+            trial = np.clip(trial, -np.inf if lower is None else lower, np.inf if upper is None else upper)
         res_t, jac_t, rows_t = evaluate(trial)
         cost_t = float(res_t @ res_t)
         if cost_t < cost:

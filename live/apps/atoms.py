@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -157,8 +158,10 @@ def save_figures(model: Any, out_dir: str | Path, stem: str) -> dict[str, Path]:
 
 
 def run_atoms(session_path: str | Path, out_xyz: str | Path, *, store: bool = True, figures: bool = True,
-              probe_fwhm_A: float = 1.3) -> dict[str, Any]:
+              probe_fwhm_A: float = 1.3, workers: int | None = None) -> dict[str, Any]:
     """Calibrate the angles and build the 3D model of a tilt-series session; write the outputs.
+
+    ``workers`` processes fit the tilts' columns (default: the CPUs this process may use).
 
     Returns a dict with ``calibration``, ``model``, ``paths`` and ``timings_s``.
 
@@ -190,7 +193,8 @@ def run_atoms(session_path: str | Path, out_xyz: str | Path, *, store: bool = Tr
     try:
         # one BLAS thread: the solvers' small products lose badly to thread start-up on a shared machine
         with threadpool_limits(limits=1, user_api="blas"):
-            res = reconstruct_atoms(series.sums, alpha, beta, 10.0 * series.pixel_size_nm, probe_fwhm_A=probe_fwhm_A)
+            res = reconstruct_atoms(series.sums, alpha, beta, 10.0 * series.pixel_size_nm, probe_fwhm_A=probe_fwhm_A,
+                                    workers=workers if workers is not None else len(os.sched_getaffinity(0)))
     except (ValueError, np.linalg.LinAlgError) as e:
         raise CLIError(f"{session_path}: no atomic model: {e}", ExitCode.INCOMPLETE) from None
     out = Path(out_xyz)
@@ -229,11 +233,16 @@ def add_parser(subparsers: Any) -> None:
     a.add_argument("-o", "--out", type=Path, required=True, metavar="MODEL.xyz", help="extended XYZ to write")
     a.add_argument("--no-store", action="store_true", help="do not write the calibrated angles into the session")
     a.add_argument("--no-figures", action="store_true", help="do not save the structure figures")
+    a.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes for the per-tilt column fits (default: the CPUs available)")
     a.set_defaults(func=_cmd_atoms)
 
 
 def _cmd_atoms(args: argparse.Namespace) -> int:
-    result = run_atoms(args.session, args.out, store=not args.no_store, figures=not args.no_figures)
+    if args.workers is not None and args.workers < 1:
+        raise CLIError(f"--workers must be at least 1, not {args.workers}", ExitCode.USAGE)
+    result = run_atoms(args.session, args.out, store=not args.no_store, figures=not args.no_figures,
+                       workers=args.workers)
     cal = result["calibration"]
     alpha0, beta0 = result["nominal"]
     print(" tilt  nominal alpha, beta (deg)   calibrated alpha, beta +- s.e. (deg)   gamma (deg)")
