@@ -142,8 +142,10 @@ def test_tilt_series_stage_publishes_columns_and_running_calibration(tmp_path):
     # on a 2.6 nm field the sample frame (the mean plane of the rippled metals) may be tilted by a few tenths of a
     # degree; the angles relative to it are what each new tilt constrains
     assert np.abs(err).max() < 1.0 < np.abs(ts.nominal_deg - ts.actual_deg).max()
-    assert np.abs(err - err.mean(axis=0)).max() < 0.2
-    assert np.all(final[:, 2:] > 0)
+    # ~70 metals per tilt: standard errors of 0.35-0.45 deg; each angle within 2 of them of the truth (the 0.2 deg
+    # asserted before was tighter than the fit's own uncertainty and held by luck of the draw)
+    assert np.all(final[:, 2:] > 0) and final[:, 2:].max() < 0.5
+    assert np.all(np.abs(err - err.mean(axis=0)) < 2 * final[:, 2:])
 
 
 def test_demo_atoms_step_compares_with_the_simulated_stage(small_session, tmp_path):
