@@ -103,7 +103,8 @@ def main() -> None:
         steps["refit"] = clock.read()
         print("refit", steps["refit"], flush=True)
         clock = _Clock()
-        cal2 = tilt_calibration.recalibrate(cal1, metal_px, metal_err)
+        # as reconstruct_atoms(fit_distortion=True): the common image distortion fitted in the recalibration
+        cal2 = tilt_calibration.recalibrate(cal1, metal_px, metal_err, distortion=True)
         steps["recalibration"] = clock.read()
         angles = total.read()
         clock = _Clock()
