@@ -19,45 +19,22 @@ simulator's actual angles (nominal, first, final). The 3D atoms and the windowed
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import time
 from typing import Any
 
 import numpy as np
 from threadpoolctl import threadpool_limits
+from tomo_chain import Clock, reference_sums, scenario_parser  # the sibling benchmark (run from benchmarks/)
 
 from stemlive.live.analysis import atomic_tomography as at
 from stemlive.live.analysis import columns, tilt_calibration
 from stemlive.live.analysis.reconstruct import stage_rotation
-from stemlive.simulators.scenario import load_scenario
-from stemlive.simulators.tilt_sums import simulate_tilt_sums
-
-
-class _Clock:
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def read(self) -> dict[str, float]:
-        return {"wall_s": round(time.perf_counter() - self.wall, 2), "cpu_s": round(time.process_time() - self.cpu, 2)}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--extent-nm", type=float, default=16.0)
-    ap.add_argument("--no-drift", action="store_true", help="sums without the drift during the frame")
-    ap.add_argument("--json", help="write the figures here")
-    args = ap.parse_args()
-    print(f"{platform.node()}: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} (shared machine)")
-    changes: dict[str, Any] = {"sample": {"extent_x_nm": args.extent_nm, "extent_y_nm": args.extent_nm},
-                               "stage": {"settle_time_s": 0.0}}
-    if args.no_drift:
-        changes["drift"] = {"velocity_nm_per_s": (0.0, 0.0), "random_walk_nm_per_sqrt_s": 0.0}
-    sc = load_scenario("default").replace(**changes)
-    ts = simulate_tilt_sums(sc, shape=(args.size, args.size))
+    args = scenario_parser(__doc__).parse_args()
+    _sc, ts = reference_sums(args)
     px = 10 * ts.pixel_size_nm
     al, be = ts.nominal_deg[:, 0], ts.nominal_deg[:, 1]
     out: dict[str, Any] = {"size": args.size, "no_drift": args.no_drift, "load_start": os.getloadavg()[0]}
@@ -65,25 +42,25 @@ def main() -> None:
         rot = stage_rotation(al, be).reshape(-1, 3, 3)
         cols, per_tilt = [], []
         for k in range(len(ts.sums)):
-            clock = _Clock()
+            clock = Clock()
             off = 1.6 * np.array([rot[k, 1, 2], rot[k, 0, 2]]) / px
             cols.append(columns.find_columns(ts.sums[k].astype(float), pixel_size_A=px, chalcogen_offset_px=off))
             per_tilt.append(clock.read())
             print(f"columns tilt {k}: {len(cols[-1])} columns, {per_tilt[-1]}", flush=True)
         out["columns_per_tilt"] = per_tilt
         out["columns"] = {key: round(sum(p[key] for p in per_tilt), 1) for key in ("wall_s", "cpu_s")}
-        clock = _Clock()
+        clock = Clock()
         obs = tilt_calibration.MetalObservations([c.position[c.is_metal] for c in cols],
                                                  [c.position_err[c.is_metal] for c in cols],
                                                  [c.intensity[c.is_metal] for c in cols])
         cal1 = tilt_calibration.calibrate_tilts(obs, al, be, px, ts.sums.shape[1:])
         out["first_calibration"] = clock.read()
-        clock = _Clock()
+        clock = Clock()
         ref = cols[cal1.reference]
         sigma = 1.3 / at.FWHM_PER_SIGMA / px
         metal_px, metal_err = at.refit_metals(ts.sums.astype(float), cal1, ref.position[~ref.is_metal], sigma)
         out["refit"] = clock.read()
-        clock = _Clock()
+        clock = Clock()
         cal2 = tilt_calibration.recalibrate(cal1, metal_px, metal_err)
         out["recalibration"] = clock.read()
     out["angles_total"] = {key: round(sum(out[s][key] for s in ("columns", "first_calibration", "refit",

@@ -33,10 +33,10 @@ from threadpoolctl import threadpool_limits
 from stemlive.live.analysis import atomic_tomography as at
 from stemlive.live.analysis import atoms3d, tilt_calibration
 from stemlive.simulators.scenario import load_scenario
-from stemlive.simulators.tilt_sums import compare_model, simulate_tilt_sums
+from stemlive.simulators.tilt_sums import TiltSums, compare_model, simulate_tilt_sums
 
 
-class _Clock:
+class Clock:
     """Wall and CPU seconds since creation (this process and its reaped children)."""
 
     @staticmethod
@@ -51,21 +51,32 @@ class _Clock:
         return {"wall_s": round(time.perf_counter() - self.wall, 2), "cpu_s": round(self._cpu() - self.cpu, 2)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def scenario_parser(doc: str) -> argparse.ArgumentParser:
+    """The reference tilt series' options shared by the tomography benchmarks."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--extent-nm", type=float, default=16.0)
     ap.add_argument("--no-drift", action="store_true", help="sums without the drift during the frame")
-    ap.add_argument("--workers", type=int, default=2, help="processes for the per-tilt fits")
     ap.add_argument("--json", help="write the figures here")
-    args = ap.parse_args()
+    return ap
+
+
+def reference_sums(args: argparse.Namespace) -> tuple[Any, TiltSums]:
+    """The default scenario (flake extent and drift from ``args``) and its per-tilt sums at the reference tilts."""
     print(f"{platform.node()}: {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f} (shared machine)", flush=True)
     changes: dict[str, Any] = {"sample": {"extent_x_nm": args.extent_nm, "extent_y_nm": args.extent_nm},
                                "stage": {"settle_time_s": 0.0}}
     if args.no_drift:
         changes["drift"] = {"velocity_nm_per_s": (0.0, 0.0), "random_walk_nm_per_sqrt_s": 0.0}
     sc = load_scenario("default").replace(**changes)
-    ts = simulate_tilt_sums(sc, shape=(args.size, args.size))
+    return sc, simulate_tilt_sums(sc, shape=(args.size, args.size))
+
+
+def main() -> None:
+    ap = scenario_parser(__doc__)
+    ap.add_argument("--workers", type=int, default=2, help="processes for the per-tilt fits")
+    args = ap.parse_args()
+    sc, ts = reference_sums(args)
     data = ts.sums.astype(float)
     px = 10 * ts.pixel_size_nm
     al, be = ts.nominal_deg[:, 0], ts.nominal_deg[:, 1]
@@ -75,9 +86,9 @@ def main() -> None:
     steps: dict[str, dict[str, float]] = {}
     # older versions of the chain have no workers argument
     kw = {"workers": args.workers} if hasattr(at, "fit_tilt_columns") else {}
-    total = _Clock()
+    total = Clock()
     with threadpool_limits(limits=1, user_api="blas"):
-        clock = _Clock()
+        clock = Clock()
         if kw:
             cols = at.fit_tilt_columns(data, al, be, px, **kw)
         else:
@@ -90,24 +101,24 @@ def main() -> None:
                     for k in range(len(data))]
         steps["columns"] = clock.read()
         print("columns", steps["columns"], flush=True)
-        clock = _Clock()
+        clock = Clock()
         obs = tilt_calibration.MetalObservations([c.position[c.is_metal] for c in cols],
                                                  [c.position_err[c.is_metal] for c in cols],
                                                  [c.intensity[c.is_metal] for c in cols])
         cal1 = tilt_calibration.calibrate_tilts(obs, al, be, px, data.shape[1:])
         steps["first_calibration"] = clock.read()
-        clock = _Clock()
+        clock = Clock()
         ref = cols[cal1.reference]
         chalcogen_px = ref.position[~ref.is_metal]
         metal_px, metal_err = at.refit_metals(data, cal1, chalcogen_px, sigma, **kw)
         steps["refit"] = clock.read()
         print("refit", steps["refit"], flush=True)
-        clock = _Clock()
+        clock = Clock()
         # as reconstruct_atoms(fit_distortion=True): the common image distortion fitted in the recalibration
         cal2 = tilt_calibration.recalibrate(cal1, metal_px, metal_err, distortion=True)
         steps["recalibration"] = clock.read()
         angles = total.read()
-        clock = _Clock()
+        clock = Clock()
         model = atoms3d.build_model(data, at.geometry_of(cal2, data.shape[1:]), cal2.metals_A, chalcogen_px,
                                     cal2.reference, sigma)
         steps["atoms"] = clock.read()
