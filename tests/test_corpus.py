@@ -74,6 +74,18 @@ def test_counting_limit_agrees_with_the_analysis_formula() -> None:
     assert mine == pytest.approx(theirs, rel=0.01)
 
 
+def test_thermometry_scenarios_have_enough_points() -> None:
+    """The rule of docs/eels-corpus.md: every thermometry scenario (grid and fast set) has enough points that a
+    calibrated analysis meets all three targets with >= 99 % probability on its draw (16 points: 72 %)."""
+    assert evaluate.pass_probability(16)["pull"] == pytest.approx(0.741, abs=5e-4)
+    assert evaluate.pass_probability(32)["pull"] == pytest.approx(0.891, abs=5e-4)
+    for sc in scenarios.grid() + scenarios.fast():
+        if sc.thermometry:
+            p = evaluate.pass_probability(sc.n_points)
+            assert sc.n_points == scenarios.THERMOMETRY_POINTS and p["all"] >= evaluate.MIN_PASS_PROBABILITY, (
+                sc.name, sc.n_points, p)
+
+
 @pytest.mark.parametrize("scenario", scenarios.fast(), ids=lambda s: s.name)
 def test_fast_scenario_results_or_reasons(scenario: scenarios.Scenario, tmp_path: Path) -> None:
     """Every expected result (temperature, segmentation, ...) is produced, or absent with a stated reason that
@@ -86,31 +98,27 @@ def test_fast_scenario_results_or_reasons(scenario: scenarios.Scenario, tmp_path
 
 
 def test_reference_thermometry_line(tmp_path: Path) -> None:
-    """48 independent points of material P at 300 K, 8e8 zero-loss electrons each (4 drifting frames).
-
-    Asserted: every point has a finite temperature and error; bias within 0.3 % (+ 2 SEM).  Pull RMS (target
-    0.8-1.2) and scatter against the counting limit (target <= 1.3) are measured for every thermometry scenario
-    in docs/eels-corpus.md.
-    """
+    """96 independent points of material P at 300 K, 8e8 zero-loss electrons each (4 drifting frames): every
+    point has a finite temperature and error; |bias| <= 0.3 % (+ 2 SEM), scatter <= 1.3x the counting limit,
+    pull RMS 0.8-1.2 (measured: -0.03 %, 1.08, 1.08)."""
     sc = scenarios.fast()[0]
     out = evaluate.run(sc, tmp_path)
     f = out.figures
     assert f.get("n_temperatures") == sc.n_points, (out.violations, f)
-    assert abs(f["bias_pct"]) <= 100 * evaluate.BIAS_MAX + 2 * f["bias_sem_pct"], f
-    assert f["pull_rms"] > 0 and f["scatter_vs_limit"] > 0, f
+    assert not out.violations and not out.misses, (out.violations, out.misses, f)
 
 
 def test_two_material_map_thermometry_targets(tmp_path: Path) -> None:
     """96-pixel map of materials P | Q (one spectrum per pixel, 2e8 zero-loss electrons), T rising 60 K across x:
     |bias| <= 0.3 % (+ 2 SEM), scatter <= 1.3x the counting limit, pull RMS 0.8-1.2, ARI >= 0.95 with k = 2
-    (measured: +0.06 %, 1.25, 0.91, 1.0)."""
+    (measured: +0.04 %, 1.06, 1.05, 1.0)."""
     out = evaluate.run(scenarios.by_name("map2"), tmp_path)
     assert not out.violations and not out.misses, (out.violations, out.misses, out.figures)
 
 
 def test_interface_drop(tmp_path: Path) -> None:
-    """40-point line P | Q with a 15 K drop at the interface (0.3 K/nm gradients): the stage's interface fit
-    finds the drop within +-3 K (measured 14.8 +- 0.6 K)."""
+    """96-point line P | Q (0.67 nm steps) with a 15 K drop at the interface (0.3 K/nm gradients): the stage's
+    interface fit finds the drop within +-3 K (measured 15.1 +- 0.24 K; 14.8 +- 0.6 K on the former 40 points)."""
     out = evaluate.run(scenarios.by_name("interface_15K"), tmp_path)
     assert out.status.get("interface") == "ok", (out.status, out.violations)
     assert abs(out.figures["interface_drop_K"] - 15.0) <= evaluate.INTERFACE_DROP_TOL_K, out.figures
