@@ -241,7 +241,9 @@ def expected_counts(inst: Instrument, materials: dict[str, float], temperature_K
     shifts = np.atleast_1d(np.asarray(shift_meV, float))
     span = float(np.max(np.abs(shifts))) + 2 * d
     key = tuple(sorted((k, round(float(v), 6)) for k, v in materials.items() if v))
-    x, cum = _cumulative(inst, key, round(float(temperature_K), 4), float(edges[0] - span), float(edges[-1] + span))
+    # the grid (and so C) depends on the range only beyond +-700 meV: one cache entry per spectrum, not per shift
+    lo, hi = min(float(edges[0] - span), -700.0), max(float(edges[-1] + span), 700.0)
+    x, cum = _cumulative(inst, key, round(float(temperature_K), 4), lo, hi)
     c = np.interp(edges[None, :] - shifts[:, None], x, cum)
     out = zlp_counts * np.diff(c, axis=-1)
     return out.reshape(*np.shape(shift_meV), -1) if np.ndim(shift_meV) else out[0]
