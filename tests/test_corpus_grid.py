@@ -34,8 +34,10 @@ NOT_MET = {
                   "draw itself (the perfect-knowledge estimator -- true shifts, integer-channel sum, true zero-loss "
                   "and signal -- puts it at -3.2 sigma; its alignment, frames and fits are normal); 1.04-1.07 on "
                   "other draws, slope analysis/ideal 0.98 on 40 new points",
-    # outside the zero-loss models (Pearson VII, pseudo-Voigt): temperatures refused with a stated reason since db42c50
-    "background_power_law": "no temperature (reason stated): symmetric power law; +559 % before db42c50",
+    # symmetric power-law tails (issue 12d, pearson7_power zero-loss family): refused before; now temperatures with
+    # honest errors, scatter at the target's edge (the tails' extrapolation under the window: errors 1.27x the limit)
+    "background_power_law": "scatter 1.30x the counting limit (bias +0.13 %, pull 1.01); other draws 1.35 / 1.30 / "
+                            "1.71, pull 1.07 / 1.03 / 1.32",
 }
 
 

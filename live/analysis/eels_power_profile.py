@@ -51,22 +51,28 @@ def profile_exponent(zlp: Any, refit: Callable[[Array], Any], thermometry: Calla
     k = len(flat)
     g = np.asarray(grid, float)
     step = float(g[1] - g[0])
-    joint = np.empty((g.size, k))
+    window = np.empty((g.size, k))
     temps = np.empty((g.size, k))
     fitted = np.empty((g.size,) + flat.shape)
-    dofs = np.zeros(k)
+    per_bin: list[Array] = []
     for i, m in enumerate(g):
         start = flat.copy()
         start[:, 3] = m
         z = refit(start.reshape(batch + (6,)))
         t = thermometry(z)
-        nb = np.asarray(t.n_bins).reshape(k)
-        line = np.where(nb > 1, np.asarray(t.chi2_red).reshape(k) * np.maximum(nb - 1, 1), np.inf)
-        joint[i] = np.asarray(z.chi2_red).reshape(k) * z.dof + line
-        joint[i] = np.where(np.isfinite(joint[i]), joint[i], np.inf)
+        window[i] = np.asarray(z.chi2_red).reshape(k) * z.dof
         temps[i] = np.asarray(t.T_K).reshape(k)
         fitted[i] = np.asarray(z.params).reshape(k, -1)
-        dofs = z.dof + np.maximum(nb - 1, 1)
+        w = np.asarray(t.weights).reshape(k, -1)
+        resid = np.asarray(t.log_ratio).reshape(k, -1) - np.asarray(t.slope_per_meV).reshape(k, 1) * t.energy_meV
+        per_bin.append(np.where(w > 0, w * resid**2, np.nan))
+    # the line's chi-square over the bins used at every m (bins whose gain signal falls below min_snr at some m
+    # come and go with T: counted everywhere or nowhere, else the profile jumps by their share)
+    bins = np.stack(per_bin)
+    common = np.all(np.isfinite(bins), axis=0)
+    line = np.where(common, bins, 0.0).sum(-1)
+    joint = np.where(np.isfinite(window + line) & (common.sum(-1) > 1), window + line, np.inf)
+    dofs = z.dof + np.maximum(common.sum(-1) - 1, 1)
     rows = np.arange(k)
     best = np.argmin(joint, axis=0)
     inner = np.clip(best, 1, g.size - 2)

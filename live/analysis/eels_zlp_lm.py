@@ -38,11 +38,13 @@ def _lm(
     shape: str = "pearson7",
     held_m: bool = False,
 ) -> tuple[Array, Array | None, Array, int, Array, Array]:
-    """Batched Levenberg-Marquardt for a zero-loss shape (``shape``: :data:`~.eels_zlp_shapes.SHAPES`).
+    """Batched Levenberg-Marquardt for a zero-loss shape (``shape``: :data:`~.eels_zlp_shapes.SHAPES` or
+    :data:`~.eels_zlp_shapes.POWER`, whose peak height and FWHM -- and m with ``held_m`` -- are held at ``p0``:
+    :func:`held_params`, their Jacobian columns 0).
 
     Returns params, normal matrix (float64, for the covariance; None with ``cov=False``, e.g. a first pass
     whose result is refitted), chi2, iterations, and the model ``(k, n)`` and float32 Jacobian
-    ``(k, 4, n)`` at the returned params; ``init`` = (model, Jacobian) at ``p0`` when already known
+    ``(k, q, n)`` at the returned params; ``init`` = (model, Jacobian) at ``p0`` when already known
     (a refit with other weights starts where the previous fit ended).
 
     ``lam0`` is the initial damping (relative to the normal matrix's diagonal): 1e-3 from a rough start;
@@ -60,8 +62,6 @@ def _lm(
     # its temperature would be refused for a misleading reason (the window "left" beyond that centre)
     c_lo, c_hi = p0[:, 1] - 0.5 * p0[:, 2], p0[:, 1] + 0.5 * p0[:, 2]
     w_lo, w_hi = p0[:, 2] / 3.0, 3.0 * p0[:, 2]
-    # model and Jacobian in float32 (rounding 6e-8 relative, far below the Poisson noise of any count);
-    # residuals, chi-square and the solve in float64
     npar = NPARAMS[shape]
     eye = np.eye(npar)
     # parameters held at their start (zero Jacobian column): a unit diagonal keeps the normal matrix regular
@@ -74,6 +74,8 @@ def _lm(
         j_[:, idle] = 0.0
         return f_, j_
 
+    # model and Jacobian in float32 (rounding 6e-8 relative, far below the Poisson noise of any count);
+    # residuals, chi-square and the solve in float64
     x32 = x.astype(np.float32)
     p3_lo, p3_hi = P3_BOUNDS[shape]
     if init is None:
