@@ -68,10 +68,12 @@ def _lm(
     held = np.zeros(npar)
     held[list(held_params(shape, held_m))] = 1.0
     idle = held > 0
+    any_held = bool(idle.any())
 
     def fj(xx: NDArray[np.floating], pp: Array, nn: Nodes | None) -> tuple[Array, Array]:
         f_, j_ = shape_fj(shape)(xx, pp, nn)
-        j_[:, idle] = 0.0
+        if any_held:
+            j_[:, idle] = 0.0
         return f_, j_
 
     # model and Jacobian in float32 (rounding 6e-8 relative, far below the Poisson noise of any count);
@@ -82,7 +84,8 @@ def _lm(
         f, jac = fj(x32, p, nodes)
     else:
         f, jac = init[0], init[1].copy()
-        jac[:, idle] = 0.0
+        if any_held:
+            jac[:, idle] = 0.0
     r = y - f
     chi2 = np.einsum("kn,kn->k", wt * r, r)
     # state of the active (not yet converged) spectra, compacted when some converge
