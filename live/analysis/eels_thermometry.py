@@ -64,6 +64,9 @@ class TemperatureResult:
     weights: Array = field(repr=False)
     window_meV: tuple[float, float] = (0.0, 0.0)
     """The ``|E - centre|`` window of the log-ratio bins used (after intersecting with the acquired range)."""
+    m_unbounded: NDArray[np.bool_] | None = None
+    """Power-law tails only (:mod:`.eels_power_profile`): where the zero-loss exponent m is not bounded by its grid
+    (``T_K`` NaN there); None for the other zero-loss families."""
 
 
 def _gather_side(flat: Array, pos0: Array, step: int, count: int) -> tuple[Array, Array, NDArray[np.intp]]:

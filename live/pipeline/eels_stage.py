@@ -17,6 +17,7 @@ import numpy as np
 
 from stemlive.live.analysis import eels, interface, segment
 from stemlive.live.analysis._threads import row_blocks, single_threaded_blas, thread_map
+from stemlive.live.analysis.eels_power_profile import M_GRID
 from stemlive.live.pipeline.stage import Result, Stage, register_stage
 from stemlive.live.wire.protocol import Message
 
@@ -388,6 +389,13 @@ class EELSStage(Stage):
             )
             return None
         lo, hi = t.window_meV
+        unbounded = getattr(t, "m_unbounded", None)
+        if unbounded is not None and bool(np.asarray(unbounded)[i]):
+            self._state.temp_failed[point] = (
+                f"the zero-loss peak's exponent m (power-law tails) is not bounded within {M_GRID[0]:g}-"
+                f"{M_GRID[-1]:g} by the zero-loss windows and the log ratio: the temperature's error is not known"
+            )
+            return None
         if not (np.isfinite(temp) and np.isfinite(err)):
             self._state.temp_failed[point] = (
                 f"no gain-side signal above {2:g} sigma in the thermometry window {lo:.0f}-{hi:.0f} meV"
