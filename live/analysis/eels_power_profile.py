@@ -27,6 +27,9 @@ from .eels_windows import Array
 M_GRID = tuple(float(v) for v in np.round(np.arange(1.8, 3.21, 0.1), 2))
 """Exponents m at which the zero-loss fit with power-law tails is repeated (held)."""
 
+SPAN_CHI2 = 100.0
+"""The profile's second pass uses the m whose joint chi-square is within this of the least (and two beyond)."""
+
 
 def profile_exponent(zlp: Any, refit: Callable[[Array], Any], thermometry: Callable[[Any], Any],
                      grid: tuple[float, ...] = M_GRID) -> Any:
@@ -71,17 +74,26 @@ def profile_exponent(zlp: Any, refit: Callable[[Array], Any], thermometry: Calla
         resid = np.asarray(t.log_ratio).reshape(k, -1) - np.asarray(t.slope_per_meV).reshape(k, 1) * t.energy_meV
         per_bin.append(np.where(w > 0, w * resid**2, np.nan))
     # the line's chi-square over the bins used at every m (bins whose gain signal falls below min_snr at some m
-    # come and go with T: counted everywhere or nowhere, else the profile jumps by their share)
+    # come and go with T: counted everywhere or nowhere, else the profile jumps by their share); then again over
+    # the m within SPAN_CHI2 of the least (and two beyond): bins lost only at m far from it count there too
     bins = np.stack(per_bin)
-    common = np.all(np.isfinite(bins), axis=0)
-    line = np.where(common, bins, 0.0).sum(-1)
-    joint = np.where(np.isfinite(window + line) & (common.sum(-1) > 1), window + line, np.inf)
-    dofs = z.dof + np.maximum(common.sum(-1) - 1, 1)
     rows = np.arange(k)
-    best = np.argmin(joint, axis=0)
+    used = np.ones((g.size, k), bool)
+    for _ in range(2):
+        common = np.all(np.isfinite(bins) | ~used[:, :, None], axis=0)
+        line = np.where(common, bins, 0.0).sum(-1)
+        joint = np.where(np.isfinite(window + line) & (common.sum(-1) > 1) & used, window + line, np.inf)
+        best = np.argmin(joint, axis=0)
+        near = joint - joint[best, rows] < SPAN_CHI2
+        lo = np.clip(np.argmax(near, axis=0) - 2, 0, None)
+        hi = np.clip(g.size + 1 - np.argmax(near[::-1], axis=0), None, g.size - 1)
+        used = (np.arange(g.size)[:, None] >= lo) & (np.arange(g.size)[:, None] <= hi)
+    dofs = z.dof + np.maximum(common.sum(-1) - 1, 1)
     birge2 = np.maximum(1.0, joint[best, rows] / np.maximum(dofs, 1))
     m_mean, var_t = _marginal(g, joint, temps, birge2)
-    contained = (joint[0] - joint[best, rows] > 8.0 * birge2) & (joint[-1] - joint[best, rows] > 8.0 * birge2)
+    ends = np.stack([joint[np.argmax(np.isfinite(joint), axis=0), rows],
+                     joint[g.size - 1 - np.argmax(np.isfinite(joint[::-1]), axis=0), rows]])
+    contained = np.all(ends - joint[best, rows] > 8.0 * birge2, axis=0)
     start = fitted[best, rows].copy()
     start[:, 3] = np.where(np.isfinite(m_mean), m_mean, g[best])
     final = thermometry(refit(start.reshape(batch + (6,))))
@@ -98,27 +110,21 @@ def profile_exponent(zlp: Any, refit: Callable[[Array], Any], thermometry: Calla
 def _marginal(g: Array, joint: Array, temps: Array, birge2: Array, step: float = 0.005) -> tuple[Array, Array]:
     """Weighted mean ``m`` and variance of ``T(m)`` ``(k,)`` under weights ``exp(-(chi2 - min) / (2 birge2))``.
 
-    ``joint``, ``temps`` ``(len(g), k)``; cubic splines through the grid where every node is finite, the nodes alone
-    (finite ones) elsewhere.  NaN where no node is finite.
+    ``joint``, ``temps`` ``(len(g), k)``; cubic splines through the finite nodes where they are a contiguous run of
+    4 or more, the finite nodes alone elsewhere.  NaN where no node is finite.
     """
     from scipy.interpolate import CubicSpline
 
     k = joint.shape[1]
     m_mean, var_t = np.full(k, np.nan), np.full(k, np.nan)
     ok = np.isfinite(joint) & np.isfinite(temps)
-    whole = ok.all(axis=0)
-    fine = np.arange(g[0], g[-1] + 0.5 * step, step)
-    cols = np.flatnonzero(whole)
-    if cols.size:
-        jf = CubicSpline(g, joint[:, cols], axis=0)(fine)
-        tf = CubicSpline(g, temps[:, cols], axis=0)(fine)
-        w = np.exp(-(jf - jf.min(axis=0)) / (2.0 * birge2[cols]))
-        w /= w.sum(axis=0)
-        m_mean[cols] = (w * fine[:, None]).sum(axis=0)
-        tm = (w * tf).sum(axis=0)
-        var_t[cols] = (w * (tf - tm) ** 2).sum(axis=0)
-    for c in np.flatnonzero(~whole & ok.any(axis=0)):  # some m without a temperature: the finite nodes
-        j, t, m = joint[ok[:, c], c], temps[ok[:, c], c], g[ok[:, c]]
+    for c in np.flatnonzero(ok.any(axis=0)):
+        run = np.flatnonzero(ok[:, c])
+        if run.size >= 4 and run[-1] - run[0] == run.size - 1:  # a contiguous run of m: splines through it
+            fine = np.arange(g[run[0]], g[run[-1]] + 0.5 * step, step)
+            m, j, t = fine, CubicSpline(g[run], joint[run, c])(fine), CubicSpline(g[run], temps[run, c])(fine)
+        else:  # the finite nodes alone
+            m, j, t = g[run], joint[run, c], temps[run, c]
         w = np.exp(-(j - j.min()) / (2.0 * birge2[c]))
         w /= w.sum()
         m_mean[c] = (w * m).sum()
