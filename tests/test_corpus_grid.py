@@ -35,9 +35,10 @@ NOT_MET = {
                   "and signal -- puts it at -3.2 sigma; its alignment, frames and fits are normal); 1.04-1.07 on "
                   "other draws, slope analysis/ideal 0.98 on 40 new points",
     # symmetric power-law tails (issue 12d, pearson7_power zero-loss family): refused before; now temperatures with
-    # honest errors, scatter at the target's edge (the tails' extrapolation under the window: errors 1.27x the limit)
-    "background_power_law": "scatter 1.30x the counting limit (bias +0.13 %, pull 1.01); other draws 1.35 / 1.30 / "
-                            "1.71, pull 1.07 / 1.03 / 1.32",
+    # honest errors (12e: m marginalised over its profile, seed 3's pull 1.32 -> 1.11); the scatter, set by the m
+    # uncertainty (1.04-1.23x with the true m held), meets the target on the corpus's draw only
+    "background_power_law": "scatter 1.26x the counting limit (bias +0.10 %, pull 0.95); other draws (seeds 1-3) "
+                            "scatter 1.32 / 1.32 / 1.49, pull 1.04 / 1.05 / 1.11, bias +0.27 / -0.00 / +0.32 %",
 }
 
 
