@@ -40,8 +40,11 @@ def test_grid_results_or_reasons(scenario: scenarios.Scenario, tmp_path_factory:
 # points a calibrated analysis fails the pull band on 26 % of draws): frames_500 (16 points: pull RMS 1.33, scatter
 # 1.31, point 5 at -3.6 sigma; 96 points of the same seed: bias +0.01 %, scatter 1.09, pull 1.08).
 NOT_MET = {
-    # outside the zero-loss models (Pearson VII, pseudo-Voigt): temperatures refused with a stated reason since db42c50
-    "background_power_law": "no temperature (reason stated): symmetric power law; +559 % before db42c50",
+    # symmetric power-law tails (issue 12d, pearson7_power zero-loss family): refused before; now temperatures with
+    # honest errors (12e: m marginalised over its profile, seed 3's pull 1.32 -> 1.11); the scatter, set by the m
+    # uncertainty (1.04-1.23x with the true m held), meets the target on the corpus's draw only
+    "background_power_law": "scatter 1.26x the counting limit (bias +0.10 %, pull 0.95); other draws (seeds 1-3) "
+                            "scatter 1.32 / 1.32 / 1.49, pull 1.04 / 1.05 / 1.11, bias +0.27 / -0.00 / +0.32 %",
 }
 
 

@@ -14,7 +14,7 @@ from ._threads import fft_workers, row_blocks, thread_map
 from .eels_pearson7 import Nodes, channel_nodes
 from .eels_windows import _ROWS, Array, Reach, _axis, _floating
 from .eels_windows import reach as reach_of
-from .eels_zlp_shapes import shape_f, zlp_model
+from .eels_zlp_shapes import NPARAMS, PEAK, shape_f, zlp_model
 
 
 @dataclass
@@ -294,7 +294,7 @@ def signal_model(
         off.reshape(-1),
         disp,
         s.reshape(-1, n),
-        np.asarray(params, float).reshape(-1, 4),
+        np.asarray(params, float).reshape(-1, NPARAMS[shape]),
         signal_range_meV=signal_range_meV,
         extent_meV=extent_meV,
         coarse=coarse,
@@ -374,18 +374,18 @@ def _signal_model(
     amp = np.maximum(p[:, 0], 1e-30)
     features = obs[:, ax[cols] > 0]
     if var is not None and features.shape[1] >= 2:
-        group, n_groups = _equivalent_groups(obs, var, amp, p[:, 2:], ax[cols] > 0, int(groups))  # type: ignore[arg-type]
+        group, n_groups = _equivalent_groups(obs, var, amp, p[:, 2:4], ax[cols] > 0, int(groups))  # type: ignore[arg-type]
     else:
         group, n_groups = _groups(groups, k)
     cnt = np.maximum(_group_sum(np.ones((k, 1)), group, n_groups), 1.0)
     obs_g = np.zeros((n_groups, ax.size))
     obs_g[:, cols] = _group_sum(obs, group, n_groups) / np.maximum(_group_sum(amp[:, None], group, n_groups), 1e-30)
-    shape_g = _group_sum(p[:, 2:], group, n_groups) / cnt
+    shape_g = _group_sum(p[:, 2:4], group, n_groups) / cnt  # the resolution: the peak alone (no tails)
     mask = in_range.astype(float)
     nfft = scipy.fft.next_fast_len(2 * ax.size)
     lag = np.arange(nfft)
     lag = np.where(lag < nfft // 2, lag, lag - nfft) * h
-    kern = zlp_model(lag[None, :], np.column_stack([np.ones(n_groups), np.zeros(n_groups), shape_g]), shape)
+    kern = zlp_model(lag[None, :], np.column_stack([np.ones(n_groups), np.zeros(n_groups), shape_g]), PEAK[shape])
     kern = kern / kern.sum(-1, keepdims=True)  # type: ignore[union-attr]
     kf = scipy.fft.rfft(kern.astype(np.float32), axis=-1, workers=fft_workers())
     model = SignalModel(np.asarray(ax, dtype=np.float64), np.zeros((0, ax.size)), kf, nfft)

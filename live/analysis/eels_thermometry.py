@@ -11,11 +11,12 @@ from numpy.typing import ArrayLike, NDArray
 from ._threads import row_blocks, thread_map
 from .eels_deconvolution import lucy_richardson
 from .eels_pearson7 import Nodes
+from .eels_power_profile import profile_exponent
 from .eels_resolution import _resolution_offset
 from .eels_spill import signal_model
 from .eels_windows import _ROWS, Array, _axis, _floating, both_sides, reach
 from .eels_zlp import ZLPFit, fit_zlp_pearson7
-from .eels_zlp_shapes import shape_f, shape_fj
+from .eels_zlp_shapes import POWER, shape_f, shape_fj
 
 KB_MEV_PER_K = 8.617333262e-2
 """Boltzmann constant in meV / K."""
@@ -63,6 +64,9 @@ class TemperatureResult:
     weights: Array = field(repr=False)
     window_meV: tuple[float, float] = (0.0, 0.0)
     """The ``|E - centre|`` window of the log-ratio bins used (after intersecting with the acquired range)."""
+    m_unbounded: NDArray[np.bool_] | None = None
+    """Power-law tails only (:mod:`.eels_power_profile`): where the zero-loss exponent m is not bounded by its grid
+    (``T_K`` NaN there); None for the other zero-loss families."""
 
 
 def _gather_side(flat: Array, pos0: Array, step: int, count: int) -> tuple[Array, Array, NDArray[np.intp]]:
@@ -128,7 +132,7 @@ def log_ratio_bins(
     off, disp = _axis(energy_meV, n, batch)
     flat = s.reshape(-1, n)
     off = off.reshape(-1)
-    p = zlp.params.reshape(-1, 4)
+    p = zlp.params.reshape(-1, zlp.params.shape[-1])
     c = p[:, 1]
     b = max(1, int(round(bin_meV / disp)))
     where = reach(off, disp, n, c)
@@ -258,6 +262,7 @@ def temperature(
     lr_correction_iterations: int = 30,
     zlp_weighting: bool = True,
     workers: int | None = None,
+    profile_m: bool = True,
 ) -> TemperatureResult:
     """Temperature from detailed balance, ``log(I_loss(E) / I_gain(E)) = E / (k_B T)``.
 
@@ -297,12 +302,33 @@ def temperature(
         LR iterations of :func:`signal_model` when ``zlp.signal`` is absent.
     workers
         Threads for the blocks of spectra (default: one per CPU); the result does not depend on it.
+    profile_m
+        Where the zero-loss model has power-law tails (:data:`~.eels_zlp_shapes.POWER`, chosen by the fit only where
+        the peak families do not describe its windows), choose its exponent m by the joint chi-square of the windows
+        and the log ratio (:func:`~.eels_power_profile.profile_exponent`; ~16 fits instead of one).
     """
     s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
     batch, n = s.shape[:-1], s.shape[-1]
     if zlp is None:
         zlp = fit_zlp_pearson7(
             energy_meV, s, windows_meV=zlp_windows_meV, read_noise_counts=read_noise_counts, workers=workers
+        )
+    if profile_m and zlp.shape == POWER:
+        z0 = zlp
+        return profile_exponent(
+            z0,
+            lambda p0: fit_zlp_pearson7(
+                energy_meV, s, windows_meV=z0.windows_meV, initial=p0, read_noise_counts=read_noise_counts,
+                workers=workers, shapes=(POWER,), held_m=True, near_window_fwhm=None,
+                signal_range_meV=z0.signal_range_meV, max_iter=100, tol=1e-9,
+            ),
+            lambda z: temperature(
+                energy_meV, s, window_min_meV=window_min_meV, window_max_meV=window_max_meV, bin_meV=bin_meV, zlp=z,
+                deconvolve=deconvolve, lr_iterations=lr_iterations, read_noise_counts=read_noise_counts,
+                min_snr=min_snr, bias_correction=bias_correction, scale_by_chi2=scale_by_chi2,
+                resolution_correction=resolution_correction, lr_correction_iterations=lr_correction_iterations,
+                zlp_weighting=zlp_weighting, workers=workers, profile_m=False,
+            ),
         )
     work = s
     if deconvolve:
@@ -358,7 +384,8 @@ def temperature(
     with np.errstate(divide="ignore", invalid="ignore"):
         dy = d["dL"] / np.where(good, Lh, 1.0)[..., None] - d["dG"] / np.where(good, Gh, 1.0)[..., None]
     dy = np.where(good[..., None], dy, 0.0)
-    wf = _gls_weights(w, e, dy, zlp.cov.reshape(w.shape[:-1] + (4, 4))) if zlp_weighting else w
+    npar = zlp.params.shape[-1]
+    wf = _gls_weights(w, e, dy, zlp.cov.reshape(w.shape[:-1] + (npar, npar))) if zlp_weighting else w
     swee = np.maximum((wf * e * e).sum(-1), 1e-300)
     slope = (wf * e * y).sum(-1) / swee
     offset = np.zeros_like(y)

@@ -14,8 +14,9 @@ from .eels_alignment import zlp_centre
 from .eels_pearson7 import Nodes, channel_nodes, integration_order
 from .eels_spill import SignalModel, _signal_model
 from .eels_windows import Array, Reach, _axis, _floating, near_window_for_resolution, reach, zlp_windows
-from .eels_zlp_lm import _lm, _normal_j, _shared_shape, _solve_amplitude
-from .eels_zlp_shapes import P3_START, SHAPES, shape_f, zlp_model
+from .eels_zlp_lm import _lm, _normal_j, _shared_shape, _solve_amplitude, held_params, hold
+from .eels_zlp_power import P_START, core_of, tails_start
+from .eels_zlp_shapes import NPARAMS, P3_START, POWER, SHAPES, shape_f, zlp_model
 
 
 @dataclass
@@ -25,9 +26,10 @@ class ZLPFit:
     Attributes
     ----------
     params
-        ``(..., 4)``: amplitude (counts per channel at the peak), centre_meV, fwhm_meV, m.
+        ``(..., q)``: amplitude (counts per channel at the peak), centre_meV, fwhm_meV, m (or eta), and for the
+        :data:`~.eels_zlp_shapes.POWER` family the tails' height b and exponent p (:mod:`.eels_zlp_power`).
     cov
-        ``(..., 4, 4)`` covariance (inverse of the weighted normal matrix, scaled by sqrt(max(1, chi2_red))
+        ``(..., q, q)`` covariance (inverse of the weighted normal matrix, scaled by sqrt(max(1, chi2_red))
         when ``scale_covariance``).
     chi2_red
         Reduced chi-square of the fit in the windows.
@@ -56,8 +58,13 @@ class ZLPFit:
     """Channel width the model is integrated over (the dispersion), with ``order`` Gauss-Legendre nodes."""
     order: int = 1
     """Nodes per channel of the channel integral (1: the channel centre)."""
+    dof: int = 1
+    """Degrees of freedom of ``chi2_red`` (window channels less fitted parameters)."""
+    signal_range_meV: tuple[float, float] = (40.0, 130.0)
+    """The ``|E - centre|`` range of the spill model's signal."""
     shape: str = "pearson7"
-    """The zero-loss shape family fitted (:data:`~.eels_zlp_shapes.SHAPES`): ``params[..., 3]`` is its m or eta."""
+    """The zero-loss shape family fitted (:data:`~.eels_zlp_shapes.SHAPES` or :data:`~.eels_zlp_shapes.POWER`):
+    ``params[..., 3]`` is its m or eta."""
 
     @property
     def nodes(self) -> Nodes | None:
@@ -66,7 +73,7 @@ class ZLPFit:
 
     @property
     def errors(self) -> Array:
-        """One-sigma parameter errors ``(..., 4)``."""
+        """One-sigma parameter errors ``(..., q)``."""
         return np.sqrt(np.maximum(np.diagonal(self.cov, axis1=-2, axis2=-1), 0.0))
 
     def model(self, energy_meV: ArrayLike) -> Array:
@@ -132,6 +139,10 @@ def fit_zlp_pearson7(
     near_window_max_meV: float = 45.0,
     shapes: tuple[str, ...] = SHAPES,
     shape_chi2: float = 3.0,
+    power_tails: bool = True,
+    power_from_fwhm: float = 3.0,
+    power_chi2: float = 5.0,
+    held_m: bool = False,
 ) -> ZLPFit:
     """Fit a symmetric Pearson VII to the zero-loss peak in ``|E - centre|`` windows on both sides.
 
@@ -220,6 +231,19 @@ def fit_zlp_pearson7(
         pseudo-Voigt zero-loss peak), each other family is fitted too and the one with the lowest median chi2_red
         is returned (same number of parameters: chi2 is the information criterion).  One family per batch (an
         instrument's shape; a scan row).
+    power_tails, power_from_fwhm, power_chi2
+        Where the best of ``shapes`` still exceeds ``shape_chi2``, also fit the Pearson VII with symmetric power-law
+        tails (:data:`~.eels_zlp_shapes.POWER`, :mod:`.eels_zlp_power`) and return it where it describes its windows
+        (median chi2_red <= ``power_chi2``: 1.0 under the corpus's symmetric tails, 3,200 under a background on the
+        loss side only, which a symmetric term must not absorb; otherwise the peak family's fit is returned and its
+        chi-square refuses the temperature as before).  Its near window starts at ``power_from_fwhm`` FWHM (rounded
+        to 5 meV) and ends at ``near_window_max_meV`` (the tails' onset near the core is not a power law), the spill
+        model's signal range starting there; its height and FWHM are held at the data's
+        (:func:`~.eels_zlp_power.core_of`).  Not tried where that window would be shorter than 10 meV (resolution
+        coarser than about 11.5 meV at the default 45 meV).
+    held_m
+        :data:`~.eels_zlp_shapes.POWER` only: hold the exponent m at its value in ``initial`` too (the thermometry's
+        profile of m, :mod:`.eels_power_profile`).
 
     Returns
     -------
@@ -237,7 +261,7 @@ def fit_zlp_pearson7(
     if initial is None:
         centre = off + disp * zlp_centre(np.arange(n, dtype=float), flat, workers=workers)
     else:
-        p0 = np.broadcast_to(np.asarray(initial, float), (k, 4)).copy()
+        p0 = np.broadcast_to(np.asarray(initial, float), (k, NPARAMS[shape])).copy()
         centre = p0[:, 1]
     where = reach(off, disp, n, centre)
     loss_w, gain_w = zlp_windows(tuple((float(a), float(b)) for a, b in windows_meV), where)
@@ -253,7 +277,7 @@ def fit_zlp_pearson7(
     idx = _window_index(off, disp, centre, n, loss_w, gain_w)
     order = 1
     if channel_integration:
-        m = float(np.median(p0[:, 3])) if shape == "pearson7" else 1.0  # a Lorentzian's curvature: m = 1
+        m = float(np.median(p0[:, 3])) if shape != "pseudo_voigt" else 1.0  # a Lorentzian's curvature: m = 1
         order = integration_order(off[0] + disp * idx[0] - centre[0], np.median(p0[:, 2]), m, disp)
     nodes = channel_nodes(order, disp) if order > 1 else None
     # Poisson weights from the model (no bias towards low counts); the phonon signal spilled into the
@@ -263,7 +287,8 @@ def fit_zlp_pearson7(
     sc = int(signal_correction)
     fits_per_model = [2] if sc <= 1 else [1] * sc  # refits per spill model (2 passes at least)
     p = p0.copy()
-    h = np.empty((k, 4, 4))
+    npar = NPARAMS[shape]
+    h = np.empty((k, npar, npar))
     chi2 = np.empty(k)
     sig: SignalModel | None = None
     n_it = 0
@@ -306,7 +331,7 @@ def fit_zlp_pearson7(
         wt = 1.0 / (np.maximum(shape_f(shape)(xb, pb, nodes) if model is None else model[0], 1e-3) + vb)
         pb, _, chi2b, its[0], fb, jb = _lm(
             xb, yb, wt, pb, max_iter=max_iter, tol=tol, lam0=1e-5 if good_start else 1e-3, init=model, cov=False,
-            nodes=nodes, shape=shape,
+            nodes=nodes, shape=shape, held_m=held_m,
         )
         if n_fit > 1:
             # refit weighted by the fit's own model (no bias towards low counts), where the weights moved
@@ -318,10 +343,10 @@ def fit_zlp_pearson7(
             if redo.size:
                 pr, _, chi2b[redo], its[1], fr, jr = _lm(
                     xb[redo], yb[redo], wt_fit[redo], pb[redo], max_iter=max_iter, tol=tol, lam0=1e-5,
-                    init=(fb[redo], jb[redo]), cov=False, nodes=nodes, shape=shape,
+                    init=(fb[redo], jb[redo]), cov=False, nodes=nodes, shape=shape, held_m=held_m,
                 )
                 pb[redo], fb[redo], jb[redo], wt[redo] = pr, fr, jr, wt_fit[redo]
-        h[sl] = _normal_j(jb.astype(float), wt)[0]  # the covariance from a float64 normal matrix
+        h[sl] = hold(_normal_j(jb.astype(float), wt)[0], shape, held_m)  # the covariance from a float64 normal matrix
         chi2[sl] = chi2b
         p[sl] = pb
         return its
@@ -363,14 +388,14 @@ def fit_zlp_pearson7(
         its = np.max(thread_map(fit, row_blocks(k, _LM_ROWS), workers), axis=0)
         n_it += int(its.sum())
         good_start = True
-    dof = max(1, idx.shape[1] - 4)
+    dof = max(1, idx.shape[1] - (4 if shape != POWER else 6 - len(held_params(shape, held_m))))
     chi2_red = chi2 / dof
-    cov = np.linalg.inv(h + 1e-300 * np.eye(4))
+    cov = np.linalg.inv(h + 1e-300 * np.eye(npar))
     if scale_covariance:
         cov = cov * np.sqrt(np.maximum(1.0, chi2_red))[:, None, None]
     result = ZLPFit(
-        params=p.reshape(batch + (4,)),
-        cov=np.asarray(cov, dtype=np.float64).reshape(batch + (4, 4)),
+        params=p.reshape(batch + (npar,)),
+        cov=np.asarray(cov, dtype=np.float64).reshape(batch + (npar, npar)),
         chi2_red=chi2_red.reshape(batch),
         n_iter=n_it,
         windows_meV=tuple((float(a), float(b)) for a, b in windows_meV),
@@ -380,10 +405,13 @@ def fit_zlp_pearson7(
         reach=where,
         channel_meV=float(disp),
         order=order,
+        dof=dof,
+        signal_range_meV=(float(signal_range_meV[0]), float(signal_range_meV[1])),
         shape=shape,
     )
-    if len(shapes) < 2 or not np.median(chi2_red) > shape_chi2:
+    if not np.median(chi2_red) > shape_chi2 or shape == POWER:
         return result
+    first = result
     for other in shapes[1:]:  # the zero-loss peak is not a Pearson VII: another family, where it fits better
         start = None
         if initial is not None:  # the same amplitude, centre and width; the family's own fourth parameter
@@ -399,7 +427,49 @@ def fit_zlp_pearson7(
         )
         if np.median(alt.chi2_red) < np.median(result.chi2_red):
             result = alt
-    return result
+    height, fwhm = core_of(flat, off, disp, first.params.reshape(k, 4)[:, 1])
+    fwhm = np.where(np.isfinite(fwhm), fwhm, first.params.reshape(k, 4)[:, 2])
+    near_lo = 5.0 * round(float(power_from_fwhm) * float(np.median(fwhm)) / 5.0)
+    if not (power_tails and shape == "pearson7" and np.median(result.chi2_red) > shape_chi2
+            and near_lo + 10.0 <= near_window_max_meV):
+        return result
+    # neither family describes the windows: symmetric power-law tails on the Pearson VII, fitted beyond the core
+    tail = (near_lo, float(near_window_max_meV))
+    xs = off[:, None] + disp * idx
+    height = np.where(np.isfinite(fwhm), height, first.params.reshape(k, 4)[:, 0])
+    b0 = tails_start(xs, np.take_along_axis(flat, idx, axis=1).astype(float), height, first.params.reshape(k, 4)[:, 1])
+    start = np.concatenate([first.params.reshape(k, 4), b0[:, None], np.full((k, 1), P_START)], axis=1)
+    start[:, 0] = height
+    start[:, 2] = fwhm
+
+    def power(p_start: Array) -> ZLPFit:
+        return fit_zlp_pearson7(
+            energy_meV, spectra, windows_meV=(tail,) + tuple(asked[0][1:]), initial=p_start.reshape(batch + (6,)),
+            max_iter=max(max_iter, 100), read_noise_counts=read_noise_counts, scale_covariance=scale_covariance,
+            signal_correction=signal_correction, lr_iterations=lr_iterations, tol=min(tol, 1e-9),
+            signal_range_meV=(max(float(asked[1][0]), tail[1]), float(asked[1][1])),
+            spill_uncertainty=spill_uncertainty, signal_groups=signal_groups, workers=workers,
+            reweight_tol=reweight_tol, channel_integration=channel_integration, near_window_fwhm=None, shapes=(POWER,),
+        )
+
+    # the peak's tail and the power law trade off in the near window: chi2 has a minimum for each exponent m of
+    # roughly the same depth (2.13 and 2.55 for a true 2.5, chi2 0.999 and 0.978 on 100 channels).  Each spectrum
+    # starts from the best of a few exponents; the final fit (with its own spill model) from there.
+    best, chi2_best = start.copy(), np.full(k, np.inf)
+    for m0 in POWER_M_STARTS:
+        start[:, 3] = m0
+        trial = power(start)
+        c2 = trial.chi2_red.reshape(k)
+        better = c2 < chi2_best
+        best[better], chi2_best[better] = trial.params.reshape(k, 6)[better], c2[better]
+    if not np.median(chi2_best) <= power_chi2:  # the tails do not describe the windows either (one-sided?)
+        return result
+    alt = power(best)
+    return alt if np.median(alt.chi2_red) <= power_chi2 else result
+
+
+POWER_M_STARTS = (1.5, 2.5, 4.0)
+"""Starting Pearson VII exponents of the fit with power-law tails (one fit each; the best per spectrum is refined)."""
 
 
 _START_ROWS = 64

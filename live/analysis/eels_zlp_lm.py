@@ -1,5 +1,6 @@
-"""Batched, weighted Levenberg-Marquardt fits of a zero-loss shape (Pearson VII or pseudo-Voigt) over many spectra,
-and the starting values of a large batch (a shared shape, amplitudes re-solved)."""
+"""Batched, weighted Levenberg-Marquardt fits of a zero-loss shape (:data:`~.eels_zlp_shapes.SHAPES` or
+:data:`~.eels_zlp_shapes.POWER`) over many spectra, and the starting values of a large batch (a shared shape,
+amplitudes re-solved)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ from numpy.typing import NDArray
 
 from .eels_pearson7 import Nodes
 from .eels_windows import Array
-from .eels_zlp_shapes import P3_BOUNDS, shape_f, shape_fj
+from .eels_zlp_power import B_BOUNDS, FIXED, P_BOUNDS
+from .eels_zlp_shapes import NPARAMS, P3_BOUNDS, POWER, shape_f, shape_fj
 
 
 def _normal_j(jac: Array, wt: Array, r: Array | None = None) -> tuple[Array, Array | None]:
-    """Weighted normal matrix ``(k, 4, 4)`` (and gradient ``(k, 4)``) from a Jacobian ``(k, 4, n)``."""
+    """Weighted normal matrix ``(k, q, q)`` (and gradient ``(k, q)``) from a Jacobian ``(k, q, n)``."""
     jw = jac * wt[:, None, :]
     # einsum, not matmul: the (4, n) x (n, 4) products are too small for BLAS, whose threads only add
     # overhead (and contend on a shared machine)
@@ -34,12 +36,15 @@ def _lm(
     cov: bool = True,
     nodes: Nodes | None = None,
     shape: str = "pearson7",
+    held_m: bool = False,
 ) -> tuple[Array, Array | None, Array, int, Array, Array]:
-    """Batched Levenberg-Marquardt for a zero-loss shape (``shape``: :data:`~.eels_zlp_shapes.SHAPES`).
+    """Batched Levenberg-Marquardt for a zero-loss shape (``shape``: :data:`~.eels_zlp_shapes.SHAPES` or
+    :data:`~.eels_zlp_shapes.POWER`, whose peak height and FWHM -- and m with ``held_m`` -- are held at ``p0``:
+    :func:`held_params`, their Jacobian columns 0).
 
     Returns params, normal matrix (float64, for the covariance; None with ``cov=False``, e.g. a first pass
     whose result is refitted), chi2, iterations, and the model ``(k, n)`` and float32 Jacobian
-    ``(k, 4, n)`` at the returned params; ``init`` = (model, Jacobian) at ``p0`` when already known
+    ``(k, q, n)`` at the returned params; ``init`` = (model, Jacobian) at ``p0`` when already known
     (a refit with other weights starts where the previous fit ended).
 
     ``lam0`` is the initial damping (relative to the normal matrix's diagonal): 1e-3 from a rough start;
@@ -57,15 +62,30 @@ def _lm(
     # its temperature would be refused for a misleading reason (the window "left" beyond that centre)
     c_lo, c_hi = p0[:, 1] - 0.5 * p0[:, 2], p0[:, 1] + 0.5 * p0[:, 2]
     w_lo, w_hi = p0[:, 2] / 3.0, 3.0 * p0[:, 2]
+    npar = NPARAMS[shape]
+    eye = np.eye(npar)
+    # parameters held at their start (zero Jacobian column): a unit diagonal keeps the normal matrix regular
+    held = np.zeros(npar)
+    held[list(held_params(shape, held_m))] = 1.0
+    idle = held > 0
+    any_held = bool(idle.any())
+
+    def fj(xx: NDArray[np.floating], pp: Array, nn: Nodes | None) -> tuple[Array, Array]:
+        f_, j_ = shape_fj(shape)(xx, pp, nn)
+        if any_held:
+            j_[:, idle] = 0.0
+        return f_, j_
+
     # model and Jacobian in float32 (rounding 6e-8 relative, far below the Poisson noise of any count);
     # residuals, chi-square and the solve in float64
     x32 = x.astype(np.float32)
-    fj = shape_fj(shape)
     p3_lo, p3_hi = P3_BOUNDS[shape]
     if init is None:
         f, jac = fj(x32, p, nodes)
     else:
         f, jac = init[0], init[1].copy()
+        if any_held:
+            jac[:, idle] = 0.0
     r = y - f
     chi2 = np.einsum("kn,kn->k", wt * r, r)
     # state of the active (not yet converged) spectra, compacted when some converge
@@ -74,8 +94,6 @@ def _lm(
     pa, ja, ra, chi2a = p.copy(), jac, r, chi2.copy()
     lam = np.full(k, lam0)
     it = 0
-    eye = np.eye(4)
-
     def retire(finished: NDArray[np.bool_]) -> NDArray[np.bool_]:
         """Store the finished spectra's results; compact the active state to the others (returned mask)."""
         nonlocal act, xa, ya, wa, w32a, pa, ja, ra, chi2a, lam
@@ -93,7 +111,7 @@ def _lm(
         h = np.matmul(jw, ja.transpose(0, 2, 1)).astype(float)
         g = np.matmul(jw, ra.astype(np.float32)[:, :, None]).astype(float)
         diag = np.einsum("kii->ki", h)
-        h += (lam[:, None] * np.maximum(diag, 1e-300))[:, :, None] * eye
+        h += (lam[:, None] * np.maximum(diag, 1e-300) + held)[:, :, None] * eye
         dp = np.linalg.solve(h, g)[..., 0]
         # converged already where the (nearly undamped) Gauss-Newton step predicts a chi2 decrease
         # ``dp . g`` below tol / 2: the model need not be evaluated there again
@@ -107,13 +125,16 @@ def _lm(
         np.minimum(np.maximum(pt[:, 2], 0.2 * pa[:, 2]), 5.0 * pa[:, 2], out=pt[:, 2])
         np.minimum(np.maximum(pt[:, 3], p3_lo), p3_hi, out=pt[:, 3])
         np.minimum(np.maximum(pt[:, 1], c_lo[act]), c_hi[act], out=pt[:, 1])
+        if shape == POWER:
+            np.minimum(np.maximum(pt[:, 4], B_BOUNDS[0]), B_BOUNDS[1], out=pt[:, 4])
+            np.minimum(np.maximum(pt[:, 5], P_BOUNDS[0]), P_BOUNDS[1], out=pt[:, 5])
         np.minimum(np.maximum(pt[:, 2], w_lo[act]), w_hi[act], out=pt[:, 2])
         ft32, jt = fj(xa, pt, nodes)
         ft = ft32.astype(float)
         # the amplitude is linear: re-solve it exactly (removes its strong correlation with FWHM and m)
         wf = wa * ft
         sc = np.einsum("kn,kn->k", wf, ya) / np.maximum(np.einsum("kn,kn->k", wf, ft), 1e-300)
-        sc = np.where(sc > 0, sc, 1.0)
+        sc = np.where((sc > 0) & (held[0] == 0), sc, 1.0)  # a held amplitude is not re-solved
         pt[:, 0] *= sc
         ft *= sc[:, None]
         jt[:, 1:] *= sc.astype(np.float32)[:, None, None]  # d/da does not depend on a
@@ -138,7 +159,30 @@ def _lm(
     if act.size:
         p[act], chi2[act], jac[act], r[act] = pa, chi2a, ja, ra
     h_cov = _normal_j(jac.astype(float), wt)[0] if cov else None  # the covariance from a float64 normal matrix
+    if h_cov is not None:
+        h_cov = hold(h_cov, shape, held_m)
     return p, h_cov, chi2, it, y - r, jac
+
+
+def held_params(shape: str, held_m: bool = False) -> tuple[int, ...]:
+    """Indices of the parameters of family ``shape`` held at their start (``held_m``: the exponent m too)."""
+    if shape != POWER:
+        return ()
+    return FIXED + ((3,) if held_m else ())
+
+
+def hold(h: Array, shape: str, held_m: bool = False) -> Array:
+    """The normal matrix ``h`` ``(k, q, q)`` with the held parameters' rows and columns 0 and their diagonal 1e12 x
+    its largest element: their variance becomes negligible (held, not fitted) and the matrix stays invertible."""
+    idx = list(held_params(shape, held_m))
+    if not idx:
+        return h
+    big = 1e12 * np.max(np.abs(np.einsum("kii->ki", h)), axis=1)
+    h[:, idx, :] = 0.0
+    h[:, :, idx] = 0.0
+    for i in idx:
+        h[:, i, i] = np.maximum(big, 1e-300)
+    return h
 
 
 def _shared_shape(

@@ -1,10 +1,13 @@
-"""Zero-loss-peak shape families: the Pearson VII (:mod:`.eels_pearson7`) and the pseudo-Voigt, a mix of a
-Lorentzian and a Gaussian of one FWHM (a cold-field emitter's Lorentzian-tailed zero-loss peak).
+"""Zero-loss-peak shape families: the Pearson VII (:mod:`.eels_pearson7`), the pseudo-Voigt, a mix of a
+Lorentzian and a Gaussian of one FWHM (a cold-field emitter's Lorentzian-tailed zero-loss peak), and the Pearson VII
+with symmetric power-law tails (:mod:`.eels_zlp_power`: a detector's point-spread wings, or any background that is
+the same on both sides).
 
-Both have four parameters ``(A, centre_meV, fwhm_meV, p3)``: ``A`` the peak height (counts per channel), ``p3`` the
-Pearson VII exponent ``m`` or the pseudo-Voigt's Lorentzian fraction of the peak height ``eta``.  The functions
-here dispatch on the family's name (``"pearson7"`` | ``"pseudo_voigt"``), so the zero-loss fit, the spill model and
-the thermometry bins evaluate whichever family was fitted.
+The first two have four parameters ``(A, centre_meV, fwhm_meV, p3)``: ``A`` the peak height (counts per channel),
+``p3`` the Pearson VII exponent ``m`` or the pseudo-Voigt's Lorentzian fraction of the peak height ``eta``; the third
+adds ``(b, p)`` (:data:`NPARAMS`).  The functions here dispatch on the family's name (``"pearson7"`` |
+``"pseudo_voigt"`` | ``"pearson7_power"``), so the zero-loss fit, the spill model and the thermometry bins evaluate
+whichever family was fitted.
 """
 
 from __future__ import annotations
@@ -17,14 +20,25 @@ from numpy.typing import ArrayLike, NDArray
 
 from .eels_pearson7 import _BLOCK, Nodes, _p7_f, _p7_fj, channel_nodes, pearson7_model
 from .eels_windows import Array
+from .eels_zlp_power import _pw_f, _pw_fj
 
 SHAPES = ("pearson7", "pseudo_voigt")
-"""The zero-loss shape families."""
+"""The zero-loss shape families of the peak alone (tried in this order)."""
 
-P3_BOUNDS = {"pearson7": (0.55, 200.0), "pseudo_voigt": (0.0, 1.0)}
+POWER = "pearson7_power"
+"""The Pearson VII with symmetric power-law tails (:mod:`.eels_zlp_power`): fitted only where neither family of
+:data:`SHAPES` describes the zero-loss windows."""
+
+NPARAMS = {"pearson7": 4, "pseudo_voigt": 4, POWER: 6}
+"""Parameters of each family."""
+
+PEAK = {"pearson7": "pearson7", "pseudo_voigt": "pseudo_voigt", POWER: "pearson7"}
+"""The family of the peak alone (the resolution function: a background is not a blur of the phonon signal)."""
+
+P3_BOUNDS = {"pearson7": (0.55, 200.0), "pseudo_voigt": (0.0, 1.0), POWER: (0.55, 200.0)}
 """Range of the fourth parameter (m, eta) kept by the fit."""
 
-P3_START = {"pearson7": 1.5, "pseudo_voigt": 0.3}
+P3_START = {"pearson7": 1.5, "pseudo_voigt": 0.3, POWER: 1.5}
 """Starting value of the fourth parameter for a fit of the mean spectrum."""
 
 _LN2 = float(np.log(2.0))
@@ -86,25 +100,26 @@ def _pv_f(x: Array, p: Array, nodes: Nodes | None = None, *, dtype: Any = np.flo
 
 def shape_f(shape: str) -> Callable[..., Array]:
     """The model function ``f(x, p, nodes=None, *, dtype=float32) -> (k, n) float64`` of a family."""
-    return {"pearson7": _p7_f, "pseudo_voigt": _pv_f}[shape]
+    return {"pearson7": _p7_f, "pseudo_voigt": _pv_f, POWER: _pw_f}[shape]
 
 
 def shape_fj(shape: str) -> Callable[..., tuple[NDArray[Any], NDArray[Any]]]:
-    """The model and Jacobian ``fj(x, p, nodes=None) -> ((k, n), (k, 4, n))`` (dtype of ``x``) of a family."""
-    return {"pearson7": _p7_fj, "pseudo_voigt": _pv_fj}[shape]
+    """The model and Jacobian ``fj(x, p, nodes=None) -> ((k, n), (k, NPARAMS, n))`` (dtype of ``x``) of a family."""
+    return {"pearson7": _p7_fj, "pseudo_voigt": _pv_fj, POWER: _pw_fj}[shape]
 
 
 def zlp_model(
     energy_meV: ArrayLike, params: ArrayLike, shape: str = "pearson7", *, channel_meV: float = 0.0, order: int = 1
 ) -> Array:
-    """The zero-loss model of family ``shape`` on an energy axis: ``params`` ``(..., 4)`` broadcast against
+    """The zero-loss model of family ``shape`` on an energy axis: ``params`` ``(..., NPARAMS)`` broadcast against
     ``energy_meV`` ``(..., n)``; with ``channel_meV`` > 0 and ``order`` > 1 the mean over each channel."""
     if shape == "pearson7":
         return pearson7_model(energy_meV, params, channel_meV=channel_meV, order=order)  # type: ignore[return-value]
     e = np.asarray(energy_meV, float)
     p = np.asarray(params, float)
+    npar = NPARAMS[shape]
     lead = np.broadcast_shapes(e.shape[:-1], p.shape[:-1])
     e2 = np.broadcast_to(e, lead + e.shape[-1:]).reshape(-1, e.shape[-1])
-    p2 = np.broadcast_to(p, lead + (4,)).reshape(-1, 4)
+    p2 = np.broadcast_to(p, lead + (npar,)).reshape(-1, npar)
     nodes = channel_nodes(order, channel_meV) if channel_meV > 0 and order > 1 else None
-    return _pv_f(e2, p2, nodes, dtype=np.float64).reshape(lead + e.shape[-1:])
+    return shape_f(shape)(e2, p2, nodes, dtype=np.float64).reshape(lead + e.shape[-1:])

@@ -17,6 +17,7 @@ import numpy as np
 
 from stemlive.live.analysis import eels, interface, segment
 from stemlive.live.analysis._threads import row_blocks, single_threaded_blas, thread_map
+from stemlive.live.analysis.eels_power_profile import M_GRID
 from stemlive.live.pipeline.stage import Result, Stage, register_stage
 from stemlive.live.wire.protocol import Message
 
@@ -374,22 +375,32 @@ class EELSStage(Stage):
             "thermometry_window_meV": _lists([t.window_meV])[0],
             "zlp_shape": str(getattr(t.zlp, "shape", "pearson7")),
         }
+        # a zero-loss model that does not describe its windows is the cause of whatever follows (a background on
+        # the loss side only leaves no gain signal): named first
+        zlp_chi2_all = np.ravel(t.zlp.chi2_red)
+        zlp_chi2 = float(zlp_chi2_all[i if isinstance(i, int) and zlp_chi2_all.size > 1 else 0])
+        if zlp_chi2 > float(self.params["max_zlp_chi2"]):
+            windows = ", ".join(f"{lo:g}-{hi:g}" for lo, hi in t.zlp.windows_meV)
+            would = f"T would be {temp:.4g} +- {err:.2g} K" if np.isfinite(temp) and np.isfinite(err) else "no T"
+            self._state.temp_failed[point] = (
+                f"the zero-loss model does not describe its fit windows {windows} meV (chi2_red {zlp_chi2:.3g} > "
+                f"{float(self.params['max_zlp_chi2']):g}): phonon modes inside them, another zero-loss shape or a "
+                f"background would bias the temperature ({would})"
+            )
+            return None
         lo, hi = t.window_meV
+        unbounded = getattr(t, "m_unbounded", None)
+        if unbounded is not None and bool(np.asarray(unbounded)[i]):
+            self._state.temp_failed[point] = (
+                f"the zero-loss peak's exponent m (power-law tails) is not bounded within {M_GRID[0]:g}-"
+                f"{M_GRID[-1]:g} by the zero-loss windows and the log ratio: the temperature's error is not known"
+            )
+            return None
         if not (np.isfinite(temp) and np.isfinite(err)):
             self._state.temp_failed[point] = (
                 f"no gain-side signal above {2:g} sigma in the thermometry window {lo:.0f}-{hi:.0f} meV"
                 if int(np.asarray(t.n_bins)[i]) == 0
                 else f"the log-ratio slope in {lo:.0f}-{hi:.0f} meV is not positive"
-            )
-            return None
-        zlp_chi2_all = np.ravel(t.zlp.chi2_red)
-        zlp_chi2 = float(zlp_chi2_all[i if isinstance(i, int) and zlp_chi2_all.size > 1 else 0])
-        if zlp_chi2 > float(self.params["max_zlp_chi2"]):
-            windows = ", ".join(f"{lo:g}-{hi:g}" for lo, hi in t.zlp.windows_meV)
-            self._state.temp_failed[point] = (
-                f"the zero-loss model does not describe its fit windows {windows} meV (chi2_red {zlp_chi2:.3g} > "
-                f"{float(self.params['max_zlp_chi2']):g}): phonon modes inside them, another zero-loss shape or a "
-                f"background would bias the temperature (T would be {temp:.4g} +- {err:.2g} K)"
             )
             return None
         chi2 = float(np.asarray(t.chi2_red)[i])
