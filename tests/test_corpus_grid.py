@@ -41,10 +41,12 @@ def test_grid_results_or_reasons(scenario: scenarios.Scenario, tmp_path_factory:
 # 1.31, point 5 at -3.6 sigma; 96 points of the same seed: bias +0.01 %, scatter 1.09, pull 1.08).
 NOT_MET = {
     # symmetric power-law tails (issue 12d, pearson7_power zero-loss family): refused before; now temperatures with
-    # honest errors (12e: m marginalised over its profile, seed 3's pull 1.32 -> 1.11); the scatter, set by the m
-    # uncertainty (1.04-1.23x with the true m held), meets the target on the corpus's draw only
-    "background_power_law": "scatter 1.26x the counting limit (bias +0.10 %, pull 0.95); other draws (seeds 1-3) "
-                            "scatter 1.32 / 1.32 / 1.49, pull 1.04 / 1.05 / 1.11, bias +0.27 / -0.00 / +0.32 %",
+    # honest errors (12e: m marginalised over its profile).  At 96 points (12f) the scatter misses on every seed;
+    # the target is fair: the Cramer-Rao bound with the zero-loss peak and tails unknown is 1.12x the counting limit
+    # (scripts/eels_fisher_bound.py, docs/eels-corpus.md), the analysis's tail window (from 25 meV) leaves the flanks'
+    # information on m out (bound 1.63x from 25 meV)
+    "background_power_law": "scatter 1.50x the counting limit on 96 points (bias +0.10 %, pull 1.16); seeds 1-3: "
+                            "scatter 1.52 / 1.43 / 1.32, pull 1.19 / 1.09 / 1.00, bias +0.23 / +0.22 / +0.19 %",
 }
 
 
