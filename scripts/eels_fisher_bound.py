@@ -183,7 +183,7 @@ def table() -> list[tuple[str, str, float, float]]:
                 ("N c w m b p, DOS 1 amplitude", NUISANCE, "amplitude", 0.0, 200.0),
                 ("N c m b p, |E| >= 6", w_known, "bins", 6.0, 200.0),
                 ("N c m b p, |E| >= 12", w_known, "bins", 12.0, 200.0),
-                ("N c m b p, |E| >= 25", w_known, "bins", 25.0, 200.0),
+                ("c m b p, |E| >= 25 (N, w held)", ("c", "m", "b", "p"), "bins", 25.0, 200.0),
                 ("N c b p, |E| >= 25 (m known)", ("N", "c", "b", "p"), "bins", 25.0, 200.0),
             ]
         rows.append((name, "counting_limit_K", limit, 1.0))
