@@ -86,10 +86,10 @@ def _payloads(case: Case) -> list[np.ndarray]:
 def _service_bounds() -> tuple[int, int]:
     try:
         from stemlive.live.pipeline.service import RECEIVE_HIGH_WATER_MARK
-        from stemlive.live.wire.transport import DEFAULT_SENDER_HIGH_WATER_MARK
+        from stemlive.live.wire.transport import DEFAULT_HIGH_WATER_MARK
     except ImportError:  # an older tree
         return 64, 16
-    return DEFAULT_SENDER_HIGH_WATER_MARK, RECEIVE_HIGH_WATER_MARK
+    return DEFAULT_HIGH_WATER_MARK, RECEIVE_HIGH_WATER_MARK
 
 
 #: The service's queue bounds (FrameSender SNDHWM, the service's RCVHWM), for the bare recorder's "h5hwm" rows.

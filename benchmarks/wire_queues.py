@@ -5,7 +5,12 @@ Run ``python benchmarks/wire_queues.py [--rounds 3] [--frames 2000] [--transport
 every row prints its per-round rate as a ratio to the bare recorder as defined (ZeroMQ's default queues) of the
 same round, and the receiving and the sending process's CPU per frame (all threads, ZeroMQ's I/O thread
 included). Variants are the bare recorder and `stemlive serve` (no stages) with the sender's SNDHWM, the
-receiver's RCVHWM and the kernel socket buffers (SO_SNDBUF / SO_RCVBUF) set as named. See docs/benchmarks.md.
+receiver's RCVHWM and the kernel socket buffers (SO_SNDBUF / SO_RCVBUF) set as named; "sleeps" are the receiving
+process's voluntary context switches per frame (all threads, the service's close + fsync included).
+
+On a machine shared with other jobs, ``chrt -r 1 python benchmarks/wire_queues.py`` (root) runs the benchmark's
+processes ahead of them, like on an idle machine but without the idle cores' wake-up latency. See
+docs/benchmarks.md, "Round of 2026-12-05 (issue 13, tcp queues)".
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ MiB = 2**20
 #: name -> (path, sink, SNDHWM, RCVHWM, kernel buffers); None keeps the row's own setting.
 VARIANTS: dict[str, tuple[str, str, int | None, int | None, int | None]] = {
     "bare (reference: 1000/1000)": ("raw", "h5", None, None, None),
-    "bare 64/16 (service's before)": ("raw", "h5", 64, 16, None),
-    "bare 256/32 (service's after)": ("raw", "h5", 256, 32, None),
+    "bare 64/16 (service's)": ("raw", "h5", 64, 16, None),
+    "bare 256/32": ("raw", "h5", 256, 32, None),
     "bare 1000/16": ("raw", "h5", None, 16, None),
     "bare 64/1000": ("raw", "h5", 64, None, None),
-    "serve 64/16 (before)": ("stemlive", "service", 64, 16, None),
+    "serve 64/16 (service's)": ("stemlive", "service", 64, 16, None),
     "serve 64/64": ("stemlive", "service", 64, 64, None),
     "serve 256/16": ("stemlive", "service", 256, 16, None),
     "serve 256/64": ("stemlive", "service", 256, 64, None),
@@ -50,17 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in VARIANTS if n.startswith("bare (reference") or not args.only
              or any(n.startswith(p) for p in args.only)]
     runs: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
-    faults: dict[str, list[float]] = {n: [] for n in names}  # minor page faults of the receiving process per frame
+    faults: dict[str, list[float]] = {n: [] for n in names}  # receiving process: voluntary context switches per frame
     for r in range(args.rounds):
         for name in names:
             path, sink, snd, rcv, kbuf = VARIANTS[name]
             case = wire.Case("frames", path, args.transport, sink, args.frames, sndhwm=snd, rcvhwm=rcv, kbuf=kbuf)
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
             runs[name].append(wire.run_case(case, args.dir))
-            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / args.frames)
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - f0) / args.frames)
             rate, cpu, send = runs[name][-1]
             print(f"round {r + 1} {name:30} {rate:6.0f} frames/s, recv CPU {1e6 * cpu:5.0f} us, send CPU "
-                  f"{1e6 * send:5.0f} us, {faults[name][-1]:5.0f} page faults", flush=True)
+                  f"{1e6 * send:5.0f} us, {faults[name][-1]:5.2f} sleeps", flush=True)
     ref = runs[names[0]]
     print(f"{args.transport}, {args.frames} frames of 512x512 float32, {args.rounds} interleaved rounds; ratio = rate "
           "/ the reference's rate in the same round (min/median/max); CPU us per frame: median of the rounds")
@@ -69,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:30} {statistics.median(r[0] for r in runs[name]):6.0f} frames/s  ratio "
               f"{ratios[0]:.2f}/{statistics.median(ratios):.2f}/{ratios[-1]:.2f}  recv CPU "
               f"{1e6 * statistics.median(r[1] for r in runs[name]):5.0f}  send CPU "
-              f"{1e6 * statistics.median(r[2] for r in runs[name]):5.0f}  page faults "
-              f"{statistics.median(faults[name]):4.0f}")
+              f"{1e6 * statistics.median(r[2] for r in runs[name]):5.0f}  sleeps "
+              f"{statistics.median(faults[name]):4.2f}")
     return 0
 
 

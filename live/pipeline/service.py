@@ -54,10 +54,10 @@ class ServiceStats:
 
 
 _END = object()
-#: Messages queued in the service's receive socket (32 MiB of 512x512 float32 frames): the sender's own queue
-#: (256) holds the rest, so a backlog costs the acquisition process memory, not the service (memory budget:
-#: docs/service.md; measured against 16 in docs/benchmarks.md, "tcp queues").
-RECEIVE_HIGH_WATER_MARK = 32
+#: Messages queued in the service's receive socket: the sender's own queue (64) holds the rest, so a backlog
+#: costs the acquisition process memory, not the service (memory budget: docs/service.md). Deeper queues on either
+#: side did not make recording over tcp faster (docs/benchmarks.md, "tcp queues").
+RECEIVE_HIGH_WATER_MARK = 16
 #: How often the receiver thread looks for silent or idle sessions (seconds; the limits are seconds to minutes).
 LIVENESS_CHECK_INTERVAL_S = 0.05
 #: How often the analysis thread answers re-requests of final results while it is busy (seconds).

@@ -32,8 +32,8 @@ from stemlive.live.wire.link import (
     ACK_INTERVAL_S,
     BACKCHANNEL_HWM,
     DEFAULT_HEARTBEAT_INTERVAL_S,
+    DEFAULT_HIGH_WATER_MARK,
     DEFAULT_LIVENESS,
-    DEFAULT_SENDER_HIGH_WATER_MARK,
     link_heartbeat,
 )
 from stemlive.live.wire.protocol import LINK_SESSION, SESSION_KINDS, ProtocolError, decode, encode
@@ -75,9 +75,7 @@ class FrameSender:
     endpoint : str
         Where the service's :class:`FrameReceiver` is bound.
     high_water_mark : int
-        Messages queued in this process before :meth:`send` blocks (ZeroMQ counts whole multipart messages):
-        256 by default, 256 MiB of 512x512 float32 frames; for larger frames use
-        ``sender_high_water_mark(frame.nbytes)`` (:mod:`stemlive.live.wire.link`) to keep it at 256 MiB.
+        Messages queued in this process before :meth:`send` blocks (ZeroMQ counts whole multipart messages).
     timeout_s : float
         How long :meth:`send` may block, and :meth:`wait_acknowledged` wait, before raising TransportError.
     heartbeat_interval_s : float
@@ -102,7 +100,7 @@ class FrameSender:
         self,
         endpoint: str = DEFAULT_FRAME_ENDPOINT,
         *,
-        high_water_mark: int = DEFAULT_SENDER_HIGH_WATER_MARK,
+        high_water_mark: int = DEFAULT_HIGH_WATER_MARK,
         timeout_s: float = 30.0,
         heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
         liveness: int = DEFAULT_LIVENESS,

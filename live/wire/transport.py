@@ -41,9 +41,6 @@ from stemlive.live.wire.link import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     DEFAULT_HIGH_WATER_MARK,
     DEFAULT_LIVENESS,
-    DEFAULT_SENDER_HIGH_WATER_MARK,
-    SENDER_QUEUE_BYTES,
-    sender_high_water_mark,
 )
 from stemlive.live.wire.receiver import FrameReceiver
 from stemlive.live.wire.resultstream import (
@@ -58,7 +55,6 @@ from stemlive.live.wire.sender import DEFAULT_CLOSE_TIMEOUT_S, FrameSender, Nack
 __all__ = [
     "ACK_INTERVAL_S", "DEFAULT_CLOSE_TIMEOUT_S", "DEFAULT_FRAME_ENDPOINT", "DEFAULT_HEARTBEAT_INTERVAL_S",
     "DEFAULT_HIGH_WATER_MARK", "DEFAULT_LIVENESS", "DEFAULT_RESULT_ENDPOINT", "DEFAULT_RESULT_HIGH_WATER_MARK",
-    "DEFAULT_SENDER_HIGH_WATER_MARK", "SENDER_QUEUE_BYTES", "sender_high_water_mark",
     "FrameReceiver", "FrameSender", "Nack", "ResultPublisher", "ResultRecovery", "ResultSubscriber",
     "SessionStream", "TransportError", "check_bind_endpoint", "is_loopback", "new_session_id", "result_topic",
 ]
