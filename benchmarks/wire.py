@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     with_file = _has_session_writer()
     matrix = [c for c in cases(args.quick, with_file, args.stages) if args.what in (None, c.what)]
     n_ceiling = 300 if args.quick else 2000
-    ceiling = max(storage_ceiling(args.dir, n_ceiling) for _ in range(args.repeat if matrix else 1))
+    ceiling = max(storage_ceiling(args.dir, n_ceiling) for _ in range(args.repeat)) if matrix else 0.0
     runs: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(matrix))}
     for _ in range(args.repeat):  # interleaved: a slow spell of the machine does not hit one case only
         for i, case in enumerate(matrix):
@@ -484,14 +484,15 @@ def main(argv: list[str] | None = None) -> int:
     ref = {(c.what, c.transport, c.sink): i for i, c in enumerate(matrix) if c.path in ("raw", "rawbatch")}
     frame_bytes = int(np.prod(FRAME_SHAPE)) * 4
     where = args.dir or tempfile.gettempdir()
-    print(f"files under {where}: os.write of 1 MiB frames {ceiling:,.0f} frames/s "
-          f"({ceiling * frame_bytes / 1e9:.2f} GB/s) -- the storage ceiling of the '-> file' rows")
-    print(f"best of {args.repeat} interleaved runs per case; 'vs bare' = rate / the bare HDF5 recorder's rate (best "
-          "of N each); 'rounds' = min/median/max of the ratios within each round (the bare recorder and this row run "
-          "back to back); 'CPU vs bare' = the bare recorder's receiving + sending CPU per item / this row's (higher "
-          "is cheaper); CPU: best of N, all threads of each process")
-    print(f"{'payload':8} {'path':32} {'tr':4} {'items/s':>9} {'GB/s':>6} {'vs raw':>6} {'vs bare':>8} "
-          f"{'rounds':>14} {'recv CPU us':>11} {'send CPU us':>11} {'CPU vs bare':>11} {'messages':>8}")
+    if matrix:
+        print(f"files under {where}: os.write of 1 MiB frames {ceiling:,.0f} frames/s "
+              f"({ceiling * frame_bytes / 1e9:.2f} GB/s) -- the storage ceiling of the '-> file' rows")
+        print(f"best of {args.repeat} interleaved runs per case; 'vs bare' = rate / the bare HDF5 recorder's rate "
+              "(best of N each); 'rounds' = min/median/max of the ratios within each round (the bare recorder and this "
+              "row run back to back); 'CPU vs bare' = the bare recorder's receiving + sending CPU per item / this "
+              "row's (higher is cheaper); CPU: best of N, all threads of each process")
+        print(f"{'payload':8} {'path':32} {'tr':4} {'items/s':>9} {'GB/s':>6} {'vs raw':>6} {'vs bare':>8} "
+              f"{'rounds':>14} {'recv CPU us':>11} {'send CPU us':>11} {'CPU vs bare':>11} {'messages':>8}")
     for i, case in enumerate(matrix):
         rate, cpu, send_cpu = best[i]
         nbytes = frame_bytes if case.what == "frames" else N_CHANNELS * 4
