@@ -231,6 +231,36 @@ class BareSpectrumRecorder:
         self.file.close()
 
 
+#: The receiving process's voluntary context switches (sleeps) per thread during the last case run by
+#: :func:`run_case`: from the first data message to the file closed. For ``benchmarks/wire_queues.py --threads``.
+LAST_SWITCHES: dict[str, int] = {}
+
+
+def thread_switches() -> dict[str, int]:
+    """Voluntary context switches of each thread of this process (``/proc/self/task/*/status``), by thread name:
+    Python's name where the thread is a Python thread, else the kernel's (``ZMQbg/IO/0``, ``ZMQbg/Reaper``)."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, int] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+            comm = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        count = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("voluntary_ctxt"))
+        name = names.get(int(task.name), comm)
+        out[name] = out.get(name, 0) + count
+    return out
+
+
+def _switches_since(before: dict[str, int]) -> None:
+    after = thread_switches()
+    LAST_SWITCHES.clear()
+    LAST_SWITCHES.update({name: n - before.get(name, 0) for name, n in after.items()})
+
+
 def _receive_raw(case: Case, tmp: Path) -> tuple[float, float, mp.process.BaseProcess]:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
@@ -247,7 +277,7 @@ def _receive_raw(case: Case, tmp: Path) -> tuple[float, float, mp.process.BasePr
     frame = sock.recv(copy=False)
     if record is not None:
         record(frame.buffer)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, s0 = time.perf_counter(), time.process_time(), thread_switches()
     for _ in range(case.messages - 1):
         frame = sock.recv(copy=False)
         if record is not None:
@@ -255,6 +285,7 @@ def _receive_raw(case: Case, tmp: Path) -> tuple[float, float, mp.process.BasePr
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     if record is not None:
         record.close()
+    _switches_since(s0)
     sock.close(linger=0)
     ctx.term()
     return elapsed, cpu, proc
@@ -309,8 +340,9 @@ def _receive_service(case: Case, tmp: Path) -> tuple[float, float, mp.process.Ba
         proc = _start_sender(case, svc.frame_endpoint, tmp)
         while svc.stats.recorded < 1:  # the first data message
             time.sleep(0.001)
-        c0 = time.process_time()
+        c0, s0 = time.process_time(), thread_switches()
         svc.wait_for_sessions(1, timeout_s=600)
+        _switches_since(s0)
         # from the first to the last data message recorded, as the other rows (the close with its fsync is not in
         # the bare recorder's time either; its CPU is in the figure)
         elapsed, cpu = svc.stats.last_recorded_s - svc.stats.first_recorded_s, time.process_time() - c0

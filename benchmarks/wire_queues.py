@@ -6,7 +6,8 @@ every row prints its per-round rate as a ratio to the bare recorder as defined (
 same round, and the receiving and the sending process's CPU per frame (all threads, ZeroMQ's I/O thread
 included). Variants are the bare recorder and `stemlive serve` (no stages) with the sender's SNDHWM, the
 receiver's RCVHWM and the kernel socket buffers (SO_SNDBUF / SO_RCVBUF) set as named; "sleeps" are the receiving
-process's voluntary context switches per frame (all threads, the service's close + fsync included).
+process's voluntary context switches per frame from the first data message to the file closed (all threads, the
+service's close + fsync included; ``--threads`` prints them per thread).
 
 On a machine shared with other jobs, ``chrt -r 1 python benchmarks/wire_queues.py`` (root) runs the benchmark's
 processes ahead of them, like on an idle machine but without the idle cores' wake-up latency. See
@@ -16,7 +17,6 @@ docs/benchmarks.md, "Round of 2026-12-05 (issue 13, tcp queues)".
 from __future__ import annotations
 
 import argparse
-import resource
 import statistics
 import sys
 from pathlib import Path
@@ -51,21 +51,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--transport", choices=("tcp", "ipc"), default="tcp")
     parser.add_argument("--dir", default=None, help="where the files are written (e.g. /dev/shm)")
     parser.add_argument("--only", nargs="*", help="variant names (prefixes) to run besides the reference")
+    parser.add_argument("--threads", action="store_true",
+                        help="also print each receiving thread's sleeps per frame (first data message to file closed)")
     args = parser.parse_args(argv)
     names = [n for n in VARIANTS if n.startswith("bare (reference") or not args.only
              or any(n.startswith(p) for p in args.only)]
     runs: dict[str, list[tuple[float, float, float]]] = {n: [] for n in names}
     faults: dict[str, list[float]] = {n: [] for n in names}  # receiving process: voluntary context switches per frame
+    per_thread: dict[str, list[dict[str, int]]] = {n: [] for n in names}
     for r in range(args.rounds):
         for name in names:
             path, sink, snd, rcv, kbuf = VARIANTS[name]
             case = wire.Case("frames", path, args.transport, sink, args.frames, sndhwm=snd, rcvhwm=rcv, kbuf=kbuf)
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
             runs[name].append(wire.run_case(case, args.dir))
-            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - f0) / args.frames)
+            # from the first data message to the file closed, all threads (not the process's whole count: that
+            # held the benchmark's own polling while the sender process starts, ~1 sleep per frame for `serve`)
+            faults[name].append(sum(wire.LAST_SWITCHES.values()) / args.frames)
+            per_thread[name].append(dict(wire.LAST_SWITCHES))
             rate, cpu, send = runs[name][-1]
+            threads = ", ".join(f"{t} {n / args.frames:.3f}" for t, n in sorted(wire.LAST_SWITCHES.items()) if n)
             print(f"round {r + 1} {name:30} {rate:6.0f} frames/s, recv CPU {1e6 * cpu:5.0f} us, send CPU "
-                  f"{1e6 * send:5.0f} us, {faults[name][-1]:5.2f} sleeps", flush=True)
+                  f"{1e6 * send:5.0f} us, {faults[name][-1]:5.2f} sleeps"
+                  + (f" (per thread, stream + close: {threads})" if args.threads else ""), flush=True)
     ref = runs[names[0]]
     print(f"{args.transport}, {args.frames} frames of 512x512 float32, {args.rounds} interleaved rounds; ratio = rate "
           "/ the reference's rate in the same round (min/median/max); CPU us per frame: median of the rounds")
@@ -76,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{1e6 * statistics.median(r[1] for r in runs[name]):5.0f}  send CPU "
               f"{1e6 * statistics.median(r[2] for r in runs[name]):5.0f}  sleeps "
               f"{statistics.median(faults[name]):4.2f}")
+        if args.threads:
+            names_seen = sorted({t for d in per_thread[name] for t in d})
+            print("    sleeps per frame, median of the rounds: " + ", ".join(
+                f"{t} {statistics.median(d.get(t, 0) for d in per_thread[name]) / args.frames:.3f}"
+                for t in names_seen))
     return 0
 
 
