@@ -12,7 +12,7 @@ frames
     recorder* (``resize`` + ``write_direct_chunk`` per frame into one chunked dataset: the least any HDF5 session
     file costs, no protocol, no metadata, no crash-safety commits; each frame written as it arrives; ZeroMQ's
     default high-water marks, 1000 messages each side, and again with the service's, SNDHWM 64 and RCVHWM 16,
-    rows "HWM 64/16"); FrameSender -> FrameReceiver (decode,
+    rows "HWM s/r"); FrameSender -> FrameReceiver (decode,
     validation, acknowledgements); and the same into a session file (``SessionWriter.append`` per message).
 spectra
     2048-channel float32 spectra: raw PUSH/PULL one 8 KiB message each vs stemlive single-spectrum messages vs
@@ -61,6 +61,11 @@ class Case:
     transport: str
     sink: str = "none"
     messages: int = 0
+    #: Queue variants (None: the row's own setting): the sender's SNDHWM, the receiver's RCVHWM, and the kernel
+    #: socket buffers of both ends (SO_SNDBUF / SO_RCVBUF, bytes). For ``benchmarks/wire_queues.py``.
+    sndhwm: int | None = None
+    rcvhwm: int | None = None
+    kbuf: int | None = None
 
     @property
     def items_per_message(self) -> int:
@@ -78,8 +83,17 @@ def _payloads(case: Case) -> list[np.ndarray]:
     return [rng.random(shape, dtype=np.float32) for _ in range(4)]
 
 
+def _service_bounds() -> tuple[int, int]:
+    try:
+        from stemlive.live.pipeline.service import RECEIVE_HIGH_WATER_MARK
+        from stemlive.live.wire.transport import DEFAULT_HIGH_WATER_MARK
+    except ImportError:  # an older tree
+        return 64, 16
+    return DEFAULT_HIGH_WATER_MARK, RECEIVE_HIGH_WATER_MARK
+
+
 #: The service's queue bounds (FrameSender SNDHWM, the service's RCVHWM), for the bare recorder's "h5hwm" rows.
-SERVICE_SNDHWM, SERVICE_RCVHWM = 64, 16
+SERVICE_SNDHWM, SERVICE_RCVHWM = _service_bounds()
 
 
 def _send_raw(case: Case, endpoint: str) -> float:
@@ -87,6 +101,10 @@ def _send_raw(case: Case, endpoint: str) -> float:
     sock = ctx.socket(zmq.PUSH)
     if case.sink == "h5hwm":
         sock.setsockopt(zmq.SNDHWM, SERVICE_SNDHWM)
+    if case.sndhwm is not None:
+        sock.setsockopt(zmq.SNDHWM, case.sndhwm)
+    if case.kbuf is not None:
+        sock.setsockopt(zmq.SNDBUF, case.kbuf)
     sock.connect(endpoint)
     payloads = _payloads(case)
     c0 = time.process_time()
@@ -101,7 +119,10 @@ def _send_stemlive(case: Case, endpoint: str) -> float:
     from stemlive.live.wire.transport import FrameSender, SessionStream
 
     payloads = _payloads(case)
-    with FrameSender(endpoint, timeout_s=60) as sender:
+    options: dict[str, Any] = {"kernel_buffer_bytes": case.kbuf}
+    if case.sndhwm is not None:
+        options["high_water_mark"] = case.sndhwm
+    with FrameSender(endpoint, timeout_s=60, **options) as sender:
         stream = SessionStream(sender, "tilt_series" if case.what == "frames" else "eels_line_scan", {"bench": 1})
         stream.start()
         c0 = time.process_time()
@@ -210,11 +231,45 @@ class BareSpectrumRecorder:
         self.file.close()
 
 
+#: The receiving process's voluntary context switches (sleeps) per thread during the last case run by
+#: :func:`run_case`: from the first data message to the file closed. For ``benchmarks/wire_queues.py --threads``.
+LAST_SWITCHES: dict[str, int] = {}
+
+
+def thread_switches() -> dict[str, int]:
+    """Voluntary context switches of each thread of this process (``/proc/self/task/*/status``), by thread name:
+    Python's name where the thread is a Python thread, else the kernel's (``ZMQbg/IO/0``, ``ZMQbg/Reaper``)."""
+    import threading
+
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    out: dict[str, int] = {}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+            comm = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended meanwhile
+            continue
+        count = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("voluntary_ctxt"))
+        name = names.get(int(task.name), comm)
+        out[name] = out.get(name, 0) + count
+    return out
+
+
+def _switches_since(before: dict[str, int]) -> None:
+    after = thread_switches()
+    LAST_SWITCHES.clear()
+    LAST_SWITCHES.update({name: n - before.get(name, 0) for name, n in after.items()})
+
+
 def _receive_raw(case: Case, tmp: Path) -> tuple[float, float, mp.process.BaseProcess]:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.PULL)
     if case.sink == "h5hwm":
         sock.setsockopt(zmq.RCVHWM, SERVICE_RCVHWM)
+    if case.rcvhwm is not None:
+        sock.setsockopt(zmq.RCVHWM, case.rcvhwm)
+    if case.kbuf is not None:
+        sock.setsockopt(zmq.RCVBUF, case.kbuf)
     endpoint = _bind(sock, case.transport, tmp)
     bare = BareRecorder if case.what == "frames" else BareSpectrumRecorder
     record = bare(tmp / "bare.h5") if case.sink in ("h5", "h5hwm") else None
@@ -222,7 +277,7 @@ def _receive_raw(case: Case, tmp: Path) -> tuple[float, float, mp.process.BasePr
     frame = sock.recv(copy=False)
     if record is not None:
         record(frame.buffer)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, s0 = time.perf_counter(), time.process_time(), thread_switches()
     for _ in range(case.messages - 1):
         frame = sock.recv(copy=False)
         if record is not None:
@@ -230,6 +285,7 @@ def _receive_raw(case: Case, tmp: Path) -> tuple[float, float, mp.process.BasePr
     elapsed, cpu = time.perf_counter() - t0, time.process_time() - c0
     if record is not None:
         record.close()
+    _switches_since(s0)
     sock.close(linger=0)
     ctx.term()
     return elapsed, cpu, proc
@@ -274,15 +330,19 @@ def _receive_service(case: Case, tmp: Path) -> tuple[float, float, mp.process.Ba
 
     endpoint = f"ipc://{tmp}/bench.ipc" if case.transport == "ipc" else "tcp://127.0.0.1:*"
     stages = case.sink == "stages"  # the default analysis stages too (None: all registered ones)
+    options: dict[str, Any] = {"receive_buffer_bytes": case.kbuf}
+    if case.rcvhwm is not None:
+        options["receive_high_water_mark"] = case.rcvhwm
     svc = PipelineService(tmp / "sessions", make_params() if stages else {}, frame_endpoint=endpoint,
                           result_endpoint="tcp://127.0.0.1:*", stage_classes=None if stages else {}, reserve_bytes=0,
-                          ballast_bytes=0)
+                          ballast_bytes=0, **options)
     with svc:
         proc = _start_sender(case, svc.frame_endpoint, tmp)
         while svc.stats.recorded < 1:  # the first data message
             time.sleep(0.001)
-        c0 = time.process_time()
+        c0, s0 = time.process_time(), thread_switches()
         svc.wait_for_sessions(1, timeout_s=600)
+        _switches_since(s0)
         # from the first to the last data message recorded, as the other rows (the close with its fsync is not in
         # the bare recorder's time either; its CPU is in the figure)
         elapsed, cpu = svc.stats.last_recorded_s - svc.stats.first_recorded_s, time.process_time() - c0
@@ -438,14 +498,15 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. /dev/shm to take the disk out of the figures")
     parser.add_argument("--memory-mib", type=int, default=1024,
                         help="size of the session sent to a real `stemlive serve` for its peak memory (0: skip)")
-    parser.add_argument("--what", choices=("frames", "spectra"), help="only these cases")
+    parser.add_argument("--what", choices=("frames", "spectra", "memory"),
+                        help="only these cases (memory: only the service's peak memory)")
     parser.add_argument("--stages", action="store_true",
                         help="also frames through `stemlive serve` with the default analysis stages")
     args = parser.parse_args(argv)
     with_file = _has_session_writer()
     matrix = [c for c in cases(args.quick, with_file, args.stages) if args.what in (None, c.what)]
     n_ceiling = 300 if args.quick else 2000
-    ceiling = max(storage_ceiling(args.dir, n_ceiling) for _ in range(args.repeat))
+    ceiling = max(storage_ceiling(args.dir, n_ceiling) for _ in range(args.repeat)) if matrix else 0.0
     runs: dict[int, list[tuple[float, float, float]]] = {i: [] for i in range(len(matrix))}
     for _ in range(args.repeat):  # interleaved: a slow spell of the machine does not hit one case only
         for i, case in enumerate(matrix):
@@ -455,20 +516,22 @@ def main(argv: list[str] | None = None) -> int:
     ref = {(c.what, c.transport, c.sink): i for i, c in enumerate(matrix) if c.path in ("raw", "rawbatch")}
     frame_bytes = int(np.prod(FRAME_SHAPE)) * 4
     where = args.dir or tempfile.gettempdir()
-    print(f"files under {where}: os.write of 1 MiB frames {ceiling:,.0f} frames/s "
-          f"({ceiling * frame_bytes / 1e9:.2f} GB/s) -- the storage ceiling of the '-> file' rows")
-    print(f"best of {args.repeat} interleaved runs per case; 'vs bare' = rate / the bare HDF5 recorder's rate (best "
-          "of N each); 'rounds' = min/median/max of the ratios within each round (the bare recorder and this row run "
-          "back to back); 'CPU vs bare' = the bare recorder's receiving + sending CPU per item / this row's (higher "
-          "is cheaper); CPU: best of N, all threads of each process")
-    print(f"{'payload':8} {'path':32} {'tr':4} {'items/s':>9} {'GB/s':>6} {'vs raw':>6} {'vs bare':>8} "
-          f"{'rounds':>14} {'recv CPU us':>11} {'send CPU us':>11} {'CPU vs bare':>11} {'messages':>8}")
+    if matrix:
+        print(f"files under {where}: os.write of 1 MiB frames {ceiling:,.0f} frames/s "
+              f"({ceiling * frame_bytes / 1e9:.2f} GB/s) -- the storage ceiling of the '-> file' rows")
+        print(f"best of {args.repeat} interleaved runs per case; 'vs bare' = rate / the bare HDF5 recorder's rate "
+              "(best of N each); 'rounds' = min/median/max of the ratios within each round (the bare recorder and this "
+              "row run back to back); 'CPU vs bare' = the bare recorder's receiving + sending CPU per item / this "
+              "row's (higher is cheaper); CPU: best of N, all threads of each process")
+        print(f"{'payload':8} {'path':32} {'tr':4} {'items/s':>9} {'GB/s':>6} {'vs raw':>6} {'vs bare':>8} "
+              f"{'rounds':>14} {'recv CPU us':>11} {'send CPU us':>11} {'CPU vs bare':>11} {'messages':>8}")
     for i, case in enumerate(matrix):
         rate, cpu, send_cpu = best[i]
         nbytes = frame_bytes if case.what == "frames" else N_CHANNELS * 4
         path = {"raw": "raw pyzmq PUSH/PULL", "rawbatch": f"raw pyzmq batch {BATCH}", "stemlive": "stemlive",
                 "single": "stemlive single", "batch": f"stemlive batch {BATCH}"}[case.path]
-        path += {"none": "", "file": " -> file", "h5": " -> bare HDF5", "h5hwm": " -> bare HDF5, HWM 64/16",
+        path += {"none": "", "file": " -> file", "h5": " -> bare HDF5",
+                 "h5hwm": f" -> bare HDF5, HWM {SERVICE_SNDHWM}/{SERVICE_RCVHWM}",
                  "service": " -> serve", "stages": " -> serve + default stages"}[case.sink]
         b = ref.get((case.what, case.transport, "h5"))
         vs_bare = rounds = cpu_vs_bare = ""
@@ -491,6 +554,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"(rounds {per_round[0]:.2f}/{per_round[len(per_round) // 2]:.2f}/{per_round[-1]:.2f}), "
                   f"receiving CPU {1e6 * cpu:.0f} vs {1e6 * best[b][1]:.0f} us, CPU vs bare "
                   f"{(best[b][1] + best[b][2]) / (cpu + send_cpu):.2f}")
+    for i, case in enumerate(matrix):  # the issue's target: >= 0.9x the bare recorder as defined, 512x512 frames
+        b = ref.get((case.what, case.transport, "h5"))
+        if case.sink == "service" and b is not None:
+            per_round = sorted(r[0] / rb[0] for r, rb in zip(runs[i], runs[b], strict=True))
+            print(f"RATIO {case.what} serve vs bare recorder, {case.transport}: {best[i][0] / best[b][0]:.2f}x "
+                  f"(best of {args.repeat}; rounds {per_round[0]:.2f}/{per_round[len(per_round) // 2]:.2f}/"
+                  f"{per_round[-1]:.2f}; receiving CPU {1e6 * best[i][1]:.0f} vs {1e6 * best[b][1]:.0f} us per item)"
+                  + (" target >= 0.9x" if case.what == "frames" else ""))
     if not with_file:
         print("(stemlive.live.storage.session not importable: no 'into the session file' rows)")
     if args.memory_mib:

@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     print("receive thread, CPU us per frame: total = chunk writes + the rest (receiving, decoding, checks, "
           "bookkeeping, commits)")
     for _ in range(args.rounds):
-        for name, run in (("bare recorder (HWM 64/16)", bare), ("stemlive serve", service)):
+        bare_name = f"bare recorder (HWM {wire.SERVICE_SNDHWM}/{wire.SERVICE_RCVHWM})"
+        for name, run in ((bare_name, bare), ("stemlive serve", service)):
             case = wire.Case("frames", "raw" if run is bare else "stemlive", args.transport,
                              "h5hwm" if run is bare else "service", args.frames)
             with tempfile.TemporaryDirectory(prefix="stemlive-bench-", dir=args.dir) as tmp:

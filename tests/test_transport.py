@@ -366,9 +366,15 @@ def test_pub_sub_topics_and_small_values() -> None:
 
 
 def test_stalled_subscriber_counts_exactly_the_results_it_missed_and_recovers_the_final_ones() -> None:
-    """Issue 13 Found 6: a stalled subscriber lost 1,229 of 2,509 results, every final one, and counted 0."""
-    pub = ResultPublisher("tcp://127.0.0.1:*", high_water_mark=10)
-    sub = ResultSubscriber(pub.endpoint, high_water_mark=10)
+    """Issue 13 Found 6: a stalled subscriber lost 1,229 of 2,509 results, every final one, and counted 0.
+
+    The stall must cost final results for the recovery to be shown: with the OS's autotuned TCP buffers a
+    stalled connection absorbs a varying number of results (under load, sometimes all the finals as well), so
+    both ends get small fixed kernel buffers, and the rows are published in two parts with a pause between, in
+    which the I/O threads fill the buffers: the rows after it fill the publisher's queue for this subscriber,
+    and the finals after them are dropped. The counts asserted are exact whatever got through."""
+    pub = ResultPublisher("tcp://127.0.0.1:*", high_water_mark=10, kernel_buffer_bytes=16384)
+    sub = ResultSubscriber(pub.endpoint, high_water_mark=10, kernel_buffer_bytes=16384)
     stop = threading.Event()
     try:
         _connected(pub, sub)
@@ -376,6 +382,8 @@ def test_stalled_subscriber_counts_exactly_the_results_it_missed_and_recovers_th
                                 ("tilt_series", "sums"), ("tilt_series", "total"), ("segment", "labels"),
                                 ("segment", "centres"), ("pipeline", "analysis_finished"), ("eels", "energy_meV")]
         for i in range(n_rows):  # the subscriber does not read meanwhile (stalled)
+            if i in (n_rows - 40, n_rows - 20):
+                time.sleep(0.2)  # still stalled: the I/O threads move what the buffers take
             pub.publish({"session": "s1", "stage": "eels", "name": "sum", "index": i}, np.full(256, i, np.float32))
         for k, (stage, name) in enumerate(finals):
             pub.publish({"session": "s1", "stage": stage, "name": name}, np.full(64, k, np.float32))
@@ -385,7 +393,7 @@ def test_stalled_subscriber_counts_exactly_the_results_it_missed_and_recovers_th
                                                   for _ in iter(stop.is_set, True)])
         server.start()
         got = []
-        while (m := sub.recv(timeout_s=0.3)) is not None:
+        while (m := sub.recv(timeout_s=1.0)) is not None:  # all that got through, even on a loaded machine
             got.append(m)
         assert 0 < len(got) < n
         seen_finals = {(m.header["stage"], m.header["name"]) for m in got} & set(finals)

@@ -55,7 +55,8 @@ class ServiceStats:
 
 _END = object()
 #: Messages queued in the service's receive socket: the sender's own queue (64) holds the rest, so a backlog
-#: costs the acquisition process memory, not the service (memory budget: docs/service.md).
+#: costs the acquisition process memory, not the service (memory budget: docs/service.md). Deeper queues on either
+#: side did not make recording over tcp faster (docs/benchmarks.md, "tcp queues").
 RECEIVE_HIGH_WATER_MARK = 16
 #: How often the receiver thread looks for silent or idle sessions (seconds; the limits are seconds to minutes).
 LIVENESS_CHECK_INTERVAL_S = 0.05
@@ -129,6 +130,8 @@ class PipelineService:
         reserve_bytes: int = DEFAULT_RESERVE_BYTES,
         ballast_bytes: int = DEFAULT_BALLAST_BYTES,
         curve: Any = None,
+        receive_high_water_mark: int = RECEIVE_HIGH_WATER_MARK,
+        receive_buffer_bytes: int | None = None,
     ) -> None:
         from stemlive.live.wire import transport
 
@@ -144,6 +147,8 @@ class PipelineService:
         self.idle_timeout_s = idle_timeout_s
         self.disk = DiskBudget(self.out_dir, reserve_bytes, ballast_bytes=ballast_bytes)
         self.curve = curve
+        self.receive_high_water_mark = receive_high_water_mark
+        self.receive_buffer_bytes = receive_buffer_bytes
         self.stats = ServiceStats()
         self._stop = threading.Event()
         self._stop_reason = "service stopped"
@@ -176,7 +181,8 @@ class PipelineService:
         # Sockets are created here and handed over to their threads (thread start is a memory barrier, which
         # is what ZeroMQ requires to move a socket between threads); each is used by one thread only after.
         self._receiver = transport.FrameReceiver(self.frame_endpoint, allow_remote=self.allow_remote,
-                                                 high_water_mark=RECEIVE_HIGH_WATER_MARK, curve=self.curve)
+                                                 high_water_mark=self.receive_high_water_mark,
+                                                 kernel_buffer_bytes=self.receive_buffer_bytes, curve=self.curve)
         self.frame_endpoint = self._receiver.endpoint
         self._publisher = transport.ResultPublisher(self.result_endpoint, allow_remote=self.allow_remote,
                                                     curve=self.curve)

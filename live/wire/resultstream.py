@@ -95,6 +95,9 @@ class ResultPublisher:
         Allow binding a non-loopback interface.
     high_water_mark : int
         Messages queued per subscriber before newer ones are dropped for it.
+    kernel_buffer_bytes : int, optional
+        SO_SNDBUF for TCP; None keeps the OS default (Linux autotunes it up to ``net.ipv4.tcp_wmem``, so how many
+        results a stalled subscriber's connection absorbs before drops start varies with timing).
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class ResultPublisher:
         history_bytes: int = DEFAULT_RESULT_HISTORY_BYTES,
         curve: Any = None,
         context: zmq.Context[Any] | None = None,
+        kernel_buffer_bytes: int | None = None,
     ) -> None:
         bind = check_bind_endpoint(endpoint, allow_remote)
         ctx = context or zmq.Context.instance()
@@ -117,6 +121,8 @@ class ResultPublisher:
         self._sock = ctx.socket(zmq.PUB)
         secure_server(self._sock, curve)
         self._sock.setsockopt(zmq.SNDHWM, high_water_mark)
+        if kernel_buffer_bytes is not None:
+            self._sock.setsockopt(zmq.SNDBUF, kernel_buffer_bytes)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(bind)
         self.endpoint: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -216,6 +222,8 @@ class ResultSubscriber:
         ``"stage"`` or ``"stage/name"`` filters (see :func:`result_topic`); default: all results.
     high_water_mark : int
         Messages queued here before newer ones are dropped.
+    kernel_buffer_bytes : int, optional
+        SO_RCVBUF for TCP; None keeps the OS default (Linux autotunes up to ``net.ipv4.tcp_rmem``).
 
     Attributes
     ----------
@@ -239,6 +247,7 @@ class ResultSubscriber:
         request_endpoint: str | None = None,
         curve: Any = None,
         context: zmq.Context[Any] | None = None,
+        kernel_buffer_bytes: int | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.dropped = 0
@@ -256,6 +265,8 @@ class ResultSubscriber:
         self._sock = self._context.socket(zmq.SUB)
         secure_client(self._sock, curve)
         self._sock.setsockopt(zmq.RCVHWM, high_water_mark)
+        if kernel_buffer_bytes is not None:
+            self._sock.setsockopt(zmq.RCVBUF, kernel_buffer_bytes)
         self._sock.setsockopt(zmq.LINGER, 0)
         for topic in topics if topics is not None else [None]:
             if topic is None:
