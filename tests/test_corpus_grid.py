@@ -47,7 +47,8 @@ NOT_MET = {
     # information on m out (bound 1.63x from 25 meV).  12g: a joint core + tails fit from 5-15 meV with a generic
     # onset (Gaussian cumulative, free position and width) cut the scatter (1.06 / 1.34x, seed 0) but the onset's
     # mismatch biased T (+5.3 / +0.78 %, pull 6.5 / 1.46); the core top + 20-45 meV, onset held between: scatter
-    # 1.15-1.31x on seeds 0-3 but bias -0.27..-0.42 % or +0.87 % with the held onset: not adopted (docs/eels-analysis.md)
+    # 1.15-1.31x on seeds 0-3 but bias -0.27..-0.42 % or +0.87 % with the held onset: not adopted
+    # (docs/eels-analysis.md)
     "background_power_law": "scatter 1.50x the counting limit on 96 points (bias +0.10 %, pull 1.16); seeds 1-3: "
                             "scatter 1.52 / 1.43 / 1.32, pull 1.19 / 1.09 / 1.00, bias +0.23 / +0.22 / +0.19 %",
 }
