@@ -211,6 +211,23 @@ def test_fit_drift_trajectory_robust_to_unit_cell_jump():
     np.testing.assert_allclose(one.velocity, 0.0)
 
 
+def test_fit_drift_trajectory_of_a_long_tilt_starts_from_a_subsample_and_stays_robust():
+    # 2,000 frames of one tilt: the Theil-Sen start uses 256 evenly spaced points (all pairs were O(n^2) per
+    # frame), the IRLS all of them; 10% unit-cell jumps (a third of them in one block) still get zero weight
+    rng = np.random.default_rng(7)
+    n = 2000
+    t = np.arange(float(n))
+    v = np.array([0.004, -0.007])
+    shifts = t[:, None] * v + rng.normal(0, 0.02, (n, 2))
+    jumps = np.concatenate([rng.choice(np.arange(1, 1400), 133, replace=False), np.arange(1500, 1567)])
+    shifts[jumps] += [9.4, 3.1]
+    assert drift_trajectory.THEIL_SEN_POINTS < n
+    traj = drift_trajectory.fit_drift_trajectory(t, shifts)
+    np.testing.assert_allclose(traj.velocity, v, atol=2e-5)  # noise 0.02 px over 2,000 frames: ~1e-6 px/frame
+    assert not traj.inliers[jumps].any()
+    assert traj.inliers.sum() >= n - jumps.size - 10  # Tukey weights: at most a few noise tails cut
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # scan distortion
 # ----------------------------------------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         allow_remote=args.allow_remote,
         reserve_bytes=int(args.reserve_mib * 2**20),
         idle_timeout_s=args.idle_timeout,
+        end_analysis_budget_s=args.end_analysis_budget,
         curve=curve,
     )
     print(f"stemlive serve: frames on {service.frame_endpoint}, results on {service.result_endpoint}, "
@@ -165,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="free disk space to keep: sessions are refused or closed 'failed' below it (default 256)")
     p.add_argument("--idle-timeout", type=float, default=300.0,
                    help="close a session as aborted after this many seconds without data (default 300)")
+    p.add_argument("--end-analysis-budget", type=float, default=10.0, metavar="S",
+                   help="analyse a session's backlog for at most S seconds after its end, then store the rest as "
+                   "'skipped' (end() waits for it; default 10)")
     p.add_argument("--keys", type=Path, metavar="DIR",
                    help="CURVE keys from `stemlive keys DIR`: only clients with an authorised key may connect "
                    "(required with --allow-remote)")

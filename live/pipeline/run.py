@@ -87,6 +87,10 @@ class SessionRun:
         ]
         self.recorded = 0
         self.closed = False
+        #: ``time.monotonic()`` after which queued data messages are not analysed (set when the session ends).
+        self.analysis_deadline = float("inf")
+        #: Data messages recorded but not analysed (cut after :attr:`analysis_deadline`).
+        self.skipped = 0
         self.problems: dict[str, list[problems_.Problem]] = {}
         for stage in self.stages:  # the file says how it was analysed
             record = Result(stage.name, "parameters", np.zeros(0, np.int8),
@@ -117,6 +121,12 @@ class SessionRun:
         """Run every stage on one data message and store/publish its results."""
         for stage in list(self.stages):
             self._run_stage(stage, stage.process, msg)
+
+    def skip_analysis(self, result: str, reason: str) -> None:
+        """Store and publish a ``skipped`` problem ``result`` with ``reason`` for every stage still running."""
+        for stage in self.stages:
+            self._emit(Result(stage.name, "problem", np.zeros(0),
+                              attrs={"result": result, "severity": "skipped", "reason": reason}))
 
     def finish(self, status: str, *, message: str = "", gaps: Sequence[tuple[int, int]] = ()) -> None:
         """Finish the stages, write their final results and close the file with ``status``."""

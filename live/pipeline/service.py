@@ -62,6 +62,9 @@ RECEIVE_HIGH_WATER_MARK = 16
 LIVENESS_CHECK_INTERVAL_S = 0.05
 #: How often the analysis thread answers re-requests of final results while it is busy (seconds).
 REQUEST_INTERVAL_S = 0.05
+#: How long the analysis of a session's backlog may go on after its end (seconds) before the rest is cut: the
+#: ``session_end`` is acknowledged (``end()`` returns) once the file is closed, so this bounds that wait.
+END_ANALYSIS_BUDGET_S = 10.0
 
 
 class _LimitedLog:
@@ -112,7 +115,10 @@ class PipelineService:
     Ownership: one session is recorded at a time, owned by the connection (ZeroMQ routing id) that opened it.
     Another connection's ``session_start`` is refused with ``busy`` (naming the open session and its age); a
     session that receives no data for ``idle_timeout_s`` is closed ``aborted`` even if heartbeats continue.
-    The ``session_end`` is acknowledged only once the file is closed and fsync'ed.
+    The ``session_end`` is acknowledged only once the file is closed and fsync'ed. The analysis backlog left when
+    a session ends is analysed for at most ``end_analysis_budget_s``; the messages left after that are recorded
+    but not analysed, stored as a ``skipped`` problem of every stage (the analysis is then ``incomplete``), so
+    the end of a recording never waits for an analysis that lags (the stages' final step still runs).
     """
 
     def __init__(
@@ -132,6 +138,7 @@ class PipelineService:
         curve: Any = None,
         receive_high_water_mark: int = RECEIVE_HIGH_WATER_MARK,
         receive_buffer_bytes: int | None = None,
+        end_analysis_budget_s: float = END_ANALYSIS_BUDGET_S,
     ) -> None:
         from stemlive.live.wire import transport
 
@@ -149,6 +156,7 @@ class PipelineService:
         self.curve = curve
         self.receive_high_water_mark = receive_high_water_mark
         self.receive_buffer_bytes = receive_buffer_bytes
+        self.end_analysis_budget_s = end_analysis_budget_s
         self.stats = ServiceStats()
         self._stop = threading.Event()
         self._stop_reason = "service stopped"
@@ -427,6 +435,7 @@ class PipelineService:
             missing = sum(b - a + 1 for a, b in gaps)
             summary = f"{len(gaps)} seq gap(s) on the wire, {missing} message(s) missing; first: {gaps[:10]}"
             note = (note + "; " if note else "") + summary
+        op.run.analysis_deadline = time.monotonic() + self.end_analysis_budget_s  # before the end is queued
         self._queue.put((op.run, ("end", status, note, gaps, op.owner, end_seq)))
 
     def _send_replies(self) -> None:
@@ -471,7 +480,11 @@ class PipelineService:
                     continue
                 msg: Message = item
                 try:
-                    if not run.closed:
+                    if run.closed:
+                        pass
+                    elif time.monotonic() > run.analysis_deadline:  # the session ended long ago: cut the backlog
+                        run.skipped += 1
+                    else:
                         run.analyze(msg)
                 except Exception as e:  # a result the file cannot take (disk full...): the message stays recorded
                     if is_disk_full(e):
@@ -498,6 +511,13 @@ class PipelineService:
                 owner: bytes | None, end_seq: int | None) -> None:
         reason = ""
         try:
+            if run.skipped:
+                n, budget = run.skipped, self.end_analysis_budget_s
+                log.warning("session %s: analysis cut %g s after its end, %d data messages not analysed",
+                            run.session_id, budget, n)
+                run.skip_analysis("backlog", f"analysis cut {budget:g} s after the session's end: {n} of "
+                                  f"{run.recorded} recorded data messages not analysed (the analysis lagged the "
+                                  "acquisition; `stemlive replay --analyze` redoes it from the file)")
             run.finish(status, message=note, gaps=gaps)
         except Exception as e:
             reason = f"closing the session file failed: {type(e).__name__}: {e}"

@@ -462,8 +462,9 @@ class SessionStream:
         """Send ``session_end`` and wait until the service has recorded the session and closed its file.
 
         Two waits: every message before the ``session_end`` recorded (``timeout_s``, default the sender's), then
-        the ``session_end`` itself, which the pipeline service acknowledges once the analysis has finished and
-        the file is closed and fsync'ed (``timeout_s`` if given, else ``close_timeout_s``; a dead service is still
+        the ``session_end`` itself, which the pipeline service acknowledges once the file is closed and fsync'ed,
+        after the analysis, whose backlog it cuts with a stated reason ``end_analysis_budget_s`` after the end
+        (``timeout_s`` if given, else ``close_timeout_s``; a dead service is still
         noticed within the sender's liveness interval).
 
         Raises
