@@ -21,7 +21,7 @@ Method (see docs/drift-correction.md)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import scipy.fft
@@ -31,8 +31,19 @@ from stemlive.live.analysis.drift_trajectory import DriftTrajectory, fit_drift_t
 from stemlive.live.analysis.registration import Registration, Registrator, apodization_window, check_image
 from stemlive.live.analysis.scan_distortion import correct_scan_distortion, line_time, row_displacements
 
-__all__ = ["AlignResult", "TiltAccumulator", "align_and_sum", "sharpness"]
+__all__ = ["AlignResult", "FrameStore", "TiltAccumulator", "align_and_sum", "sharpness"]
 
+
+class FrameStore(Protocol):
+    """Where :class:`TiltAccumulator` keeps the frames of its tilt: a list, or a store that spills to disk
+    (:class:`~stemlive.live.pipeline.frame_spill.SpillingFrameStore`); it must give back the same float32 arrays.
+    """
+
+    def append(self, frame: np.ndarray) -> None: ...
+
+    def __getitem__(self, i: int) -> np.ndarray: ...
+
+    def __len__(self) -> int: ...
 
 
 @dataclass
@@ -101,6 +112,9 @@ class TiltAccumulator:
         Keep a running corrected sum updated by :meth:`add` (one resampling per frame). Default True.
     order : int, optional
         Spline order of the resampling. Default 3.
+    frames : FrameStore, optional
+        Empty store for the float32 frames kept until :meth:`result` (every frame of the tilt). Default: a list in
+        memory (``n * ny * nx * 4`` bytes); the service passes one that spills to disk above a budget.
     **registration
         Passed to :class:`Registrator` (``window``, ``refine``, ``upsample``, ``workers``).
 
@@ -125,6 +139,7 @@ class TiltAccumulator:
         search_radius: float | None = None,
         preview: bool = True,
         order: int = 3,
+        frames: FrameStore | None = None,
         **registration: Any,
     ) -> None:
         first_frame = check_image(first_frame, "first_frame")
@@ -141,7 +156,10 @@ class TiltAccumulator:
         self.search_radius = search_radius
         self.order = order
         self._registrator = Registrator(first_frame, **registration)
-        self._frames: list[np.ndarray] = [np.array(first_frame, dtype=np.float32)]
+        self._frames: FrameStore = [] if frames is None else frames
+        if len(self._frames):
+            raise ValueError("frames must be an empty store")
+        self._frames.append(np.array(first_frame, dtype=np.float32))
         self._t_start: list[float] = [float(t_start_s)]
         self._shifts: list[np.ndarray] = [np.zeros(2)]
         self._quality: list[float] = [1.0]

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stemlive.live.analysis import drift
+from stemlive.live.pipeline.frame_spill import SpillingFrameStore
 from stemlive.live.pipeline.stage import Result, Stage, register_stage
 from stemlive.live.wire.protocol import Message
 
@@ -53,11 +54,16 @@ class TiltSeriesStage(Stage):
         # fit takes ~20 s on 2 cores.
         "atom_columns": False,
         "probe_fwhm_A": 1.3,
+        # frames of the open tilt held in memory for its final correction; the rest spill to an unlinked temporary
+        # file in spill_dir (default: TMPDIR) and are read back one at a time (docs/service.md, memory budget)
+        "frame_budget_mib": 128,
+        "spill_dir": None,
     }
 
     def __init__(self, params: dict[str, Any]) -> None:
         super().__init__(params)
         self._acc: drift.TiltAccumulator | None = None
+        self._store: SpillingFrameStore | None = None
         self._tilt_key: int | None = None
         self._tilt_row = -1
         self._frame_row = 0
@@ -84,6 +90,9 @@ class TiltSeriesStage(Stage):
             if h.get("pixel_size_nm") is not None:
                 self._pixel_size_nm = float(h["pixel_size_nm"])  # the sums' calibration (Swift, exports)
             radius = self.params["search_radius_px"]
+            spill_dir = self.params["spill_dir"]
+            self._store = SpillingFrameStore(int(float(self.params["frame_budget_mib"]) * 2**20),
+                                             None if spill_dir is None else str(spill_dir))
             self._acc = drift.TiltAccumulator(
                 msg.payload,
                 t_start_s=float(msg.t),
@@ -93,6 +102,7 @@ class TiltSeriesStage(Stage):
                 correct_distortion=bool(self.params["correct_distortion"]),
                 search_radius=None if radius is None else float(radius),
                 preview=False,
+                frames=self._store,
             )
             shift = np.zeros(2)
         else:
@@ -109,8 +119,13 @@ class TiltSeriesStage(Stage):
     def _close_tilt(self) -> Iterator[Result]:
         if self._acc is None:
             return
-        result = self._acc.result()
-        self._acc = None
+        try:
+            result = self._acc.result()
+        finally:
+            self._acc = None
+            if self._store is not None:
+                self._store.close()
+                self._store = None
         # The final fit may revise the live shifts of this tilt: keep the measured shifts of the final pass.
         first = self._tilt_first_frame_row
         for i, shift in enumerate(result.shifts):
