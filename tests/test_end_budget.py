@@ -9,40 +9,18 @@ sockets and files, with a stage made slow on purpose (50 ms per frame) instead o
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
 
 import h5py
 import numpy as np
+from counting_stage import CountingStage
 
 from stemlive.live.pipeline.problems import read_finished, read_problems
 from stemlive.live.pipeline.service import PipelineService
-from stemlive.live.pipeline.stage import Result, Stage
 from stemlive.live.storage.session import SessionReader
-from stemlive.live.wire import protocol, transport
+from stemlive.live.wire import transport
 
 ANY_PORT = "tcp://127.0.0.1:*"
-
-
-class SlowStage(Stage):
-    """Takes ``delay_s`` per frame (an analysis slower than the acquisition) and counts what it analysed."""
-
-    name = "slow"
-    kinds = frozenset({"tilt_series"})
-    defaults: ClassVar[dict[str, Any]] = {"delay_s": 0.05}
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        super().__init__(params)
-        self.n = 0
-
-    def process(self, msg: protocol.Message) -> Iterator[Result]:
-        time.sleep(float(self.params["delay_s"]))
-        self.n += 1
-        yield Result(self.name, "count", np.asarray(self.n), index=self.n - 1)
-
-    def finish(self, status: str) -> Iterator[Result]:
-        yield Result(self.name, "total", np.asarray(self.n))
 
 
 def _send(endpoint: str, n: int) -> float:
@@ -60,8 +38,8 @@ def _send(endpoint: str, n: int) -> float:
 
 def test_end_returns_once_the_file_is_closed_and_the_lagging_analysis_is_cut_with_a_reason(tmp_path: Path) -> None:
     n = 200  # x 50 ms = 10 s of analysis, sent in well under a second
-    svc = PipelineService(tmp_path, {}, frame_endpoint=ANY_PORT, result_endpoint=ANY_PORT,
-                          stage_classes={"slow": SlowStage}, end_analysis_budget_s=1.0)
+    svc = PipelineService(tmp_path, {"counting": {"delay_s": 0.05}}, frame_endpoint=ANY_PORT, result_endpoint=ANY_PORT,
+                          stage_classes={"counting": CountingStage}, end_analysis_budget_s=1.0)
     with svc:
         end_s = _send(svc.frame_endpoint, n)
         (path,) = svc.wait_for_sessions(1, timeout_s=10)
@@ -76,16 +54,16 @@ def test_end_returns_once_the_file_is_closed_and_the_lagging_analysis_is_cut_wit
         frames = r.frames()
         for i in range(n):
             assert np.array_equal(frames[i], np.full((64, 64), i, dtype=np.float32))
-        analysed = int(r.results("slow")["total"])
+        analysed = int(r.results("counting")["total"])
     assert 1 <= analysed < n
     with h5py.File(path, "r") as f:
         (problem,) = read_problems(f)
         finished = read_finished(f)
-    assert (problem.stage, problem.result, problem.severity) == ("slow", "backlog", "skipped")
+    assert (problem.stage, problem.result, problem.severity) == ("counting", "backlog", "skipped")
     assert f"{n - analysed} of {n} recorded data messages not analysed" in problem.reason
     assert finished is not None and finished["status"] == "incomplete" and finished["problems"] == 1
     with h5py.File(path2, "r") as f:
         assert read_problems(f) == []
         finished = read_finished(f)
         assert finished is not None and finished["status"] == "complete"
-        assert int(f["results/slow/total"][()]) == 4
+        assert int(f["results/counting/total"][()]) == 4

@@ -23,16 +23,16 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 import zmq
 from commands import STEMLIVE
+from counting_stage import CountingStage
 
 from stemlive.live.pipeline.service import PipelineService
-from stemlive.live.pipeline.stage import Result, Stage
 from stemlive.live.wire import protocol, transport
 
 T0 = 1_700_000_000.0
@@ -42,23 +42,6 @@ FRAME = {"tilt_index": 0, "alpha_deg": 0.0, "beta_deg": 0.0, "frame_index": 0, "
 SPECTRUM = {"point_index": 0, "frame_index": 0, "x_nm": 0.0, "y_nm": 0.0, "energy_offset_meV": -1.0,
             "dispersion_meV": 0.5, "exposure_ms": 3.0}
 GOOD = np.zeros((SIZE, SIZE), np.float32).tobytes()
-
-
-class CountingStage(Stage):
-    name = "counting"
-    kinds = frozenset({"tilt_series", "eels_line_scan", "eels_map"})
-    defaults: ClassVar[dict[str, Any]] = {}
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        super().__init__(params)
-        self.n = 0
-
-    def process(self, msg: protocol.Message) -> Iterator[Result]:
-        self.n += 1
-        yield Result(self.name, "count", np.asarray(self.n), index=self.n - 1)
-
-    def finish(self, status: str) -> Iterator[Result]:
-        yield Result(self.name, "total", np.asarray(self.n))
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 import zmq
+from counting_stage import CountingStage
 
 from stemlive.live.config import ConfigError
 from stemlive.live.pipeline.registry import make_params
@@ -26,26 +27,6 @@ from stemlive.live.storage.session import SessionReader
 from stemlive.live.wire import protocol, transport
 
 ANY_PORT = "tcp://127.0.0.1:*"
-
-
-class CountingStage(Stage):
-    """Counts frames and emits the running count; optionally slow, to exercise back-pressure."""
-
-    name = "counting"
-    kinds = frozenset({"tilt_series", "eels_line_scan", "eels_map"})
-    defaults: ClassVar[dict[str, Any]] = {"delay_s": 0.0}
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        super().__init__(params)
-        self.n = 0
-
-    def process(self, msg: protocol.Message) -> Iterator[Result]:
-        time.sleep(float(self.params["delay_s"]))
-        self.n += 1
-        yield Result(self.name, "count", np.asarray(self.n), index=self.n - 1)
-
-    def finish(self, status: str) -> Iterator[Result]:
-        yield Result(self.name, "total", np.asarray(self.n))
 
 
 class BrokenStage(Stage):
