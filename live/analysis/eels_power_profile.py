@@ -93,7 +93,8 @@ def profile_exponent(zlp: Any, refit: Callable[[Array], Any], thermometry: Calla
     m_mean, var_t = _marginal(g, joint, temps, birge2)
     ends = np.stack([joint[np.argmax(np.isfinite(joint), axis=0), rows],
                      joint[g.size - 1 - np.argmax(np.isfinite(joint[::-1]), axis=0), rows]])
-    contained = np.all(ends - joint[best, rows] > 8.0 * birge2, axis=0)
+    with np.errstate(invalid="ignore"):  # a spectrum with no finite profile (inf - inf): not contained, no T
+        contained = np.all(ends - joint[best, rows] > 8.0 * birge2, axis=0)
     start = fitted[best, rows].copy()
     start[:, 3] = np.where(np.isfinite(m_mean), m_mean, g[best])
     final = thermometry(refit(start.reshape(batch + (6,))))
