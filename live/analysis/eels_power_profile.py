@@ -84,7 +84,8 @@ def profile_exponent(zlp: Any, refit: Callable[[Array], Any], thermometry: Calla
         line = np.where(common, bins, 0.0).sum(-1)
         joint = np.where(np.isfinite(window + line) & (common.sum(-1) > 1) & used, window + line, np.inf)
         best = np.argmin(joint, axis=0)
-        near = joint - joint[best, rows] < SPAN_CHI2
+        with np.errstate(invalid="ignore"):  # no finite profile (inf - inf): nothing near, judged below
+            near = joint - joint[best, rows] < SPAN_CHI2
         lo = np.clip(np.argmax(near, axis=0) - 2, 0, None)
         hi = np.clip(g.size + 1 - np.argmax(near[::-1], axis=0), None, g.size - 1)
         used = (np.arange(g.size)[:, None] >= lo) & (np.arange(g.size)[:, None] <= hi)
