@@ -53,6 +53,10 @@ def test_stemlive_keys_and_remote_serve_without_keys_is_refused(tmp_path: Path) 
     assert refused.returncode == 2
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and "--allow-remote needs --keys" in lines[0], refused.stderr
+    for flag in ("--end-analysis-budget", "--idle-timeout"):  # a negative time: refused in one line, not bound
+        bad = stemlive("serve", flag, "-1", "--out", str(tmp_path / "s"))
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+            f"stemlive serve: {flag} must be a number of seconds >= 0, got -1"], bad.stderr
     with pytest.raises(ValueError, match="without CURVE keys"):
         PipelineService(tmp_path, {}, frame_endpoint="tcp://0.0.0.0:*", result_endpoint="tcp://127.0.0.1:*",
                         allow_remote=True, stage_classes={}).start()

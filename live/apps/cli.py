@@ -52,6 +52,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.allow_remote and args.keys is None:
         raise CLIError("--allow-remote needs --keys DIR: a service reachable from the network requires CURVE "
                        "authentication (create keys with `stemlive keys DIR`)", ExitCode.USAGE)
+    for flag, value in (("--idle-timeout", args.idle_timeout), ("--end-analysis-budget", args.end_analysis_budget)):
+        if not value >= 0:  # NaN too
+            raise CLIError(f"{flag} must be a number of seconds >= 0, got {value:g}", ExitCode.USAGE)
     if args.keys is not None:
         from stemlive.live.wire.keys import Curve
 
