@@ -6,6 +6,11 @@ frames go to an anonymous temporary file written with plain ``os.pwrite`` (page 
 result is bit-identical to the in-memory path. The file is unlinked when created (``tempfile.TemporaryFile``): it
 leaves nothing behind even if the process is killed, and its space is freed by :meth:`SpillingFrameStore.close`
 (called when the tilt is finished) or when the store is garbage-collected (a stage that failed).
+
+If the spill file cannot be created or written (``spill_dir`` missing or not writable, disk full), the store
+keeps its frames in memory instead (those already spilled are read back and the file is freed, which gives the
+space back to a full disk) and keeps the error in :attr:`SpillingFrameStore.spill_error`: no frame is lost and
+the results stay the same, but ``budget_bytes`` no longer bounds the memory; the stage reports it as a problem.
 """
 
 from __future__ import annotations
@@ -26,6 +31,11 @@ class SpillingFrameStore:
         Bytes of frames held in memory; 0 spills every frame.
     spill_dir : str, optional
         Directory of the temporary file (default: the system's, ``TMPDIR``).
+
+    Attributes
+    ----------
+    spill_error : OSError or None
+        Why the spill file could not be created or written; from then on every frame is held in memory.
     """
 
     def __init__(self, budget_bytes: int, spill_dir: str | None = None) -> None:
@@ -40,6 +50,7 @@ class SpillingFrameStore:
         self._shape: tuple[int, ...] | None = None
         self._dtype: np.dtype | None = None
         self._finalizer: weakref.finalize | None = None
+        self.spill_error: OSError | None = None
 
     def __len__(self) -> int:
         return len(self._memory) + self._n_spilled
@@ -56,10 +67,20 @@ class SpillingFrameStore:
             self._shape, self._dtype = frame.shape, frame.dtype
         elif frame.shape != self._shape or frame.dtype != self._dtype:
             raise ValueError(f"frame {frame.shape} {frame.dtype} differs from the first {self._shape} {self._dtype}")
-        if self._n_spilled == 0 and self._held + frame.nbytes <= self.budget_bytes:
+        if self.spill_error is not None or (self._n_spilled == 0 and self._held + frame.nbytes <= self.budget_bytes):
             self._memory.append(frame)
             self._held += frame.nbytes
             return
+        try:
+            self._spill(frame)
+        except OSError as e:  # keep the frames rather than lose the tilt: memory instead of the budget
+            self._unspill()
+            self.spill_error = e
+            self._memory.append(frame)
+            self._held += frame.nbytes
+
+    def _spill(self, frame: np.ndarray) -> None:
+        """Write ``frame`` after the spilled ones (counted only once it is written whole)."""
         if self._fd is None:
             f = tempfile.TemporaryFile(prefix="stemlive-tilt-", dir=self.spill_dir)
             self._fd = os.dup(f.fileno())  # keep only the descriptor; the file was unlinked on creation
@@ -71,6 +92,14 @@ class SpillingFrameStore:
             written = os.pwrite(self._fd, data, offset)
             data, offset = data[written:], offset + written
         self._n_spilled += 1
+
+    def _unspill(self) -> None:
+        """Read the spilled frames back into memory and free the spill file (a read error propagates)."""
+        back = [self[i] for i in range(len(self._memory), len(self))]
+        self._memory += back
+        self._held += sum(f.nbytes for f in back)
+        self._n_spilled = 0
+        self._free_file()
 
     def __getitem__(self, i: int) -> np.ndarray:
         n = len(self)
@@ -93,6 +122,9 @@ class SpillingFrameStore:
         self._memory.clear()
         self._held = 0
         self._n_spilled = 0
+        self._free_file()
+
+    def _free_file(self) -> None:
         if self._finalizer is not None:
             self._finalizer()  # closes the descriptor once
             self._finalizer = None

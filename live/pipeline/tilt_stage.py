@@ -8,6 +8,7 @@ is complete and emits :class:`~stemlive.live.pipeline.stage.Result` objects (the
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -74,6 +75,7 @@ class TiltSeriesStage(Stage):
         self._beta: list[float] = []
         self._pixel_size_nm: float | None = None
         self._columns: list[Any] = []
+        self._spill_failed = False  # then the frames of every later tilt are kept in memory (one problem, no retry)
 
     def process(self, msg: Message) -> Iterator[Result]:
         if msg.type != "frame" or msg.payload is None:
@@ -91,8 +93,8 @@ class TiltSeriesStage(Stage):
                 self._pixel_size_nm = float(h["pixel_size_nm"])  # the sums' calibration (Swift, exports)
             radius = self.params["search_radius_px"]
             spill_dir = self.params["spill_dir"]
-            self._store = SpillingFrameStore(int(float(self.params["frame_budget_mib"]) * 2**20),
-                                             None if spill_dir is None else str(spill_dir))
+            self._store = None if self._spill_failed else SpillingFrameStore(
+                int(float(self.params["frame_budget_mib"]) * 2**20), None if spill_dir is None else str(spill_dir))
             self._acc = drift.TiltAccumulator(
                 msg.payload,
                 t_start_s=float(msg.t),
@@ -107,6 +109,7 @@ class TiltSeriesStage(Stage):
             shift = np.zeros(2)
         else:
             shift = np.asarray(self._acc.add(msg.payload, t_start_s=float(msg.t)).shift, dtype=np.float64)
+        yield from self._spill_problem()
         self._drift.append(shift)
         yield Result(self.name, "drift_px", shift, index=self._frame_row,
                      attrs={"tilt_index": tilt_key, "frame_index": int(h["frame_index"])})
@@ -115,6 +118,20 @@ class TiltSeriesStage(Stage):
                      attrs={"tilt_index": tilt_key, "frame_index": int(h["frame_index"]),
                             "alpha_deg": float(h["alpha_deg"]), "beta_deg": float(h["beta_deg"])})
         self._frame_row += 1
+
+    def _spill_problem(self) -> Iterator[Result]:
+        """The one ``frame_spill`` problem of a session whose spill file failed (the store then kept the frames)."""
+        store = self._store
+        if store is None or store.spill_error is None or self._spill_failed:
+            return
+        self._spill_failed = True
+        error, where = store.spill_error, store.spill_dir or tempfile.gettempdir()
+        budget = self.params["frame_budget_mib"]
+        yield Result(self.name, "problem", np.zeros(0), attrs={
+            "result": "frame_spill", "severity": "failed",
+            "reason": f"could not spill the open tilt's frames to {where} ({type(error).__name__}: {error}); "
+                      f"they are kept in memory for the rest of the session, so tilt_series.frame_budget_mib="
+                      f"{budget} no longer bounds the memory (no frame lost, results unaffected)"})
 
     def _close_tilt(self) -> Iterator[Result]:
         if self._acc is None:
