@@ -56,7 +56,8 @@ class TiltSeriesStage(Stage):
         "atom_columns": False,
         "probe_fwhm_A": 1.3,
         # frames of the open tilt held in memory for its final correction; the rest spill to an unlinked temporary
-        # file in spill_dir (default: TMPDIR) and are read back one at a time (docs/service.md, memory budget)
+        # file in spill_dir (default: TMPDIR) and are read back one at a time; if that file fails, they stay in
+        # memory with a frame_spill problem rather than the tilt being lost (docs/service.md, memory budget)
         "frame_budget_mib": 128,
         "spill_dir": None,
     }
