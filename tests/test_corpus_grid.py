@@ -53,3 +53,6 @@ def test_grid_thermometry_targets(scenario: scenarios.Scenario, tmp_path_factory
     where segmentation is expected, a 15 K interface drop within +-3 K."""
     out = _outcome(scenario, tmp_path_factory)
     assert not out.violations and not out.misses, (out.misses, out.figures)
+    # every point of a thermometry scenario has a temperature: a stated reason is not enough there (13 of disp_2's 96
+    # points lost theirs to power-law tails fitted where there were none, with every target still met on the rest)
+    assert out.figures["n_temperatures"] == scenario.n_points, (out.figures, out.status)
