@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 from commands import STEMLIVE
-from corpus import scenarios
+from corpus import generator, scenarios
 
 from stemlive.live.exitcodes import ExitCode
 from stemlive.live.pipeline import batch
@@ -44,7 +44,10 @@ def sessions(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("raw")
     out = {}
     specs = {"map": scenarios.material_map("map", 2, shape=(4, 6), counts=1e8, frames=2),
-             "line": scenarios.uniform_line("line", scenarios.instrument(), counts=2e8, frames=2, n_points=8)}
+             "line": scenarios.uniform_line("line", scenarios.instrument(), counts=2e8, frames=2, n_points=8),
+             # two materials under symmetric power-law zero-loss tails: the tail shape pooled over the whole map
+             "tails": scenarios.material_map("tails", 2, scenarios.instrument(
+                 background=generator.Background(2e-4, 3.0)), shape=(3, 4), counts=2e8, frames=2)}
     for name, sc in specs.items():
         # record the raw session (no analysis stages) as an acquisition would
         out[name] = analyze_messages(sc.messages(), d / f"{name}.h5", make_params(), stage_classes={})
@@ -64,6 +67,20 @@ def test_map_split_by_rows_identical_to_in_process(sessions: dict[str, Path], cl
     ref = replay_analyze(sessions["map"], tmp_path / "ref.h5", params)
     out = batch.analyze_map(sessions["map"], tmp_path / "batch.h5", params, client, rows_per_task=2)
     _assert_identical(ref, out)
+    assert np.isfinite(_results(out)["eels/temperature_K"]).all()
+
+
+def test_map_with_a_shared_tail_shape_identical_to_in_process(sessions: dict[str, Path], client: object,
+                                                               tmp_path: Path) -> None:
+    # each worker's rows keep their m profiles; the merged stage pools them over the map as the session would
+    params = make_params(overrides=["eels.n_peaks=2"])
+    ref = replay_analyze(sessions["tails"], tmp_path / "ref.h5", params)
+    out = batch.analyze_map(sessions["tails"], tmp_path / "batch.h5", params, client, rows_per_task=1)
+    _assert_identical(ref, out)
+    with h5py.File(ref, "r") as a, h5py.File(out, "r") as b:
+        attrs = dict(a["results/eels/temperature_K"].attrs)
+        assert attrs == dict(b["results/eels/temperature_K"].attrs)
+    assert attrs["zlp_shape_spectra"] == 12 and abs(attrs["zlp_m"] - 2.5) < 0.1, attrs
     assert np.isfinite(_results(out)["eels/temperature_K"]).all()
 
 

@@ -10,6 +10,7 @@ This module re-exports the public functions of the modules that implement them, 
 - :mod:`.eels_background`: power-law background;
 - :mod:`.eels_resolution`: resolution offset of the detailed-balance log ratio;
 - :mod:`.eels_thermometry`: detailed-balance temperatures;
+- :mod:`.eels_tail_pool`: one power-law tail shape for a session's spectra;
 - :mod:`.eels_deconvolution`: Lucy-Richardson deconvolution.
 
 All functions are pure and vectorised over spectra: ``spectra`` is ``(..., n_channels)`` and the energy
@@ -24,6 +25,7 @@ from .eels_background import background_windows, power_law_background
 from .eels_deconvolution import lucy_richardson
 from .eels_pearson7 import PARAM_NAMES, pearson7_model
 from .eels_spill import SignalModel, signal_model
+from .eels_tail_pool import TailShape, pool_tail_shape, stack_profiles
 from .eels_thermometry import (
     KB_MEV_PER_K,
     TemperatureResult,
@@ -40,6 +42,9 @@ __all__ = [
     "SignalModel",
     "ZLPFit",
     "TemperatureResult",
+    "TailShape",
+    "pool_tail_shape",
+    "stack_profiles",
     "zlp_centre",
     "xcorr_shifts",
     "shift_spectra",

@@ -17,7 +17,7 @@ uncertainty (seed 3 of the corpus: two spectra at +2.8 and +3.1 sigma, pull RMS 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,28 @@ from .eels_windows import Array
 
 M_GRID = tuple(float(v) for v in np.round(np.arange(1.8, 3.21, 0.1), 2))
 """Exponents m at which the zero-loss fit with power-law tails is repeated (held)."""
+
+
+
+@dataclass(frozen=True)
+class ExponentProfile:
+    """The joint chi-square of each spectrum over the exponents m of :func:`profile_exponent`, kept so that the
+    spectra of a session can share one m (:mod:`.eels_tail_pool`).
+
+    ``chi2`` ``(..., len(grid))``: windows + log-ratio line, ``inf`` where not evaluated; ``birge2`` ``(...)`` the
+    Birge ratio squared at the least; ``contained`` ``(...)``: m bounded within the grid.
+    """
+
+    grid: Array
+    chi2: Array
+    birge2: Array
+    contained: Array
+
+    def select(self, i: int | tuple[()]) -> ExponentProfile:
+        """Spectrum ``i`` of a batch's profile (``()``: the whole)."""
+        return ExponentProfile(self.grid, np.asarray(self.chi2)[i], np.asarray(self.birge2)[i],
+                               np.asarray(self.contained)[i])
+
 
 SPAN_CHI2 = 100.0
 """The profile's second pass uses the m whose joint chi-square is within this of the least (and two beyond)."""
@@ -106,7 +128,9 @@ def profile_exponent(zlp: Any, refit: Callable[[Array], Any], thermometry: Calla
     return replace(final, T_K=np.where(np.isfinite(extra), np.asarray(final.T_K), np.nan), T_err_K=t_err,
                    m_unbounded=~contained.reshape(batch),
                    T_err_zlp_K=np.sqrt(np.asarray(final.T_err_zlp_K) ** 2 + extra**2),
-                   slope_err_per_meV=np.asarray(final.slope_err_per_meV) * scale)
+                   slope_err_per_meV=np.asarray(final.slope_err_per_meV) * scale,
+                   m_profile=ExponentProfile(g, joint.T.reshape(batch + (g.size,)), birge2.reshape(batch),
+                                             contained.reshape(batch)))
 
 
 def _marginal(g: Array, joint: Array, temps: Array, birge2: Array, step: float = 0.005) -> tuple[Array, Array]:

@@ -215,10 +215,12 @@ def _equivalent_groups(
             mean = _group_sum(np.where(ok[:, None], obs[todo], 0.0), g, n_cand + 1) / wsum
             cnt = _group_sum(ok[:, None].astype(float), g, n_cand + 1)[:, 0]
             sh = _group_sum(np.where(ok[:, None], shape[todo], 0.0), g, n_cand + 1) / np.maximum(cnt, 1.0)[:, None]
-            # the member is part of the mean: the difference has variance (1 - its weight) var
-            frac = np.clip(amp[todo] / wsum[cand, 0], 0.0, 1.0)
+            # a candidate group whose members were all rejected has a sum ~0: the ratios overflow to inf (not similar)
+            with np.errstate(over="ignore"):
+                # the member is part of the mean: the difference has variance (1 - its weight) var
+                frac = np.clip(amp[todo] / wsum[cand, 0], 0.0, 1.0)
+                rel = np.abs(shape[todo] / np.maximum(sh[cand], 1e-300) - 1.0)
             chi2 = np.einsum("kn,kn->k", (f[todo] - mean[cand]) ** 2, inv_v[todo]) / n_s / np.maximum(1.0 - frac, 1e-3)
-            rel = np.abs(shape[todo] / np.maximum(sh[cand], 1e-300) - 1.0)
             ok &= (chi2 <= limit) & (rel[:, 0] <= tol_w) & (rel[:, 1] <= tol_m) & (cnt[cand] >= 2)
         kept = todo[ok]
         if kept.size:

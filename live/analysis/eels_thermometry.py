@@ -3,7 +3,8 @@ subtracted, the resolution offset removed and the zero-loss fit's covariance pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -11,9 +12,10 @@ from numpy.typing import ArrayLike, NDArray
 from ._threads import row_blocks, thread_map
 from .eels_deconvolution import lucy_richardson
 from .eels_pearson7 import Nodes
-from .eels_power_profile import profile_exponent
+from .eels_power_profile import ExponentProfile, profile_exponent
 from .eels_resolution import _resolution_offset
 from .eels_spill import signal_model
+from .eels_tail_pool import M_STEP, P_STEP, TailShape, shape_error_K
 from .eels_windows import _ROWS, Array, _axis, _floating, both_sides, reach
 from .eels_zlp import ZLPFit, fit_zlp_pearson7
 from .eels_zlp_shapes import POWER, shape_f, shape_fj
@@ -67,6 +69,29 @@ class TemperatureResult:
     m_unbounded: NDArray[np.bool_] | None = None
     """Power-law tails only (:mod:`.eels_power_profile`): where the zero-loss exponent m is not bounded by its grid
     (``T_K`` NaN there); None for the other zero-loss families."""
+    m_profile: ExponentProfile | None = field(default=None, repr=False)
+    """Power-law tails with m profiled: each spectrum's joint chi-square over m, for a session's shared tail shape
+    (:func:`~.eels_tail_pool.pool_tail_shape`)."""
+
+
+def _with_shape(energy_meV: ArrayLike, s: Array, zlp: ZLPFit, shape: TailShape, read_noise_counts: float,
+                workers: int | None, thermometry: Callable[[ZLPFit], TemperatureResult]) -> TemperatureResult:
+    """Temperature with m and p held at ``shape`` and its error propagated (see :func:`temperature`)."""
+    def held(dm: float, dp: float) -> TemperatureResult:
+        start = np.array(zlp.params, float).copy()
+        start[..., 3], start[..., 5] = shape.m + dm, shape.p + dp
+        z = fit_zlp_pearson7(energy_meV, s, windows_meV=zlp.windows_meV, initial=start, shapes=(POWER,),
+                             held_m=True, held_p=True, near_window_fwhm=None, signal_range_meV=zlp.signal_range_meV,
+                             max_iter=100, tol=1e-9, read_noise_counts=read_noise_counts, workers=workers)
+        return thermometry(z)
+
+    t0 = held(0.0, 0.0)
+    t_m, t_p = held(M_STEP, shape.dp_dm * M_STEP), held(0.0, P_STEP)
+    extra = shape_error_K(np.asarray(t0.T_K), np.asarray(t_m.T_K), np.asarray(t_p.T_K), shape)
+    err = np.hypot(np.asarray(t0.T_err_K), extra)
+    scale = np.where(np.asarray(t0.T_err_K) > 0, err / np.asarray(t0.T_err_K), 1.0)
+    return replace(t0, T_err_K=err, T_err_zlp_K=np.hypot(np.asarray(t0.T_err_zlp_K), extra),
+                   slope_err_per_meV=np.asarray(t0.slope_err_per_meV) * scale)
 
 
 def _gather_side(flat: Array, pos0: Array, step: int, count: int) -> tuple[Array, Array, NDArray[np.intp]]:
@@ -263,6 +288,7 @@ def temperature(
     zlp_weighting: bool = True,
     workers: int | None = None,
     profile_m: bool = True,
+    tails_shape: TailShape | None = None,
 ) -> TemperatureResult:
     """Temperature from detailed balance, ``log(I_loss(E) / I_gain(E)) = E / (k_B T)``.
 
@@ -306,6 +332,10 @@ def temperature(
         Where the zero-loss model has power-law tails (:data:`~.eels_zlp_shapes.POWER`, chosen by the fit only where
         the peak families do not describe its windows), choose its exponent m by the joint chi-square of the windows
         and the log ratio (:func:`~.eels_power_profile.profile_exponent`; ~16 fits instead of one).
+    tails_shape
+        Power-law tails only: hold m and the tails' exponent p at a session's shared values
+        (:func:`~.eels_tail_pool.pool_tail_shape`) instead of profiling m; their errors are propagated to ``T_err_K``
+        and ``T_err_zlp_K`` (finite differences, 3 fits).
     """
     s = _floating(spectra)  # float32 stays float32: only gathered channels are converted
     batch, n = s.shape[:-1], s.shape[-1]
@@ -313,6 +343,13 @@ def temperature(
         zlp = fit_zlp_pearson7(
             energy_meV, s, windows_meV=zlp_windows_meV, read_noise_counts=read_noise_counts, workers=workers
         )
+    if tails_shape is not None and tails_shape.shared and zlp.shape == POWER:
+        return _with_shape(energy_meV, s, zlp, tails_shape, read_noise_counts, workers, lambda z: temperature(
+            energy_meV, s, window_min_meV=window_min_meV, window_max_meV=window_max_meV, bin_meV=bin_meV, zlp=z,
+            deconvolve=deconvolve, lr_iterations=lr_iterations, read_noise_counts=read_noise_counts, min_snr=min_snr,
+            bias_correction=bias_correction, scale_by_chi2=scale_by_chi2, resolution_correction=resolution_correction,
+            lr_correction_iterations=lr_correction_iterations, zlp_weighting=zlp_weighting, workers=workers,
+            profile_m=False))
     if profile_m and zlp.shape == POWER:
         z0 = zlp
         return profile_exponent(

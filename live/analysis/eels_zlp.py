@@ -143,6 +143,7 @@ def fit_zlp_pearson7(
     power_from_fwhm: float = 3.0,
     power_chi2: float = 5.0,
     held_m: bool = False,
+    held_p: bool = False,
 ) -> ZLPFit:
     """Fit a symmetric Pearson VII to the zero-loss peak in ``|E - centre|`` windows on both sides.
 
@@ -244,6 +245,9 @@ def fit_zlp_pearson7(
     held_m
         :data:`~.eels_zlp_shapes.POWER` only: hold the exponent m at its value in ``initial`` too (the thermometry's
         profile of m, :mod:`.eels_power_profile`).
+    held_p
+        :data:`~.eels_zlp_shapes.POWER` only: hold the tails' exponent p at its value in ``initial`` (a session's
+        shared tail shape, :mod:`.eels_tail_pool`).
 
     Returns
     -------
@@ -331,7 +335,7 @@ def fit_zlp_pearson7(
         wt = 1.0 / (np.maximum(shape_f(shape)(xb, pb, nodes) if model is None else model[0], 1e-3) + vb)
         pb, _, chi2b, its[0], fb, jb = _lm(
             xb, yb, wt, pb, max_iter=max_iter, tol=tol, lam0=1e-5 if good_start else 1e-3, init=model, cov=False,
-            nodes=nodes, shape=shape, held_m=held_m,
+            nodes=nodes, shape=shape, held_m=held_m, held_p=held_p,
         )
         if n_fit > 1:
             # refit weighted by the fit's own model (no bias towards low counts), where the weights moved
@@ -343,10 +347,11 @@ def fit_zlp_pearson7(
             if redo.size:
                 pr, _, chi2b[redo], its[1], fr, jr = _lm(
                     xb[redo], yb[redo], wt_fit[redo], pb[redo], max_iter=max_iter, tol=tol, lam0=1e-5,
-                    init=(fb[redo], jb[redo]), cov=False, nodes=nodes, shape=shape, held_m=held_m,
+                    init=(fb[redo], jb[redo]), cov=False, nodes=nodes, shape=shape, held_m=held_m, held_p=held_p,
                 )
                 pb[redo], fb[redo], jb[redo], wt[redo] = pr, fr, jr, wt_fit[redo]
-        h[sl] = hold(_normal_j(jb.astype(float), wt)[0], shape, held_m)  # the covariance from a float64 normal matrix
+        # the covariance from a float64 normal matrix
+        h[sl] = hold(_normal_j(jb.astype(float), wt)[0], shape, held_m, held_p)
         chi2[sl] = chi2b
         p[sl] = pb
         return its
@@ -388,7 +393,7 @@ def fit_zlp_pearson7(
         its = np.max(thread_map(fit, row_blocks(k, _LM_ROWS), workers), axis=0)
         n_it += int(its.sum())
         good_start = True
-    dof = max(1, idx.shape[1] - (4 if shape != POWER else 6 - len(held_params(shape, held_m))))
+    dof = max(1, idx.shape[1] - (4 if shape != POWER else 6 - len(held_params(shape, held_m, held_p))))
     chi2_red = chi2 / dof
     cov = np.linalg.inv(h + 1e-300 * np.eye(npar))
     if scale_covariance:
@@ -465,8 +470,20 @@ def fit_zlp_pearson7(
     if not np.median(chi2_best) <= power_chi2:  # the tails do not describe the windows either (one-sided?)
         return result
     alt = power(best)
-    return alt if np.median(alt.chi2_red) <= power_chi2 else result
+    # kept only where the tails are there: at 2 meV per channel the Pearson VII's chi2_red is 3.4-3.6 on a tenth of
+    # the corpus's spectra without any tails; the tail fit then describes its windows with b = 0 (the peak alone,
+    # its core held) and the m profile has no minimum, so those points lost their temperature
+    b = np.asarray(alt.params, float).reshape(k, 6)[:, 4]
+    b_err = np.sqrt(np.abs(np.asarray(alt.cov, float).reshape(k, 6, 6)[:, 4, 4]))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        significance = float(np.median(np.where(b_err > 0, b / b_err, 0.0)))
+    return alt if np.median(alt.chi2_red) <= power_chi2 and significance >= TAILS_SIGMA else result
 
+
+TAILS_SIGMA = 5.0
+"""The power-law tails are kept where their height b is at least this many standard errors above 0 (median over the
+batch): 130-300 under the corpus's symmetric tails, 0 where the Pearson VII misses its windows for another
+reason."""
 
 POWER_M_STARTS = (1.5, 2.5, 4.0)
 """Starting Pearson VII exponents of the fit with power-law tails (one fit each; the best per spectrum is refined)."""

@@ -37,9 +37,11 @@ def _lm(
     nodes: Nodes | None = None,
     shape: str = "pearson7",
     held_m: bool = False,
+    held_p: bool = False,
 ) -> tuple[Array, Array | None, Array, int, Array, Array]:
     """Batched Levenberg-Marquardt for a zero-loss shape (``shape``: :data:`~.eels_zlp_shapes.SHAPES` or
-    :data:`~.eels_zlp_shapes.POWER`, whose peak height and FWHM -- and m with ``held_m`` -- are held at ``p0``:
+    :data:`~.eels_zlp_shapes.POWER`, whose peak height and FWHM -- and m with ``held_m``, the tails' exponent p with
+    ``held_p`` -- are held at ``p0``:
     :func:`held_params`, their Jacobian columns 0).
 
     Returns params, normal matrix (float64, for the covariance; None with ``cov=False``, e.g. a first pass
@@ -66,7 +68,7 @@ def _lm(
     eye = np.eye(npar)
     # parameters held at their start (zero Jacobian column): a unit diagonal keeps the normal matrix regular
     held = np.zeros(npar)
-    held[list(held_params(shape, held_m))] = 1.0
+    held[list(held_params(shape, held_m, held_p))] = 1.0
     idle = held > 0
     any_held = bool(idle.any())
 
@@ -160,21 +162,22 @@ def _lm(
         p[act], chi2[act], jac[act], r[act] = pa, chi2a, ja, ra
     h_cov = _normal_j(jac.astype(float), wt)[0] if cov else None  # the covariance from a float64 normal matrix
     if h_cov is not None:
-        h_cov = hold(h_cov, shape, held_m)
+        h_cov = hold(h_cov, shape, held_m, held_p)
     return p, h_cov, chi2, it, y - r, jac
 
 
-def held_params(shape: str, held_m: bool = False) -> tuple[int, ...]:
-    """Indices of the parameters of family ``shape`` held at their start (``held_m``: the exponent m too)."""
+def held_params(shape: str, held_m: bool = False, held_p: bool = False) -> tuple[int, ...]:
+    """Indices of the parameters of family ``shape`` held at their start (``held_m``: the exponent m too;
+    ``held_p``: the tails' exponent p too)."""
     if shape != POWER:
         return ()
-    return FIXED + ((3,) if held_m else ())
+    return FIXED + ((3,) if held_m else ()) + ((5,) if held_p else ())
 
 
-def hold(h: Array, shape: str, held_m: bool = False) -> Array:
+def hold(h: Array, shape: str, held_m: bool = False, held_p: bool = False) -> Array:
     """The normal matrix ``h`` ``(k, q, q)`` with the held parameters' rows and columns 0 and their diagonal 1e12 x
     its largest element: their variance becomes negligible (held, not fitted) and the matrix stays invertible."""
-    idx = list(held_params(shape, held_m))
+    idx = list(held_params(shape, held_m, held_p))
     if not idx:
         return h
     big = 1e12 * np.max(np.abs(np.einsum("kii->ki", h)), axis=1)

@@ -252,7 +252,7 @@ def segment(spectra: Any, energy_meV: Any = None, *, k: int = 3, n_restarts: int
     -------
     Labels ``(...)`` int for arrays; for a signal, a signal of the labels over its navigation axes.
     """
-    from stemlive.live.pipeline.eels_stage import segment_spectra
+    from stemlive.live.analysis.eels_segmentation import segment_spectra
 
     data, energy = _spectra_energy(spectra, energy_meV)
     flat = data.reshape(-1, data.shape[-1])

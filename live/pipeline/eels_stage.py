@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from stemlive.live.analysis import eels, interface, segment
-from stemlive.live.analysis._threads import row_blocks, single_threaded_blas, thread_map
-from stemlive.live.analysis.eels_power_profile import M_GRID
+from stemlive.live.analysis._threads import single_threaded_blas
+from stemlive.live.analysis.eels_power_profile import M_GRID, ExponentProfile
+from stemlive.live.analysis.eels_segmentation import segment_spectra, segmentation_windows
 from stemlive.live.pipeline.stage import Result, Stage, register_stage
 from stemlive.live.wire.protocol import Message
 
@@ -26,56 +27,6 @@ log = logging.getLogger(__name__)
 
 def _scalar(value: float) -> np.ndarray:
     return np.asarray(value, dtype=np.float64)
-
-
-def segment_spectra(
-    energy_meV: np.ndarray,
-    sums: np.ndarray,
-    *,
-    k: int,
-    window_meV: tuple[float, float],
-    background_windows_meV: tuple[tuple[float, float], ...],
-    n_restarts: int,
-    seed: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Background-subtract summed spectra and cluster them with correlation k-means in ``window_meV``.
-
-    Both windows are intersected with the acquired axis first (:func:`segmentation_windows`; raises
-    :class:`~stemlive.live.analysis.eels.WindowError` when one is left too narrow).  Returns ``(labels,
-    background-subtracted spectra)``.
-    """
-    window, background = segmentation_windows(energy_meV, window_meV, background_windows_meV)
-    sums = np.asarray(sums)
-    corrected = np.empty(sums.shape, dtype=np.float64)
-
-    def subtract(rows: slice) -> None:
-        # per spectrum: blocks of rows give the whole map's result, on threads (numpy's loops release the GIL),
-        # with a 1 GB float64 background never held whole on a 256x256 map of 2048 channels
-        bg, _ = eels.power_law_background(energy_meV, sums[rows], windows_meV=background)
-        np.subtract(sums[rows], bg, out=corrected[rows])
-
-    thread_map(subtract, row_blocks(len(sums), SEGMENT_BLOCK))
-    lo, hi = window
-    mask = (energy_meV >= lo) & (energy_meV <= hi)
-    labels, _centroids, _inertia = segment.kmeans_correlation(corrected[:, mask], k, n_restarts=n_restarts, seed=seed)
-    return np.asarray(labels), corrected
-
-
-SEGMENT_BLOCK = 2048
-"""Spectra per block of the segmentation's background subtraction (32 MB of float64 at 2048 channels)."""
-
-MIN_SEGMENT_CHANNELS = 5
-"""Fewest channels of the segmentation window (the correlation of shorter spectra says little)."""
-
-
-def segmentation_windows(
-    energy_meV: np.ndarray, window_meV: tuple[float, float], background_windows_meV: tuple[tuple[float, float], ...]
-) -> tuple[tuple[float, float], tuple[tuple[float, float], ...]]:
-    """The segmentation and background windows intersected with the acquired axis (ZLP at 0 meV)."""
-    where = eels.axis_reach(energy_meV)
-    window = eels.loss_window((float(window_meV[0]), float(window_meV[1])), where, "the segmentation window",
-                              min_channels=MIN_SEGMENT_CHANNELS)
-    return window, eels.background_windows(energy_meV, background_windows_meV)
 
 
 def _lists(windows: Iterable[Iterable[float]]) -> list[list[float]]:
@@ -102,6 +53,7 @@ class EELSPoints:
     temp_skipped: dict[int, str] = field(default_factory=dict)  # point -> why its temperature was not measured
     temp_failed: dict[int, str] = field(default_factory=dict)  # point -> why its temperature fit failed
     temp_windows: dict[str, Any] = field(default_factory=dict)
+    m_profiles: dict[int, ExponentProfile] = field(default_factory=dict)  # power-law tails: each point's m profile
 
 
 @register_stage
@@ -152,6 +104,10 @@ class EELSStage(Stage):
         # positions analysed together (point_index // N): None = one scan row of a map, 1 for a line scan;
         # 1 = one spectrum at a time (batch and one at a time agree within 0.1 sigma, docs/eels-analysis.md)
         "temperature_block": None,
+        # power-law zero-loss tails: the session's spectra share one exponent m and one tail exponent p (the
+        # spectrometer's), pooled at the end and every temperature recomputed with them (eels_tail_pool; refused with
+        # the reason where the spectra disagree); False: each point keeps the m of its own profile
+        "shared_tail_shape": True,
     }
 
     def __init__(self, params: dict[str, Any]) -> None:
@@ -244,7 +200,7 @@ class EELSStage(Stage):
                 raise ValueError("a part of the session was analysed on another energy axis")
         if part.dispersion_meV:
             s.dispersion_meV = part.dispersion_meV
-        for name in ("positions", "sums", "temps", "temp_skipped", "temp_failed"):
+        for name in ("positions", "sums", "temps", "temp_skipped", "temp_failed", "m_profiles"):
             getattr(s, name).update(getattr(part, name))
         if part.temp_windows:
             s.temp_windows = part.temp_windows
@@ -340,7 +296,7 @@ class EELSStage(Stage):
                 return [self._accept(p, t, i) for i, p in enumerate(points)]
         return [self._temperature(p, s) for p, s in zip(points, sums, strict=True)]
 
-    def _thermometry(self, sums: np.ndarray) -> Any:
+    def _thermometry(self, sums: np.ndarray, **kw: Any) -> Any:
         assert self._energy is not None
         return eels.temperature(
             self._energy, sums,
@@ -348,7 +304,7 @@ class EELSStage(Stage):
             window_max_meV=self.params["window_max_meV"],
             zlp_windows_meV=tuple(tuple(w) for w in self.params["zlp_windows_meV"]),
             deconvolve=bool(self.params["deconvolve"]),
-            lr_iterations=int(self.params["lr_iterations"]),
+            lr_iterations=int(self.params["lr_iterations"]), **kw,
         )
 
     def _temperature(self, point: int, summed: np.ndarray) -> tuple[float, float] | None:
@@ -368,6 +324,8 @@ class EELSStage(Stage):
     def _accept(self, point: int, t: Any, i: int | tuple[()]) -> tuple[float, float] | None:
         """Point ``point``'s temperature from ``t`` (element ``i`` of a block's result), or None with the reason."""
         self._temps[point] = (np.nan, np.nan)
+        if t.m_profile is not None:  # kept for the session's shared tail shape (final step)
+            self._state.m_profiles[point] = t.m_profile.select(i)
         temp, err = float(np.asarray(t.T_K)[i]), float(np.asarray(t.T_err_K)[i])
         self._state.temp_windows = {
             "zlp_windows_loss_meV": _lists(t.zlp.loss_windows_meV),
@@ -548,9 +506,32 @@ class EELSStage(Stage):
         with single_threaded_blas():
             yield from self._final()
 
+    def _shared_tail_shape(self) -> None:
+        """Power-law tails: the temperatures again with the session's shared m and p (:mod:`~stemlive.live.analysis.
+        eels_tail_pool`; each point's live temperature used its own), the shape stored with the temperatures."""
+        points = sorted(self._state.m_profiles)
+        if len(points) < 2 or self._energy is None or not self.params["shared_tail_shape"]:
+            return
+        sums = np.stack([self._sums[p] for p in points])
+        try:
+            shape = eels.pool_tail_shape(self._energy, sums, eels.stack_profiles(
+                [self._state.m_profiles[p] for p in points]), zlp_windows_meV=tuple(
+                    tuple(w) for w in self.params["zlp_windows_meV"]))
+            t = self._thermometry(sums, tails_shape=shape) if shape.shared else None
+        except Exception as e:  # noqa: BLE001  (the points keep their own temperatures)
+            log.warning("shared tail shape failed: %s", e)
+            self._state.temp_windows["zlp_shape_not_shared"] = f"{type(e).__name__}: {e}"
+            return
+        if t is not None:
+            for i, p in enumerate(points):
+                self._state.temp_failed.pop(p, None)
+                self._accept(p, t, i)
+        self._state.temp_windows.update(shape.attrs())
+
     def _final(self) -> Iterator[Result]:
         if not self._sums or self._energy is None:
             return
+        self._shared_tail_shape()
         points, sums = self._stacked()
         temps = np.array([self._temps[p] for p in points])
         yield Result(self.name, "energy_meV", self._energy.astype(np.float64))
