@@ -78,7 +78,7 @@ def test_hyperspy_reads_the_real_angles_from_the_emd_and_the_hspy(single_axis: t
                                                                     tmp_path: Path) -> None:
     hs = pytest.importorskip("hyperspy.api")
     session, emd = single_axis
-    s = hs.load(emd, reader="hspy")  # the HyperSpy layout inside the exported EMD
+    s = hs.load(emd, file_format="hspy")  # the HyperSpy layout inside the exported EMD
     nav = s.axes_manager.navigation_axes[0]
     assert (nav.name, nav.units) == ("alpha", "deg")
     np.testing.assert_array_equal(nav.axis, ALPHA_1)
@@ -103,7 +103,7 @@ def test_double_tilt_keeps_both_angles_and_the_raw_frames(tmp_path: Path) -> Non
     beta = np.array([0.0, -22.9, 17.1, 17.1, -20.1, -12.6])
     session = _session(tmp_path / "double.h5", alpha, beta, (24, 24))
     emd = export.export(session, tmp_path / "double.emd", "emd", align="none")["emd"]
-    s = hs.load(emd, reader="hspy")
+    s = hs.load(emd, file_format="hspy")
     assert s.axes_manager.navigation_axes[0].name == "projection"  # two angles per projection
     np.testing.assert_array_equal(s.metadata.stemlive.alpha_deg, alpha)
     np.testing.assert_array_equal(s.metadata.stemlive.beta_deg, beta)

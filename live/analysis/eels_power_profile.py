@@ -28,7 +28,6 @@ M_GRID = tuple(float(v) for v in np.round(np.arange(1.8, 3.21, 0.1), 2))
 """Exponents m at which the zero-loss fit with power-law tails is repeated (held)."""
 
 
-
 @dataclass(frozen=True)
 class ExponentProfile:
     """The joint chi-square of each spectrum over the exponents m of :func:`profile_exponent`, kept so that the

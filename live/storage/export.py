@@ -307,7 +307,7 @@ def tilt_series_signal(emd_path: str | Path) -> Any:
 
 def add_hyperspy_layout(emd_path: str | Path) -> None:
     """Add HyperSpy's own layout (``/Experiments``, root ``file_format``) of :func:`tilt_series_signal` to an
-    exported EMD, so that ``hs.load(path, reader="hspy")`` reads the real angles from the same file
+    exported EMD, so that ``hs.load(path, file_format="hspy")`` reads the real angles from the same file
     (RosettaSciIO's EMD reader, the default for ``.emd``, makes every axis uniform)."""
     import tempfile
 
