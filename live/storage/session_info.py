@@ -95,7 +95,22 @@ def _describe_results(r: SessionReader) -> list[str]:
     for stage, entries in names.items():
         for name, shape in entries.items():
             lines.append(f"    {stage}/{name} {shape} {r.file['results'][stage][name].dtype}")
+            if (stage, name) == ("eels", "temperature_K"):
+                lines += _zero_loss_line(r.file["results"][stage][name].attrs)
     return lines
+
+
+def _zero_loss_line(a: Any) -> list[str]:
+    """The zero-loss family of the temperatures and, with power-law tails, the shape their spectra shared."""
+    if "zlp_shape" not in a:
+        return []
+    line = f"      zero loss: {a['zlp_shape']}"
+    if "zlp_m" in a:
+        line += (f"; tail shape shared by {int(a['zlp_shape_spectra'])} spectra: m {float(a['zlp_m']):.3f} +- "
+                 f"{float(a['zlp_m_err']):.3f}, p {float(a['zlp_p']):.4f} +- {float(a['zlp_p_err']):.4f}")
+    elif "zlp_shape_not_shared" in a:
+        line += f"; tail shape not shared: {a['zlp_shape_not_shared']}"
+    return [line]
 
 
 def _num(value: Any) -> str:
