@@ -153,6 +153,7 @@ def test_stage_shares_the_tail_shape_of_a_session(tmp_path: Path) -> None:
     assert np.all(np.abs(t_shared - truth) < 4.0 * e_shared) and np.all(np.abs(t_own - truth) < 4.0 * e_own)
     assert np.mean(e_shared) < 0.9 * np.mean(e_own), (e_shared, e_own)
     assert not np.allclose(t_shared, t_own)
-    info = subprocess.run([*STEMLIVE, "info", str(tmp_path / "tails_12.h5")], capture_output=True, text=True, timeout=60)
+    info = subprocess.run([*STEMLIVE, "info", str(tmp_path / "tails_12.h5")], capture_output=True, text=True,
+                          timeout=60)
     assert info.returncode == 0, info.stderr
     assert "zero loss: pearson7_power; tail shape shared by 12 spectra: m 2.5" in info.stdout, info.stdout
