@@ -19,6 +19,7 @@ from stemlive.live.analysis import eels, interface, segment
 from stemlive.live.analysis._threads import single_threaded_blas
 from stemlive.live.analysis.eels_power_profile import M_GRID, ExponentProfile
 from stemlive.live.analysis.eels_segmentation import segment_spectra, segmentation_windows
+from stemlive.live.analysis.eels_zlp_shapes import POWER
 from stemlive.live.pipeline.stage import Result, Stage, register_stage
 from stemlive.live.wire.protocol import Message
 
@@ -521,6 +522,10 @@ class EELSStage(Stage):
         except Exception as e:  # noqa: BLE001  (the points keep their own temperatures)
             log.warning("shared tail shape failed: %s", e)
             self._state.temp_windows["zlp_shape_not_shared"] = f"{type(e).__name__}: {e}"
+            return
+        if t is not None and t.zlp.shape != POWER:  # the family is judged again over every such point: not tails
+            self._state.temp_windows["zlp_shape_not_shared"] = (
+                f"the zero-loss fit of the {len(points)} spectra together is {t.zlp.shape}, not power-law tails")
             return
         if t is not None:
             for i, p in enumerate(points):
